@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian/Ubuntu machine (run as root):
+#   scripts/bootstrap.sh demo   install, then run `dda demo`
+#   scripts/bootstrap.sh test   install everything the tests need, then run the whole suite
+#   scripts/bootstrap.sh install  only install
+# Idempotent: reruns skip what is already there.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+mode=${1:-demo}
+shift || true
+venv=${DDA_VENV:-$here/.venv}
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+python_bin() {
+  # Prefer a python >= 3.11 already on PATH; otherwise Debian's.
+  for c in python3.13 python3.12 python3.11 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$c"; return
+    fi
+  done
+  apt_install python3 python3-venv python3-pip
+  echo python3
+}
+
+base_packages=(git ca-certificates fuse3 libfuse3-dev pkg-config gcc)
+test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext)
+
+case "$mode" in
+  demo|install) apt_install "${base_packages[@]}" ;;
+  test) apt_install "${base_packages[@]}" "${test_packages[@]}" ;;
+  *) echo "usage: $0 demo|test|install" >&2; exit 2 ;;
+esac
+
+py=$(python_bin)
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv" 2>/dev/null || { apt_install python3-venv; "$py" -m venv "$venv"; }
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+if [ "$mode" = test ]; then
+  "$venv/bin/python" -m pip install -q -e ".[test]"
+else
+  "$venv/bin/python" -m pip install -q -e .
+fi
+
+case "$mode" in
+  demo) exec "$venv/bin/dda" demo "$@" ;;
+  test) exec "$venv/bin/python" -m pytest "$@" ;;
+  install) echo "installed into $venv" ;;
+esac
