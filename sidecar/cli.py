@@ -1,0 +1,171 @@
+"""`dda`: the command line. Every flag also reads an environment variable (DDA_<FLAG>)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import posixpath
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config, load_config
+from .errors import DDAError, NotFound
+from .redact import redact
+
+ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
+URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,
+ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD (NAME=DEFAULT: the default remote).
+Git credentials: DDA_GIT_USER, DDA_GIT_TOKEN (or in the URL). A YAML config file: --config or DDA_CONFIG."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rev", "--revision", dest="revision", help="branch, tag or commit (default: the remote's default branch)")
+    parser.add_argument("--cache-dir", help="cache directory (default: ~/.cache/dda)")
+    parser.add_argument("--cache-size", help="cache budget, e.g. 50G (default 20G)")
+    parser.add_argument("--jobs", "-j", help="requests in flight per remote (default 16)")
+    parser.add_argument("--deadline", help="seconds a read may wait for a remote before failing (default 60)")
+    parser.add_argument("--retries", help="retries of a failed request (default 5)")
+    parser.add_argument("--config", dest="config_file", help="YAML config file (remote overrides, defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dda", description="Direct Data Access to git+DVC repositories.",
+                                     epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("ls", help="list a revision (names, sizes, git/dvc); downloads no data")
+    ls.add_argument("args", nargs="*", metavar="URL [PATH]")
+    ls.add_argument("-R", "--recursive", action="store_true")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    _common(ls)
+
+    cat = sub.add_parser("cat", help="stream one file to stdout")
+    cat.add_argument("args", nargs="+", metavar="URL PATH")
+    _common(cat)
+
+    get = sub.add_parser("get", help="download a file or a directory, in parallel")
+    get.add_argument("args", nargs="+", metavar="URL PATH")
+    get.add_argument("-o", "--out", help="destination (default: the path's last name)")
+    get.add_argument("--no-progress", action="store_true")
+    _common(get)
+
+    demo = sub.add_parser("demo", help="build a sample DVC repository and stream it (no network)")
+    demo.add_argument("--workdir", help="where to build the sample (default: a temporary directory)")
+    demo.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _split_repo_args(args: list[str], wants_path: bool, path_required: bool) -> tuple[str | None, str]:
+    """Positional URL and PATH; URL may come from DDA_REPO instead."""
+    env_repo = os.environ.get("DDA_REPO")
+    if len(args) >= 2:
+        return args[0], args[1]
+    if len(args) == 1:
+        if path_required or env_repo:
+            if not env_repo:
+                raise DDAError("missing PATH (usage: dda cat URL PATH)")
+            return None, args[0]
+        return args[0], ""
+    if path_required:
+        raise DDAError("missing URL and PATH")
+    return None, ""
+
+
+def _config(ns: argparse.Namespace, repo: str | None) -> Config:
+    flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
+                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
+    flags["repo"] = repo
+    return load_config(flags, config_file=getattr(ns, "config_file", None))
+
+
+async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-untyped-def]
+    from .engine import Engine
+
+    return await Engine.open(_config(ns, repo))
+
+
+async def cmd_ls(ns: argparse.Namespace) -> int:
+    repo, path = _split_repo_args(ns.args, True, False)
+    engine = await _open(ns, repo)
+    try:
+        tree = engine.tree
+        path = tree.normalize(path)
+        if not tree.exists(path):
+            raise NotFound(f"{path}: not in revision {engine.info.revision}")
+        if path in tree.files:
+            entries, dirs = [tree.files[path]], []
+        elif ns.recursive:
+            entries, dirs = list(tree.walk_files(path)), []
+        else:
+            names = tree.listdir(path)
+            full = [posixpath.join(path, n) if path else n for n in names]
+            entries = [tree.files[p] for p in full if p in tree.files]
+            dirs = [p for p in full if p not in tree.files]
+        entries = await engine.stat_many(entries)
+        rows = [(e.path, e.kind, e.size) for e in entries] + [(d, "dir", None) for d in dirs]
+        for p, kind, size in sorted(rows):
+            if ns.json:
+                print(json.dumps({"path": p, "kind": kind, "size": size}, ensure_ascii=False))
+            else:
+                shown = p + "/" if kind == "dir" else p
+                print(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
+    finally:
+        await engine.aclose()
+    return 0
+
+
+async def cmd_cat(ns: argparse.Namespace) -> int:
+    repo, path = _split_repo_args(ns.args, True, True)
+    engine = await _open(ns, repo)
+    out = sys.stdout.buffer
+    try:
+        async for piece in engine.iter_bytes(path):
+            out.write(piece)
+        out.flush()
+    finally:
+        await engine.aclose()
+    return 0
+
+
+async def cmd_get(ns: argparse.Namespace) -> int:
+    from .download import download
+
+    repo, path = _split_repo_args(ns.args, True, True)
+    engine = await _open(ns, repo)
+    try:
+        await download(engine, path, Path(ns.out) if ns.out else None,
+                       progress=not ns.no_progress and sys.stderr.isatty())
+    finally:
+        await engine.aclose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="dda: %(levelname)s: %(message)s")
+    try:
+        if ns.command == "demo":
+            from .demo import run_demo
+
+            return asyncio.run(run_demo(Path(ns.workdir) if ns.workdir else None))
+        handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get}[ns.command]
+        return asyncio.run(handler(ns))
+    except DDAError as err:
+        print(f"dda: error: {redact(str(err))}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:
+        # `dda cat ... | head`: the reader left; that is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

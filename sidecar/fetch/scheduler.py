@@ -1,0 +1,294 @@
+"""The fetch scheduler.
+
+- single-flight: N readers of one missing chunk -> one request (in-process: a shared task;
+  across processes: an flock per chunk, then a second look in the store);
+- bounded concurrency per remote; retries with exponential backoff and full jitter on
+  5xx, timeouts and resets; a deadline per read that ends in a clear error;
+- verification: an object of one chunk is checked against its md5 before it is stored or
+  served; a larger object is checked as soon as its last chunk lands, and dropped (and the
+  read fails) on mismatch.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..errors import DeadlineExceeded, HashMismatch, RemoteError, RemoteUnavailable
+from ..remotes import Remote
+from ..store import Store
+from ..store.verify import ObjectVerifier, md5_matches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    oid: str            # md5 hex of the object
+    remote: Remote
+    path: str           # key of the object on the remote
+    legacy: bool        # DVC 2 object: md5 may be of the CRLF-normalised text
+    size: int | None    # when known without asking the remote
+    display: str        # what users call it (repository path)
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    bytes_fetched: int = 0
+    bytes_served: int = 0
+    cache_hits: int = 0         # reads answered from the cache alone
+    cache_misses: int = 0       # reads that needed the remote
+    retries: int = 0
+    hash_mismatches: int = 0
+    size_lookups: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Fetcher:
+    def __init__(self, store: Store, *, jobs: int = 16, retries: int = 5, deadline: float = 60.0,
+                 backoff_base: float = 0.2, backoff_cap: float = 10.0):
+        self.store = store
+        self.jobs = jobs
+        self.retries = retries
+        self.deadline = deadline
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stats = FetchStats()
+        self._limits: dict[int, asyncio.Semaphore] = {}
+        self._inflight: dict[tuple[str, int], asyncio.Task[bytes]] = {}
+        self._verifying: dict[str, asyncio.Task[None]] = {}
+        self._sizes: dict[str, int] = {}
+
+    # sizes -----------------------------------------------------------------------------------
+    def known_size(self, ref: ObjectRef) -> int | None:
+        if ref.size is not None:
+            return ref.size
+        if ref.oid in self._sizes:
+            return self._sizes[ref.oid]
+        size = self.store.index.size(ref.oid)
+        if size is not None:
+            self._sizes[ref.oid] = size
+        return size
+
+    def _learned_size(self, oid: str, size: int) -> None:
+        if self._sizes.get(oid) != size:
+            self._sizes[oid] = size
+            self.store.index.record_sizes({oid: size})
+
+    async def size_of(self, ref: ObjectRef) -> int:
+        size = self.known_size(ref)
+        if size is None:
+            size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path)), ref)
+            self.stats.size_lookups += 1
+            self._learned_size(ref.oid, size)
+        return size
+
+    async def sizes_of(self, refs: list[ObjectRef]) -> dict[str, int]:
+        """True sizes for many objects: the index first, then one listing per remote folder
+        where the remote lists cheaply, else one HEAD each (bounded)."""
+        result: dict[str, int] = {}
+        missing: list[ObjectRef] = []
+        for ref in refs:
+            size = ref.size if ref.size is not None else self._sizes.get(ref.oid)
+            if size is not None:
+                result[ref.oid] = size
+            else:
+                missing.append(ref)
+        if missing:
+            stored = self.store.index.sizes([r.oid for r in missing])
+            self._sizes.update(stored)
+            result.update(stored)
+            missing = [r for r in missing if r.oid not in stored]
+        by_remote: dict[int, list[ObjectRef]] = defaultdict(list)
+        for ref in missing:
+            by_remote[id(ref.remote)].append(ref)
+        for group in by_remote.values():
+            result.update(await self._remote_sizes(group))
+        return result
+
+    async def _remote_sizes(self, refs: list[ObjectRef]) -> dict[str, int]:
+        remote = refs[0].remote
+        learned: dict[str, int] = {}
+        if len(refs) > 64:
+            folders = sorted({r.path.rsplit("/", 1)[0] + "/" for r in refs})
+            listings = await asyncio.gather(*(self._remote_call(remote, lambda f=f: remote.list_sizes(f))
+                                              for f in folders))
+            if all(listing is not None for listing in listings):
+                by_path = {path: size for listing in listings for path, size in listing.items()}  # type: ignore[union-attr]
+                self.stats.size_lookups += len(folders)
+                for ref in refs:
+                    if ref.path in by_path:
+                        learned[ref.oid] = by_path[ref.path]
+        todo = [r for r in refs if r.oid not in learned]
+
+        async def head(ref: ObjectRef) -> None:
+            learned[ref.oid] = await self._remote_call(remote, lambda: remote.size(ref.path))
+            self.stats.size_lookups += 1
+
+        if todo:
+            await self._with_deadline(asyncio.gather(*(head(r) for r in todo)), todo[0])
+        self._sizes.update(learned)
+        self.store.index.record_sizes(learned)
+        return learned
+
+    # reading ---------------------------------------------------------------------------------
+    async def read(self, ref: ObjectRef, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer at the end of the object)."""
+        return await self._with_deadline(self._read(ref, offset, length), ref)
+
+    async def read_all(self, ref: ObjectRef) -> bytes:
+        return await self._with_deadline(self._read(ref, 0, None), ref)
+
+    async def _read(self, ref: ObjectRef, offset: int, length: int | None) -> bytes:
+        cs = self.store.chunk_size
+        size = self.known_size(ref)
+        missed = False
+        if size is None:
+            # Learn the size from the first chunk's answer (Content-Range), not a separate HEAD.
+            first, hit = await self._chunk(ref, 0, None)
+            missed = not hit
+            size = self.known_size(ref)
+            assert size is not None
+        end = size if length is None else min(size, offset + length)
+        if offset >= end:
+            return b""
+        pieces: list[bytes] = []
+        first_idx, last_idx = offset // cs, (end - 1) // cs
+        for idx in range(first_idx, last_idx + 1):
+            lo, hi = max(offset, idx * cs) - idx * cs, min(end, (idx + 1) * cs) - idx * cs
+            data = self.store.read(ref.oid, idx, lo, hi)
+            if data is None:
+                chunk, hit = await self._chunk(ref, idx, size)
+                missed = missed or not hit
+                data = chunk[lo:hi]
+            pieces.append(data)
+        if missed:
+            self.stats.cache_misses += 1
+        else:
+            self.stats.cache_hits += 1
+        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self.stats.bytes_served += len(out)
+        return out
+
+    async def prefetch(self, ref: ObjectRef, offset: int = 0, length: int | None = None) -> None:
+        """Bring chunks into the cache without serving them."""
+        size = await self.size_of(ref)
+        cs = self.store.chunk_size
+        end = size if length is None else min(size, offset + length)
+        for idx in range(offset // cs, max(offset // cs, (end - 1) // cs) + 1):
+            if not self.store.has(ref.oid, idx):
+                await self._chunk(ref, idx, size)
+
+    async def _chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
+        """(chunk bytes, whether the cache had it), joining a download already in flight."""
+        key = (ref.oid, idx)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load_chunk(ref, idx, size))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+        data, downloaded = await asyncio.shield(task)
+        return data, not downloaded
+
+    async def _load_chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
+        async with self.store.lock(ref.oid, idx):
+            cached = self.store.read(ref.oid, idx)   # another process may have just written it
+            if cached is not None:
+                return cached, False
+            data, size = await self._download_chunk(ref, idx, size)
+            await asyncio.to_thread(self.store.write, ref.oid, idx, data)
+        if self.store.chunk_count(size) > 1:
+            await self._verify_when_complete(ref, size)
+        return data, True
+
+    async def _download_chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, int]:
+        cs = self.store.chunk_size
+        start = idx * cs
+        end = start + cs if size is None else min(size, start + cs)
+        mismatches = 0
+        attempt = 0
+        while True:
+            try:
+                got = await self._remote_call(ref.remote, lambda: ref.remote.read(ref.path, start, end))
+                self.stats.bytes_fetched += len(got.data)
+                total = got.total if got.total is not None else size
+                if total is None:
+                    total = start + len(got.data)   # no size in the answer: a short read marks the end
+                if size is not None and total != size:
+                    raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, "
+                                      f"expected {size}")
+                expected_len = min(total, start + cs) - start
+                if len(got.data) != expected_len:
+                    raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
+                                            f"({len(got.data)} of {expected_len} bytes)")
+                self._learned_size(ref.oid, total)
+                if self.store.chunk_count(total) == 1 and not md5_matches(got.data, ref.oid, ref.legacy):
+                    mismatches += 1
+                    self.stats.hash_mismatches += 1
+                    if mismatches > 1:
+                        self.stats.errors["hash_mismatch"] += 1
+                        raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} "
+                                           f"does not match its md5 {ref.oid} (after {mismatches} downloads)")
+                    continue
+                return got.data, total
+            except RemoteUnavailable as err:
+                if attempt >= self.retries:
+                    self.stats.errors["unavailable"] += 1
+                    raise
+                attempt += 1
+                self.stats.retries += 1
+                delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+                log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
+                await asyncio.sleep(delay)
+
+    async def _verify_when_complete(self, ref: ObjectRef, size: int) -> None:
+        count = self.store.chunk_count(size)
+        if self.store.index.is_complete(ref.oid) or len(self.store.index.present(ref.oid)) < count:
+            return
+        task = self._verifying.get(ref.oid)
+        if task is None:
+            task = asyncio.create_task(asyncio.to_thread(self._verify_object, ref, count))
+            self._verifying[ref.oid] = task
+            task.add_done_callback(lambda _t: self._verifying.pop(ref.oid, None))
+        await asyncio.shield(task)
+
+    def _verify_object(self, ref: ObjectRef, count: int) -> None:
+        verifier = ObjectVerifier(ref.oid, ref.legacy)
+        for idx in range(count):
+            data = self.store.read(ref.oid, idx)
+            if data is None:
+                return  # evicted or damaged meanwhile: the next full pass verifies
+            verifier.update(data)
+        if verifier.ok():
+            self.store.index.mark_complete(ref.oid)
+            return
+        self.store.drop_object(ref.oid, count)
+        self.stats.hash_mismatches += 1
+        self.stats.errors["hash_mismatch"] += 1
+        raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} does not "
+                           f"match its md5 {ref.oid}; dropped it from the cache")
+
+    # plumbing --------------------------------------------------------------------------------
+    def _limit(self, remote: Remote) -> asyncio.Semaphore:
+        key = id(remote)
+        if key not in self._limits:
+            self._limits[key] = asyncio.Semaphore(self.jobs)
+        return self._limits[key]
+
+    async def _remote_call(self, remote: Remote, call):  # type: ignore[no-untyped-def]
+        async with self._limit(remote):
+            self.stats.requests += 1
+            return await call()
+
+    async def _with_deadline(self, coro, ref: ObjectRef):  # type: ignore[no-untyped-def]
+        try:
+            async with asyncio.timeout(self.deadline):
+                return await coro
+        except TimeoutError:
+            self.stats.errors["deadline"] += 1
+            raise DeadlineExceeded(
+                f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
+                f"within {self.deadline:g}s") from None

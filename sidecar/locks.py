@@ -1,0 +1,41 @@
+"""Cross-process locks (flock) usable from asyncio."""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from pathlib import Path
+
+
+class FileLock:
+    """An exclusive flock held across processes; waited for in a thread so the loop keeps going."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            return False
+
+    async def __aenter__(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.try_acquire():
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            await asyncio.to_thread(fcntl.flock, self.fd, fcntl.LOCK_EX)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

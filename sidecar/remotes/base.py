@@ -1,0 +1,51 @@
+"""What every DVC remote client offers: ranged reads, sizes, listing, writes."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    data: bytes
+    total: int | None   # object size, when the response told it
+
+
+def object_path(md5: str, legacy: bool, is_dir: bool = False) -> str:
+    """Remote layout: DVC 3 `files/md5/ab/cdef...[.dir]`, DVC 2 `ab/cdef...[.dir]`."""
+    name = f"{md5[:2]}/{md5[2:]}" + (".dir" if is_dir else "")
+    return name if legacy else f"files/md5/{name}"
+
+
+class Remote(abc.ABC):
+    name: str
+    display_url: str   # never holds credentials
+
+    @abc.abstractmethod
+    async def read(self, path: str, start: int, end: int | None) -> Range:
+        """Bytes [start, end) of `path` (end=None: to the end). Raises ObjectMissing,
+        RemoteAuthError, RemoteUnavailable (retryable)."""
+
+    @abc.abstractmethod
+    async def size(self, path: str) -> int:
+        """Size of `path`; ObjectMissing if absent."""
+
+    async def list_sizes(self, prefix: str) -> dict[str, int] | None:
+        """Sizes of every object under `prefix` (paths relative to the remote root), or
+        None where the remote cannot list cheaply."""
+        return None
+
+    @abc.abstractmethod
+    async def write(self, path: str, data: bytes) -> None: ...
+
+    async def exists(self, path: str) -> bool:
+        from ..errors import ObjectMissing
+
+        try:
+            await self.size(path)
+            return True
+        except ObjectMissing:
+            return False
+
+    async def aclose(self) -> None:
+        return None

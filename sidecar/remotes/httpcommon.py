@@ -1,0 +1,60 @@
+"""Response handling shared by the HTTP and S3 clients (both speak HTTP through httpx)."""
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable
+from .base import Range
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def range_header(start: int, end: int | None) -> str:
+    return f"bytes={start}-" if end is None else f"bytes={start}-{end - 1}"
+
+
+def check_status(resp: httpx.Response, where: str, path: str) -> None:
+    code = resp.status_code
+    if code < 300 or code == 416:
+        return
+    if code == 404:
+        raise ObjectMissing(f"{where}: object {path} is missing (HTTP 404)")
+    if code in (401, 403):
+        raise RemoteAuthError(f"{where}: access denied (HTTP {code}); check the credentials for this remote")
+    if code >= 500 or code in (408, 429):
+        raise RemoteUnavailable(f"{where}: server error HTTP {code} for {path}")
+    raise RemoteError(f"{where}: unexpected HTTP {code} for {path}")
+
+
+def range_from_response(resp: httpx.Response, body: bytes, start: int, end: int | None) -> Range:
+    """Trust Content-Range whatever the status (some S3 servers answer 200 with a range)."""
+    if resp.status_code == 416:
+        match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+        total = int(match.group(3)) if match and match.group(3) != "*" else None
+        return Range(b"", total)
+    match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+    if match and match.group(1) is not None:
+        first = int(match.group(1))
+        total = None if match.group(3) == "*" else int(match.group(3))
+        if first != start:
+            raise RemoteUnavailable(f"server answered range starting at {first}, asked {start}")
+        return Range(body, total)
+    # No Content-Range: the server sent the whole object.
+    stop = len(body) if end is None else min(end, len(body))
+    return Range(body[start:stop], len(body))
+
+
+def transport_error(where: str, err: Exception) -> RemoteUnavailable:
+    kind = type(err).__name__
+    if isinstance(err, httpx.TimeoutException):
+        return RemoteUnavailable(f"{where}: request timed out ({kind})")
+    if isinstance(err, httpx.ConnectError):
+        return RemoteUnavailable(f"{where}: cannot connect ({_short(err)})")
+    return RemoteUnavailable(f"{where}: connection failed ({kind}: {_short(err)})")
+
+
+def _short(err: Exception) -> str:
+    text = str(err) or type(err).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,115 @@
+"""S3-compatible remote (AWS, DagsHub, MinIO, rclone, any endpoint_url).
+
+httpx carries the requests; botocore signs them (SigV4) and supplies the standard
+credential chain (env, profile, web identity, instance metadata) when no keys are given.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from urllib.parse import quote, urlencode, urlsplit
+
+import httpx
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from botocore.session import Session
+
+from ..errors import ConfigError, RemoteError
+from .base import Range, Remote
+from .httpcommon import check_status, range_from_response, range_header, transport_error
+
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+class S3Remote(Remote):
+    def __init__(self, name: str, url: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 access_key_id: str | None = None, secret_access_key: str | None = None,
+                 session_token: str | None = None, profile: str | None = None,
+                 jobs: int = 16, timeout: float = 30.0):
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ConfigError(f"remote {name!r}: {url!r} is not an s3://bucket/prefix URL")
+        self.name = name
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.display_url = f"s3://{self.bucket}/{self.prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if endpoint_url:
+            self.base = f"{endpoint_url.rstrip('/')}/{self.bucket}"   # path-style: what S3-compatibles expect
+        else:
+            self.base = f"https://{self.bucket}.s3.{self.region}.amazonaws.com"
+        if access_key_id and secret_access_key:
+            self._static: Credentials | None = Credentials(access_key_id, secret_access_key, session_token)
+            self._chain = None
+        else:
+            self._static = None
+            self._chain = Session(profile=profile).get_credentials() if profile else Session().get_credentials()
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))
+
+    def _where(self) -> str:
+        return f"remote {self.name!r} ({self.display_url})"
+
+    def _key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def _signed(self, method: str, key: str | None, query: dict[str, str] | None = None,
+                headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[str, dict[str, str]]:
+        url = self.base + ("/" + quote(key, safe="/~-_.") if key is not None else "/")
+        if query:
+            url += "?" + urlencode(sorted(query.items()), quote_via=quote)
+        request = AWSRequest(method=method, url=url, headers=dict(headers or {}), data=body)
+        credentials = self._static or (self._chain.get_frozen_credentials() if self._chain else None)
+        if credentials is not None:
+            S3SigV4Auth(credentials, "s3", self.region).add_auth(request)
+        return url, {k: v for k, v in request.headers.items()}
+
+    async def _send(self, method: str, key: str | None, path_for_errors: str, **kw: object) -> httpx.Response:
+        body = kw.pop("body", b"")
+        url, headers = self._signed(method, key, body=body, **kw)  # type: ignore[arg-type]
+        try:
+            resp = await self.client.request(method, url, headers=headers, content=body or None)
+        except httpx.HTTPError as err:
+            raise transport_error(self._where(), err) from None
+        check_status(resp, self._where(), path_for_errors)
+        return resp
+
+    async def read(self, path: str, start: int, end: int | None) -> Range:
+        headers = {} if (start == 0 and end is None) else {"Range": range_header(start, end)}
+        resp = await self._send("GET", self._key(path), path, headers=headers)
+        return range_from_response(resp, resp.content, start, end)
+
+    async def size(self, path: str) -> int:
+        resp = await self._send("HEAD", self._key(path), path)
+        return int(resp.headers.get("content-length", "0"))
+
+    async def list_sizes(self, prefix: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        token: str | None = None
+        while True:
+            query = {"list-type": "2", "prefix": full}
+            if token:
+                query["continuation-token"] = token
+            resp = await self._send("GET", None, f"list {prefix}", query=query)
+            try:
+                root = ET.fromstring(resp.content)
+            except ET.ParseError:
+                raise RemoteError(f"{self._where()}: listing answer is not XML") from None
+            for item in root.iter(f"{_NS}Contents"):
+                key = item.findtext(f"{_NS}Key") or ""
+                found[key[strip:]] = int(item.findtext(f"{_NS}Size") or 0)
+            if (root.findtext(f"{_NS}IsTruncated") or "false") != "true":
+                return found
+            token = root.findtext(f"{_NS}NextContinuationToken")
+            if not token:
+                return found
+
+    async def write(self, path: str, data: bytes) -> None:
+        await self._send("PUT", self._key(path), path, body=data)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,1 @@
+"""Resolve a repository revision into an immutable Tree (git entries + DVC outputs)."""

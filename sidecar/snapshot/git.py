@@ -1,0 +1,274 @@
+"""Git access through the git CLI: blob-less, shallow fetches into a per-URL bare cache repo.
+
+Credentials never reach the command line: they travel as an `http.extraHeader` in
+GIT_CONFIG_* environment variables, and every message we surface is redacted.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import GitError, UnknownRevision
+from ..locks import FileLock
+from ..redact import redact, strip_userinfo
+
+# Blobs up to this size come with the commit (every .dvc file, dvc.lock, .dvc/config);
+# larger git blobs are fetched lazily, only when read or stat'ed.
+BLOB_LIMIT = "1m"
+_HEX = re.compile(r"^[0-9a-f]{4,40}$")
+
+
+@dataclass(frozen=True)
+class GitEntry:
+    path: str
+    mode: int
+    sha: str
+    kind: str            # "blob" | "commit" (submodule)
+    size: int | None     # None: blob not fetched yet (over BLOB_LIMIT)
+
+
+def _looks_local(url: str) -> bool:
+    return "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url)
+
+
+class GitSource:
+    def __init__(self, url: str, cache_dir: Path, user: str | None = None, token: str | None = None):
+        if _looks_local(url):
+            path = Path(url).expanduser().resolve()
+            if not path.exists():
+                raise GitError(f"repository {url}: no such directory")
+            url = path.as_uri()
+        clean, url_user, url_token = strip_userinfo(url)
+        self.url = clean
+        self.user = user or url_user
+        self.token = token or url_token
+        self.display_url = clean
+        key = hashlib.sha256(clean.encode()).hexdigest()[:24]
+        self.gitdir = Path(cache_dir) / "git" / f"{key}.git"
+        self._lock_path = Path(cache_dir) / "git" / f"{key}.lock"
+        self._size_cache: dict[str, int] = {}
+
+    @property
+    def local_path(self) -> Path | None:
+        if self.url.startswith("file://"):
+            from urllib.parse import unquote, urlsplit
+
+            return Path(unquote(urlsplit(self.url).path))
+        return None
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        env.update(GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true", SSH_ASKPASS="true",
+                   GIT_SSH_COMMAND=os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"))
+        config = [("protocol.version", "2"), ("http.lowSpeedLimit", "1000"), ("http.lowSpeedTime", "30"),
+                  ("core.askPass", "true"), ("credential.helper", "")]
+        if self.token or self.user:
+            if self.user:
+                raw = f"{self.user}:{self.token or ''}".encode()
+                header = "Authorization: Basic " + base64.b64encode(raw).decode()
+            else:
+                header = f"Authorization: Bearer {self.token}"
+            config.append(("http.extraHeader", header))
+        env["GIT_CONFIG_COUNT"] = str(len(config))
+        for i, (key, value) in enumerate(config):
+            env[f"GIT_CONFIG_KEY_{i}"] = key
+            env[f"GIT_CONFIG_VALUE_{i}"] = value
+        return env
+
+    def _secrets(self) -> list[str | None]:
+        secrets = [self.token]
+        if self.user:
+            secrets.append(base64.b64encode(f"{self.user}:{self.token or ''}".encode()).decode())
+        return secrets
+
+    async def _git(self, *args: str, input: bytes | None = None, timeout: float = 600.0,
+                   check: bool = True) -> tuple[int, bytes, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "git", "--git-dir", str(self.gitdir), *args,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self._env())
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise GitError(f"repository {self.display_url}: git {args[0]} took longer than {timeout:.0f}s") from None
+        message = redact(err.decode(errors="replace"), self._secrets()).strip()
+        if check and proc.returncode != 0:
+            raise self._classify(args[0], message)
+        return proc.returncode, out, message
+
+    def _classify(self, op: str, stderr: str) -> GitError:
+        low = stderr.lower()
+        where = f"repository {self.display_url}"
+        if "authentication failed" in low or "401" in low or "403" in low or "could not read username" in low:
+            return GitError(f"{where}: authentication failed (check the token or user for this URL)")
+        if "not found" in low or "does not appear to be a git repository" in low or "repository not found" in low:
+            return GitError(f"{where}: no git repository at this URL")
+        if "could not resolve host" in low or "connection refused" in low or "failed to connect" in low \
+                or "timed out" in low or "couldn't connect" in low:
+            return GitError(f"{where}: cannot reach the server ({_last_line(stderr)})")
+        return GitError(f"{where}: git {op} failed: {_last_line(stderr)}")
+
+    def _lock(self):
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(self._lock_path)
+
+    async def _ensure_repo(self) -> None:
+        if (self.gitdir / "HEAD").exists():
+            return
+        self.gitdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.gitdir.with_name(self.gitdir.name + f".tmp{os.getpid()}")
+        proc = await asyncio.create_subprocess_exec("git", "init", "--bare", "-q", str(tmp),
+                                                    stdout=asyncio.subprocess.DEVNULL)
+        await proc.wait()
+        # The remote URL has no credentials in it (they travel in the environment).
+        for key, value in (("remote.origin.url", self.url), ("remote.origin.promisor", "true"),
+                           ("remote.origin.partialclonefilter", f"blob:limit={BLOB_LIMIT}"),
+                           ("extensions.partialClone", "origin"), ("core.repositoryformatversion", "1"),
+                           ("gc.auto", "0")):
+            proc = await asyncio.create_subprocess_exec("git", "--git-dir", str(tmp), "config", key, value)
+            await proc.wait()
+        try:
+            os.rename(tmp, self.gitdir)
+        except OSError:  # another process won the race
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- public ---------------------------------------------------------------------------
+    async def ls_remote(self) -> tuple[dict[str, str], str | None]:
+        """All refs of the remote and the ref HEAD points at."""
+        await self._ensure_repo()
+        _, out, _ = await self._git("ls-remote", "--symref", "origin", timeout=120)
+        refs: dict[str, str] = {}
+        head_target = None
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith("ref: "):
+                target, _, name = line[5:].partition("\t")
+                if name == "HEAD":
+                    head_target = target
+                continue
+            sha, _, name = line.partition("\t")
+            if name.endswith("^{}"):
+                refs[name[:-3]] = sha  # peeled tag: the commit wins over the tag object
+            else:
+                refs.setdefault(name, sha)
+        return refs, head_target
+
+    async def resolve(self, revision: str | None) -> tuple[str, str]:
+        """Fetch the revision (shallow, blob-limited) and return (commit sha, label)."""
+        async with self._lock():
+            await self._ensure_repo()
+            refs, head = await self.ls_remote()
+            ref = None
+            if revision is None:
+                ref = head or ("HEAD" if "HEAD" in refs else None)
+                if ref is None:
+                    raise UnknownRevision(f"repository {self.display_url}: has no default branch (empty repository?)")
+            else:
+                for candidate in (revision, f"refs/heads/{revision}", f"refs/tags/{revision}"):
+                    if candidate in refs:
+                        ref = candidate
+                        break
+            if ref is not None:
+                sha = refs[ref]
+                if not await self._has_commit(sha):
+                    await self._fetch([f"+{ref}:refs/dda/fetched"], depth=True)
+                return await self._peel(sha, revision or ref), (revision or ref.removeprefix("refs/heads/"))
+            if revision and _HEX.match(revision.lower()):
+                return await self._resolve_sha(revision.lower(), refs), revision
+            raise UnknownRevision(f"repository {self.display_url}: no branch, tag or commit named {revision!r}")
+
+    async def _resolve_sha(self, sha: str, refs: dict[str, str]) -> str:
+        if len(sha) == 40:
+            if not await self._has_commit(sha):
+                code, _, _ = await self._git("fetch", "-q", "--depth", "1", f"--filter=blob:limit={BLOB_LIMIT}",
+                                             "origin", sha, check=False)
+            if await self._has_commit(sha):
+                return sha
+        else:
+            found = await self._rev_parse(sha)
+            if found:
+                return found
+        # Servers that refuse unadvertised wants, or a short sha: fetch the history of
+        # every branch and tag (commits and trees only), then look again.
+        await self._fetch(["+refs/heads/*:refs/dda/heads/*", "+refs/tags/*:refs/dda/tags/*"], depth=False)
+        found = await self._rev_parse(sha)
+        if not found:
+            raise UnknownRevision(f"repository {self.display_url}: no commit {sha!r} on any branch or tag")
+        return found
+
+    async def _fetch(self, refspecs: list[str], depth: bool) -> None:
+        args = ["fetch", "-q", "--no-tags", f"--filter=blob:limit={BLOB_LIMIT}"]
+        if depth:
+            args += ["--depth", "1"]
+        await self._git(*args, "origin", *refspecs)
+
+    async def _has_commit(self, sha: str) -> bool:
+        code, _, _ = await self._git("cat-file", "-e", f"{sha}^{{commit}}", check=False, timeout=30)
+        return code == 0
+
+    async def _rev_parse(self, rev: str) -> str | None:
+        code, out, _ = await self._git("rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False, timeout=30)
+        return out.decode().strip() if code == 0 else None
+
+    async def _peel(self, sha: str, label: str) -> str:
+        found = await self._rev_parse(sha)
+        if not found:
+            raise UnknownRevision(f"repository {self.display_url}: {label!r} does not name a commit")
+        return found
+
+    async def commit_time(self, commit: str) -> int:
+        _, out, _ = await self._git("show", "-s", "--format=%ct", commit, timeout=30)
+        return int(out.decode().strip() or 0)
+
+    async def ls_tree(self, commit: str) -> list[GitEntry]:
+        _, out, _ = await self._git("ls-tree", "-r", "-z", "--full-tree", commit, timeout=120)
+        entries: list[GitEntry] = []
+        for record in out.split(b"\0"):
+            if not record:
+                continue
+            meta, _, path = record.partition(b"\t")
+            mode, kind, sha = meta.decode().split()
+            entries.append(GitEntry(path.decode("utf-8", "surrogateescape"), int(mode, 8), sha, kind, None))
+        sizes = await self._local_sizes([e.sha for e in entries if e.kind == "blob"])
+        return [GitEntry(e.path, e.mode, e.sha, e.kind, sizes.get(e.sha) if e.kind == "blob" else 0)
+                for e in entries]
+
+    async def _local_sizes(self, shas: list[str]) -> dict[str, int]:
+        """Sizes of blobs already in the local object store, without any lazy fetch."""
+        if not shas:
+            return {}
+        _, out, _ = await self._git("cat-file", "--batch-all-objects", "--batch-check=%(objectname) %(objecttype) %(objectsize)",
+                                    timeout=120)
+        wanted = set(shas)
+        sizes: dict[str, int] = {}
+        for line in out.decode().splitlines():
+            sha, kind, size = line.split()
+            if kind == "blob" and sha in wanted:
+                sizes[sha] = int(size)
+        self._size_cache.update(sizes)
+        return sizes
+
+    async def blob_size(self, sha: str) -> int:
+        if sha not in self._size_cache:
+            _, out, _ = await self._git("cat-file", "-s", sha, timeout=600)
+            self._size_cache[sha] = int(out.decode().strip())
+        return self._size_cache[sha]
+
+    async def read_blob(self, sha: str) -> bytes:
+        """The blob's bytes; git fetches a missing one from the promisor remote and verifies it."""
+        _, out, _ = await self._git("cat-file", "blob", sha, timeout=600)
+        self._size_cache[sha] = len(out)
+        return out
+
+
+def _last_line(text: str) -> str:
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return lines[-1].removeprefix("fatal: ") if lines else "no details"

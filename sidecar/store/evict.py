@@ -1,0 +1,32 @@
+"""LRU eviction under a byte budget."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .index import Index
+
+# Evict down to this fraction of the budget, so that eviction runs now and then, not on every write.
+LOW_WATER = 0.9
+
+
+def evict_to_budget(index: Index, budget: int, unlink: Callable[[str, int], None]) -> tuple[int, int]:
+    """Remove least recently used chunks until the store is under budget. Returns (bytes used
+    afterwards, chunks removed). Another process may hold a removed chunk open: unlinking
+    leaves its reads intact, and it will simply find the chunk missing next time."""
+    used = index.used_bytes()
+    if used <= budget:
+        return used, 0
+    target = int(budget * LOW_WATER)
+    removed = 0
+    while used > target:
+        batch = index.oldest(256)
+        if not batch:
+            break
+        for oid, idx, nbytes in batch:
+            unlink(oid, idx)
+            index.forget_chunk(oid, idx)
+            used -= nbytes
+            removed += 1
+            if used <= target:
+                break
+    return used, removed
