@@ -48,6 +48,13 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 if [ "$mode" = test ]; then
   "$venv/bin/python" -m pip install -q -e ".[test]"
+  # DVC 2 authors the DVC-2 fixture repositories (its own venv: it pins older libraries).
+  dvc2=${DDA_DVC2_VENV:-$here/.venv-dvc2}
+  if [ ! -x "$dvc2/bin/dvc" ]; then
+    "$py" -m venv "$dvc2"
+    "$dvc2/bin/python" -m pip install -q "dvc==2.58.2"
+  fi
+  export DDA_DVC2_BIN="$dvc2/bin/dvc"
 else
   "$venv/bin/python" -m pip install -q -e .
 fi
