@@ -16,7 +16,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..errors import DeadlineExceeded, HashMismatch, RemoteError, RemoteUnavailable
+from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError, RemoteUnavailable
 from ..remotes import Remote
 from ..store import Store
 from ..store.verify import ObjectVerifier, md5_matches
@@ -287,6 +287,14 @@ class Fetcher:
         try:
             async with asyncio.timeout(self.deadline):
                 return await coro
+        except ObjectMissing:
+            self.stats.errors["missing"] += 1
+            raise ObjectMissing(f"{ref.display}: object md5 {ref.oid} is missing on remote {ref.remote.name!r} "
+                                f"({ref.remote.display_url}/{ref.path})") from None
+        except RemoteError as err:
+            if ref.display in str(err):
+                raise
+            raise type(err)(f"{ref.display}: {err}") from None
         except TimeoutError:
             self.stats.errors["deadline"] += 1
             raise DeadlineExceeded(

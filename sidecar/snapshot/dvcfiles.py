@@ -61,7 +61,7 @@ def _parse_out(raw: object, base_dir: str, source: str, where: str) -> DvcOut | 
         # An output that was declared but never computed (e.g. `dvc stage add` without repro).
         return None
     if not isinstance(md5, str):
-        raise DvcFileError(f"{where}: 'md5' must be a string")
+        raise DvcFileError(f"{where}: 'md5' {md5!r} is not an md5 hash")
     is_dir = md5.endswith(".dir")
     digest = md5[:-4] if is_dir else md5
     if not _MD5.match(digest):

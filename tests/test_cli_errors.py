@@ -1,0 +1,128 @@
+"""Errors a user can act on: one line, what and where, no traceback, no bad bytes served.
+Runs the real `dda` command against the sample repository (local git + local DVC remote)."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.sample import make_sample_repo
+
+DDA = str(Path(sys.executable).parent / "dda")
+
+
+def dda(*args, cache, env=None, check=False):
+    full_env = {**os.environ, "DDA_CACHE_DIR": str(cache), **(env or {})}
+    full_env.pop("DDA_REPO", None)
+    proc = subprocess.run([DDA, *args], capture_output=True, env=full_env, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stderr.decode()
+    return proc
+
+
+def one_line_error(proc):
+    assert proc.returncode != 0
+    err = proc.stderr.decode()
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dda: error: ")
+    return lines[0]
+
+
+@pytest.fixture()
+def sample(tmp_path):
+    repo, remote = make_sample_repo(tmp_path / "s")
+    return repo, remote, tmp_path / "cache"
+
+
+def git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+def test_listing_and_reading_the_sample(sample):
+    repo, remote, cache = sample
+    out = dda("ls", str(repo), "data/images/cats", cache=cache, check=True).stdout.decode().splitlines()
+    assert len(out) == 24 and all(line.startswith("dvc ") for line in out)
+    labels = dda("cat", str(repo), "data/labels.csv", cache=cache, check=True).stdout
+    assert labels.count(b"\n") == 48
+
+
+def test_unknown_revision(sample):
+    repo, _, cache = sample
+    line = one_line_error(dda("ls", str(repo), "--rev", "no-such-branch", cache=cache))
+    assert "no branch, tag or commit named 'no-such-branch'" in line
+
+
+def test_wrong_url(sample, tmp_path):
+    _, _, cache = sample
+    line = one_line_error(dda("ls", str(tmp_path / "nowhere"), cache=cache))
+    assert "nowhere" in line and "no such directory" in line
+    (tmp_path / "empty").mkdir()
+    line = one_line_error(dda("ls", str(tmp_path / "empty"), cache=cache))
+    assert "no git repository" in line
+
+
+def test_missing_path(sample):
+    repo, _, cache = sample
+    line = one_line_error(dda("cat", str(repo), "data/nope.bin", cache=cache))
+    assert "data/nope.bin" in line and "not in revision" in line
+
+
+def test_missing_remote_object_names_path_and_md5(sample):
+    repo, remote, cache = sample
+    dvcfile = yaml.safe_load((repo / "data/labels.csv.dvc").read_text())
+    md5 = dvcfile["outs"][0]["md5"]
+    (remote / "files/md5" / md5[:2] / md5[2:]).unlink()
+    proc = dda("cat", str(repo), "data/labels.csv", cache=cache)
+    line = one_line_error(proc)
+    assert "data/labels.csv" in line and md5[2:] in line and "missing" in line
+    assert proc.stdout == b""
+
+
+def test_hash_mismatch_is_never_served(sample):
+    repo, remote, cache = sample
+    md5 = yaml.safe_load((repo / "data/labels.csv.dvc").read_text())["outs"][0]["md5"]
+    obj = remote / "files/md5" / md5[:2] / md5[2:]
+    obj.write_bytes(obj.read_bytes().replace(b"cat", b"dog"))
+    proc = dda("cat", str(repo), "data/labels.csv", cache=cache)
+    line = one_line_error(proc)
+    assert "does not match its md5" in line and "data/labels.csv" in line
+    assert proc.stdout == b""
+
+
+def test_malformed_dvc_file_names_file(sample):
+    repo, _, cache = sample
+    (repo / "data/labels.csv.dvc").write_text("outs:\n- md5: 1234\n  path: labels.csv\n")
+    git(repo, "commit", "-qam", "break it")
+    line = one_line_error(dda("ls", str(repo), cache=cache))
+    assert "data/labels.csv.dvc" in line and "is not an md5 hash" in line
+
+
+def test_malformed_manifest_names_it(sample):
+    repo, remote, cache = sample
+    md5 = yaml.safe_load((repo / "data/images.dvc").read_text())["outs"][0]["md5"][:-4]
+    garbage = b'{"not": "a list"}'
+    new = hashlib.md5(garbage).hexdigest()
+    target = remote / "files/md5" / new[:2] / (new[2:] + ".dir")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(garbage)
+    (repo / "data/images.dvc").write_text((repo / "data/images.dvc").read_text().replace(md5, new))
+    git(repo, "commit", "-qam", "bad manifest")
+    line = one_line_error(dda("ls", str(repo), cache=cache))
+    assert "data/images.dvc" in line and new in line and "must be a JSON list" in line
+
+
+def test_remote_override_from_env(sample, tmp_path):
+    """Storage moved: point the remote elsewhere without editing the repository."""
+    repo, remote, cache = sample
+    moved = tmp_path / "moved"
+    remote.rename(moved)
+    line = one_line_error(dda("cat", str(repo), "data/labels.csv", cache=cache))
+    assert "does not exist" in line or "missing" in line
+    proc = dda("cat", str(repo), "data/labels.csv", cache=cache, env={"DDA_REMOTE_STORAGE_URL": str(moved)})
+    assert proc.returncode == 0 and proc.stdout.count(b"\n") == 48
