@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--no-progress", action="store_true")
     _common(get)
 
+    mount = sub.add_parser("mount", help="FUSE-mount a revision read-only (every file, fetched when read)")
+    mount.add_argument("args", nargs="+", metavar="URL MOUNTPOINT")
+    mount.add_argument("--subdir", default="", help="mount only this directory of the repository")
+    mount.add_argument("--daemon", "-d", action="store_true", help="run in the background once mounted")
+    mount.add_argument("--allow-non-empty", action="store_true", help="mount over a non-empty directory")
+    mount.add_argument("--log-file", help="daemon log (default: CACHE_DIR/logs/mount.log)")
+    _common(mount)
+
+    status = sub.add_parser("status", help="what a mount serves: repo, revision, commit, cache, counters")
+    status.add_argument("mountpoint")
+    status.add_argument("--json", action="store_true")
+
+    unmount = sub.add_parser("unmount", aliases=["umount"], help="unmount (the daemon then exits)")
+    unmount.add_argument("mountpoint")
+    unmount.add_argument("--lazy", "-l", action="store_true", help="detach now even if files are open")
+
     demo = sub.add_parser("demo", help="build a sample DVC repository and stream it (no network)")
     demo.add_argument("--workdir", help="where to build the sample (default: a temporary directory)")
     demo.add_argument("-v", "--verbose", action="store_true")
@@ -144,16 +160,76 @@ async def cmd_get(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(ns: argparse.Namespace) -> int:
+    from .fuse.mount import run_daemon, run_foreground
+
+    if len(ns.args) == 1 and os.environ.get("DDA_REPO"):
+        repo, mountpoint = None, ns.args[0]
+    elif len(ns.args) == 2:
+        repo, mountpoint = ns.args
+    else:
+        raise DDAError("usage: dda mount URL MOUNTPOINT (URL may come from DDA_REPO)")
+    config = _config(ns, repo)
+    target = Path(mountpoint)
+    if ns.daemon:
+        log_file = Path(ns.log_file) if ns.log_file else config.cache_dir / "logs" / "mount.log"
+        return run_daemon(config, target, ns.subdir, ns.allow_non_empty, log_file)
+    return asyncio.run(run_foreground(config, target, ns.subdir, ns.allow_non_empty))
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from .fuse.mountpoint import is_stale
+
+    path = Path(ns.mountpoint)
+    if is_stale(path):
+        raise DDAError(f"{path}: the mount's daemon is gone (stale mount); `dda unmount {path}` clears it")
+    try:
+        raw = os.getxattr(path, "user.dda.status")
+    except OSError:
+        raise DDAError(f"{path}: not a dda mount") from None
+    status = json.loads(raw)
+    if ns.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    gib = 1024 ** 3
+    print(f"repo:      {status['repo']}")
+    print(f"revision:  {status['revision']}  (commit {status['commit']})")
+    print(f"files:     {status['files']}" + (f"  (subdir {status['subdir']})" if status["subdir"] else ""))
+    print(f"cache:     {status['cache_used_bytes'] / gib:.2f} GiB of {status['cache_budget_bytes'] / gib:.2f} GiB"
+          f" in {status['cache_dir']}")
+    print(f"reads:     {status['cache_hits']} cache hits, {status['cache_misses']} misses; "
+          f"{status['bytes_served']} bytes served")
+    print(f"remote:    {status['requests']} requests, {status['bytes_fetched']} bytes fetched, "
+          f"{status['retries']} retries, errors {status['errors'] or 'none'}")
+    p = status["prefetch"]
+    print(f"prefetch:  {p['issued_files']} files issued, {p['used_files']} used, {p['wasted_files']} wasted, "
+          f"{p['readahead_chunks']} readahead chunks")
+    return 0
+
+
+def cmd_unmount(ns: argparse.Namespace) -> int:
+    from .fuse.mountpoint import unmount
+
+    unmount(Path(ns.mountpoint).resolve(), lazy=ns.lazy)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(ns, "verbose", False) else logging.WARNING,
                         format="dda: %(levelname)s: %(message)s")
     try:
         if ns.command == "demo":
             from .demo import run_demo
 
             return asyncio.run(run_demo(Path(ns.workdir) if ns.workdir else None))
+        if ns.command == "mount":
+            return cmd_mount(ns)
+        if ns.command == "status":
+            return cmd_status(ns)
+        if ns.command in ("unmount", "umount"):
+            return cmd_unmount(ns)
         handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:

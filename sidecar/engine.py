@@ -115,7 +115,7 @@ class Engine:
                            if kind == "not in" else f"{path}: is a directory")
         return found
 
-    def _ref(self, entry: Entry) -> ObjectRef:
+    def ref(self, entry: Entry) -> ObjectRef:
         remote = self.remote(entry.remote, entry.output or entry.path)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, entry.size,
                          entry.path)
@@ -125,21 +125,29 @@ class Engine:
         if entry.size is not None:
             return entry
         if entry.kind == "git":
-            return replace(entry, size=await self.git.blob_size(entry.oid))
-        return replace(entry, size=await self.fetcher.size_of(self._ref(entry)))
+            size = await self.git.blob_size(entry.oid)
+        else:
+            size = await self.fetcher.size_of(self.ref(entry))
+        return self._sized(entry, size)
+
+    def _sized(self, entry: Entry, size: int) -> Entry:
+        # Sizes of a commit never change: remember them in the tree.
+        sized = replace(entry, size=size)
+        self.tree.files[entry.path] = sized
+        return sized
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries, batched (one listing or bounded HEADs per remote)."""
         dvc = [e for e in entries if e.size is None and e.kind == "dvc"]
-        sizes = await self.fetcher.sizes_of([self._ref(e) for e in dvc]) if dvc else {}
+        sizes = await self.fetcher.sizes_of([self.ref(e) for e in dvc]) if dvc else {}
         result = []
         for e in entries:
             if e.size is not None:
                 result.append(e)
             elif e.kind == "dvc":
-                result.append(replace(e, size=sizes[e.oid]))
+                result.append(self._sized(e, sizes[e.oid]))
             else:
-                result.append(replace(e, size=await self.git.blob_size(e.oid)))
+                result.append(self._sized(e, await self.git.blob_size(e.oid)))
         return result
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
@@ -147,7 +155,7 @@ class Engine:
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             return blob[offset:offset + length]
-        return await self.fetcher.read(self._ref(entry), offset, length)
+        return await self.fetcher.read(self.ref(entry), offset, length)
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
         """The whole file in pieces of one chunk (what `dda cat` and `dda get` stream)."""
@@ -159,7 +167,7 @@ class Engine:
             if data:
                 yield data
             offset += len(data)
-            size = entry.size if entry.size is not None else self.fetcher.known_size(self._ref(entry)) \
+            size = entry.size if entry.size is not None else self.fetcher.known_size(self.ref(entry)) \
                 if entry.kind == "dvc" else None
             if not data or len(data) < piece or (size is not None and offset >= size):
                 return

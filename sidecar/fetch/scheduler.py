@@ -20,6 +20,7 @@ from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
 from ..remotes import Remote
 from ..store import Store
 from ..store.verify import ObjectVerifier, md5_matches
+from .priority import PriorityLimiter
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Fetcher:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.stats = FetchStats()
-        self._limits: dict[int, asyncio.Semaphore] = {}
+        self._limits: dict[int, PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int], asyncio.Task[bytes]] = {}
         self._verifying: dict[str, asyncio.Task[None]] = {}
         self._sizes: dict[str, int] = {}
@@ -182,6 +183,13 @@ class Fetcher:
             if not self.store.has(ref.oid, idx):
                 await self._chunk(ref, idx, size)
 
+    def cached(self, ref: ObjectRef) -> bool:
+        """Whether every chunk of the object is in the store (size must be known)."""
+        size = self.known_size(ref)
+        if size is None:
+            return False
+        return all(self.store.has(ref.oid, idx) for idx in range(self.store.chunk_count(size)))
+
     async def _chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
         """(chunk bytes, whether the cache had it), joining a download already in flight."""
         key = (ref.oid, idx)
@@ -272,14 +280,14 @@ class Fetcher:
                            f"match its md5 {ref.oid}; dropped it from the cache")
 
     # plumbing --------------------------------------------------------------------------------
-    def _limit(self, remote: Remote) -> asyncio.Semaphore:
+    def _limit(self, remote: Remote) -> PriorityLimiter:
         key = id(remote)
         if key not in self._limits:
-            self._limits[key] = asyncio.Semaphore(self.jobs)
+            self._limits[key] = PriorityLimiter(self.jobs)
         return self._limits[key]
 
     async def _remote_call(self, remote: Remote, call):  # type: ignore[no-untyped-def]
-        async with self._limit(remote):
+        async with self._limit(remote).slot():
             self.stats.requests += 1
             return await call()
 

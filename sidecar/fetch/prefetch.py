@@ -1,0 +1,230 @@
+"""Fetching ahead of readers: sequential readahead with a growing window, directory-level
+prefetch for small files, and prefetch hints (an ordered path list, e.g. a shuffled epoch).
+
+All of it queues behind demand reads (priorities in `priority.py`) and stays within a byte
+window ahead of what readers have consumed, so it never floods the cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import DDAError
+from .priority import PREFETCH, READAHEAD, current_priority
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefetchStats:
+    issued_files: int = 0
+    issued_bytes: int = 0
+    used_files: int = 0          # prefetched files that a reader then opened
+    wasted_files: int = 0        # prefetched, then dropped from the plan unread
+    readahead_chunks: int = 0
+    failures: int = 0
+
+
+@dataclass
+class ReadState:
+    """Per open file: where the next sequential read would start and how far to look ahead."""
+    next_offset: int = 0
+    window: int = 0
+    scheduled_until: int = 0
+
+
+@dataclass
+class _DirWalk:
+    last_index: int = -1
+    streak: int = 0
+    scheduled_until: int = -1
+
+
+@dataclass
+class _Hints:
+    order: list[str]
+    position: int = 0
+    done: set[str] = field(default_factory=set)
+
+
+class Prefetcher:
+    def __init__(self, engine: "Engine", *, max_window: int = 64 * 1024 * 1024, dir_ahead: int = 64,
+                 concurrency: int | None = None, max_ahead_bytes: int | None = None):
+        self.engine = engine
+        self.max_window = max_window
+        self.dir_ahead = dir_ahead
+        self.stats = PrefetchStats()
+        self._slots = asyncio.Semaphore(concurrency or engine.config.jobs * 2)
+        self.max_ahead_bytes = max_ahead_bytes or max(64 * 1024 * 1024, engine.config.cache_size // 4)
+        self._ahead_bytes = 0
+        self._ahead_changed = asyncio.Event()
+        self._prefetched: dict[str, int] = {}     # path -> bytes, fetched ahead and not yet opened
+        self._inflight: set[str] = set()
+        self._dirs: dict[str, _DirWalk] = {}
+        self._hints: _Hints | None = None
+        self._hint_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- readers tell us what they do ---------------------------------------------------------
+    def on_open(self, path: str) -> None:
+        size = self._prefetched.pop(path, None)
+        if size is not None:
+            self.stats.used_files += 1
+            self._ahead_bytes -= size
+            self._ahead_changed.set()
+        self._follow_directory(path)
+
+    def on_read(self, path: str, state: ReadState, offset: int, length: int, size: int) -> None:
+        end = offset + length
+        if offset == state.next_offset and offset > 0:
+            chunk = self.engine.store.chunk_size
+            state.window = min(self.max_window, max(chunk, state.window * 2))
+        elif offset != state.next_offset:
+            state.window = 0
+            state.scheduled_until = 0
+        state.next_offset = end
+        if state.window and end < size:
+            start = max(end, state.scheduled_until)
+            until = min(size, end + state.window)
+            if until > start:
+                state.scheduled_until = until
+                self._spawn(self._readahead(path, start, until - start), READAHEAD)
+
+    # -- directory walks ----------------------------------------------------------------------
+    def _follow_directory(self, path: str) -> None:
+        tree = self.engine.tree
+        parent = posixpath.dirname(path)
+        names = tree.dirs.get(parent)
+        if not names:
+            return
+        try:
+            index = names.index(posixpath.basename(path))
+        except ValueError:
+            return
+        walk = self._dirs.setdefault(parent, _DirWalk())
+        walk.streak = walk.streak + 1 if index == walk.last_index + 1 else 0
+        walk.last_index = index
+        if walk.streak < 2:
+            return   # two steps in listing order before we believe it is a walk
+        ahead = min(self.dir_ahead, 2 ** walk.streak)
+        first = max(index + 1, walk.scheduled_until + 1)
+        last = min(len(names) - 1, index + ahead)
+        for i in range(first, last + 1):
+            child = f"{parent}/{names[i]}" if parent else names[i]
+            entry = tree.files.get(child)
+            if entry is not None and entry.kind == "dvc":
+                self._spawn(self._prefetch_file(child), PREFETCH)
+        walk.scheduled_until = max(walk.scheduled_until, last)
+
+    # -- hints --------------------------------------------------------------------------------
+    def hint(self, paths: list[str]) -> tuple[int, list[str]]:
+        """Follow `paths` in order from now on, replacing earlier hints. Returns (accepted,
+        unknown paths)."""
+        tree = self.engine.tree
+        accepted, unknown = [], []
+        for p in paths:
+            norm = tree.normalize(p)
+            (accepted if norm in tree.files else unknown).append(norm)
+        if self._hint_task is not None:
+            self._hint_task.cancel()
+        for stale in [p for p in self._prefetched if self._hints and p in self._hints.order]:
+            self.stats.wasted_files += 1
+            self._ahead_bytes -= self._prefetched.pop(stale)
+        self._hints = _Hints(accepted)
+        self._hint_task = asyncio.create_task(self._follow_hints(self._hints))
+        return len(accepted), unknown
+
+    async def _follow_hints(self, hints: _Hints) -> None:
+        token = current_priority.set(PREFETCH)
+        try:
+            pending: set[asyncio.Task[None]] = set()
+            for path in hints.order:
+                while self._ahead_bytes > self.max_ahead_bytes:
+                    self._ahead_changed.clear()
+                    await self._ahead_changed.wait()
+                await self._slots.acquire()
+                task = asyncio.create_task(self._prefetch_file(path, slot_held=True))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            current_priority.reset(token)
+
+    async def wait_idle(self) -> None:
+        """Until every prefetch started so far has finished (tests, benchmarks, status)."""
+        while True:
+            tasks = list(self._tasks) + ([self._hint_task] if self._hint_task else [])
+            tasks = [t for t in tasks if not t.done()]
+            if not tasks:
+                return
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the work -----------------------------------------------------------------------------
+    def _spawn(self, coro, priority: int) -> None:  # type: ignore[no-untyped-def]
+        token = current_priority.set(priority)
+        try:
+            task = asyncio.create_task(coro)
+        finally:
+            current_priority.reset(token)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _prefetch_file(self, path: str, slot_held: bool = False) -> None:
+        holding = slot_held
+        try:
+            if path in self._inflight or path in self._prefetched:
+                return
+            self._inflight.add(path)
+            if not holding:
+                await self._slots.acquire()
+                holding = True
+            entry = await self.engine.stat(path)
+            if entry.kind != "dvc":
+                return
+            ref = self.engine.ref(entry)
+            if not self.engine.fetcher.cached(ref):
+                await self.engine.fetcher.prefetch(ref)
+                self.stats.issued_files += 1
+                self.stats.issued_bytes += entry.size or 0
+                self._prefetched[path] = entry.size or 0
+                self._ahead_bytes += entry.size or 0
+        except DDAError as err:
+            self.stats.failures += 1
+            log.info("prefetch of %s failed: %s", path, err)
+        finally:
+            self._inflight.discard(path)
+            if holding:
+                self._slots.release()
+
+    async def _readahead(self, path: str, offset: int, length: int) -> None:
+        try:
+            entry = self.engine.entry(path)
+            if entry.kind != "dvc":
+                return
+            ref = self.engine.ref(entry)
+            chunk = self.engine.store.chunk_size
+            size = await self.engine.fetcher.size_of(ref)
+            end = min(size, offset + length)
+            jobs = []
+            for idx in range(offset // chunk, (end - 1) // chunk + 1):
+                if not self.engine.store.has(ref.oid, idx):
+                    jobs.append(self.engine.fetcher.prefetch(ref, idx * chunk, chunk))
+                    self.stats.readahead_chunks += 1
+            await asyncio.gather(*jobs)
+        except DDAError as err:
+            self.stats.failures += 1
+            log.info("readahead of %s failed: %s", path, err)
+
+    async def aclose(self) -> None:
+        if self._hint_task is not None:
+            self._hint_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *( [self._hint_task] if self._hint_task else []), return_exceptions=True)

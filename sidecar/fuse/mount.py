@@ -1,0 +1,153 @@
+"""Serving a mount: foreground or daemon, clean exit on SIGTERM/SIGINT/unmount."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from ..config import Config
+from ..engine import Engine
+from ..errors import DDAError
+from ..fetch.prefetch import Prefetcher
+from ..redact import redact
+from .mountpoint import MountError, prepare
+from .ops import DdaOperations
+
+log = logging.getLogger(__name__)
+pyfuse3.asyncio.enable()
+
+
+def _options() -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=dda", "subtype=dda", "ro"}
+    options.discard("default_permissions")
+    if os.getuid() == 0 or _user_allow_other():
+        options.add("allow_other")   # the training container runs as another user
+    return options
+
+
+def _user_allow_other() -> bool:
+    try:
+        return any(line.strip() == "user_allow_other" for line in open("/etc/fuse.conf"))
+    except OSError:
+        return False
+
+
+class Mount:
+    """One live mount: the engine, the prefetcher and the FUSE session."""
+
+    def __init__(self, engine: Engine, ops: DdaOperations, prefetcher: Prefetcher, mountpoint: Path):
+        self.engine = engine
+        self.ops = ops
+        self.prefetcher = prefetcher
+        self.mountpoint = mountpoint
+
+    @classmethod
+    async def start(cls, config: Config, mountpoint: Path, subdir: str = "",
+                    allow_non_empty: bool = False) -> "Mount":
+        mountpoint = mountpoint.resolve()
+        for note in prepare(mountpoint, allow_non_empty):
+            log.warning("%s", note)
+        engine = await Engine.open(config)
+        try:
+            prefetcher = Prefetcher(engine)
+            ops = DdaOperations(engine, prefetcher, subdir)
+            try:
+                pyfuse3.init(ops, str(mountpoint), _options())
+            except RuntimeError as err:
+                raise MountError(f"{mountpoint}: cannot mount ({err}); is /dev/fuse available and fuse3 installed?") from None
+        except BaseException:
+            await engine.aclose()
+            raise
+        return cls(engine, ops, prefetcher, mountpoint)
+
+    async def serve(self) -> None:
+        """Until unmounted or terminated; always leaves the mountpoint clean."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.terminate)
+        try:
+            await pyfuse3.main()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.close()
+
+    def terminate(self) -> None:
+        log.info("unmounting %s", self.mountpoint)
+        pyfuse3.terminate()
+
+    async def close(self) -> None:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as err:  # the kernel may already have dropped it (fusermount3 -u)
+            log.debug("close: %s", err)
+        await self.prefetcher.aclose()
+        await self.engine.aclose()
+
+
+async def run_foreground(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool,
+                         on_ready: Callable[[Mount], None] | None = None) -> int:
+    mount = await Mount.start(config, mountpoint, subdir, allow_non_empty)
+    info = mount.engine.info
+    assert info is not None
+    log.warning("mounted %s @ %s (%s) on %s", info.repo, info.revision, info.commit[:12], mount.mountpoint)
+    if on_ready:
+        on_ready(mount)
+    await mount.serve()
+    return 0
+
+
+def run_daemon(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool, log_file: Path) -> int:
+    """Fork; the child mounts and serves, the parent returns once the mount is live (or
+    reports why it is not). Configuration travels in memory, never on a command line."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("ok"):
+            print(f"dda: mounted on {mountpoint} (daemon pid {pid}, log {log_file})")
+            return 0
+        os.waitpid(pid, 0)
+        print(f"dda: error: {message.strip() or 'the daemon exited before the mount was ready'}", file=sys.stderr)
+        return 1
+    # child
+    os.close(read_fd)
+    os.setsid()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    pipe = os.fdopen(write_fd, "wb", buffering=0)
+
+    def ready(_mount: Mount) -> None:
+        pipe.write(b"ok\n")
+        pipe.close()
+
+    code = 1
+    try:
+        code = asyncio.run(run_foreground(config, mountpoint, subdir, allow_non_empty, ready))
+    except DDAError as err:
+        message = redact(str(err), config.secrets())
+        print(f"dda: error: {message}", file=sys.stderr)
+        if not pipe.closed:
+            pipe.write(message.encode())
+    except BaseException as err:  # a daemon must say why it died, in its log
+        logging.exception("mount daemon failed")
+        if not pipe.closed:
+            pipe.write(f"mount daemon failed: {type(err).__name__}: {err}".encode())
+    finally:
+        if not pipe.closed:
+            pipe.close()
+        os._exit(code)
