@@ -28,7 +28,8 @@ def _put(remote: Path, md5: str, data: bytes, is_dir: bool = False) -> None:
     target.write_bytes(data)
 
 
-def make_sample_repo(workdir: Path, images: int = 48, seed: int = 7) -> tuple[Path, Path]:
+def make_sample_repo(workdir: Path, images: int = 48, seed: int = 7,
+                     sizes: tuple[int, int] = (20_000, 120_000)) -> tuple[Path, Path]:
     """Returns (repository path, remote path)."""
     rng = random.Random(seed)
     repo, remote = workdir / "repo", workdir / "storage"
@@ -45,10 +46,10 @@ def make_sample_repo(workdir: Path, images: int = 48, seed: int = 7) -> tuple[Pa
     total = 0
     for i in range(images):
         label = "cat" if i % 2 else "dog"
-        data = rng.randbytes(rng.randint(20_000, 120_000))
+        data = rng.randbytes(rng.randint(*sizes))
         md5 = hashlib.md5(data).hexdigest()
         _put(remote, md5, data)
-        manifest.append({"md5": md5, "relpath": f"{label}s/{label}_{i:03d}.jpg"})
+        manifest.append({"md5": md5, "relpath": f"{label}s/{label}_{i:05d}.jpg"})
         total += len(data)
     manifest.sort(key=lambda e: e["relpath"])
     manifest_bytes = json.dumps(manifest, separators=(", ", ": ")).encode()

@@ -67,15 +67,16 @@ class Mount:
             raise
         return cls(engine, ops, prefetcher, mountpoint)
 
-    async def serve(self) -> None:
+    async def serve(self, handle_signals: bool = True) -> None:
         """Until unmounted or terminated; always leaves the mountpoint clean."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if handle_signals else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self.terminate)
         try:
             await pyfuse3.main()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.close()
 

@@ -1,0 +1,246 @@
+"""`dda mount` with real syscalls: POSIX behaviour, lifecycle, prefetch. Uses the sample
+repository (local git + local DVC remote); the fixture repositories over HTTP/S3 are read
+through the mount in test_remotes_acceptance.py."""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mounting import DDA, MountThread, daemon_pid, mounted, wait_until
+from sidecar.config import Config
+from sidecar.sample import make_sample_repo
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sample")
+    repo, remote = make_sample_repo(work)
+    return repo, remote
+
+
+def checkout(repo: Path, remote: Path) -> dict[str, bytes]:
+    """What `dvc pull` would put on disk, rebuilt from the sample's own remote."""
+    import json
+
+    import yaml
+
+    files: dict[str, bytes] = {}
+    for path in subprocess.run(["git", "-C", str(repo), "ls-files"], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        files[path] = (repo / path).read_bytes()
+    for dvcfile in [p for p in files if p.endswith(".dvc")]:
+        out = yaml.safe_load(files[dvcfile])["outs"][0]
+        base = str(Path(dvcfile).parent / out["path"])
+        md5 = out["md5"]
+        if md5.endswith(".dir"):
+            manifest = json.loads((remote / "files/md5" / md5[:2] / (md5[2:])).read_bytes())
+            for item in manifest:
+                files[f"{base}/{item['relpath']}"] = (remote / "files/md5" / item["md5"][:2] / item["md5"][2:]).read_bytes()
+        else:
+            files[base] = (remote / "files/md5" / md5[:2] / md5[2:]).read_bytes()
+    return files
+
+
+@pytest.fixture()
+def mp(tmp_path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)])
+
+
+def test_mount_matches_checkout_and_behaves_like_posix(sample, mp, tmp_path):
+    repo, remote = sample
+    expected = checkout(repo, remote)
+    config = Config(repo=str(repo), cache_dir=tmp_path / "cache")
+    with MountThread(config, mp) as m:
+        seen = {}
+        for dirpath, dirnames, filenames in os.walk(mp):
+            for name in filenames:
+                full = Path(dirpath) / name
+                seen[str(full.relative_to(mp))] = full
+        assert sorted(seen) == sorted(expected)
+        commit_time = m.mount.engine.info.commit_time
+        for rel, full in seen.items():
+            st = os.stat(full)
+            assert st.st_size == len(expected[rel]), rel
+            assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o644
+            assert st.st_mtime == commit_time
+            assert st.st_blocks == -(-st.st_size // 512)
+            assert full.read_bytes() == expected[rel], rel
+        # readdir reports types without a stat
+        kinds = {e.name: (e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False)) for e in os.scandir(mp / "data")}
+        assert kinds["images"] == (True, False) and kinds["labels.csv"] == (False, True)
+        # seek, partial reads, mmap
+        big = max(seen, key=lambda r: len(expected[r]))
+        with open(seen[big], "rb") as f:
+            f.seek(1000)
+            assert f.read(5000) == expected[big][1000:6000]
+            f.seek(-100, os.SEEK_END)
+            assert f.read() == expected[big][-100:]
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                assert mm[:] == expected[big]
+        # writes fail with EROFS
+        for attempt in (lambda: open(mp / "new.txt", "w"), lambda: open(seen[big], "r+b"),
+                        lambda: os.mkdir(mp / "d"), lambda: os.unlink(seen[big])):
+            with pytest.raises(OSError) as err:
+                attempt()
+            assert err.value.errno == errno.EROFS
+        assert os.getxattr(mp, "user.dda.commit").decode() == m.mount.engine.info.commit
+        with pytest.raises(FileNotFoundError):
+            os.stat(mp / "data" / "nope")
+
+
+def test_concurrent_readers_and_many_open_files(sample, mp, tmp_path):
+    repo, remote = sample
+    expected = checkout(repo, remote)
+    config = Config(repo=str(repo), cache_dir=tmp_path / "cache", jobs=4)
+    images = sorted(p for p in expected if p.startswith("data/images/"))
+    with MountThread(config, mp):
+        handles = [open(mp / p, "rb") for p in images]     # all open at once
+        try:
+            def read(i: int) -> bool:
+                f = handles[i % len(handles)]
+                return os.pread(f.fileno(), 1 << 20, 0) == expected[images[i % len(handles)]]
+            with ThreadPoolExecutor(16) as pool:
+                assert all(pool.map(read, range(len(images) * 4)))
+        finally:
+            for f in handles:
+                f.close()
+
+
+def test_walk_over_ten_thousand_entries(tmp_path, mp):
+    repo, remote = make_sample_repo(tmp_path / "wide", images=10_500, sizes=(10, 40))
+    with MountThread(Config(repo=str(repo), cache_dir=tmp_path / "cache"), mp):
+        count = sum(len(files) for _, _, files in os.walk(mp / "data" / "images"))
+        assert count == 10_500
+        sizes = {e.name: e.stat().st_size for e in os.scandir(mp / "data" / "images" / "cats")}
+        assert len(sizes) == 5_250 and all(10 <= s <= 40 for s in sizes.values())
+
+
+def test_prefetch_hints_then_reads_need_no_requests(tmp_path, mp):
+    repo, remote = make_sample_repo(tmp_path / "hinted", images=300, sizes=(1_000, 5_000))
+    with MountThread(Config(repo=str(repo), cache_dir=tmp_path / "cache"), mp) as m:
+        names = sorted(os.listdir(mp / "data/images/dogs"))[:100]
+        paths = [f"data/images/dogs/{n}" for n in names]
+        import random
+        random.Random(3).shuffle(paths)
+
+        async def hint_and_wait():
+            accepted, unknown = m.mount.prefetcher.hint(paths + ["data/no/such.file"])
+            await m.mount.prefetcher.wait_idle()
+            return accepted, unknown
+
+        accepted, unknown = m.run(hint_and_wait())
+        assert accepted == 100 and unknown == ["data/no/such.file"]
+        stats = m.mount.engine.fetcher.stats
+        before = stats.requests
+        for p in paths:
+            assert len((mp / p).read_bytes()) > 0
+        assert stats.requests == before
+        assert m.mount.prefetcher.stats.used_files == 100
+
+
+def test_sequential_directory_walk_prefetches_ahead(tmp_path, mp):
+    repo, remote = make_sample_repo(tmp_path / "walk", images=200, sizes=(1_000, 5_000))
+    with MountThread(Config(repo=str(repo), cache_dir=tmp_path / "cache"), mp) as m:
+        names = sorted(os.listdir(mp / "data/images/cats"))
+        for n in names[:10]:
+            (mp / "data/images/cats" / n).read_bytes()
+        m.run(m.mount.prefetcher.wait_idle())
+        assert m.mount.prefetcher.stats.issued_files >= 8
+        assert m.mount.prefetcher.stats.used_files >= 5
+
+
+def _daemon(repo: Path, mp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DDA_CACHE_DIR": str(cache)}
+    return subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", *extra], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_daemon_sigterm_unmounts_cleanly(sample, mp, tmp_path):
+    repo, _ = sample
+    proc = _daemon(repo, mp, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert mounted(mp)
+    status = subprocess.run([DDA, "status", str(mp)], capture_output=True, text=True)
+    assert status.returncode == 0 and "commit" in status.stdout
+    pid = daemon_pid(mp)
+    # a reader holding a file open does not keep the daemon alive
+    f = open(mp / "README.md", "rb")
+    os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 15)
+    assert not mounted(mp)
+    try:
+        f.close()   # its file system was detached under it; closing may report that
+    except OSError as err:
+        assert err.errno == errno.ENOTCONN
+
+
+def test_unmount_command_and_fusermount(sample, mp, tmp_path):
+    repo, _ = sample
+    for how in ([DDA, "unmount", str(mp)], ["fusermount3", "-u", str(mp)]):
+        assert _daemon(repo, mp, tmp_path / "cache").returncode == 0
+        pid = daemon_pid(mp)
+        subprocess.run(how, check=True)
+        assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 15)
+        assert not mounted(mp)
+
+
+def test_sigkill_gives_enotconn_and_next_mount_recovers(sample, mp, tmp_path):
+    repo, _ = sample
+    assert _daemon(repo, mp, tmp_path / "cache").returncode == 0
+    pid = daemon_pid(mp)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)
+    result: dict[str, object] = {}
+
+    def reader() -> None:
+        try:
+            os.listdir(mp)
+            result["ok"] = True
+        except OSError as err:
+            result["errno"] = err.errno
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "reader hung on a dead mount"
+    assert result.get("errno") == errno.ENOTCONN
+    status = subprocess.run([DDA, "status", str(mp)], capture_output=True, text=True)
+    assert status.returncode != 0 and "stale" in status.stderr
+    again = _daemon(repo, mp, tmp_path / "cache")
+    assert again.returncode == 0, again.stderr
+    assert (mp / "README.md").read_bytes().startswith(b"# sample")
+    subprocess.run([DDA, "unmount", str(mp)], check=True)
+
+
+def test_occupied_and_bad_mountpoints(sample, mp, tmp_path):
+    repo, _ = sample
+    assert _daemon(repo, mp, tmp_path / "cache").returncode == 0
+    try:
+        second = _daemon(repo, mp, tmp_path / "cache")
+        assert second.returncode != 0
+        assert "already a mount point" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        subprocess.run([DDA, "unmount", str(mp)], check=True)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    res = _daemon(repo, full, tmp_path / "cache")
+    assert res.returncode != 0 and "not empty" in res.stderr
+    res = _daemon(repo, tmp_path / "missing", tmp_path / "cache")
+    assert res.returncode != 0 and "does not exist" in res.stderr
