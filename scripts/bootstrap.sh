@@ -52,7 +52,7 @@ if [ "$mode" = test ]; then
   dvc2=${DDA_DVC2_VENV:-$here/.venv-dvc2}
   if [ ! -x "$dvc2/bin/dvc" ]; then
     "$py" -m venv "$dvc2"
-    "$dvc2/bin/python" -m pip install -q "dvc==2.58.2"
+    "$dvc2/bin/python" -m pip install -q "dvc==2.58.2" "pathspec<0.12" "dulwich<0.22"
   fi
   export DDA_DVC2_BIN="$dvc2/bin/dvc"
 else

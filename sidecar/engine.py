@@ -67,6 +67,7 @@ class Engine:
         started = time.monotonic()
         commit, label = await self.git.resolve(revision)
         entries = await self.git.ls_tree(commit)
+        await self.git.start_reader()
         self._layout = await read_dvc_layout(entries, self.git.read_blob)
         manifests = await self._fetch_manifests(self._layout.outputs)
         self.tree = compose_tree(entries, self._layout.outputs, manifests)
@@ -186,6 +187,7 @@ class Engine:
         return blob
 
     async def aclose(self) -> None:
+        await self.git.aclose()
         for remote in self._remotes.values():
             await remote.aclose()
         self.store.close()

@@ -6,6 +6,7 @@ pages for as long as it likes (long timeouts, keep_cache).
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 TIMEOUT = 24 * 3600.0
 XATTR_COMMIT = b"user.dda.commit"
 XATTR_STATUS = b"user.dda.status"
+
+
+def _never_crash(handler):  # type: ignore[no-untyped-def]
+    """An unexpected exception in a handler would end pyfuse3's main loop and leave readers
+    with a dead mount: answer EIO and log it instead."""
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
 
 
 @dataclass
@@ -130,6 +146,7 @@ class DdaOperations(pyfuse3.Operations):
         self._sized_dirs.add(path)
 
     # -- metadata -------------------------------------------------------------------------------
+    @_never_crash
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._path(parent_inode)
         text = os.fsdecode(name)
@@ -145,10 +162,12 @@ class DdaOperations(pyfuse3.Operations):
         entry = await self._entry(path)
         return self._attrs(self._inode(path), path, entry)
 
+    @_never_crash
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = self._path(inode)
         return self._attrs(inode, path, await self._entry(path))
 
+    @_never_crash
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         path = self._path(inode)
         entry = self.engine.tree.files.get(path)
@@ -156,12 +175,14 @@ class DdaOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return await self._guard(self.engine.read(path, 0, 1 << 20), path)
 
+    @_never_crash
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
         if path not in self.engine.tree.dirs:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_never_crash
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         path = self._path(fh)
         await self._size_directory(path)
@@ -175,6 +196,7 @@ class DdaOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(names[index]), attrs, index + 1):
                 return
 
+    @_never_crash
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
@@ -182,6 +204,7 @@ class DdaOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    @_never_crash
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return not (mode & os.W_OK)
 
@@ -201,6 +224,7 @@ class DdaOperations(pyfuse3.Operations):
             "open_files": len(self._open), **self.status_extra,
         }
 
+    @_never_crash
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == XATTR_COMMIT:
             return (self.engine.info.commit if self.engine.info else "").encode()
@@ -208,10 +232,12 @@ class DdaOperations(pyfuse3.Operations):
             return json.dumps(self.status()).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
+    @_never_crash
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [XATTR_COMMIT, XATTR_STATUS] if inode == pyfuse3.ROOT_INODE else [XATTR_COMMIT]
 
     # -- data -----------------------------------------------------------------------------------
+    @_never_crash
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -225,6 +251,7 @@ class DdaOperations(pyfuse3.Operations):
         self.prefetcher.on_open(path)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
+    @_never_crash
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._open.get(fh)
         if handle is None:
@@ -236,8 +263,10 @@ class DdaOperations(pyfuse3.Operations):
         self.prefetcher.on_read(handle.path, handle.state, offset, len(data), size)
         return data
 
+    @_never_crash
     async def release(self, fh: int) -> None:
         self._open.pop(fh, None)
 
+    @_never_crash
     async def releasedir(self, fh: int) -> None:
         return None

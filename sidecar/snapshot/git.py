@@ -52,6 +52,8 @@ class GitSource:
         self.gitdir = Path(cache_dir) / "git" / f"{key}.git"
         self._lock_path = Path(cache_dir) / "git" / f"{key}.lock"
         self._size_cache: dict[str, int] = {}
+        self._batch: asyncio.subprocess.Process | None = None
+        self._batch_lock = asyncio.Lock()
 
     @property
     def local_path(self) -> Path | None:
@@ -258,15 +260,44 @@ class GitSource:
 
     async def blob_size(self, sha: str) -> int:
         if sha not in self._size_cache:
-            _, out, _ = await self._git("cat-file", "-s", sha, timeout=600)
-            self._size_cache[sha] = int(out.decode().strip())
+            await self.read_blob(sha)
         return self._size_cache[sha]
+
+    async def start_reader(self) -> None:
+        """One long-lived `git cat-file --batch`: blobs are read without a fork per read, and
+        (what matters for a FUSE daemon) without forking while a mount is being served."""
+        if self._batch is None:
+            self._batch = await asyncio.create_subprocess_exec(
+                "git", "--git-dir", str(self.gitdir), "cat-file", "--batch",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                env=self._env(), limit=1 << 20)
 
     async def read_blob(self, sha: str) -> bytes:
         """The blob's bytes; git fetches a missing one from the promisor remote and verifies it."""
-        _, out, _ = await self._git("cat-file", "blob", sha, timeout=600)
-        self._size_cache[sha] = len(out)
-        return out
+        await self.start_reader()
+        assert self._batch is not None and self._batch.stdin and self._batch.stdout
+        async with self._batch_lock:
+            self._batch.stdin.write(sha.encode() + b"\n")
+            await self._batch.stdin.drain()
+            header = (await self._batch.stdout.readline()).decode().split()
+            if len(header) != 3 or header[1] != "blob":
+                raise GitError(f"repository {self.display_url}: cannot read blob {sha} "
+                               f"({' '.join(header[1:]) or 'git exited'})")
+            size = int(header[2])
+            data = await self._batch.stdout.readexactly(size + 1)
+        self._size_cache[sha] = size
+        return data[:size]
+
+    async def aclose(self) -> None:
+        if self._batch is not None:
+            if self._batch.stdin:
+                self._batch.stdin.close()
+            try:
+                await asyncio.wait_for(self._batch.wait(), 5)
+            except asyncio.TimeoutError:
+                self._batch.kill()
+                await self._batch.wait()
+            self._batch = None
 
 
 def _last_line(text: str) -> str:
