@@ -181,7 +181,7 @@ class GitSource:
             if ref is not None:
                 sha = refs[ref]
                 if not await self._has_commit(sha):
-                    await self._fetch([f"+{ref}:refs/dda/fetched"], depth=True)
+                    await self._fetch([f"+{ref}:{_keep_ref(sha)}"], depth=True)
                 return await self._peel(sha, revision or ref), (revision or ref.removeprefix("refs/heads/"))
             if revision and _HEX.match(revision.lower()):
                 return await self._resolve_sha(revision.lower(), refs), revision
@@ -189,17 +189,19 @@ class GitSource:
 
     async def _resolve_sha(self, sha: str, refs: dict[str, str]) -> str:
         if len(sha) == 40:
-            if not await self._has_commit(sha):
-                code, _, _ = await self._git("fetch", "-q", "--depth", "1", f"--filter=blob:limit={BLOB_LIMIT}",
-                                             "origin", sha, check=False)
             if await self._has_commit(sha):
                 return sha
-        else:
-            found = await self._rev_parse(sha)
-            if found:
-                return found
-        # Servers that refuse unadvertised wants, or a short sha: fetch the history of
-        # every branch and tag (commits and trees only), then look again.
+            code, _, _ = await self._git("fetch", "-q", "--no-tags", "--depth", "1",
+                                         f"--filter=blob:limit={BLOB_LIMIT}", "origin",
+                                         f"+{sha}:{_keep_ref(sha)}", check=False)
+            if code == 0:
+                return sha
+        for name, target in refs.items():   # a short sha of a branch or tag tip
+            if target.startswith(sha) and (name.startswith("refs/heads/") or name.startswith("refs/tags/")):
+                await self._fetch([f"+{name}:{_keep_ref(target)}"], depth=True)
+                return await self._peel(target, sha)
+        # Servers that refuse unadvertised wants, or a short sha deep in history: fetch the
+        # history of every branch and tag (commits and trees only), then look again.
         await self._fetch(["+refs/heads/*:refs/dda/heads/*", "+refs/tags/*:refs/dda/tags/*"], depth=False)
         found = await self._rev_parse(sha)
         if not found:
@@ -213,8 +215,10 @@ class GitSource:
         await self._git(*args, "origin", *refspecs)
 
     async def _has_commit(self, sha: str) -> bool:
-        code, _, _ = await self._git("cat-file", "-e", f"{sha}^{{commit}}", check=False, timeout=30)
-        return code == 0
+        """Whether we fetched this commit before. Asks the refs only: looking the object up
+        would make git lazily fetch it (and its whole history) from the promisor remote."""
+        _, out, _ = await self._git("for-each-ref", "--format=%(refname)", _keep_ref(sha), timeout=30)
+        return bool(out.strip())
 
     async def _rev_parse(self, rev: str) -> str | None:
         code, out, _ = await self._git("rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False, timeout=30)
@@ -298,6 +302,11 @@ class GitSource:
                 self._batch.kill()
                 await self._batch.wait()
             self._batch = None
+
+
+def _keep_ref(sha: str) -> str:
+    """A ref per fetched commit keeps it (and marks it as fetched)."""
+    return f"refs/dda/commits/{sha}"
 
 
 def _last_line(text: str) -> str:
