@@ -140,7 +140,7 @@ def test_one_file_of_ten_thousand_transfers_only_it(big_repo, kind, tmp_cache, h
     requests = server.requests_since(mark)
     manifest = [r for r in requests if r.uri.endswith(".dir")]
     objects = [r for r in requests if not r.uri.endswith(".dir")]
-    assert len(manifest) == 1 and manifest[0].status == 200
+    assert len(manifest) == 1 and manifest[0].status in (200, 206)
     assert len(objects) == 1 and objects[0].uri.endswith(md5[2:]) and objects[0].method == "GET"
     assert objects[0].bytes_sent == len(data)
 
@@ -165,7 +165,7 @@ def test_small_read_far_into_large_file_then_restart(big_repo, kind, tmp_cache, 
     mark = server.mark()
     got, chunk = run(read_once())
     assert got == want
-    first = server.requests_since(mark)
+    first = [r for r in server.requests_since(mark) if not r.uri.endswith(".dir")]   # manifests: snapshot
     sent = sum(r.bytes_sent for r in first)
     assert 4096 <= sent <= chunk, first
     assert len([r for r in first if r.method == "GET"]) == 1
