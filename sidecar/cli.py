@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "demo":
             from .demo import run_demo
 
-            return asyncio.run(run_demo(Path(ns.workdir) if ns.workdir else None))
+            return run_demo(Path(ns.workdir) if ns.workdir else None)
         if ns.command == "mount":
             return cmd_mount(ns)
         if ns.command == "status":

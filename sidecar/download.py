@@ -34,6 +34,13 @@ async def download(engine: Engine, path: str, dest: Path | None, progress: bool 
         target = dest if single else dest / posixpath.relpath(entry.path, path)
         async with limit:
             target.parent.mkdir(parents=True, exist_ok=True)
+            if entry.is_symlink:   # git symlink: recreate it, as a checkout would
+                link = os.fsdecode(await engine.read(entry.path, 0, 1 << 20))
+                if target.is_symlink() or target.exists():
+                    target.unlink()
+                os.symlink(link, target)
+                written.append(target)
+                return
             tmp = target.with_name(f".{target.name}.dda-part")
             with open(tmp, "wb") as f:
                 async for piece in engine.iter_bytes(entry.path):

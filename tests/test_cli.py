@@ -14,9 +14,9 @@ from sidecar.sample import make_sample_repo
 DDA = str(Path(sys.executable).parent / "dda")
 
 
-def dda(*args, cache, env=None, check=False):
-    full_env = {**os.environ, "DDA_CACHE_DIR": str(cache), **(env or {})}
-    full_env.pop("DDA_REPO", None)
+def dda(*args, cache, env=None, check=False):  # noqa: D401
+    full_env = {k: v for k, v in os.environ.items() if k != "DDA_REPO"}
+    full_env.update({"DDA_CACHE_DIR": str(cache), **(env or {})})
     proc = subprocess.run([DDA, *args], capture_output=True, env=full_env, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stderr.decode()
@@ -126,3 +126,38 @@ def test_remote_override_from_env(sample, tmp_path):
     assert "does not exist" in line or "missing" in line
     proc = dda("cat", str(repo), "data/labels.csv", cache=cache, env={"DDA_REMOTE_STORAGE_URL": str(moved)})
     assert proc.returncode == 0 and proc.stdout.count(b"\n") == 48
+
+
+def test_get_directory_and_file(sample, tmp_path):
+    repo, remote, cache = sample
+    out = tmp_path / "out"
+    dda("get", str(repo), "data/images", "-o", str(out), cache=cache, check=True)
+    got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(got) == 48 and got[0].startswith("cats/")
+    listing = {}
+    for line in dda("ls", str(repo), "data/images", "-R", "--json", cache=cache, check=True).stdout.splitlines():
+        import json
+        item = json.loads(line)
+        listing[item["path"]] = item["size"]
+    assert {f"data/images/{p}": (out / p).stat().st_size for p in got} == listing
+    single = tmp_path / "labels.csv"
+    dda("get", str(repo), "data/labels.csv", "-o", str(single), cache=cache, check=True)
+    assert single.read_bytes() == dda("cat", str(repo), "data/labels.csv", cache=cache, check=True).stdout
+    assert not list(tmp_path.rglob("*.dda-part"))
+
+
+def test_env_vars_configure_everything(sample, tmp_path):
+    repo, remote, cache = sample
+    proc = dda("cat", "data/labels.csv", cache=cache, env={"DDA_REPO": str(repo), "DDA_REVISION": "v1"})
+    assert proc.returncode == 0 and proc.stdout.count(b"\n") == 48
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_demo_mounts_and_reports(tmp_path):
+    proc = subprocess.run([DDA, "demo", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "cold:" in proc.stdout and "warm" in proc.stdout
+    cold, warm = proc.stdout.split("warm")[0], proc.stdout.split("warm")[1]
+    assert "49 DVC-tracked files read" in cold and "bytes fetched from the remote: 3." in cold
+    assert "bytes fetched from the remote: 0.00 MB; cache hits 49, misses 0" in warm
+    assert not os.path.ismount(tmp_path / "mnt")
