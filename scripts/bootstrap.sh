@@ -41,22 +41,25 @@ case "$mode" in
   *) echo "usage: $0 demo|test|install" >&2; exit 2 ;;
 esac
 
+# pip, minus one harmless warning some mirrors print for every package.
+pip_install() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 py=$(python_bin)
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv" 2>/dev/null || { apt_install python3-venv; "$py" -m venv "$venv"; }
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+pip_install "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 if [ "$mode" = test ]; then
-  "$venv/bin/python" -m pip install -q -e ".[test]"
+  pip_install "$venv/bin/python" -m pip install -q -e ".[test]"
   # DVC 2 authors the DVC-2 fixture repositories (its own venv: it pins older libraries).
   dvc2=${DDA_DVC2_VENV:-$here/.venv-dvc2}
   if [ ! -x "$dvc2/bin/dvc" ]; then
     "$py" -m venv "$dvc2"
-    "$dvc2/bin/python" -m pip install -q "dvc==2.58.2" "pathspec<0.12" "dulwich<0.22"
+    pip_install "$dvc2/bin/python" -m pip install -q "dvc==2.58.2" "pathspec<0.12" "dulwich<0.22"
   fi
   export DDA_DVC2_BIN="$dvc2/bin/dvc"
 else
-  "$venv/bin/python" -m pip install -q -e .
+  pip_install "$venv/bin/python" -m pip install -q -e .
 fi
 
 case "$mode" in

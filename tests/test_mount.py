@@ -244,3 +244,20 @@ def test_occupied_and_bad_mountpoints(sample, mp, tmp_path):
     assert res.returncode != 0 and "not empty" in res.stderr
     res = _daemon(repo, tmp_path / "missing", tmp_path / "cache")
     assert res.returncode != 0 and "does not exist" in res.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_mount_exits_cleanly_on_signal(sample, mp, tmp_path, sig):
+    repo, _ = sample
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([DDA, "mount", str(repo), str(mp)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: mounted(mp), 30), proc.stderr.read() if proc.poll() is not None else "not mounted"
+        assert (mp / "README.md").read_bytes().startswith(b"# sample")
+        proc.send_signal(sig)
+        assert proc.wait(15) == 0
+        assert not mounted(mp)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
