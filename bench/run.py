@@ -428,6 +428,15 @@ def epoch(base: Path, rels: list[str], readers: int, tmp: Path, seed: int, timeo
             "per_reader_s": [round(r["end"] - r["start"], 2) for r in res]}
 
 
+def mepoch(mnt, *args) -> dict:  # type: ignore[no-untyped-def]
+    """An epoch through a mount, with the CPU seconds its serving process used meanwhile."""
+    c0 = mnt.cpu()
+    res = epoch(*args)
+    c1 = mnt.cpu()
+    res["server_cpu_s"] = None if c0 is None or c1 is None else round(c1 - c0, 2)
+    return res
+
+
 # --------------------------------------------------------------------------- mounts
 
 class DdaDaemon:
@@ -441,7 +450,11 @@ class DdaDaemon:
         sh(DDA, "mount", str(self.repo), str(self.mountpoint), "--daemon", "--cache-dir", str(self.cache_dir),
            env=self.env, timeout=300)
         self.mount_s = time.monotonic() - t0
+        self.pid = daemon_pid(self.mountpoint)
         return self
+
+    def cpu(self) -> float | None:
+        return proc_cpu(self.pid)
 
     def status(self) -> dict:
         try:
@@ -459,6 +472,31 @@ class DdaDaemon:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _daemon_running(self.mountpoint):
             time.sleep(0.1)
+
+
+def proc_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) a process has used so far."""
+    if not pid:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    needle = os.fsencode(str(mountpoint))
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in cmd and needle in cmd and any(c.endswith(b"dda") for c in cmd):
+                return int(entry.name)
+    return None
 
 
 def _daemon_running(mountpoint: Path) -> bool:
@@ -493,7 +531,11 @@ class HintMount:
         if not reply.get("ok"):
             raise RuntimeError(f"in-process mount failed: {reply}")
         self.mount_s = time.monotonic() - t0
+        self.pid = self.proc.pid
         return self
+
+    def cpu(self) -> float | None:
+        return proc_cpu(self.pid)
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
@@ -540,7 +582,11 @@ class RcloneMount:
                 raise RuntimeError(f"rclone mount did not come up: {Path(self.log.name).read_text()[-2000:]}")
             time.sleep(0.05)
         self.mount_s = time.monotonic() - t0
+        self.pid = self.proc.pid
         return self
+
+    def cpu(self) -> float | None:
+        return proc_cpu(self.pid)
 
     def status(self) -> dict:
         return {}
@@ -676,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     qd = ""
 
     def record(row: Row, detail: dict) -> None:
+        if detail.get("server_cpu_s") is not None:
+            row.notes += f"; mount process CPU {detail['server_cpu_s']:.1f}s"
         rows.append(row)
         details[f"{row.case} ({row.readers}r)"] = detail
         log(f"  -> {row.case} ({row.readers}r): {fmt(row.seconds, '.2f')} s, {fmt(row.mb_s, '.1f')} MB/s, "
@@ -746,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = nginx.mark()
                 with RcloneMount(nginx.url(f"{images.name}/bypath/"), mp, cache) as rc:
                     list_s, nlisted = list_tree(mp / "data" / "images")
-                    res = epoch(mp, rels, readers, tmp, args.seed, args.timeout)
+                    res = mepoch(rc, mp, rels, readers, tmp, args.seed, args.timeout)
                 srv = nginx.since(m)
                 row = Row("cold epoch, rclone mount --vfs-cache-mode full", readers, res["seconds"], res["bytes"],
                           res["files"], link_mb_s, server_bytes=srv["bytes"], requests=srv["requests"],
@@ -768,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = nginx.mark()
                 with DdaDaemon(images.repo, mp, cache, dda_env(images)) as d:
                     list_s, nlisted = list_tree(mp / "data" / "images")
-                    res = epoch(mp, rels, readers, tmp, args.seed, args.timeout)
+                    res = mepoch(d, mp, rels, readers, tmp, args.seed, args.timeout)
                     st = d.status()
                 srv = nginx.since(m)
                 row = vs_rclone(Row("cold epoch, dda mount", readers, res["seconds"], res["bytes"], res["files"],
@@ -784,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
                             list_s, _ = list_tree(mp / "data" / "images")
                             wtmp = scratch / f"tmp-warm-{wr}"
                             wtmp.mkdir()
-                            res = epoch(mp, rels, wr, wtmp, args.seed + 1, args.timeout)
+                            res = mepoch(d2, mp, rels, wr, wtmp, args.seed + 1, args.timeout)
                             st = d2.status()
                         srv = nginx.since(m)
                         row = Row("warm epoch, dda mount (all cached)", wr, res["seconds"], res["bytes"], res["files"],
@@ -807,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.monotonic()
                     reply = h.call({"cmd": "hint", "paths": order})
                     hint_s = time.monotonic() - t0
-                    res = epoch(mp, rels, readers, tmp, args.seed, args.timeout)
+                    res = mepoch(h, mp, rels, readers, tmp, args.seed, args.timeout)
                     st = h.status()
                 srv = nginx.since(m)
                 pf = st.get("prefetch", {})
@@ -859,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
             drop_caches()
             m = nginx.mark()
             with DdaDaemon(large.repo, mp, cache, dda_env(large)) as d:
-                res = epoch(mp, large.files, 1, tmp, args.seed, args.timeout)
+                res = mepoch(d, mp, large.files, 1, tmp, args.seed, args.timeout)
                 st = d.status()
             srv = nginx.since(m)
             row = Row(f"cold sequential read, {large.total_bytes >> 20} MiB file, dda mount", 1, res["seconds"],

@@ -7,6 +7,7 @@ window ahead of what readers have consumed, so it never floods the cache.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -43,22 +44,25 @@ class ReadState:
 class _DirWalk:
     last_index: int = -1
     streak: int = 0
-    scheduled_until: int = -1
+    opened: set[str] = field(default_factory=set)
+    planned: bool = False
 
 
 @dataclass
 class _Hints:
     order: list[str]
-    position: int = 0
-    done: set[str] = field(default_factory=set)
+    members: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.members = set(self.order)
 
 
 class Prefetcher:
-    def __init__(self, engine: "Engine", *, max_window: int = 64 * 1024 * 1024, dir_ahead: int = 64,
+    def __init__(self, engine: "Engine", *, max_window: int = 64 * 1024 * 1024, dir_trigger: int = 8,
                  concurrency: int | None = None, max_ahead_bytes: int | None = None):
         self.engine = engine
         self.max_window = max_window
-        self.dir_ahead = dir_ahead
+        self.dir_trigger = dir_trigger   # distinct files opened in a directory before we fetch the rest
         self.stats = PrefetchStats()
         self._slots = asyncio.Semaphore(concurrency or engine.config.jobs * 2)
         self.max_ahead_bytes = max_ahead_bytes or max(64 * 1024 * 1024, engine.config.cache_size // 4)
@@ -78,7 +82,8 @@ class Prefetcher:
             self.stats.used_files += 1
             self._ahead_bytes -= size
             self._ahead_changed.set()
-        self._follow_directory(path)
+        if self._hints is None or path not in self._hints.members:
+            self._follow_directory(path)   # the hints, when given, know the order better
 
     def on_read(self, path: str, state: ReadState, offset: int, length: int, size: int) -> None:
         end = offset + length
@@ -98,29 +103,31 @@ class Prefetcher:
 
     # -- directory walks ----------------------------------------------------------------------
     def _follow_directory(self, path: str) -> None:
+        """A reader working through a directory, in listing order or shuffled (an epoch),
+        gets the rest of that directory fetched ahead of it, within the byte window."""
         tree = self.engine.tree
-        parent = posixpath.dirname(path)
+        parent, name = posixpath.split(path)
         names = tree.dirs.get(parent)
         if not names:
             return
-        try:
-            index = names.index(posixpath.basename(path))
-        except ValueError:
-            return
         walk = self._dirs.setdefault(parent, _DirWalk())
+        if walk.planned:
+            return
+        index = bisect.bisect_left(names, name)
         walk.streak = walk.streak + 1 if index == walk.last_index + 1 else 0
         walk.last_index = index
-        if walk.streak < 2:
-            return   # two steps in listing order before we believe it is a walk
-        ahead = min(self.dir_ahead, 2 ** walk.streak)
-        first = max(index + 1, walk.scheduled_until + 1)
-        last = min(len(names) - 1, index + ahead)
-        for i in range(first, last + 1):
-            child = f"{parent}/{names[i]}" if parent else names[i]
-            entry = tree.files.get(child)
-            if entry is not None and entry.kind == "dvc":
-                self._spawn(self._prefetch_file(child), PREFETCH)
-        walk.scheduled_until = max(walk.scheduled_until, last)
+        walk.opened.add(name)
+        if walk.streak < 2 and len(walk.opened) < self.dir_trigger:
+            return
+        walk.planned = True
+        # Listing order from just after the reader, wrapping round: right for a sequential
+        # walk, and as good as any for a shuffled one.
+        order = names[index + 1:] + names[:index]
+        prefix = parent + "/" if parent else ""
+        plan = [prefix + n for n in order if n not in walk.opened]
+        plan = [p for p in plan if (e := tree.files.get(p)) is not None and e.kind == "dvc"]
+        if plan:
+            self._spawn(self._follow_plan(plan, hints=None), PREFETCH)
 
     # -- hints --------------------------------------------------------------------------------
     def hint(self, paths: list[str]) -> tuple[int, list[str]]:
@@ -133,18 +140,24 @@ class Prefetcher:
             (accepted if norm in tree.files else unknown).append(norm)
         if self._hint_task is not None:
             self._hint_task.cancel()
-        for stale in [p for p in self._prefetched if self._hints and p in self._hints.order]:
+        for stale in [p for p in self._prefetched if self._hints and p in self._hints.members]:
             self.stats.wasted_files += 1
             self._ahead_bytes -= self._prefetched.pop(stale)
         self._hints = _Hints(accepted)
-        self._hint_task = asyncio.create_task(self._follow_hints(self._hints))
-        return len(accepted), unknown
-
-    async def _follow_hints(self, hints: _Hints) -> None:
         token = current_priority.set(PREFETCH)
         try:
-            pending: set[asyncio.Task[None]] = set()
-            for path in hints.order:
+            self._hint_task = asyncio.create_task(self._follow_plan(accepted, self._hints))
+        finally:
+            current_priority.reset(token)
+        return len(accepted), unknown
+
+    async def _follow_plan(self, plan: list[str], hints: _Hints | None) -> None:
+        """Fetch `plan` in order, never more than the byte window ahead of the readers."""
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            for path in plan:
+                if hints is not None and hints is not self._hints:
+                    return   # replaced by newer hints
                 while self._ahead_bytes > self.max_ahead_bytes:
                     self._ahead_changed.clear()
                     await self._ahead_changed.wait()
@@ -154,8 +167,10 @@ class Prefetcher:
                 task.add_done_callback(pending.discard)
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            current_priority.reset(token)
+        except asyncio.CancelledError:
+            for task in pending:
+                task.cancel()
+            raise
 
     async def wait_idle(self) -> None:
         """Until every prefetch started so far has finished (tests, benchmarks, status)."""
