@@ -186,7 +186,8 @@ class Engine:
             self._blob_bytes -= len(old)
         return blob
 
-    async def aclose(self) -> None:
+    async def aclose(self, drain_seconds: float = 30.0) -> None:
+        await self.fetcher.drain(drain_seconds)
         await self.git.aclose()
         for remote in self._remotes.values():
             await remote.aclose()

@@ -61,6 +61,8 @@ class Fetcher:
         self._limits: dict[int, PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int], asyncio.Task[bytes]] = {}
         self._verifying: dict[str, asyncio.Task[None]] = {}
+        self._streams: dict[tuple[str, int], _StreamJob] = {}
+        self._stream_tasks: set[asyncio.Task[None]] = set()
         self._sizes: dict[str, int] = {}
 
     # sizes -----------------------------------------------------------------------------------
@@ -162,9 +164,12 @@ class Fetcher:
             lo, hi = max(offset, idx * cs) - idx * cs, min(end, (idx + 1) * cs) - idx * cs
             data = self.store.read(ref.oid, idx, lo, hi)
             if data is None:
-                chunk, hit = await self._chunk(ref, idx, size)
+                if self.store.chunk_count(size) > 1:
+                    data, hit = await self._streamed_range(ref, idx, size, lo, hi)
+                else:
+                    chunk, hit = await self._chunk(ref, idx, size)
+                    data = chunk[lo:hi]
                 missed = missed or not hit
-                data = chunk[lo:hi]
             pieces.append(data)
         if missed:
             self.stats.cache_misses += 1
@@ -192,6 +197,10 @@ class Fetcher:
 
     async def _chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
         """(chunk bytes, whether the cache had it), joining a download already in flight."""
+        if size is not None and self.store.chunk_count(size) > 1:
+            job = self._stream_job(ref, idx, size)
+            await job.wait(job.length, until_done=True)
+            return bytes(job.buf), job.from_cache
         key = (ref.oid, idx)
         task = self._inflight.get(key)
         if task is None:
@@ -200,6 +209,75 @@ class Fetcher:
             task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
         data, downloaded = await asyncio.shield(task)
         return data, not downloaded
+
+    # -- streamed chunks of large objects -------------------------------------------------------
+    def _stream_job(self, ref: ObjectRef, idx: int, size: int) -> "_StreamJob":
+        key = (ref.oid, idx)
+        job = self._streams.get(key)
+        if job is None:
+            cs = self.store.chunk_size
+            length = min(size, (idx + 1) * cs) - idx * cs
+            job = _StreamJob(length, last=(idx + 1) * cs >= size)
+            self._streams[key] = job
+            task = asyncio.create_task(self._run_stream(ref, idx, size, job))
+            self._stream_tasks.add(task)
+            task.add_done_callback(self._stream_tasks.discard)
+            task.add_done_callback(lambda t, k=key: (self._streams.pop(k, None),
+                                                     t.cancelled() or t.exception()))
+        return job
+
+    async def _streamed_range(self, ref: ObjectRef, idx: int, size: int, lo: int, hi: int) -> tuple[bytes, bool]:
+        """Bytes [lo, hi) of a chunk of a large object, served as soon as they arrive. The read
+        that ends the object waits for the whole-object md5 check."""
+        job = self._stream_job(ref, idx, size)
+        await job.wait(hi, until_done=job.last and hi == job.length)
+        return bytes(job.buf[lo:hi]), job.from_cache
+
+    async def _run_stream(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
+        try:
+            async with self.store.lock(ref.oid, idx):
+                cached = self.store.read(ref.oid, idx)   # another process may have just written it
+                if cached is not None:
+                    job.from_cache = True
+                    job.feed(cached)
+                else:
+                    await self._stream_download(ref, idx, size, job)
+                    await asyncio.to_thread(self.store.write, ref.oid, idx, bytes(job.buf))
+            if not job.from_cache:
+                await self._verify_when_complete(ref, size)
+            job.finish(None)
+        except BaseException as err:
+            job.finish(err)
+            raise
+
+    async def _stream_download(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
+        start = idx * self.store.chunk_size
+        attempt = 0
+
+        def sink(piece: bytes) -> None:
+            self.stats.bytes_fetched += len(piece)
+            job.feed(piece)
+
+        while job.received < job.length:
+            try:
+                # Resume where the last attempt stopped: nothing is fetched twice.
+                offset = start + job.received
+                total = await self._remote_call(
+                    ref.remote, lambda: ref.remote.stream(ref.path, offset, start + job.length, sink))
+                if total is not None and total != size:
+                    raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, expected {size}")
+                if job.received < job.length:
+                    raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
+                                            f"({job.received} of {job.length} bytes)")
+            except RemoteUnavailable as err:
+                if attempt >= self.retries:
+                    self.stats.errors["unavailable"] += 1
+                    raise
+                attempt += 1
+                self.stats.retries += 1
+                delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+                log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
+                await asyncio.sleep(delay)
 
     async def _load_chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
         async with self.store.lock(ref.oid, idx):
@@ -279,6 +357,17 @@ class Fetcher:
         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} does not "
                            f"match its md5 {ref.oid}; dropped it from the cache")
 
+    async def drain(self, timeout: float) -> None:
+        """Let downloads already under way land in the cache (a reader that took the first
+        kilobytes of a chunk leaves the rest downloading); cancel what is left at `timeout`."""
+        tasks = [t for t in (*self._stream_tasks, *self._inflight.values()) if not t.done()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     # plumbing --------------------------------------------------------------------------------
     def _limit(self, remote: Remote) -> PriorityLimiter:
         key = id(remote)
@@ -308,3 +397,49 @@ class Fetcher:
             raise DeadlineExceeded(
                 f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                 f"within {self.deadline:g}s") from None
+
+
+class _StreamJob:
+    """One chunk being downloaded: the bytes so far, and readers waiting for a prefix of it."""
+
+    def __init__(self, length: int, last: bool):
+        self.length = length
+        self.last = last               # the object's final chunk
+        self.buf = bytearray(length)
+        self.received = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.from_cache = False
+        self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
+
+    def feed(self, piece: bytes) -> None:
+        end = self.received + len(piece)
+        self.buf[self.received:end] = piece
+        self.received = end
+        self._wake()
+
+    def finish(self, error: BaseException | None) -> None:
+        self.done = True
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting = []
+        for need, until_done, future in self._waiters:
+            if future.done():
+                continue
+            if self.done or (not until_done and self.received >= need):
+                future.set_result(None)
+            else:
+                waiting.append((need, until_done, future))
+        self._waiters = waiting
+
+    async def wait(self, need: int, until_done: bool = False) -> None:
+        while not self.done and (until_done or self.received < need):
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((need, until_done, future))
+            await future
+        if self.error is not None and (until_done or self.received < need):
+            if isinstance(self.error, asyncio.CancelledError):
+                raise RemoteUnavailable("download was cancelled") from None
+            raise self.error

@@ -90,7 +90,7 @@ class Mount:
         except Exception as err:  # the kernel may already have dropped it (fusermount3 -u)
             log.debug("close: %s", err)
         await self.prefetcher.aclose()
-        await self.engine.aclose()
+        await self.engine.aclose(drain_seconds=2.0)   # SIGTERM must end us promptly
 
 
 async def run_foreground(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool,

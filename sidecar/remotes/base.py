@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,14 @@ class Remote(abc.ABC):
     async def read(self, path: str, start: int, end: int | None) -> Range:
         """Bytes [start, end) of `path` (end=None: to the end). Raises ObjectMissing,
         RemoteAuthError, RemoteUnavailable (retryable)."""
+
+    async def stream(self, path: str, start: int, end: int, sink: Callable[[bytes], None]) -> int | None:
+        """Like `read`, but hands bytes to `sink` as they arrive (so a reader waiting for
+        the first kilobytes of a large range need not wait for all of it). Returns the
+        object's size when the answer told it."""
+        got = await self.read(path, start, end)
+        sink(got.data)
+        return got.total
 
     @abc.abstractmethod
     async def size(self, path: str) -> int:

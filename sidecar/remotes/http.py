@@ -2,11 +2,13 @@
 pooled httpx client. This is how DagsHub serves DVC data (https://dagshub.com/<o>/<r>.dvc)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import httpx
 
 from ..errors import ConfigError
 from .base import Range, Remote
-from .httpcommon import check_status, range_from_response, range_header, transport_error
+from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
 
 
 class HttpRemote(Remote):
@@ -53,6 +55,10 @@ class HttpRemote(Remote):
             raise transport_error(self._where(), err) from None
         check_status(resp, self._where(), path)
         return range_from_response(resp, resp.content, start, end)
+
+    async def stream(self, path: str, start: int, end: int, sink: Callable[[bytes], None]) -> int | None:
+        return await stream_get(self.client, self._url(path), {"Range": range_header(start, end)}, self._where(),
+                                path, start, end, sink)
 
     async def size(self, path: str) -> int:
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import httpx
 
@@ -58,3 +59,42 @@ def transport_error(where: str, err: Exception) -> RemoteUnavailable:
 def _short(err: Exception) -> str:
     text = str(err) or type(err).__name__
     return text.splitlines()[0][:200]
+
+
+async def stream_get(client: httpx.AsyncClient, url: str, headers: dict[str, str], where: str, path: str,
+                     start: int, end: int, sink: "Callable[[bytes], None]") -> int | None:
+    """GET a range and feed the body to `sink` piece by piece; returns the object size."""
+    try:
+        async with client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code >= 300 and resp.status_code != 416:
+                await resp.aread()
+                check_status(resp, where, path)
+            if resp.status_code == 416:
+                return range_from_response(resp, b"", start, end).total
+            match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+            if match and match.group(1) is not None:
+                if int(match.group(1)) != start:
+                    raise RemoteUnavailable(f"{where}: server answered range starting at {match.group(1)}, asked {start}")
+                total = None if match.group(3) == "*" else int(match.group(3))
+                skip = 0
+            else:   # the server ignored Range and sends the whole object
+                length = resp.headers.get("content-length")
+                total = int(length) if length is not None else None
+                skip = start
+            want = end - start
+            async for piece in resp.aiter_bytes():
+                if skip:
+                    if len(piece) <= skip:
+                        skip -= len(piece)
+                        continue
+                    piece, skip = piece[skip:], 0
+                if len(piece) > want:
+                    piece = piece[:want]
+                if piece:
+                    sink(piece)
+                    want -= len(piece)
+                if want <= 0:
+                    break
+            return total
+    except httpx.HTTPError as err:
+        raise transport_error(where, err) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Callable
 
 from ..errors import ObjectMissing, RemoteUnavailable
 from .base import Range, Remote
@@ -33,6 +34,19 @@ class LocalRemote(Remote):
                     raise RemoteUnavailable(f"remote {self.name!r}: directory {self.display_url} does not exist") from None
                 raise self._missing(path) from None
         return await asyncio.to_thread(work)
+
+    async def stream(self, path: str, start: int, end: int, sink: Callable[[bytes], None]) -> int | None:
+        piece = 1 << 20
+        total: int | None = None
+        offset = start
+        while offset < end:
+            got = await self.read(path, offset, min(end, offset + piece))
+            total = got.total
+            if not got.data:
+                break
+            sink(got.data)
+            offset += len(got.data)
+        return total
 
     async def size(self, path: str) -> int:
         try:

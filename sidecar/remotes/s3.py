@@ -6,6 +6,7 @@ credential chain (env, profile, web identity, instance metadata) when no keys ar
 from __future__ import annotations
 
 import os
+from typing import Callable
 import xml.etree.ElementTree as ET
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -17,7 +18,7 @@ from botocore.session import Session
 
 from ..errors import ConfigError, RemoteError
 from .base import Range, Remote
-from .httpcommon import check_status, range_from_response, range_header, transport_error
+from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
@@ -80,6 +81,10 @@ class S3Remote(Remote):
         headers = {} if (start == 0 and end is None) else {"Range": range_header(start, end)}
         resp = await self._send("GET", self._key(path), path, headers=headers)
         return range_from_response(resp, resp.content, start, end)
+
+    async def stream(self, path: str, start: int, end: int, sink: Callable[[bytes], None]) -> int | None:
+        url, headers = self._signed("GET", self._key(path), headers={"Range": range_header(start, end)})
+        return await stream_get(self.client, url, headers, self._where(), path, start, end, sink)
 
     async def size(self, path: str) -> int:
         resp = await self._send("HEAD", self._key(path), path)
