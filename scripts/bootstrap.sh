@@ -62,6 +62,9 @@ else
   pip_install "$venv/bin/python" -m pip install -q -e .
 fi
 
+# Editable installs do not place the hooks' .pth file in site-packages; do it here.
+"$venv/bin/python" -c "import sidecar.hooks as h; h.install_autoload()"
+
 case "$mode" in
   demo) exec "$venv/bin/dda" demo "$@" ;;
   test) exec "$venv/bin/python" -m pytest "$@" ;;
