@@ -718,13 +718,19 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     details: dict[str, dict] = {}
     started = dt.datetime.now().astimezone()
+    head = sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD", check=False).stdout.strip()
+    dirty = sh("git", "-C", str(ROOT), "status", "--porcelain", "--", "sidecar", check=False).stdout.split("\n")
+    dirty = [d[3:] for d in dirty if d.strip()]
+    code_state = f"commit {head}" + (f", uncommitted changes in {', '.join(dirty)}" if dirty else ", clean sidecar/")
     t_start = time.monotonic()
     qd = ""
+    load_start = os.getloadavg()[0]
 
     def record(row: Row, detail: dict) -> None:
         if detail.get("server_cpu_s") is not None:
             row.notes += f"; mount process CPU {detail['server_cpu_s']:.1f}s"
         rows.append(row)
+        detail["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
         details[f"{row.case} ({row.readers}r)"] = detail
         log(f"  -> {row.case} ({row.readers}r): {fmt(row.seconds, '.2f')} s, {fmt(row.mb_s, '.1f')} MB/s, "
             f"{fmt(row.pct_link, '.0f')}% link, server {fmt((row.server_bytes or 0) / MB, '.1f')} MB, "
@@ -901,6 +907,37 @@ def main(argv: list[str] | None = None) -> int:
                 record(row, {"samples": res["samples"], "server": srv, "status": st, "target_s": target})
                 shutil.rmtree(cache, ignore_errors=True)
 
+        # ---- time to first byte with nothing else going on: the first file of a fresh mount
+        if "ttfb" in groups:
+            samples = []
+            srv_total = {"requests": 0, "bytes": 0}
+            n_iso = max(3, ttfb_files // 4)
+            for i, rel in enumerate(shuffled(rels, args.seed + 11)[:n_iso]):
+                mp, cache, tmp = fresh("ttfb1")
+                drop_caches()
+                with DdaDaemon(images.repo, mp, cache, dda_env(images)) as d:
+                    m2 = nginx.mark()
+                    res = run_readers("ttfb", [[str(mp / rel)]], tmp, args.timeout)[0]
+                srv = nginx.since(m2)
+                samples += res["samples"]
+                srv_total["requests"] += srv["requests"]
+                srv_total["bytes"] += srv["bytes"]
+                shutil.rmtree(cache, ignore_errors=True)
+            totals = [s["total_s"] for s in samples]
+            obj = images.total_bytes / len(rels)
+            target = 2 * (args.ttfb_ms / 1000) + obj / (link_mb_s * MB)
+            med = statistics.median(totals) if totals else None
+            row = Row("TTFB: open + read 4 KiB, first file of a fresh mount", 1, med, 0, 0, link_mb_s,
+                      server_bytes=srv_total["bytes"], requests=srv_total["requests"],
+                      errors=n_iso - len(samples),
+                      notes=(f"median of {len(totals)}: open {statistics.median(s['open_s'] for s in samples) * 1000:.1f} ms "
+                             f"+ first read {statistics.median(s['read_s'] for s in samples) * 1000:.1f} ms; "
+                             f"max {max(totals) * 1000:.1f} ms; {srv_total['requests'] / max(1, len(totals)):.1f} requests/file")
+                      if totals else "no samples")
+            if med:
+                row.ratio, row.baseline = med / target, f"of target {target * 1000:.0f} ms"
+            record(row, {"samples": samples, "server": srv_total, "target_s": target})
+
         # ---- the large file
         if "large" in groups and large is not None:
             mp, cache, tmp = fresh("large")
@@ -968,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
               f"- large file: {large_mb} MiB; TTFB sample: {ttfb_files} cold files\n"
               f"- every case: fresh cache directory, page cache dropped before it; MB = 10^6 bytes\n"
               f"- '% link' = payload MB/s / link rate; 'server MB' = body bytes nginx sent during the case\n"
+              f"- code under test: {code_state}\n"
+              f"- load average (1 min) at start {load_start:.2f}, at end {os.getloadavg()[0]:.2f} "
+              f"(other work on this machine skews the CPU-bound cases: warm, hints)\n"
               f"- machine: {os.cpu_count()} CPUs, kernel {os.uname().release}; total run time {elapsed:.0f} s\n")
     md = (f"# dda mount benchmark\n\n- command: `{cmd}`\n- date: {started.isoformat(timespec='seconds')}\n{params}\n"
           f"{render(rows, markdown=True)}\n\n<details><summary>per-case details (JSON)</summary>\n\n```json\n"

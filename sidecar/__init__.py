@@ -1,6 +1,6 @@
 """DDA sidecar: stream any file of any revision of a git + DVC repository."""
 
-__all__ = ["install_hooks", "uninstall_hooks"]
+__all__ = ["install_hooks", "uninstall_hooks", "upload"]
 
 
 def __getattr__(name: str):  # PEP 562: `from sidecar import install_hooks` imports sidecar.hooks only then
@@ -8,4 +8,8 @@ def __getattr__(name: str):  # PEP 562: `from sidecar import install_hooks` impo
         from . import hooks
 
         return getattr(hooks, name)
+    if name == "upload":
+        from .upload import upload
+
+        return upload
     raise AttributeError(f"module 'sidecar' has no attribute {name!r}")

@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     unmount.add_argument("mountpoint")
     unmount.add_argument("--lazy", "-l", action="store_true", help="detach now even if files are open")
 
+    upload = sub.add_parser("upload", help="add files to a DVC-tracked directory without pulling it")
+    upload.add_argument("args", nargs="+", metavar="URL FILE", help="repository URL, then files or directories")
+    upload.add_argument("--to", required=True, help="directory in the repository (tracked by DVC, or new)")
+    upload.add_argument("-m", "--message", help="commit message")
+    upload.add_argument("--replace", action="store_true", help="allow replacing files that exist with other content")
+    upload.add_argument("--author", help='commit author, "Name <email>" (default: dda upload <dda@localhost>)')
+    upload.add_argument("--no-progress", action="store_true")
+    _common(upload)
+
     demo = sub.add_parser("demo", help="build a sample DVC repository and stream it (no network)")
     demo.add_argument("--workdir", help="where to build the sample (default: a temporary directory)")
     demo.add_argument("-v", "--verbose", action="store_true")
@@ -214,6 +223,40 @@ def cmd_unmount(ns: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_upload(ns: argparse.Namespace) -> int:
+    import re
+
+    from .upload import upload_async
+
+    if os.environ.get("DDA_REPO") and not _looks_like_repo(ns.args[0]):
+        repo, paths = None, ns.args
+    else:
+        repo, paths = ns.args[0], ns.args[1:]
+    if not paths:
+        raise DDAError("usage: dda upload URL FILE... --to DIR")
+    author = None
+    if ns.author:
+        match = re.match(r"^\s*(.+?)\s*<([^>]+)>\s*$", ns.author)
+        if not match:
+            raise DDAError(f'--author {ns.author!r}: expected "Name <email>"')
+        author = (match.group(1), match.group(2))
+    config = _config(ns, repo)
+    result = await upload_async(config, ns.to, [Path(p) for p in paths], message=ns.message, replace=ns.replace,
+                                author=author, progress=not ns.no_progress and sys.stderr.isatty())
+    for note in result.messages:
+        print(f"dda: {note}")
+    if result.files_added or result.files_replaced:
+        print(f"{result.branch}: {result.commit[:12]} {result.dvc_file}: +{result.files_added} file(s)"
+              + (f", {result.files_replaced} replaced" if result.files_replaced else "")
+              + f"; uploaded {result.objects_uploaded} object(s), {result.bytes_uploaded} bytes"
+              + (f" ({result.skipped_present} already on the remote)" if result.skipped_present else ""))
+    return 0
+
+
+def _looks_like_repo(arg: str) -> bool:
+    return "://" in arg or arg.endswith(".git") or (Path(arg) / ".git").exists() or Path(arg, "HEAD").is_file()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -230,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(ns)
         if ns.command in ("unmount", "umount"):
             return cmd_unmount(ns)
-        handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get}[ns.command]
+        handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:
         print(f"dda: error: {redact(str(err))}", file=sys.stderr)

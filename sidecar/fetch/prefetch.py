@@ -37,7 +37,7 @@ class ReadState:
     """Per open file: where the next sequential read would start and how far to look ahead."""
     next_offset: int = 0
     window: int = 0
-    scheduled_until: int = 0
+    next_chunk: int = 0       # first chunk index not yet handed to readahead
 
 
 @dataclass
@@ -86,20 +86,22 @@ class Prefetcher:
             self._follow_directory(path)   # the hints, when given, know the order better
 
     def on_read(self, path: str, state: ReadState, offset: int, length: int, size: int) -> None:
+        chunk = self.engine.store.chunk_size
         end = offset + length
         if offset == state.next_offset and offset > 0:
-            chunk = self.engine.store.chunk_size
             state.window = min(self.max_window, max(chunk, state.window * 2))
         elif offset != state.next_offset:
-            state.window = 0
-            state.scheduled_until = 0
+            state.window = 0          # a seek: start over
+            state.next_chunk = 0
         state.next_offset = end
-        if state.window and end < size:
-            start = max(end, state.scheduled_until)
-            until = min(size, end + state.window)
-            if until > start:
-                state.scheduled_until = until
-                self._spawn(self._readahead(path, start, until - start), READAHEAD)
+        if not state.window or end >= size:
+            return
+        # Whole chunks only, each handed over once: the reader's own chunk is already coming.
+        first = max(state.next_chunk, end // chunk + 1)
+        last = (min(size, end + state.window) - 1) // chunk
+        if last >= first:
+            state.next_chunk = last + 1
+            self._spawn(self._readahead(path, first, last), READAHEAD)
 
     # -- directory walks ----------------------------------------------------------------------
     def _follow_directory(self, path: str) -> None:
@@ -218,17 +220,15 @@ class Prefetcher:
             if holding:
                 self._slots.release()
 
-    async def _readahead(self, path: str, offset: int, length: int) -> None:
+    async def _readahead(self, path: str, first: int, last: int) -> None:
         try:
             entry = self.engine.entry(path)
             if entry.kind != "dvc":
                 return
             ref = self.engine.ref(entry)
             chunk = self.engine.store.chunk_size
-            size = await self.engine.fetcher.size_of(ref)
-            end = min(size, offset + length)
             jobs = []
-            for idx in range(offset // chunk, (end - 1) // chunk + 1):
+            for idx in range(first, last + 1):
                 if not self.engine.store.has(ref.oid, idx):
                     jobs.append(self.engine.fetcher.prefetch(ref, idx * chunk, chunk))
                     self.stats.readahead_chunks += 1

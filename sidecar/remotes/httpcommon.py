@@ -93,8 +93,7 @@ async def stream_get(client: httpx.AsyncClient, url: str, headers: dict[str, str
                 if piece:
                     sink(piece)
                     want -= len(piece)
-                if want <= 0:
-                    break
+                # No early break: reading the body to its end lets httpx keep the connection.
             return total
     except httpx.HTTPError as err:
         raise transport_error(where, err) from None

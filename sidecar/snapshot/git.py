@@ -90,11 +90,13 @@ class GitSource:
         return secrets
 
     async def _git(self, *args: str, input: bytes | None = None, timeout: float = 600.0,
-                   check: bool = True) -> tuple[int, bytes, str]:
+                   check: bool = True, extra_env: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+        env = self._env()
+        env.update(extra_env or {})
         proc = await asyncio.create_subprocess_exec(
             "git", "--git-dir", str(self.gitdir), *args,
             stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self._env())
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), timeout)
         except asyncio.TimeoutError:
@@ -302,6 +304,61 @@ class GitSource:
                 self._batch.kill()
                 await self._batch.wait()
             self._batch = None
+
+
+class GitWriter:
+    """Commits made without a checkout (a private index over the parent's tree), and pushes.
+    Needs no blobs of the parent: only its trees, which a blob-less fetch has."""
+
+    def __init__(self, source: GitSource):
+        self.source = source
+
+    async def branch_tip(self, branch: str | None) -> tuple[str, str]:
+        """(branch name, tip commit), fetched; `branch` None means the default branch."""
+        async with self.source._lock():
+            await self.source._ensure_repo()
+            refs, head = await self.source.ls_remote()
+        ref = (f"refs/heads/{branch}" if branch else head) or ""
+        if ref not in refs:
+            tags = f"refs/tags/{branch}" in refs
+            raise UnknownRevision(f"repository {self.source.display_url}: "
+                                  + (f"{branch!r} is a tag; uploads need a branch" if tags else
+                                     f"no branch named {branch!r}" if branch else "no default branch"))
+        commit, _ = await self.source.resolve(ref.removeprefix("refs/heads/"))
+        return ref.removeprefix("refs/heads/"), commit
+
+    async def commit(self, parent: str, files: dict[str, bytes], message: str, author: tuple[str, str],
+                     timestamp: int | None = None) -> str:
+        import tempfile
+
+        git = self.source._git
+        with tempfile.TemporaryDirectory(prefix="dda-index-") as tmp:
+            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
+            await git("read-tree", parent, extra_env=env)
+            for path, content in files.items():
+                _, sha, _ = await git("hash-object", "-w", "--stdin", input=content)
+                await git("update-index", "--add", "--cacheinfo", f"100644,{sha.decode().strip()},{path}",
+                          extra_env=env)
+            _, tree, _ = await git("write-tree", extra_env=env)
+        name, email = author
+        env = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name,
+               "GIT_COMMITTER_EMAIL": email}
+        if timestamp is not None:
+            env["GIT_AUTHOR_DATE"] = env["GIT_COMMITTER_DATE"] = f"{timestamp} +0000"
+        _, commit, _ = await git("commit-tree", tree.decode().strip(), "-p", parent, "-m", message, extra_env=env)
+        return commit.decode().strip()
+
+    async def push(self, commit: str, branch: str, expected_tip: str) -> bool:
+        """Fast-forward `branch` from `expected_tip` to `commit`. False if the branch moved."""
+        code, _, err = await self.source._git(
+            "push", "--porcelain", f"--force-with-lease=refs/heads/{branch}:{expected_tip}", "origin",
+            f"{commit}:refs/heads/{branch}", check=False, timeout=600)
+        if code == 0:
+            return True
+        low = err.lower()
+        if "stale info" in low or "non-fast-forward" in low or "fetch first" in low or "rejected" in low:
+            return False
+        raise self.source._classify("push", err)
 
 
 def _keep_ref(sha: str) -> str:
