@@ -350,13 +350,16 @@ class GitWriter:
 
     async def push(self, commit: str, branch: str, expected_tip: str) -> bool:
         """Fast-forward `branch` from `expected_tip` to `commit`. False if the branch moved."""
-        code, _, err = await self.source._git(
+        code, out, err = await self.source._git(
             "push", "--porcelain", f"--force-with-lease=refs/heads/{branch}:{expected_tip}", "origin",
             f"{commit}:refs/heads/{branch}", check=False, timeout=600)
         if code == 0:
             return True
-        low = err.lower()
-        if "stale info" in low or "non-fast-forward" in low or "fetch first" in low or "rejected" in low:
+        said = (out.decode(errors="replace") + "\n" + err).lower()
+        # Lost a race: the lease saw a new tip, or the server could not lock/update the ref
+        # because another push was landing at that moment.
+        if any(word in said for word in ("stale info", "non-fast-forward", "fetch first", "rejected",
+                                         "cannot lock ref", "failed to update ref", "failed to lock")):
             return False
         raise self.source._classify("push", err)
 
