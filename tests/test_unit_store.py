@@ -4,7 +4,7 @@ import os
 import random
 
 from sidecar.store import Store
-from sidecar.store.chunks import BLOCK
+from sidecar.store.chunks import BLOCK, HEADER
 from sidecar.store.verify import Dos2UnixMd5, md5_matches
 
 CS = 4 * BLOCK
@@ -32,9 +32,9 @@ def test_flipped_byte_is_detected_and_chunk_dropped(tmp_path):
     store.write(oid, 0, data)
     path = store.chunk_path(oid, 0)
     with open(path, "r+b") as f:
-        f.seek(BLOCK * 2 + 17)
+        f.seek(HEADER + BLOCK * 2 + 17)
         byte = f.read(1)
-        f.seek(BLOCK * 2 + 17)
+        f.seek(HEADER + BLOCK * 2 + 17)
         f.write(bytes([byte[0] ^ 0x01]))
     # an untouched block still reads; the damaged one is refused and the chunk removed
     fresh = Store(tmp_path, budget=1 << 30, chunk_size=CS)

@@ -1,8 +1,12 @@
-"""Chunk files: each holds one chunk of one object plus a CRC32 per 128 KiB block.
+"""Chunk files: each holds one chunk of one object after a header with a CRC32 per 128 KiB block.
 
 A chunk file appears only by an atomic rename of a finished temp file, so a kill at any
 instant leaves either no chunk or a whole one; every block is checked against its CRC
 when read, so bytes damaged on disk are dropped and fetched again, never served.
+
+Layout: a fixed 512-byte header (magic, data length, block count, CRCs), then the data. A
+fixed header lets one pread fetch header and data together: a warm read of a small file
+is open + pread + close.
 """
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import os
 import struct
 import time
 import zlib
-from collections import OrderedDict
 from pathlib import Path
 
 from ..locks import FileLock
@@ -19,8 +22,10 @@ from .evict import evict_to_budget
 from .index import Index
 
 BLOCK = 128 * 1024
-_MAGIC = b"DDA1"
-_TAIL = struct.Struct("<II4s")   # block count, data length, magic
+_MAGIC = b"DDA2"
+_HEAD = struct.Struct("<4sII")   # magic, data length, block count
+HEADER = 512                     # room for the CRCs of 126 blocks (a 15.75 MiB chunk)
+MAX_BLOCKS = (HEADER - _HEAD.size) // 4
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +39,16 @@ class Store:
     def __init__(self, root: Path, budget: int, chunk_size: int):
         if chunk_size % BLOCK:
             raise ValueError(f"chunk size must be a multiple of {BLOCK} bytes")
-        self.root = Path(root) / "store-v1"
+        if chunk_size // BLOCK > MAX_BLOCKS:
+            raise ValueError(f"chunk size must be at most {MAX_BLOCKS * BLOCK} bytes")
+        self.root = Path(root) / "store-v2"
+        self._chunks = str(self.root / "chunks")
         self.budget = budget
         self.chunk_size = chunk_size
         for sub in ("chunks", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.index = Index(self.root / "index.sqlite")
         self._used = self.index.used_bytes()
-        self._trailers: OrderedDict[tuple[str, int], tuple[int, list[int]]] = OrderedDict()
         self.evictions = 0
         self._clean_tmp()
 
@@ -55,8 +62,11 @@ class Store:
                 pass
 
     # layout ----------------------------------------------------------------------------------
+    def chunk_file(self, oid: str, idx: int) -> str:
+        return f"{self._chunks}/{oid[:2]}/{oid[2:]}.{idx}"   # hot path: no Path objects
+
     def chunk_path(self, oid: str, idx: int) -> Path:
-        return self.root / "chunks" / oid[:2] / f"{oid[2:]}.{idx}"
+        return Path(self.chunk_file(oid, idx))
 
     def lock(self, oid: str, idx: int) -> FileLock:
         return FileLock(self.root / "locks" / f"{oid}.{idx}.lock")
@@ -65,62 +75,56 @@ class Store:
         return max(1, -(-size // self.chunk_size))
 
     # reading ---------------------------------------------------------------------------------
-    def _trailer(self, fd: int, key: tuple[str, int]) -> tuple[int, list[int]] | None:
-        cached = self._trailers.get(key)
-        if cached is not None:
-            self._trailers.move_to_end(key)
-            return cached
-        file_size = os.fstat(fd).st_size
-        if file_size < _TAIL.size:
-            return None
-        count, length, magic = _TAIL.unpack(os.pread(fd, _TAIL.size, file_size - _TAIL.size))
-        if magic != _MAGIC or file_size != length + 4 * count + _TAIL.size or count != max(1, -(-length // BLOCK)):
-            return None
-        crcs = list(struct.unpack(f"<{count}I", os.pread(fd, 4 * count, length)))
-        self._trailers[key] = (length, crcs)
-        if len(self._trailers) > 4096:
-            self._trailers.popitem(last=False)
-        return length, crcs
-
     def read(self, oid: str, idx: int, start: int = 0, end: int | None = None) -> bytes | None:
         """Bytes [start, end) of chunk `idx`, or None if absent or damaged (then removed)."""
-        key = (oid, idx)
-        path = self.chunk_path(oid, idx)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self.chunk_file(oid, idx), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            trailer = self._trailer(fd, key)
-            if trailer is None:
-                return self._damaged(oid, idx, "bad trailer")
-            length, crcs = trailer
+            first = start // BLOCK
+            # Guess the blocks needed from `end` and read header + data in one go.
+            guess_stop = self.chunk_size if end is None else min(self.chunk_size, -(-end // BLOCK) * BLOCK)
+            if first == 0:
+                raw = os.pread(fd, HEADER + guess_stop, 0)
+                head, body_at = raw, HEADER
+            else:
+                head = os.pread(fd, HEADER, 0)
+                raw, body_at = None, 0
+            if len(head) < _HEAD.size:
+                return self._damaged(oid, idx, "truncated header")
+            magic, length, count = _HEAD.unpack_from(head)
+            if magic != _MAGIC or count != max(1, -(-length // BLOCK)) or count > MAX_BLOCKS:
+                return self._damaged(oid, idx, "bad header")
             stop = length if end is None else min(end, length)
             if start >= stop:
                 return b""
-            first, last = start // BLOCK, (stop - 1) // BLOCK
-            raw = os.pread(fd, min(length, (last + 1) * BLOCK) - first * BLOCK, first * BLOCK)
-            view = memoryview(raw)
+            last = (stop - 1) // BLOCK
+            want_to = min(length, (last + 1) * BLOCK)
+            if raw is None or len(raw) < HEADER + want_to:
+                raw = os.pread(fd, want_to - first * BLOCK, HEADER + first * BLOCK)
+                body_at = 0
+            view = memoryview(raw)[body_at:]
+            if len(view) < want_to - first * BLOCK:
+                return self._damaged(oid, idx, "truncated data")
+            crcs = struct.unpack_from(f"<{count}I", head, _HEAD.size)
             for n, block in enumerate(range(first, last + 1)):
                 if zlib.crc32(view[n * BLOCK:(n + 1) * BLOCK]) != crcs[block]:
                     return self._damaged(oid, idx, f"block {block} checksum")
             self.index.touch(oid, idx)
             offset = first * BLOCK
-            if start == offset and stop - offset == len(raw):
-                return raw
-            return raw[start - offset:stop - offset]
+            return bytes(view[start - offset:stop - offset])
         finally:
             os.close(fd)
 
     def _damaged(self, oid: str, idx: int, why: str) -> None:
         log.warning("cache: chunk %d of object %s is damaged (%s); dropping it", idx, oid, why)
-        self._trailers.pop((oid, idx), None)
         self._unlink(oid, idx)
         self.index.forget_chunk(oid, idx)
         return None
 
     def has(self, oid: str, idx: int) -> bool:
-        return self.chunk_path(oid, idx).exists()
+        return os.path.exists(self.chunk_file(oid, idx))
 
     # writing ---------------------------------------------------------------------------------
     def write(self, oid: str, idx: int, data: bytes | memoryview) -> None:
@@ -128,12 +132,11 @@ class Store:
         path = self.chunk_path(oid, idx)
         path.parent.mkdir(exist_ok=True)
         tmp = self.root / "tmp" / f"{oid}.{idx}.{os.getpid()}.{time.monotonic_ns()}"
+        header = _HEAD.pack(_MAGIC, len(data), len(crcs)) + struct.pack(f"<{len(crcs)}I", *crcs)
         with open(tmp, "wb") as f:
+            f.write(header.ljust(HEADER, b"\0"))
             f.write(data)
-            f.write(struct.pack(f"<{len(crcs)}I", *crcs))
-            f.write(_TAIL.pack(len(crcs), len(data), _MAGIC))
         os.replace(tmp, path)
-        self._trailers.pop((oid, idx), None)
         self.index.add_chunk(oid, idx, len(data))
         self._used += len(data)
         if self._used > self.budget:
@@ -144,7 +147,6 @@ class Store:
         self.evictions += removed
 
     def _unlink(self, oid: str, idx: int) -> None:
-        self._trailers.pop((oid, idx), None)
         try:
             os.unlink(self.chunk_path(oid, idx))
         except FileNotFoundError:
