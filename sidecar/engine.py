@@ -44,6 +44,7 @@ class Engine:
         self._remotes: dict[str, Remote] = {}
         self._layout: DvcLayout | None = None
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
+        self.follow_ref: str | None = None
         self._blob_bytes = 0
 
     # -- opening ------------------------------------------------------------------------------
@@ -66,6 +67,8 @@ class Engine:
     async def _resolve(self, revision: str | None) -> None:
         started = time.monotonic()
         commit, label = await self.git.resolve(revision)
+        ref = self.git.last_ref
+        self.follow_ref = ref if ref and ref.startswith("refs/heads/") else None
         entries = await self.git.ls_tree(commit)
         await self.git.start_reader()
         self._layout = await read_dvc_layout(entries, self.git.read_blob)
@@ -85,6 +88,26 @@ class Engine:
             return out.md5, parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
 
         return dict(await asyncio.gather(*(one(o) for o in dirs.values())))
+
+    # -- following a branch ---------------------------------------------------------------------
+    async def latest_commit(self) -> str | None:
+        """The tip of the branch this snapshot follows, now (None for a tag or a commit)."""
+        if self.follow_ref is None:
+            return None
+        refs, _ = await self.git.ls_remote()
+        return refs.get(self.follow_ref)
+
+    async def refresh(self) -> tuple[str, str] | None:
+        """Move to the branch's new tip, if it moved: (old commit, new commit), else None.
+        Explicit by design: a snapshot never changes under a reader by itself. Entries
+        handed out before keep reading the old objects."""
+        assert self.info is not None
+        latest = await self.latest_commit()
+        if latest is None or latest == self.info.commit:
+            return None
+        old = self.info.commit
+        await self._resolve(self.follow_ref.removeprefix("refs/heads/") if self.follow_ref else None)
+        return old, self.info.commit
 
     def remote(self, name: str | None, needed_by: str) -> Remote:
         assert self._layout is not None

@@ -55,7 +55,7 @@ _FAKE_DEV = 0x0DDA0000            # st_dev of remote entries (no real device has
 _RETRY_OPEN_AFTER = 5.0           # seconds before retrying a failed engine open
 
 __all__ = ["install_hooks", "uninstall_hooks", "hooks_installed", "HooksInfo", "install_autoload",
-           "remove_autoload", "PTH_LINE"]
+           "remove_autoload", "PTH_LINE", "refresh_hooks", "latest_commit"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1060,6 +1060,30 @@ def _info(hooks: _Hooks) -> HooksInfo:
     info = rt.engine.info if rt is not None else None
     return HooksInfo(root=hooks.root, repo=_display(hooks.config.repo), revision=hooks.config.revision,
                      commit=info.commit if info else None, files=info.files if info else 0)
+
+
+def latest_commit() -> str | None:
+    """The tip of the branch the hooks follow, now; compare with `hooks_installed().commit`."""
+    hooks = _active()
+    if hooks is None or hooks.runtime is None:
+        raise RuntimeError("install_hooks() first")
+    return hooks.runtime.call(hooks.runtime.engine.latest_commit())
+
+
+def refresh_hooks() -> tuple[str, str] | None:
+    """Serve the branch's new tip (after `dda upload` or a push): (old, new) commit, or None
+    if it has not moved. Explicit by design: files never change under a reader by themselves;
+    files already open keep reading the old content. New workers start on the new commit."""
+    hooks = _active()
+    if hooks is None or hooks.runtime is None:
+        raise RuntimeError("install_hooks() first")
+    moved = hooks.runtime.call(hooks.runtime.engine.refresh())
+    if moved is not None:
+        hooks.config.revision = moved[1]
+        hooks.env_payload["revision"] = moved[1]
+        hooks._sized_dirs.clear()
+        os.environ[ENV_VAR] = json.dumps(hooks.env_payload)
+    return moved
 
 
 def uninstall_hooks() -> None:

@@ -53,6 +53,7 @@ class GitSource:
         self._lock_path = Path(cache_dir) / "git" / f"{key}.lock"
         self._size_cache: dict[str, int] = {}
         self._batch: asyncio.subprocess.Process | None = None
+        self.last_ref: str | None = None   # the ref the last resolve() followed (None: a commit)
         self._batch_lock = asyncio.Lock()
 
     @property
@@ -180,6 +181,7 @@ class GitSource:
                     if candidate in refs:
                         ref = candidate
                         break
+            self.last_ref = ref
             if ref is not None:
                 sha = refs[ref]
                 if not await self._has_commit(sha):
