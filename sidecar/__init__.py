@@ -9,7 +9,7 @@ def __getattr__(name: str):  # PEP 562: `from sidecar import install_hooks` impo
 
         return getattr(hooks, name)
     if name == "upload":
-        from .upload import upload
+        from .uploader import upload   # the module has another name: `sidecar.upload` stays the function
 
         return upload
     raise AttributeError(f"module 'sidecar' has no attribute {name!r}")

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("mountpoint")
     status.add_argument("--json", action="store_true")
 
+    refresh = sub.add_parser("refresh", help="move a mount to its branch's new tip (open files keep theirs)")
+    refresh.add_argument("mountpoint")
+
     unmount = sub.add_parser("unmount", aliases=["umount"], help="unmount (the daemon then exits)")
     unmount.add_argument("mountpoint")
     unmount.add_argument("--lazy", "-l", action="store_true", help="detach now even if files are open")
@@ -78,9 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--no-progress", action="store_true")
     _common(upload)
 
+    from .sidecar_cmd import add_parser as add_sidecar_parser   # `dda sidecar` (container entrypoint)
+
+    add_sidecar_parser(sub, _common)
+
     demo = sub.add_parser("demo", help="build a sample DVC repository and stream it (no network)")
     demo.add_argument("--workdir", help="where to build the sample (default: a temporary directory)")
     demo.add_argument("-v", "--verbose", action="store_true")
+
+    from .webhook.app import add_parser as add_webhook_parser  # `dda webhook` (Kubernetes admission)
+    add_webhook_parser(sub)
     return parser
 
 
@@ -203,6 +213,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     gib = 1024 ** 3
     print(f"repo:      {status['repo']}")
     print(f"revision:  {status['revision']}  (commit {status['commit']})")
+    if status.get("update_available"):
+        print(f"update:    the branch has moved to {status['latest_commit']}; `dda refresh {path}` serves it")
     print(f"files:     {status['files']}" + (f"  (subdir {status['subdir']})" if status["subdir"] else ""))
     print(f"cache:     {status['cache_used_bytes'] / gib:.2f} GiB of {status['cache_budget_bytes'] / gib:.2f} GiB"
           f" in {status['cache_dir']}")
@@ -216,6 +228,23 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refresh(ns: argparse.Namespace) -> int:
+    from .fuse.mountpoint import is_stale
+
+    path = Path(ns.mountpoint)
+    if is_stale(path):
+        raise DDAError(f"{path}: the mount's daemon is gone (stale mount)")
+    try:
+        result = json.loads(os.getxattr(path, "user.dda.refresh"))
+    except OSError as err:
+        raise DDAError(f"{path}: not a dda mount, or the refresh failed ({err.strerror}); see the mount's log") from None
+    if result.get("moved"):
+        print(f"{path}: {result['old'][:12]} -> {result['new'][:12]}")
+    else:
+        print(f"{path}: already at the branch's tip ({(result.get('commit') or '?')[:12]})")
+    return 0
+
+
 def cmd_unmount(ns: argparse.Namespace) -> int:
     from .fuse.mountpoint import unmount
 
@@ -226,7 +255,7 @@ def cmd_unmount(ns: argparse.Namespace) -> int:
 async def cmd_upload(ns: argparse.Namespace) -> int:
     import re
 
-    from .upload import upload_async
+    from .uploader import upload_async
 
     if os.environ.get("DDA_REPO") and not _looks_like_repo(ns.args[0]):
         repo, paths = None, ns.args
@@ -269,10 +298,20 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(Path(ns.workdir) if ns.workdir else None)
         if ns.command == "mount":
             return cmd_mount(ns)
+        if ns.command == "sidecar":
+            from .sidecar_cmd import run as run_sidecar
+
+            return run_sidecar(ns)
         if ns.command == "status":
             return cmd_status(ns)
+        if ns.command == "refresh":
+            return cmd_refresh(ns)
         if ns.command in ("unmount", "umount"):
             return cmd_unmount(ns)
+        if ns.command == "webhook":
+            from .webhook.app import run as run_webhook
+
+            return run_webhook(ns)
         handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:

@@ -175,7 +175,10 @@ class Engine:
         return result
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
-        entry = self.entry(path)
+        return await self.read_entry(self.entry(path), offset, length)
+
+    async def read_entry(self, entry: Entry, offset: int, length: int) -> bytes:
+        """Read what `entry` names, even after a refresh replaced the tree it came from."""
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             return blob[offset:offset + length]

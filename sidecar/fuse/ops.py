@@ -5,6 +5,7 @@ pages for as long as it likes (long timeouts, keep_cache).
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import json
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = 24 * 3600.0
 XATTR_COMMIT = b"user.dda.commit"
 XATTR_STATUS = b"user.dda.status"
+XATTR_REFRESH = b"user.dda.refresh"   # reading it on the root moves the mount to the branch's new tip
 
 
 def _never_crash(handler):  # type: ignore[no-untyped-def]
@@ -229,12 +231,56 @@ class DdaOperations(pyfuse3.Operations):
         if name == XATTR_COMMIT:
             return (self.engine.info.commit if self.engine.info else "").encode()
         if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
-            return json.dumps(self.status()).encode()
+            status = self.status()
+            status["latest_commit"] = await self._latest_commit()
+            status["update_available"] = bool(status["latest_commit"]) and status["latest_commit"] != status["commit"]
+            return json.dumps(status).encode()
+        if name == XATTR_REFRESH and inode == pyfuse3.ROOT_INODE:
+            return json.dumps(await self._refresh()).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def _latest_commit(self) -> str | None:
+        try:
+            return await asyncio.wait_for(self.engine.latest_commit(), 15)
+        except (DDAError, asyncio.TimeoutError) as err:
+            log.warning("cannot check the branch for new commits: %s", err)
+            return None
+
+    async def _refresh(self) -> dict[str, object]:
+        """Swap in the branch's new tip. Open files keep their old entries; the kernel's
+        cached entries, attributes and pages of what changed are invalidated."""
+        old_files = dict(self.engine.tree.files)
+        moved = await self._guard(self.engine.refresh(), "refresh")
+        if moved is None:
+            return {"moved": False, "commit": self.engine.info.commit if self.engine.info else None}
+        tree = self.engine.tree
+        self.mtime_ns = (self.engine.info.commit_time if self.engine.info else 0) * 10**9
+        self._sized_dirs.clear()
+        stale: list[tuple[int, int | None, str]] = []      # (inode, parent inode, name)
+        for path, inode in list(self._inodes.items()):
+            old, new = old_files.get(path), tree.files.get(path)
+            is_dir = path in tree.dirs
+            if is_dir or old is None or new is None or old.oid != new.oid or old.mode != new.mode:
+                parent = self._inodes.get(posixpath.dirname(path)) if path != self.root else None
+                stale.append((inode, parent, posixpath.basename(path)))
+        # After this request has been answered: the kernel may lock what we invalidate.
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
+        return {"moved": True, "old": moved[0], "new": moved[1]}
+
+    @staticmethod
+    def _invalidate(stale: list[tuple[int, int | None, str]]) -> None:
+        for inode, parent, name in stale:
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=False)
+                if parent is not None:
+                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name))
+            except OSError:
+                pass   # never looked up by the kernel, or already forgotten
 
     @_never_crash
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [XATTR_COMMIT, XATTR_STATUS] if inode == pyfuse3.ROOT_INODE else [XATTR_COMMIT]
+
 
     # -- data -----------------------------------------------------------------------------------
     @_never_crash
@@ -259,7 +305,8 @@ class DdaOperations(pyfuse3.Operations):
         size = handle.entry.size or 0
         if offset >= size:
             return b""
-        data = await self._guard(self.engine.read(handle.path, offset, length), handle.path)
+        # The entry captured at open: a refresh never changes a file under its reader.
+        data = await self._guard(self.engine.read_entry(handle.entry, offset, length), handle.path)
         self.prefetcher.on_read(handle.path, handle.state, offset, len(data), size)
         return data
 
