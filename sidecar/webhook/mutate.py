@@ -1,0 +1,624 @@
+"""Pure admission logic: an AdmissionReview (admission.k8s.io/v1) dict in, the response dict out.
+
+A pod asks for data with annotations (prefix `dda-sidecar.io/`):
+
+    dda-sidecar.io/repo: https://dagshub.com/owner/dataset.git     # required
+    dda-sidecar.io/revision: v1.2                                   # optional
+    dda-sidecar.io/mount-path: /data                                # optional
+    dda-sidecar.io/secret: dataset-creds                            # optional
+    dda-sidecar.io/subdir: data/images                              # optional: mount only this directory
+    dda-sidecar.io/repo.<name>, revision.<name>, ...                # more repositories
+    dda-sidecar.io/cache-size: 50Gi                                 # optional, emptyDir cache only
+    dda-sidecar.io/inject: "false"                                  # opt out (label or annotation)
+
+For each repository one sidecar container (`dda sidecar`) is injected: a native sidecar (an
+init container with restartPolicy Always, Kubernetes >= 1.29) by default, or, in fallback
+mode, the first regular container with a postStart hook that holds the app containers until
+the mount is ready. Everything here is deterministic and side-effect free.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+PREFIX = "dda-sidecar.io/"
+INJECT = PREFIX + "inject"
+INJECTED = PREFIX + "injected"
+CACHE_SIZE = PREFIX + "cache-size"
+PER_REPO = ("repo", "revision", "mount-path", "secret", "subdir")
+POD_WIDE = ("inject", "injected", "cache-size")
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+
+CONTAINER = "dda-sidecar"          # + "-<name>" for named repositories
+DATA_VOLUME = "dda-data"           # + "-<name>"
+CACHE_VOLUME = "dda-cache"
+CACHE_PATH = "/dda-cache"          # inside the sidecar only
+PORT_NAME = "dda-metrics"          # + "-<i>" for the i-th extra repository
+
+MAX_NAME = 20                      # keeps container/volume names well under 63 characters
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[A-Za-z0-9._~][A-Za-z0-9._~/-]*)$")
+_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,254}$")
+_MOUNT_CHARS = re.compile(r"^/[A-Za-z0-9._/-]*$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_QUANTITY_FACTORS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+MIN_CACHE = 512 * 2**20
+# Paths a data mount must not cover: the container's own system directories.
+_RESERVED_TREES = ("/proc", "/sys", "/dev", "/etc", "/bin", "/sbin", "/usr", "/lib", "/lib32", "/lib64",
+                   "/libx32", "/boot", "/run", "/var/run", "/var/lib/kubelet", CACHE_PATH)
+_RESERVED_EXACT = ("/tmp", "/var", "/home", "/root", "/opt", "/srv", "/mnt")
+
+DEFAULT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+
+
+class BadReview(ValueError):
+    """The body is not an AdmissionReview we can answer (the server answers HTTP 400)."""
+
+
+def parse_quantity(text: str) -> int:
+    """A Kubernetes resource quantity ('20Gi', '500M', '1073741824') in bytes."""
+    match = _QUANTITY.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (examples: 512Mi, 20Gi, 1Ti)")
+    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+
+
+def _bool(text: str | None, default: bool) -> bool:
+    if text is None or text == "":
+        return default
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """What the chart decides for every injected sidecar (env DDA_WEBHOOK_*)."""
+
+    image: str = "dda-sidecar:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    resources: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RESOURCES))
+    native_sidecar: bool = True
+    on_invalid: str = "deny"             # deny | warn
+    cache_mode: str = "emptyDir"         # emptyDir | hostPath
+    cache_size: str = "20Gi"             # emptyDir sizeLimit, or the budget on a hostPath cache
+    cache_host_path: str = "/var/lib/dda-cache"
+    cache_fraction: float = 0.9          # budget = sizeLimit * fraction (emptyDir mode)
+    metrics_port: int = 9400
+    default_mount_path: str = "/data"
+    startup_timeout: int = 300           # seconds the startupProbe waits for /readyz
+
+    ENV = {
+        "image": "DDA_WEBHOOK_SIDECAR_IMAGE", "image_pull_policy": "DDA_WEBHOOK_SIDECAR_PULL_POLICY",
+        "resources": "DDA_WEBHOOK_SIDECAR_RESOURCES", "native_sidecar": "DDA_WEBHOOK_NATIVE_SIDECAR",
+        "on_invalid": "DDA_WEBHOOK_ON_INVALID", "cache_mode": "DDA_WEBHOOK_CACHE_MODE",
+        "cache_size": "DDA_WEBHOOK_CACHE_SIZE", "cache_host_path": "DDA_WEBHOOK_CACHE_HOST_PATH",
+        "cache_fraction": "DDA_WEBHOOK_CACHE_FRACTION", "metrics_port": "DDA_WEBHOOK_METRICS_PORT",
+        "default_mount_path": "DDA_WEBHOOK_DEFAULT_MOUNT_PATH", "startup_timeout": "DDA_WEBHOOK_STARTUP_TIMEOUT",
+    }
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "WebhookConfig":
+        """Defaults < environment < overrides (flags). Raises ValueError naming the setting."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, var in cls.ENV.items():
+            if env.get(var):
+                values[name] = env[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls()
+        try:
+            for name, value in values.items():
+                config = replace(config, **{name: cls._coerce(name, value)})
+            config.check()
+        except ValueError as err:
+            raise ValueError(f"webhook configuration: {err}") from None
+        return config
+
+    @staticmethod
+    def _coerce(name: str, value: Any) -> Any:
+        if name == "resources":
+            data = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(data, dict):
+                raise ValueError(f"{name}: expected a JSON object")
+            return data
+        if name == "native_sidecar":
+            return _bool(value, True) if not isinstance(value, bool) else value
+        if name in ("metrics_port", "startup_timeout"):
+            return int(value)
+        if name == "cache_fraction":
+            return float(value)
+        return str(value)
+
+    def check(self) -> None:
+        if self.on_invalid not in ("deny", "warn"):
+            raise ValueError(f"on_invalid: expected deny or warn, got {self.on_invalid!r}")
+        if self.cache_mode not in ("emptyDir", "hostPath"):
+            raise ValueError(f"cache_mode: expected emptyDir or hostPath, got {self.cache_mode!r}")
+        if parse_quantity(self.cache_size) < MIN_CACHE:
+            raise ValueError(f"cache_size: {self.cache_size} is below the 512Mi minimum")
+        if not 0.1 <= self.cache_fraction <= 1.0:
+            raise ValueError(f"cache_fraction: expected 0.1..1.0, got {self.cache_fraction}")
+        if not 1024 <= self.metrics_port <= 65000:
+            raise ValueError(f"metrics_port: out of range: {self.metrics_port}")
+        if self.startup_timeout < 1:
+            raise ValueError("startup_timeout: must be positive")
+        if not self.cache_host_path.startswith("/"):
+            raise ValueError("cache_host_path: must be absolute")
+        problem = _mount_path_problem(self.default_mount_path)
+        if problem:
+            raise ValueError(f"default_mount_path: {problem}")
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    name: str                # "" for the unnamed repository
+    repo: str
+    revision: str | None
+    mount_path: str
+    secret: str | None
+    subdir: str = ""
+
+    def key(self, base: str) -> str:
+        return f"{PREFIX}{base}" + (f".{self.name}" if self.name else "")
+
+    @property
+    def container(self) -> str:
+        return f"{CONTAINER}-{self.name}" if self.name else CONTAINER
+
+    @property
+    def volume(self) -> str:
+        return f"{DATA_VOLUME}-{self.name}" if self.name else DATA_VOLUME
+
+
+# ---------------------------------------------------------------- validation of values
+
+
+def repo_problem(url: str) -> str | None:
+    """Why `url` is not an acceptable repository URL (None if it is). Never quotes the URL:
+    a rejected URL may hold a credential."""
+    if not url.strip():
+        return "is empty"
+    if len(url) > 2048:
+        return "is longer than 2048 characters"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "contains whitespace or control characters"
+    creds = ("embeds credentials; put them in the Secret named by dda-sidecar.io/secret "
+             "(keys DDA_GIT_USER and DDA_GIT_TOKEN)")
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            return "is not a valid URL (bad host or port)"
+        scheme = parts.scheme.lower()
+        if scheme not in ("https", "ssh", "git"):
+            if scheme == "http":
+                return "uses plain http; use https:// (credentials and data would travel unencrypted)"
+            return f"has scheme {scheme!r}; expected https://, ssh:// or git://"
+        if "@" in parts.netloc:
+            userinfo = parts.netloc.rsplit("@", 1)[0]
+            if scheme != "ssh" or ":" in userinfo:
+                return creds
+        if not parts.hostname or not _HOST.match(parts.hostname):
+            return "has no valid host name"
+        if port == 0:
+            return "has an invalid port"
+        if parts.query or parts.fragment:
+            return "must not carry a query string or fragment"
+        if parts.path.strip("/") == "":
+            return "names no repository path (expected host/owner/repo.git)"
+        return None
+    match = _SCP_LIKE.match(url)
+    if not match or not _HOST.match(match.group("host")):
+        if "@" in url and ":" in url.split("@", 1)[0]:
+            return creds
+        return ("is not a repository URL; expected https://host/owner/repo.git, "
+                "ssh://git@host/owner/repo.git or git@host:owner/repo.git")
+    return None
+
+
+def revision_problem(rev: str) -> str | None:
+    if not _REF.match(rev):
+        return "is not a branch, tag or commit name (letters, digits, . _ - / +; at most 255)"
+    if ".." in rev or "//" in rev or "@{" in rev or rev.endswith(("/", ".", ".lock")):
+        return "is not a valid git ref name"
+    return None
+
+
+def _mount_path_problem(path: str) -> str | None:
+    if not path.startswith("/"):
+        return "must be an absolute path"
+    if path == "/":
+        return "must not be / (the container's root)"
+    if len(path) > 1024 or not _MOUNT_CHARS.match(path):
+        return "may only contain letters, digits, '.', '_', '-' and '/'"
+    if posixpath.normpath(path) != path:
+        return "must be a normalized path (no '..', '.', '//' or trailing '/')"
+    for tree in _RESERVED_TREES:
+        if path == tree or path.startswith(tree + "/"):
+            return f"is inside the reserved system directory {tree}"
+    if path in _RESERVED_EXACT:
+        return f"would hide the system directory {path}; use a subdirectory such as {path}/data"
+    return None
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+# ---------------------------------------------------------------- pod helpers
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _is_ours(container: Any) -> bool:
+    name = _dict(container).get("name")
+    return isinstance(name, str) and (name == CONTAINER or name.startswith(CONTAINER + "-"))
+
+
+def _already_injected(pod: dict) -> bool:
+    spec = _dict(pod.get("spec"))
+    if INJECTED in _dict(_dict(pod.get("metadata")).get("annotations")):
+        return True
+    if any(_is_ours(c) for c in _list(spec.get("containers")) + _list(spec.get("initContainers"))):
+        return True
+    return any(_dict(v).get("name") == CACHE_VOLUME or str(_dict(v).get("name", "")).startswith(DATA_VOLUME)
+               for v in _list(spec.get("volumes")))
+
+
+def escape(key: str) -> str:
+    """A JSON-pointer reference token (RFC 6901): '~' -> '~0', '/' -> '~1'."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+# ---------------------------------------------------------------- annotations -> specs
+
+
+def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec], list[str], list[str]]:
+    """(repositories, errors, warnings). Errors name the annotation and the problem."""
+    meta = _dict(pod.get("metadata"))
+    annotations = _dict(meta.get("annotations"))
+    spec = _dict(pod.get("spec"))
+    errors: list[str] = []
+    warnings: list[str] = []
+    grouped: dict[str, dict[str, str]] = {}
+    for key in sorted(k for k in annotations if isinstance(k, str) and k.startswith(PREFIX)):
+        value = annotations[key]
+        if not isinstance(value, str):
+            errors.append(f"annotation {key}: value must be a string")
+            continue
+        suffix = key[len(PREFIX):]
+        base, dot, name = suffix.partition(".")
+        if base in POD_WIDE and not dot:
+            continue
+        if base not in PER_REPO:
+            known = ", ".join(PREFIX + k for k in PER_REPO + POD_WIDE)
+            errors.append(f"annotation {key}: unknown dda-sidecar annotation (known: {known}; "
+                          f"for more repositories add .<name>, e.g. {PREFIX}repo.images)")
+            continue
+        if dot and (not _DNS_LABEL.match(name) or len(name) > MAX_NAME):
+            errors.append(f"annotation {key}: repository name {name!r} must be a lowercase DNS label "
+                          f"(a-z, 0-9, '-') of at most {MAX_NAME} characters")
+            continue
+        grouped.setdefault(name, {})[base] = value.strip()
+
+    specs: list[RepoSpec] = []
+    for name in sorted(grouped):
+        values = grouped[name]
+        key = lambda base: f"{PREFIX}{base}" + (f".{name}" if name else "")  # noqa: E731
+        if "repo" not in values:
+            for base in values:
+                errors.append(f"annotation {key(base)}: set without {key('repo')}")
+            continue
+        problem = repo_problem(values["repo"])
+        if problem:
+            errors.append(f"annotation {key('repo')}: the repository URL {problem}")
+        revision = values.get("revision") or None
+        if "revision" in values:
+            problem = revision_problem(values["revision"]) if values["revision"] else "is empty"
+            if problem:
+                errors.append(f"annotation {key('revision')}: {values['revision'][:80]!r} {problem}")
+        default_mount = config.default_mount_path + (f"/{name}" if name else "")
+        mount_path = values.get("mount-path", default_mount)
+        problem = _mount_path_problem(mount_path)
+        if problem:
+            errors.append(f"annotation {key('mount-path')}: {mount_path[:120]!r} {problem}")
+        secret = values.get("secret") or None
+        if "secret" in values and (not secret or len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+            errors.append(f"annotation {key('secret')}: {values['secret'][:80]!r} is not a valid Secret name "
+                          f"(lowercase DNS-1123 subdomain)")
+        subdir = values.get("subdir", "").strip("/")
+        if subdir and (not _MOUNT_CHARS.match("/" + subdir) or posixpath.normpath(subdir) != subdir
+                       or subdir.startswith("..")):
+            errors.append(f"annotation {key('subdir')}: {values['subdir'][:120]!r} must be a plain relative path "
+                          f"inside the repository (no '..')")
+        specs.append(RepoSpec(name, values["repo"], revision, mount_path, secret, subdir))
+
+    # Mount paths: not nested in each other, not colliding with what the containers mount.
+    for i, a in enumerate(specs):
+        for b in specs[i + 1:]:
+            if _nested(a.mount_path, b.mount_path):
+                errors.append(f"annotation {a.key('mount-path')}: {a.mount_path!r} overlaps {b.mount_path!r} of "
+                              f"{b.key('repo')}; give each repository its own {PREFIX}mount-path.<name>")
+    for kind in ("initContainers", "containers"):
+        for c in _list(spec.get(kind)):
+            for m in _list(_dict(c).get("volumeMounts")):
+                existing = _dict(m).get("mountPath")
+                if not isinstance(existing, str):
+                    continue
+                existing = existing.rstrip("/") or "/"
+                for s in specs:
+                    if s.mount_path == existing or existing.startswith(s.mount_path + "/"):
+                        errors.append(f"annotation {s.key('mount-path')}: {s.mount_path!r} collides with volumeMount "
+                                      f"{existing!r} of container {_dict(c).get('name')!r}")
+
+    if CACHE_SIZE in annotations and isinstance(annotations[CACHE_SIZE], str):
+        try:
+            if parse_quantity(annotations[CACHE_SIZE]) < MIN_CACHE:
+                errors.append(f"annotation {CACHE_SIZE}: {annotations[CACHE_SIZE]!r} is below the 512Mi minimum")
+            elif config.cache_mode != "emptyDir":
+                warnings.append(f"annotation {CACHE_SIZE} is ignored: the cluster's cache is a node-shared hostPath")
+        except ValueError as err:
+            errors.append(f"annotation {CACHE_SIZE}: {err}")
+    inject = annotations.get(INJECT)
+    if inject is not None and str(inject).strip().lower() not in ("true", "false"):
+        errors.append(f"annotation {INJECT}: expected \"true\" or \"false\", got {str(inject)[:40]!r}")
+    elif str(inject).strip().lower() == "true" and not grouped:
+        errors.append(f"annotation {INJECT} is \"true\" but the pod names no repository ({PREFIX}repo)")
+    return specs, errors, warnings
+
+
+# ---------------------------------------------------------------- the patch
+
+
+def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budget: int) -> dict:
+    env = [{"name": "DDA_REPO", "value": spec.repo}]
+    if spec.revision:
+        env.append({"name": "DDA_REVISION", "value": spec.revision})
+    if spec.subdir:
+        env.append({"name": "DDA_SUBDIR", "value": spec.subdir})
+    env += [
+        {"name": "DDA_MOUNT", "value": spec.mount_path},
+        {"name": "DDA_CACHE_DIR", "value": CACHE_PATH},
+        {"name": "DDA_CACHE_SIZE", "value": f"{max(budget // 2**20, 1)}M"},
+        {"name": "DDA_PORT", "value": str(port)},
+        {"name": "DDA_BIND", "value": "0.0.0.0"},
+    ]
+    probe = {"httpGet": {"path": "/readyz", "port": port}}
+    container: dict[str, Any] = {
+        "name": spec.container,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": ["sidecar"],
+        "env": env,
+        "ports": [{"name": PORT_NAME if index == 0 else f"{PORT_NAME}-{index}", "containerPort": port,
+                   "protocol": "TCP"}],
+        "startupProbe": {**probe, "periodSeconds": 1, "timeoutSeconds": 1,
+                         "failureThreshold": config.startup_timeout},
+        "readinessProbe": {**probe, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 10,
+                          "timeoutSeconds": 5, "failureThreshold": 3},
+        "resources": copy.deepcopy(dict(config.resources)),
+        # FUSE needs /dev/fuse and CAP_SYS_ADMIN; Bidirectional propagation needs privileged.
+        "securityContext": {"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0,
+                            "runAsGroup": 0, "runAsNonRoot": False, "readOnlyRootFilesystem": False},
+        "volumeMounts": [
+            {"name": spec.volume, "mountPath": spec.mount_path, "mountPropagation": "Bidirectional"},
+            {"name": CACHE_VOLUME, "mountPath": CACHE_PATH},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.secret}}]
+    if config.native_sidecar:
+        container["restartPolicy"] = "Always"
+    else:
+        # Fallback: the kubelet starts regular containers in order and runs each postStart hook
+        # to completion before starting the next one, so the app waits for the mount.
+        container["lifecycle"] = {"postStart": {"exec": {"command": [
+            "python", "-m", "sidecar.webhook.wait_ready", "--port", str(port),
+            "--timeout", str(config.startup_timeout)]}}}
+    return container
+
+
+def _used_ports(spec: dict) -> set[int]:
+    ports = set()
+    for c in _list(spec.get("containers")) + _list(spec.get("initContainers")):
+        for p in _list(_dict(c).get("ports")):
+            if isinstance(_dict(p).get("containerPort"), int):
+                ports.add(p["containerPort"])
+    return ports
+
+
+def _app_mount(spec: RepoSpec) -> dict:
+    return {"name": spec.volume, "mountPath": spec.mount_path, "mountPropagation": "HostToContainer",
+            "readOnly": True}
+
+
+def _add_mounts(ops: list[dict], kind: str, index: int, container: dict, mounts: list[dict]) -> None:
+    if not mounts:
+        return
+    base = f"/spec/{kind}/{index}/volumeMounts"
+    if not isinstance(container.get("volumeMounts"), list):
+        ops.append({"op": "add", "path": base, "value": mounts})
+    else:
+        ops.extend({"op": "add", "path": base + "/-", "value": m} for m in mounts)
+
+
+def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list[dict]:
+    meta = _dict(pod.get("metadata"))
+    spec = _dict(pod.get("spec"))
+    annotations = _dict(meta.get("annotations"))
+    ops: list[dict] = []
+
+    # 1. app containers (and, with native sidecars, the pod's own init containers, which start
+    #    after ours) see every repository read-only, HostToContainer. Indices are those of the
+    #    original lists: these ops run before the sidecars are inserted.
+    mounts = [_app_mount(s) for s in specs]
+    if config.native_sidecar:
+        for i, c in enumerate(_list(spec.get("initContainers"))):
+            _add_mounts(ops, "initContainers", i, _dict(c), mounts)
+    for i, c in enumerate(_list(spec.get("containers"))):
+        _add_mounts(ops, "containers", i, _dict(c), mounts)
+
+    # 2. volumes: one emptyDir per repository (the mount propagates through it), one cache.
+    if config.cache_mode == "emptyDir":
+        size = annotations.get(CACHE_SIZE) if isinstance(annotations.get(CACHE_SIZE), str) else None
+        size = (size or config.cache_size).strip()
+        cache_volume = {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": size}}
+        budget = math.floor(parse_quantity(size) * config.cache_fraction)
+    else:
+        cache_volume = {"name": CACHE_VOLUME, "hostPath": {"path": config.cache_host_path, "type": "DirectoryOrCreate"}}
+        budget = parse_quantity(config.cache_size)
+    volumes = [{"name": s.volume, "emptyDir": {}} for s in specs] + [cache_volume]
+    if isinstance(spec.get("volumes"), list):
+        ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
+    else:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+
+    # 3. the sidecars, first in start order.
+    used = _used_ports(spec)
+    sidecars, port = [], config.metrics_port
+    for index, s in enumerate(specs):
+        while port in used:
+            port += 1
+        sidecars.append(_sidecar(s, index, port, config, budget))
+        used.add(port)
+    kind = "initContainers" if config.native_sidecar else "containers"
+    if isinstance(spec.get(kind), list):
+        ops.extend({"op": "add", "path": f"/spec/{kind}/{i}", "value": c} for i, c in enumerate(sidecars))
+    else:
+        ops.append({"op": "add", "path": f"/spec/{kind}", "value": sidecars})
+
+    # 4. annotations: the injection marker (and, in fallback mode, keep `kubectl logs/exec`
+    #    pointed at the app rather than at the sidecar now first in the list).
+    marks = {INJECTED: ",".join(s.container for s in specs)}
+    apps = _list(spec.get("containers"))
+    if not config.native_sidecar and DEFAULT_CONTAINER not in annotations and apps and _dict(apps[0]).get("name"):
+        marks[DEFAULT_CONTAINER] = apps[0]["name"]
+    if not isinstance(meta.get("annotations"), dict):
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": marks})
+    else:
+        ops.extend({"op": "add", "path": "/metadata/annotations/" + escape(k), "value": v} for k, v in marks.items())
+    # 5. a label, so a PodMonitor can select the injected pods.
+    if not isinstance(meta.get("labels"), dict):
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {INJECTED: "true"}})
+    else:
+        ops.append({"op": "add", "path": "/metadata/labels/" + escape(INJECTED), "value": "true"})
+    return ops
+
+
+def reinvocation_patch(pod: dict) -> list[dict]:
+    """An already-injected pod: add our data mounts only to app containers that lack them (a
+    later webhook may have added a container). Usually empty."""
+    spec = _dict(pod.get("spec"))
+    wanted: list[dict] = []
+    for c in _list(spec.get("initContainers")) + _list(spec.get("containers")):
+        if not _is_ours(c):
+            continue
+        for m in _list(_dict(c).get("volumeMounts")):
+            m = _dict(m)
+            if str(m.get("name", "")).startswith(DATA_VOLUME) and isinstance(m.get("mountPath"), str):
+                wanted.append({"name": m["name"], "mountPath": m["mountPath"],
+                               "mountPropagation": "HostToContainer", "readOnly": True})
+    volumes = {_dict(v).get("name") for v in _list(spec.get("volumes"))}
+    wanted = [m for m in wanted if m["name"] in volumes]
+    ops: list[dict] = []
+    for kind in ("containers",):
+        for i, c in enumerate(_list(spec.get(kind))):
+            c = _dict(c)
+            if _is_ours(c):
+                continue
+            have = {_dict(m).get("name") for m in _list(c.get("volumeMounts"))}
+            paths = {_dict(m).get("mountPath") for m in _list(c.get("volumeMounts"))}
+            _add_mounts(ops, kind, i, c, [m for m in wanted if m["name"] not in have and m["mountPath"] not in paths])
+    return ops
+
+
+# ---------------------------------------------------------------- the review
+
+
+def _response(uid: str, allowed: bool = True, ops: list[dict] | None = None, message: str | None = None,
+              warnings: list[str] | None = None) -> dict:
+    response: dict[str, Any] = {"uid": uid, "allowed": allowed}
+    if ops:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(ops, separators=(",", ":")).encode()).decode()
+    if not allowed:
+        response["status"] = {"code": 400, "status": "Failure", "reason": "BadRequest", "message": message or ""}
+    if warnings:
+        response["warnings"] = [w[:500] for w in warnings]
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
+
+def decide(pod: dict, config: WebhookConfig) -> tuple[bool, list[dict], str | None, list[str]]:
+    """(allowed, ops, denial message, warnings) for one pod."""
+    meta = _dict(pod.get("metadata"))
+    labels, annotations = _dict(meta.get("labels")), _dict(meta.get("annotations"))
+    if str(labels.get(INJECT, "")).strip().lower() == "false" or str(annotations.get(INJECT, "")).strip().lower() == "false":
+        return True, [], None, []
+    if not any(isinstance(k, str) and k.startswith(PREFIX) for k in annotations):
+        return True, [], None, []
+    if _already_injected(pod):
+        return True, reinvocation_patch(pod), None, []
+    specs, errors, warnings = parse_annotations(pod, config)
+    if errors:
+        if config.on_invalid == "warn":
+            return True, [], None, [f"dda-sidecar not injected: {e}" for e in errors] + warnings
+        return False, [], "dda-sidecar: " + "; ".join(errors), warnings
+    if not specs:
+        return True, [], None, warnings
+    return True, build_patch(pod, specs, config), None, warnings
+
+
+def mutate(review: Any, config: WebhookConfig) -> dict:
+    """AdmissionReview request -> AdmissionReview response. Raises BadReview only when the body
+    is no AdmissionReview at all; any other problem becomes an answer."""
+    if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
+        raise BadReview("expected an AdmissionReview object")
+    if review.get("apiVersion") != "admission.k8s.io/v1":
+        raise BadReview(f"unsupported apiVersion {str(review.get('apiVersion'))[:60]!r}; expected admission.k8s.io/v1")
+    request = review.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("uid"), str) or not request["uid"]:
+        raise BadReview("the AdmissionReview has no request.uid")
+    uid = request["uid"]
+    try:
+        kind = _dict(request.get("kind"))
+        if (kind.get("kind") != "Pod" or kind.get("group", "") != "" or request.get("operation") != "CREATE"
+                or request.get("subResource")):
+            return _response(uid)
+        pod = request.get("object")
+        if not isinstance(pod, dict):
+            return _response(uid, False, message="dda-sidecar: the request carries no pod object")
+        allowed, ops, message, warnings = decide(pod, config)
+        return _response(uid, allowed, ops, message, warnings)
+    except Exception as err:  # never crash the API server's call: answer by policy
+        log.exception("admission of request %s failed", uid)
+        text = f"dda-sidecar: internal error while injecting ({type(err).__name__})"
+        if config.on_invalid == "warn":
+            return _response(uid, True, warnings=[text + "; the pod was admitted without the sidecar"])
+        return _response(uid, False, message=text)
