@@ -62,7 +62,9 @@ def prepare(path: Path, allow_non_empty: bool = False) -> list[str]:
     if not path.is_dir():
         raise MountError(f"{path}: mountpoint is not a directory")
     fstype = mount_fstype(path)
-    if fstype is not None and os.path.ismount(path):
+    # A plain volume mounted there (a pod's emptyDir) is where a sidecar is meant to mount;
+    # another FUSE file system is not.
+    if fstype is not None and fstype.startswith("fuse") and os.path.ismount(path):
         raise MountError(f"{path}: already a mount point ({fstype}); run `dda unmount {path}` first")
     if not allow_non_empty and any(os.scandir(path)):
         raise MountError(f"{path}: mountpoint is not empty (its files would be hidden); "
