@@ -33,7 +33,7 @@ python_bin() {
 }
 
 base_packages=(git ca-certificates fuse3 libfuse3-dev pkg-config gcc)
-test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext)
+test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext prometheus)
 
 case "$mode" in
   demo|install) apt_install "${base_packages[@]}" ;;

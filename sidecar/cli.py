@@ -125,8 +125,7 @@ async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-un
 
 async def cmd_ls(ns: argparse.Namespace) -> int:
     repo, path = _split_repo_args(ns.args, True, False)
-    engine = await _open(ns, repo)
-    try:
+    async with await _open(ns, repo) as engine:
         tree = engine.tree
         path = tree.normalize(path)
         if not tree.exists(path):
@@ -148,21 +147,16 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
             else:
                 shown = p + "/" if kind == "dir" else p
                 print(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
-    finally:
-        await engine.aclose()
     return 0
 
 
 async def cmd_cat(ns: argparse.Namespace) -> int:
     repo, path = _split_repo_args(ns.args, True, True)
-    engine = await _open(ns, repo)
     out = sys.stdout.buffer
-    try:
+    async with await _open(ns, repo) as engine:
         async for piece in engine.iter_bytes(path):
             out.write(piece)
         out.flush()
-    finally:
-        await engine.aclose()
     return 0
 
 
@@ -170,12 +164,9 @@ async def cmd_get(ns: argparse.Namespace) -> int:
     from .download import download
 
     repo, path = _split_repo_args(ns.args, True, True)
-    engine = await _open(ns, repo)
-    try:
+    async with await _open(ns, repo) as engine:
         await download(engine, path, Path(ns.out) if ns.out else None,
                        progress=not ns.no_progress and sys.stderr.isatty())
-    finally:
-        await engine.aclose()
     return 0
 
 

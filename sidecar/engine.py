@@ -181,7 +181,9 @@ class Engine:
         """Read what `entry` names, even after a refresh replaced the tree it came from."""
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
-            return blob[offset:offset + length]
+            data = blob[offset:offset + length]
+            self.fetcher.stats.bytes_served += len(data)
+            return data
         return await self.fetcher.read(self.ref(entry), offset, length)
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
@@ -205,12 +207,20 @@ class Engine:
             self.fetcher.stats.cache_hits += 1
             return self._blobs[sha]
         blob = await self.git.read_blob(sha)
+        self.fetcher.stats.cache_misses += 1
         self._blobs[sha] = blob
         self._blob_bytes += len(blob)
         while self._blob_bytes > 64 * 1024 * 1024 and len(self._blobs) > 1:
             _, old = self._blobs.popitem(last=False)
             self._blob_bytes -= len(old)
         return blob
+
+    async def __aenter__(self) -> "Engine":
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # After a failure, downloads still under way are abandoned, not waited for.
+        await self.aclose(drain_seconds=30.0 if exc_type is None else 0.0)
 
     async def aclose(self, drain_seconds: float = 30.0) -> None:
         await self.fetcher.drain(drain_seconds)

@@ -78,7 +78,7 @@ async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: 
     import pyfuse3
 
     from .fetch.scheduler import fetch_observers
-    from .fuse.mount import Mount
+    from .fuse.mount import Mount, end_session
     from .metrics import Metrics
     from .server import Health, LocalServer
 
@@ -129,7 +129,7 @@ async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: 
         if stop.is_set():
             log.warning("unmounting %s", mount.mountpoint)
             pyfuse3.terminate()
-            await _end_session(fuse)
+            await end_session(fuse, GRACE_SECONDS)
         else:
             error = fuse.exception() if not fuse.cancelled() else None
             log.error("the FUSE session on %s ended unexpectedly (%s); exiting", mount.mountpoint,
@@ -147,26 +147,3 @@ async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: 
     return code
 
 
-async def _end_session(fuse: "asyncio.Task[None]") -> None:
-    """pyfuse3.main() returns only when every worker has finished its request; a worker
-    awaiting a read from a remote that never answers would hold it until the deadline. Give
-    in-flight requests a moment, then cancel the workers: their readers get an error when
-    the session closes, and the mount goes away now."""
-    try:
-        await asyncio.wait_for(asyncio.shield(fuse), GRACE_SECONDS)
-        return
-    except TimeoutError:
-        pass
-    except Exception as err:   # the session failed as we stopped it: we are leaving anyway
-        log.debug("FUSE main loop: %s", err)
-        return
-    workers = [t for t in asyncio.all_tasks() if str(getattr(t, "name", "") or "").startswith("pyfuse-")]
-    log.warning("cancelling %d FUSE request(s) still waiting (a remote that does not answer?)", len(workers))
-    for task in workers:
-        task.cancel()
-    try:
-        await asyncio.wait_for(fuse, 5.0)
-    except BaseException as err:  # noqa: BLE001 - shutting down whatever happened
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        log.debug("FUSE main loop after cancelling workers: %r", err)

@@ -261,3 +261,47 @@ def test_foreground_mount_exits_cleanly_on_signal(sample, mp, tmp_path, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_with_reader_blocked_on_a_remote_that_never_answers(tmp_path, mp):
+    """The daemon leaves within seconds; the blocked reader gets an error, not a hang."""
+    import socket
+
+    repo, remote = make_sample_repo(tmp_path / "s", images=4)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"),
+           "DDA_REMOTE_STORAGE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/nowhere"}
+    # the snapshot's manifest is fetched once from the real remote
+    subprocess.run([DDA, "ls", str(repo)], env={**env, "DDA_REMOTE_STORAGE_URL": str(remote)}, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([DDA, "mount", str(repo), str(mp), "--deadline", "300"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: mounted(mp), 30)
+        victim = mp / "data/labels.csv"
+        outcome: dict[str, object] = {}
+
+        def reader() -> None:
+            try:
+                victim.read_bytes()
+                outcome["read"] = True
+            except OSError as err:
+                outcome["errno"] = err.errno
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive()              # blocked on the silent remote
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - started < 8
+        t.join(10)
+        assert not t.is_alive() and "errno" in outcome
+        assert not mounted(mp)
+    finally:
+        silent.close()
+        if proc.poll() is None:
+            proc.kill()

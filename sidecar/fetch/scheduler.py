@@ -11,18 +11,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
-from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError, RemoteUnavailable
+from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable
 from ..remotes import Remote
 from ..store import Store
 from ..store.verify import ObjectVerifier, md5_matches
 from .priority import PriorityLimiter
 
 log = logging.getLogger(__name__)
+
+# Observers for metrics, picked up by every Fetcher created in this context (the sidecar sets
+# them before the engine opens, so requests made while the snapshot resolves are seen too):
+# (on_request(op, status, seconds), on_read_wait(seconds)).
+fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] | None,
+                                              Callable[[float], None] | None]] = \
+    contextvars.ContextVar("dda_fetch_observers", default=(None, None))
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ class FetchStats:
     retries: int = 0
     hash_mismatches: int = 0
     size_lookups: int = 0
+    meta_hits: int = 0          # size lookups and .dir manifests answered from the cache/index
+    meta_misses: int = 0        # ... that needed the remote
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -64,6 +76,10 @@ class Fetcher:
         self._streams: dict[tuple[str, int], _StreamJob] = {}
         self._stream_tasks: set[asyncio.Task[None]] = set()
         self._sizes: dict[str, int] = {}
+        # Observers for metrics (sidecar.metrics); None costs nothing. Called on the loop.
+        self.on_request: Callable[[str, str, float], None] | None       # (op, status, seconds)
+        self.on_read_wait: Callable[[float], None] | None               # a read blocked on the remote
+        self.on_request, self.on_read_wait = fetch_observers.get()
 
     # sizes -----------------------------------------------------------------------------------
     def known_size(self, ref: ObjectRef) -> int | None:
@@ -84,9 +100,13 @@ class Fetcher:
     async def size_of(self, ref: ObjectRef) -> int:
         size = self.known_size(ref)
         if size is None:
-            size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path)), ref)
+            self.stats.meta_misses += 1
+            size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
+                                                               "size"), ref)
             self.stats.size_lookups += 1
             self._learned_size(ref.oid, size)
+        else:
+            self.stats.meta_hits += 1
         return size
 
     async def sizes_of(self, refs: list[ObjectRef]) -> dict[str, int]:
@@ -105,6 +125,8 @@ class Fetcher:
             self._sizes.update(stored)
             result.update(stored)
             missing = [r for r in missing if r.oid not in stored]
+        self.stats.meta_hits += len(refs) - len(missing)
+        self.stats.meta_misses += len(missing)
         by_remote: dict[int, list[ObjectRef]] = defaultdict(list)
         for ref in missing:
             by_remote[id(ref.remote)].append(ref)
@@ -115,9 +137,9 @@ class Fetcher:
     async def _remote_sizes(self, refs: list[ObjectRef]) -> dict[str, int]:
         remote = refs[0].remote
         learned: dict[str, int] = {}
-        if len(refs) > 64:
+        if len(refs) > 64 and remote.can_list:
             folders = sorted({r.path.rsplit("/", 1)[0] + "/" for r in refs})
-            listings = await asyncio.gather(*(self._remote_call(remote, lambda f=f: remote.list_sizes(f))
+            listings = await asyncio.gather(*(self._remote_call(remote, lambda f=f: remote.list_sizes(f), "list")
                                               for f in folders))
             if all(listing is not None for listing in listings):
                 by_path = {path: size for listing in listings for path, size in listing.items()}  # type: ignore[union-attr]
@@ -128,7 +150,7 @@ class Fetcher:
         todo = [r for r in refs if r.oid not in learned]
 
         async def head(ref: ObjectRef) -> None:
-            learned[ref.oid] = await self._remote_call(remote, lambda: remote.size(ref.path))
+            learned[ref.oid] = await self._remote_call(remote, lambda: remote.size(ref.path), "size")
             self.stats.size_lookups += 1
 
         if todo:
@@ -143,16 +165,29 @@ class Fetcher:
         return await self._with_deadline(self._read(ref, offset, length), ref)
 
     async def read_all(self, ref: ObjectRef) -> bytes:
-        return await self._with_deadline(self._read(ref, 0, None), ref)
+        """A whole object as metadata (the .dir manifests): counted as a metadata lookup, not
+        as bytes served to readers."""
+        return await self._with_deadline(self._read(ref, 0, None, meta=True), ref)
 
-    async def _read(self, ref: ObjectRef, offset: int, length: int | None) -> bytes:
+    async def _read(self, ref: ObjectRef, offset: int, length: int | None, meta: bool = False) -> bytes:
+        started = time.monotonic()
+        waiting = [False]   # set while (and if) the read waits for the remote
+        try:
+            return await self._read_body(ref, offset, length, meta, waiting)
+        finally:
+            if waiting[0] and not meta and self.on_read_wait is not None:
+                self.on_read_wait(time.monotonic() - started)
+
+    async def _read_body(self, ref: ObjectRef, offset: int, length: int | None, meta: bool,
+                         waiting: list[bool]) -> bytes:
         cs = self.store.chunk_size
         size = self.known_size(ref)
         missed = False
         if size is None:
             # Learn the size from the first chunk's answer (Content-Range), not a separate HEAD.
+            waiting[0] = True
             first, hit = await self._chunk(ref, 0, None)
-            missed = not hit
+            missed = waiting[0] = not hit
             size = self.known_size(ref)
             assert size is not None
         end = size if length is None else min(size, offset + length)
@@ -164,18 +199,26 @@ class Fetcher:
             lo, hi = max(offset, idx * cs) - idx * cs, min(end, (idx + 1) * cs) - idx * cs
             data = self.store.read(ref.oid, idx, lo, hi)
             if data is None:
+                waiting[0] = True
                 if self.store.chunk_count(size) > 1:
                     data, hit = await self._streamed_range(ref, idx, size, lo, hi)
                 else:
                     chunk, hit = await self._chunk(ref, idx, size)
                     data = chunk[lo:hi]
                 missed = missed or not hit
+                waiting[0] = missed
             pieces.append(data)
+        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if meta:
+            if missed:
+                self.stats.meta_misses += 1
+            else:
+                self.stats.meta_hits += 1
+            return out
         if missed:
             self.stats.cache_misses += 1
         else:
             self.stats.cache_hits += 1
-        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self.stats.bytes_served += len(out)
         return out
 
@@ -206,7 +249,7 @@ class Fetcher:
         if task is None:
             task = asyncio.create_task(self._load_chunk(ref, idx, size))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None), t.cancelled() or t.exception()))
         data, downloaded = await asyncio.shield(task)
         return data, not downloaded
 
@@ -263,21 +306,15 @@ class Fetcher:
                 # Resume where the last attempt stopped: nothing is fetched twice.
                 offset = start + job.received
                 total = await self._remote_call(
-                    ref.remote, lambda: ref.remote.stream(ref.path, offset, start + job.length, sink))
+                    ref.remote, lambda: ref.remote.stream(ref.path, offset, start + job.length, sink), "read")
                 if total is not None and total != size:
                     raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, expected {size}")
                 if job.received < job.length:
                     raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
                                             f"({job.received} of {job.length} bytes)")
             except RemoteUnavailable as err:
-                if attempt >= self.retries:
-                    self.stats.errors["unavailable"] += 1
-                    raise
                 attempt += 1
-                self.stats.retries += 1
-                delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
-                log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
-                await asyncio.sleep(delay)
+                await self._backoff(attempt, ref, err)
 
     async def _load_chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
         async with self.store.lock(ref.oid, idx):
@@ -298,7 +335,7 @@ class Fetcher:
         attempt = 0
         while True:
             try:
-                got = await self._remote_call(ref.remote, lambda: ref.remote.read(ref.path, start, end))
+                got = await self._remote_call(ref.remote, lambda: ref.remote.read(ref.path, start, end), "read")
                 self.stats.bytes_fetched += len(got.data)
                 total = got.total if got.total is not None else size
                 if total is None:
@@ -321,14 +358,18 @@ class Fetcher:
                     continue
                 return got.data, total
             except RemoteUnavailable as err:
-                if attempt >= self.retries:
-                    self.stats.errors["unavailable"] += 1
-                    raise
                 attempt += 1
-                self.stats.retries += 1
-                delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
-                log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
-                await asyncio.sleep(delay)
+                await self._backoff(attempt, ref, err)
+
+    async def _backoff(self, attempt: int, ref: ObjectRef, err: RemoteUnavailable) -> None:
+        """Sleep before retry `attempt` (exponential, full jitter), or give up with `err`."""
+        if attempt > self.retries:
+            self.stats.errors["unavailable"] += 1
+            raise err
+        self.stats.retries += 1
+        delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+        log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
+        await asyncio.sleep(delay)
 
     async def _verify_when_complete(self, ref: ObjectRef, size: int) -> None:
         count = self.store.chunk_count(size)
@@ -375,10 +416,31 @@ class Fetcher:
             self._limits[key] = PriorityLimiter(self.jobs)
         return self._limits[key]
 
-    async def _remote_call(self, remote: Remote, call):  # type: ignore[no-untyped-def]
+    async def _remote_call(self, remote: Remote, call, op: str):  # type: ignore[no-untyped-def]
+        """One request (`op`: read, size or list) within the remote's concurrency limit."""
         async with self._limit(remote).slot():
             self.stats.requests += 1
-            return await call()
+            if self.on_request is None:
+                return await call()
+            started, status = time.monotonic(), "error"
+            try:
+                result = await call()
+                status = "ok"
+                return result
+            except ObjectMissing:
+                status = "missing"
+                raise
+            except RemoteAuthError:
+                status = "auth"
+                raise
+            except RemoteUnavailable:
+                status = "unavailable"
+                raise
+            except asyncio.CancelledError:
+                status = "cancelled"
+                raise
+            finally:
+                self.on_request(op, status, time.monotonic() - started)
 
     async def _with_deadline(self, coro, ref: ObjectRef):  # type: ignore[no-untyped-def]
         try:

@@ -47,6 +47,7 @@ class Mount:
         self.ops = ops
         self.prefetcher = prefetcher
         self.mountpoint = mountpoint
+        self._stop = asyncio.Event()
 
     @classmethod
     async def start(cls, config: Config, mountpoint: Path, subdir: str = "",
@@ -68,21 +69,30 @@ class Mount:
         return cls(engine, ops, prefetcher, mountpoint)
 
     async def serve(self, handle_signals: bool = True) -> None:
-        """Until unmounted or terminated; always leaves the mountpoint clean."""
+        """Until unmounted or terminated; always leaves the mountpoint clean. Returns
+        promptly on terminate() even while readers wait on a remote that never answers."""
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self.terminate)
+        fuse = asyncio.create_task(pyfuse3.main())
+        stopper = asyncio.create_task(self._stop.wait())
         try:
-            await pyfuse3.main()
+            await asyncio.wait({fuse, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if self._stop.is_set():
+                log.info("unmounting %s", self.mountpoint)
+                pyfuse3.terminate()
+                await end_session(fuse)
+            else:
+                fuse.result()   # unmounted from outside (fusermount3 -u): a normal end; errors raise
         finally:
+            stopper.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.close()
 
     def terminate(self) -> None:
-        log.info("unmounting %s", self.mountpoint)
-        pyfuse3.terminate()
+        self._stop.set()
 
     async def close(self) -> None:
         try:
@@ -91,6 +101,35 @@ class Mount:
             log.debug("close: %s", err)
         await self.prefetcher.aclose()
         await self.engine.aclose(drain_seconds=2.0)   # SIGTERM must end us promptly
+
+
+GRACE_SECONDS = 1.0   # in-flight FUSE requests may finish before the session is torn down
+
+
+async def end_session(fuse: "asyncio.Task[None]", grace: float = GRACE_SECONDS) -> None:
+    """pyfuse3.main() returns only when every worker has finished its request; a worker
+    awaiting a read from a remote that never answers would hold it until the deadline. Give
+    in-flight requests a moment, then cancel the workers: their readers get an error when
+    the session closes, and the mount goes away now."""
+    try:
+        await asyncio.wait_for(asyncio.shield(fuse), grace)
+        return
+    except TimeoutError:
+        pass
+    except Exception as err:   # the session failed as we stopped it: we are leaving anyway
+        log.debug("FUSE main loop: %s", err)
+        return
+    # pyfuse3 tags its worker tasks with a `name` attribute ("pyfuse-NN").
+    workers = [t for t in asyncio.all_tasks() if str(getattr(t, "name", "") or "").startswith("pyfuse-")]
+    log.warning("cancelling %d FUSE request(s) still waiting (a remote that does not answer?)", len(workers))
+    for task in workers:
+        task.cancel()
+    try:
+        await asyncio.wait_for(fuse, 5.0)
+    except BaseException as err:  # noqa: BLE001 - shutting down whatever happened
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        log.debug("FUSE main loop after cancelling workers: %r", err)
 
 
 async def run_foreground(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool,

@@ -21,6 +21,7 @@ def object_path(md5: str, legacy: bool, is_dir: bool = False) -> str:
 class Remote(abc.ABC):
     name: str
     display_url: str   # never holds credentials
+    can_list = False   # list_sizes() answers with one request per folder
 
     @abc.abstractmethod
     async def read(self, path: str, start: int, end: int | None) -> Range:

@@ -13,6 +13,7 @@ from .base import Range, Remote
 class LocalRemote(Remote):
     def __init__(self, name: str, root: Path):
         self.name = name
+        self.can_list = True
         self.root = root
         self.display_url = str(root)
 

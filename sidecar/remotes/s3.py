@@ -32,6 +32,7 @@ class S3Remote(Remote):
         if parts.scheme != "s3" or not parts.netloc:
             raise ConfigError(f"remote {name!r}: {url!r} is not an s3://bucket/prefix URL")
         self.name = name
+        self.can_list = True
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
         self.display_url = f"s3://{self.bucket}/{self.prefix}" + (f" at {endpoint_url}" if endpoint_url else "")

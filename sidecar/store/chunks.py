@@ -49,6 +49,7 @@ class Store:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.index = Index(self.root / "index.sqlite")
         self._used = self.index.used_bytes()
+        self._used_read = time.monotonic()
         self.evictions = 0
         self._clean_tmp()
 
@@ -158,6 +159,11 @@ class Store:
         self.index.forget_object(oid)
 
     def used_bytes(self) -> int:
+        """Bytes in the store, as the shared index says (other processes may write too);
+        re-read at most every few seconds."""
+        now = time.monotonic()
+        if now - self._used_read > 5:
+            self._used, self._used_read = self.index.used_bytes(), now
         return self._used
 
     def close(self) -> None:
