@@ -155,8 +155,9 @@ async def cmd_cat(ns: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     async with await _open(ns, repo) as engine:
         async for piece in engine.iter_bytes(path):
-            out.write(piece)
-        out.flush()
+            # A slow reader on the pipe must not stall the loop (downloads, locks others wait on).
+            await asyncio.to_thread(out.write, piece)
+        await asyncio.to_thread(out.flush)
     return 0
 
 

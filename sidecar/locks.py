@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 class FileLock:
-    """An exclusive flock held across processes; waited for in a thread so the loop keeps going."""
+    """An exclusive flock held across processes. Waiting polls (never a blocked thread): a
+    waiter that is cancelled leaves nothing behind, and no thread pool can be exhausted by
+    waiters while the holder needs a thread to finish."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -26,9 +28,10 @@ class FileLock:
 
     async def __aenter__(self) -> "FileLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.try_acquire():
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            await asyncio.to_thread(fcntl.flock, self.fd, fcntl.LOCK_EX)
+        delay = 0.002
+        while not self.try_acquire():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

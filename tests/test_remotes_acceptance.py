@@ -199,7 +199,9 @@ def test_two_processes_one_download(big_repo, tmp_cache, http_remote, s3_remote)
                    check=True, capture_output=True)
     mark = http_remote.mark()
     procs = [subprocess.Popen(args + [], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:      # drain both pipes at once, as two real readers would
+        outs = list(pool.map(lambda p: p.communicate(timeout=300), procs))
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     expected = (big_repo.expected / "data/large.bin").read_bytes()
     assert outs[0][0] == expected and outs[1][0] == expected
