@@ -58,6 +58,20 @@ if [ "$mode" = test ]; then
     pip_install "$dvc2/bin/python" -m pip install -q "dvc==2.58.2" "pathspec<0.12" "dulwich<0.22"
   fi
   export DDA_DVC2_BIN="$dvc2/bin/dvc"
+  # install_hooks() must work on Python 3.12 and 3.13 too: where such interpreters exist
+  # (python3.12 on PATH, or pyenv's), give each a venv with the package's dependencies.
+  extra=""
+  for v in 3.12 3.13; do
+    interp=$(command -v "python$v" 2>/dev/null || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/$v*/bin/python$v 2>/dev/null | tail -n 1 || true)
+    [ -n "$interp" ] && [ -x "$interp" ] || continue
+    pv="$here/.venv-py$v"
+    if [ ! -x "$pv/bin/python" ]; then
+      "$interp" -m venv "$pv"
+      pip_install "$pv/bin/python" -m pip install -q httpx botocore PyYAML tqdm prometheus-client pytest numpy pandas pillow
+    fi
+    extra="$extra${extra:+:}$pv/bin/python"
+  done
+  export DDA_EXTRA_PYTHONS="$extra"
 else
   pip_install "$venv/bin/python" -m pip install -q -e .
 fi
