@@ -72,6 +72,8 @@ if [ "$mode" = test ]; then
     extra="$extra${extra:+:}$pv/bin/python"
   done
   export DDA_EXTRA_PYTHONS="$extra"
+  # The container image's install steps (scripts/image-install.sh) run for real in the tests.
+  export DDA_IMAGE_BUILD_CHECK="${DDA_IMAGE_BUILD_CHECK:-1}"
 else
   pip_install "$venv/bin/python" -m pip install -q -e .
 fi

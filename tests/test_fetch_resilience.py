@@ -27,6 +27,7 @@ class Flaky(http.server.ThreadingHTTPServer):
         self.objects = objects
         self.script: list[str] = []
         self.seen: list[tuple[str, str]] = []
+        self.bearer: str | None = None
         super().__init__(("127.0.0.1", 0), Handler)
 
 
@@ -38,6 +39,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         server: Flaky = self.server  # type: ignore[assignment]
+        if server.bearer and self.headers.get("Authorization") != f"Bearer {server.bearer}":
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         action = server.script.pop(0) if server.script else "ok"
         server.seen.append((self.path, action))
         if action == "reset":
@@ -144,3 +150,27 @@ def test_single_flight_in_process(flaky, tmp_path):
     results = asyncio.run(go())
     assert b"".join(results) == data[:50_000]
     assert len(server.seen) == 1
+
+
+def test_bearer_token_auth(flaky, tmp_path):
+    """DagsHub-style token auth: the token goes in an Authorization header, and a refusal
+    says so without echoing it."""
+    server, data, md5 = flaky
+    server.bearer = "tok-SECRET-1"
+
+    async def go(token):
+        remote = HttpRemote("flaky", f"http://127.0.0.1:{server.server_address[1]}", token=token, auth="bearer")
+        store = Store(tmp_path / token, 1 << 30, 4 << 20)
+        fetcher = Fetcher(store, backoff_base=0.01)
+        ref = ObjectRef(md5, remote, f"files/md5/{md5[:2]}/{md5[2:]}", False, None, "data/x.bin")
+        try:
+            return await fetcher.read_all(ref)
+        finally:
+            await remote.aclose()
+            store.close()
+
+    assert asyncio.run(go("tok-SECRET-1")) == data
+    from sidecar.errors import RemoteAuthError
+    with pytest.raises(RemoteAuthError) as err:
+        asyncio.run(go("wrong-token"))
+    assert "HTTP 401" in str(err.value) and "wrong-token" not in str(err.value)
