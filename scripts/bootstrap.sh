@@ -62,8 +62,12 @@ if [ "$mode" = test ]; then
   # (python3.12 on PATH, or pyenv's), give each a venv with the package's dependencies.
   extra=""
   for v in 3.12 3.13; do
-    interp=$(command -v "python$v" 2>/dev/null || ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/$v*/bin/python$v 2>/dev/null | tail -n 1 || true)
-    [ -n "$interp" ] && [ -x "$interp" ] || continue
+    interp=""
+    # A pyenv shim on PATH may exist yet refuse to run: take the first candidate that runs.
+    for c in $(command -v "python$v" 2>/dev/null) $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/$v*/bin/python$v 2>/dev/null); do
+      if "$c" -c 'import venv' >/dev/null 2>&1; then interp=$c; break; fi
+    done
+    [ -n "$interp" ] || continue
     pv="$here/.venv-py$v"
     if [ ! -x "$pv/bin/python" ]; then
       "$interp" -m venv "$pv"
