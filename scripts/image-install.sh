@@ -64,7 +64,7 @@ constraints_file() {
 }
 
 build_wheels() {
-  local src=$1 out=$2 c
+  local src=$1 out=$2 c py=${PYTHON:-$py}   # PYTHON given for this call wins
   c=$(constraints_file)
   mkdir -p "$out"
   "$py" -m pip wheel --quiet --no-cache-dir -c "$c" --wheel-dir "$out" "$src"
@@ -73,7 +73,7 @@ build_wheels() {
 }
 
 install_wheels() {
-  local wheels=$1 c
+  local wheels=$1 c py=${PYTHON:-$py}
   c=$(constraints_file)
   "$py" -m pip install --quiet --no-cache-dir --no-index --find-links "$wheels" -c "$c" dda-sidecar
   rm -f "$c"
