@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,18 @@ def any_repo(request, fixture_repos) -> FixtureRepo:
 @pytest.fixture(scope="session")
 def big_repo(session_dir, git_server, http_remote, s3_remote) -> FixtureRepo:
     return build_big_repo(session_dir / "repos", git_server, http_remote, s3_remote)
+
+
+@pytest.fixture()
+def mp(tmp_path) -> Path:
+    """An empty mountpoint; whatever is still mounted there at the end is lazily unmounted."""
+    from mounting import mounted
+
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)])
 
 
 @pytest.fixture

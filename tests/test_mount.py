@@ -53,15 +53,6 @@ def checkout(repo: Path, remote: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture()
-def mp(tmp_path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    if mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)])
-
-
 def test_mount_matches_checkout_and_behaves_like_posix(sample, mp, tmp_path):
     repo, remote = sample
     expected = checkout(repo, remote)

@@ -29,15 +29,6 @@ def sample(tmp_path_factory):
     return make_sample_repo(tmp_path_factory.mktemp("sidecar-sample"))
 
 
-@pytest.fixture()
-def mp(tmp_path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    yield path
-    if mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)])
-
-
 def http_env(http_remote) -> dict[str, str]:
     return {"DDA_REMOTE_HTTP_USER": http_remote.user, "DDA_REMOTE_HTTP_PASSWORD": http_remote.password}
 
