@@ -6,13 +6,12 @@ import asyncio
 import json
 import logging
 import os
-import posixpath
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
-from .errors import DDAError, NotFound
+from .errors import DDAError, NotFound, describe
 from .redact import redact
 
 ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
@@ -124,23 +123,26 @@ async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-un
 
 
 async def cmd_ls(ns: argparse.Namespace) -> int:
+    from .fs import FileSystem
+
     repo, path = _split_repo_args(ns.args, True, False)
     async with await _open(ns, repo) as engine:
-        tree = engine.tree
-        path = tree.normalize(path)
-        if not tree.exists(path):
-            raise NotFound(f"{path}: not in revision {engine.info.revision}")
-        if path in tree.files:
-            entries, dirs = [tree.files[path]], []
+        fs = FileSystem(engine)
+        path = fs.normalize(path)
+        kind = fs.kind(path)
+        if kind is None:
+            raise NotFound(f"{path}: not in revision {fs.revision}", path=path)
+        if kind != "dir":
+            files, dirs = [path], []
         elif ns.recursive:
-            entries, dirs = list(tree.walk_files(path)), []
+            files, dirs = [e.path for e in fs.walk_files(path)], []
         else:
-            names = tree.listdir(path)
-            full = [posixpath.join(path, n) if path else n for n in names]
-            entries = [tree.files[p] for p in full if p in tree.files]
-            dirs = [p for p in full if p not in tree.files]
-        entries = await engine.stat_many(entries)
-        rows = [(e.path, e.kind, e.size) for e in entries] + [(d, "dir", None) for d in dirs]
+            items = fs.listdir(path)
+            files = [i.path for i in items if i.kind != "dir"]
+            dirs = [i.path for i in items if i.kind == "dir"]
+        # `dda ls` shows sizes: learned in bulk (one listing per remote folder, or bounded HEADs).
+        rows = [(p, fs.entry(p).kind, attr.size) for p, attr in await fs.stat_many(files)]  # type: ignore[union-attr]
+        rows += [(d, "dir", None) for d in dirs]
         for p, kind, size in sorted(rows):
             if ns.json:
                 print(json.dumps({"path": p, "kind": kind, "size": size}, ensure_ascii=False))
@@ -151,22 +153,30 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
 
 
 async def cmd_cat(ns: argparse.Namespace) -> int:
+    from .fs import FileSystem
+
     repo, path = _split_repo_args(ns.args, True, True)
     out = sys.stdout.buffer
     async with await _open(ns, repo) as engine:
-        async for piece in engine.iter_bytes(path):
-            # A slow reader on the pipe must not stall the loop (downloads, locks others wait on).
-            await asyncio.to_thread(out.write, piece)
-        await asyncio.to_thread(out.flush)
+        fs = FileSystem(engine)
+        handle = await fs.open(fs.normalize(path))
+        try:
+            async for piece in fs.iter_bytes(handle):
+                # A slow reader on the pipe must not stall the loop (downloads, locks others wait on).
+                await asyncio.to_thread(out.write, piece)
+            await asyncio.to_thread(out.flush)
+        finally:
+            fs.release(handle)
     return 0
 
 
 async def cmd_get(ns: argparse.Namespace) -> int:
     from .download import download
+    from .fs import FileSystem
 
     repo, path = _split_repo_args(ns.args, True, True)
     async with await _open(ns, repo) as engine:
-        await download(engine, path, Path(ns.out) if ns.out else None,
+        await download(FileSystem(engine), path, Path(ns.out) if ns.out else None,
                        progress=not ns.no_progress and sys.stderr.isatty())
     return 0
 
@@ -307,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:
-        print(f"dda: error: {redact(str(err))}", file=sys.stderr)
-        return err.exit_code
+        info = describe(err)
+        print(f"dda: error: {redact(info.message)}", file=sys.stderr)
+        return info.exit_code
     except BrokenPipeError:
         # `dda cat ... | head`: the reader left; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -136,7 +136,7 @@ class Engine:
         if found is None:
             kind = "a directory" if self.tree.is_dir(path) else "not in"
             raise NotFound(f"{path}: {kind} revision {self.info.revision if self.info else '?'}"
-                           if kind == "not in" else f"{path}: is a directory")
+                           if kind == "not in" else f"{path}: is a directory", path=path)
         return found
 
     def ref(self, entry: Entry) -> ObjectRef:
@@ -145,7 +145,10 @@ class Engine:
                          entry.path)
 
     async def stat(self, path: str) -> Entry:
-        entry = self.entry(path)
+        return await self.sized(self.entry(path))
+
+    async def sized(self, entry: Entry) -> Entry:
+        """`entry` with its true size (one request at most: a HEAD, or git's blob header)."""
         if entry.size is not None:
             return entry
         if entry.kind == "git":
@@ -155,9 +158,11 @@ class Engine:
         return self._sized(entry, size)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
-        # Sizes of a commit never change: remember them in the tree.
+        # Sizes of an object never change: remember them in the tree, but only in the tree the
+        # entry came from (after a refresh, an old entry must not land in the new snapshot).
         sized = replace(entry, size=size)
-        self.tree.files[entry.path] = sized
+        if self.tree.files.get(entry.path) is entry:
+            self.tree.files[entry.path] = sized
         return sized
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:

@@ -1,27 +1,59 @@
-"""Errors a user can act on: each renders as one line that says what and where."""
+"""Errors a user can act on: each renders as one line that says what and where.
+
+Every error carries its meaning as fields, never in its text:
+
+- `errno`: what the file-system frontends answer (FUSE reply, the hooks' OSError);
+- `reason`: a short, bounded label for metrics and counters (`deadline`, `missing`, ...);
+- `exit_code`: what `dda` exits with;
+- `path`: the repository path (or object) it concerns, when there is one.
+
+`describe()` is the one mapping every frontend uses, also for exceptions that are not ours
+(a bare timeout is ETIMEDOUT everywhere, a cancellation is `cancelled`).
+"""
 from __future__ import annotations
+
+import asyncio
+import errno as _errno
+from dataclasses import dataclass
 
 
 class DDAError(Exception):
     """Base of every error we show to users (CLI prints str(err), no traceback)."""
 
-    exit_code = 1
+    errno: int = _errno.EIO
+    reason: str = "error"
+    exit_code: int = 1
+
+    def __init__(self, message: str = "", *, path: str | None = None, errno: int | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.path = path
+        if errno is not None:
+            self.errno = errno
+        if reason is not None:
+            self.reason = reason
 
 
 class ConfigError(DDAError):
     exit_code = 2
+    reason = "config"
+    errno = _errno.EINVAL
 
 
 class GitError(DDAError):
     """Cloning, fetching or resolving a revision failed."""
 
+    reason = "git"
+
 
 class UnknownRevision(GitError):
-    pass
+    reason = "unknown_revision"
 
 
 class DvcFileError(DDAError):
     """A .dvc file, dvc.lock, .dvc/config or .dir manifest is malformed."""
+
+    reason = "dvc_file"
 
 
 class RemoteError(DDAError):
@@ -34,23 +66,90 @@ class RemoteUnavailable(RemoteError):
     """Network error, timeout or 5xx: worth retrying."""
 
     retryable = True
+    reason = "unavailable"
 
 
 class RemoteAuthError(RemoteError):
-    pass
+    reason = "auth"
+    errno = _errno.EACCES
 
 
 class ObjectMissing(RemoteError):
-    pass
+    reason = "missing"
 
 
 class HashMismatch(DDAError):
-    pass
+    reason = "hash_mismatch"
 
 
 class DeadlineExceeded(DDAError):
-    pass
+    """A read waited longer than its deadline: ETIMEDOUT in every frontend."""
+
+    reason = "deadline"
+    errno = _errno.ETIMEDOUT
 
 
 class NotFound(DDAError):
     """A path that is not in the snapshot."""
+
+    reason = "not_found"
+    errno = _errno.ENOENT
+
+
+class NotADirectory(DDAError):
+    reason = "not_a_directory"
+    errno = _errno.ENOTDIR
+
+
+class IsADirectory(DDAError):
+    reason = "is_a_directory"
+    errno = _errno.EISDIR
+
+
+class NotASymlink(DDAError):
+    reason = "not_a_symlink"
+    errno = _errno.EINVAL
+
+
+class SymlinkLoop(DDAError):
+    reason = "symlink_loop"
+    errno = _errno.ELOOP
+
+
+class ReadOnly(DDAError):
+    reason = "read_only"
+    errno = _errno.EROFS
+
+
+class BadHandle(DDAError):
+    reason = "bad_handle"
+    errno = _errno.EBADF
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    errno: int
+    reason: str        # bounded metric label
+    exit_code: int
+    message: str
+
+
+def describe(exc: BaseException) -> ErrorInfo:
+    """The one mapping from an exception to (errno, reason, exit code, message)."""
+    if isinstance(exc, DDAError):
+        return ErrorInfo(exc.errno, exc.reason, exc.exit_code, str(exc))
+    if isinstance(exc, asyncio.CancelledError):
+        return ErrorInfo(_errno.EINTR, "cancelled", 130, "cancelled")
+    if isinstance(exc, TimeoutError):          # asyncio.TimeoutError is TimeoutError on 3.11+
+        return ErrorInfo(_errno.ETIMEDOUT, "deadline", 1, str(exc) or "timed out")
+    if isinstance(exc, OSError) and exc.errno:
+        return ErrorInfo(exc.errno, "os_error", 1, str(exc))
+    return ErrorInfo(_errno.EIO, "error", 1, str(exc) or type(exc).__name__)
+
+
+def errno_of(exc: BaseException) -> int:
+    return describe(exc).errno
+
+
+def reason_of(exc: BaseException) -> str:
+    return describe(exc).reason

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable
+from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError, RemoteUnavailable, reason_of
 from ..remotes import Remote
 from ..store import Store
 from ..store.verify import ObjectVerifier, md5_matches
@@ -308,10 +308,11 @@ class Fetcher:
                 total = await self._remote_call(
                     ref.remote, lambda: ref.remote.stream(ref.path, offset, start + job.length, sink), "read")
                 if total is not None and total != size:
-                    raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, expected {size}")
+                    raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, expected {size}",
+                                      path=ref.display)
                 if job.received < job.length:
                     raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
-                                            f"({job.received} of {job.length} bytes)")
+                                            f"({job.received} of {job.length} bytes)", path=ref.display)
             except RemoteUnavailable as err:
                 attempt += 1
                 await self._backoff(attempt, ref, err)
@@ -342,11 +343,11 @@ class Fetcher:
                     total = start + len(got.data)   # no size in the answer: a short read marks the end
                 if size is not None and total != size:
                     raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, "
-                                      f"expected {size}")
+                                      f"expected {size}", path=ref.display)
                 expected_len = min(total, start + cs) - start
                 if len(got.data) != expected_len:
                     raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
-                                            f"({len(got.data)} of {expected_len} bytes)")
+                                            f"({len(got.data)} of {expected_len} bytes)", path=ref.display)
                 self._learned_size(ref.oid, total)
                 if self.store.chunk_count(total) == 1 and not md5_matches(got.data, ref.oid, ref.legacy):
                     mismatches += 1
@@ -427,17 +428,8 @@ class Fetcher:
                 result = await call()
                 status = "ok"
                 return result
-            except ObjectMissing:
-                status = "missing"
-                raise
-            except RemoteAuthError:
-                status = "auth"
-                raise
-            except RemoteUnavailable:
-                status = "unavailable"
-                raise
-            except asyncio.CancelledError:
-                status = "cancelled"
+            except BaseException as err:
+                status = reason_of(err)     # the one error mapping (sidecar.errors)
                 raise
             finally:
                 self.on_request(op, status, time.monotonic() - started)
@@ -449,16 +441,16 @@ class Fetcher:
         except ObjectMissing:
             self.stats.errors["missing"] += 1
             raise ObjectMissing(f"{ref.display}: object md5 {ref.oid} is missing on remote {ref.remote.name!r} "
-                                f"({ref.remote.display_url}/{ref.path})") from None
+                                f"({ref.remote.display_url}/{ref.path})", path=ref.display) from None
         except RemoteError as err:
-            if ref.display in str(err):
+            if err.path is not None:        # already says which file
                 raise
-            raise type(err)(f"{ref.display}: {err}") from None
+            raise type(err)(f"{ref.display}: {err}", path=ref.display) from None
         except TimeoutError:
             self.stats.errors["deadline"] += 1
             raise DeadlineExceeded(
                 f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
-                f"within {self.deadline:g}s") from None
+                f"within {self.deadline:g}s", path=ref.display) from None
 
 
 class _StreamJob:

@@ -1,7 +1,13 @@
-"""pyfuse3 operations over an Engine's immutable Tree.
+"""pyfuse3 operations: a thin adapter over the file-system layer (sidecar.fs).
 
-The snapshot never changes under a mount, so the kernel may cache entries, attributes and
-pages for as long as it likes (long timeouts, keep_cache).
+It keeps what only FUSE needs - the inode table, kernel cache timeouts, xattrs, the
+prefetcher's read hooks - and asks `FileSystem` for everything else. Errors become the errno
+`sidecar.errors.describe` gives them.
+
+The content of a snapshot is immutable, so the kernel may cache entries, attributes and pages
+for as long as it likes (long timeouts, keep_cache) - except a size we have not learned yet:
+readdir answers names and types from the snapshot without sizing, and an entry whose size is
+unknown goes out with zero timeouts, so the kernel asks (lookup/getattr) before it uses one.
 """
 from __future__ import annotations
 
@@ -12,15 +18,14 @@ import json
 import logging
 import os
 import posixpath
-import stat
 from dataclasses import dataclass
 
 import pyfuse3
 
 from ..engine import Engine
-from ..errors import DDAError, DeadlineExceeded, NotFound
+from ..errors import DDAError, NotFound, describe
 from ..fetch.prefetch import Prefetcher, ReadState
-from ..snapshot.tree import Entry
+from ..fs import Attr, FileSystem, Handle
 
 log = logging.getLogger(__name__)
 TIMEOUT = 24 * 3600.0
@@ -30,14 +35,20 @@ XATTR_REFRESH = b"user.dda.refresh"   # reading it on the root moves the mount t
 
 
 def _never_crash(handler):  # type: ignore[no-untyped-def]
-    """An unexpected exception in a handler would end pyfuse3's main loop and leave readers
-    with a dead mount: answer EIO and log it instead."""
+    """Errors of the file-system layer become their errno (one log line unless ENOENT); an
+    unexpected exception would end pyfuse3's main loop and leave readers with a dead mount:
+    answer EIO and log it instead."""
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except DDAError as err:
+            info = describe(err)
+            if info.errno != errno.ENOENT:
+                log.error("%s", info.message)
+            raise pyfuse3.FUSEError(info.errno) from None
         except Exception:
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -46,9 +57,12 @@ def _never_crash(handler):  # type: ignore[no-untyped-def]
 
 @dataclass
 class _Open:
-    path: str
-    entry: Entry
+    handle: Handle
     state: ReadState
+
+    @property
+    def path(self) -> str:
+        return self.handle.path
 
 
 class DdaOperations(pyfuse3.Operations):
@@ -58,18 +72,16 @@ class DdaOperations(pyfuse3.Operations):
     def __init__(self, engine: Engine, prefetcher: Prefetcher, subdir: str = ""):
         super().__init__()
         self.engine = engine
+        self.fs = FileSystem(engine)
         self.prefetcher = prefetcher
         self.root = engine.tree.normalize(subdir)
         if not engine.tree.is_dir(self.root):
             raise NotFound(f"--subdir {subdir!r}: no such directory in revision {engine.info.revision}")
-        self.mtime_ns = (engine.info.commit_time if engine.info else 0) * 10**9
         self.uid, self.gid = os.getuid(), os.getgid()
         self._paths: list[str] = ["", ""]           # inode -> repository path (1 is the root)
         self._paths[pyfuse3.ROOT_INODE] = self.root
         self._inodes: dict[str, int] = {self.root: pyfuse3.ROOT_INODE}
-        self._sized_dirs: set[str] = set()
-        self._open: dict[int, _Open] = {}
-        self._next_fh = 1
+        self._open: dict[int, _Open] = {}           # fh -> open file (metrics count these)
         self.status_extra: dict[str, object] = {}
 
     # -- inode bookkeeping ----------------------------------------------------------------------
@@ -87,115 +99,57 @@ class DdaOperations(pyfuse3.Operations):
         except IndexError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    def _attrs(self, inode: int, path: str, entry: Entry | None) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = inode
-        attr.generation = 0
-        attr.entry_timeout = TIMEOUT
-        attr.attr_timeout = TIMEOUT
-        attr.st_uid, attr.st_gid = self.uid, self.gid
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.mtime_ns
-        attr.st_blksize = 128 * 1024
-        if entry is None:
-            attr.st_mode = stat.S_IFDIR | 0o755
-            attr.st_nlink = 2
-            attr.st_size = 4096
-        else:
-            assert entry.size is not None
-            attr.st_mode = entry.mode
-            attr.st_nlink = 1
-            attr.st_size = entry.size
-        attr.st_blocks = -(-attr.st_size // 512)
-        return attr
-
-    async def _entry(self, path: str) -> Entry | None:
-        """The entry with its true size (None for a directory)."""
-        tree = self.engine.tree
-        if path in tree.dirs:
-            return None
-        entry = tree.files.get(path)
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if entry.size is None:
-            entry = await self._guard(self.engine.stat(path), path)
-        return entry
-
-    async def _guard(self, coro, path: str):  # type: ignore[no-untyped-def]
-        """Engine errors become errno values (and one log line), never a crashed daemon."""
-        try:
-            return await coro
-        except pyfuse3.FUSEError:
-            raise
-        except NotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except DeadlineExceeded as err:
-            log.error("%s", err)
-            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
-        except DDAError as err:
-            log.error("%s", err)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    async def _size_directory(self, path: str) -> None:
-        """Learn every child's size at once (one LIST per remote folder, or bounded HEADs)."""
-        if path in self._sized_dirs:
-            return
-        tree = self.engine.tree
-        prefix = path + "/" if path else ""
-        children = [tree.files[prefix + n] for n in tree.dirs.get(path, []) if prefix + n in tree.files]
-        unsized = [e for e in children if e.size is None]
-        if unsized:
-            await self._guard(self.engine.stat_many(unsized), path)
-        self._sized_dirs.add(path)
+    def _attrs(self, inode: int, attr: Attr | None, mode: int = 0) -> pyfuse3.EntryAttributes:
+        """FUSE attributes of `attr`; None: a size not known yet (zero timeouts: the kernel
+        must look it up again before it trusts a size)."""
+        out = pyfuse3.EntryAttributes()
+        out.st_ino = inode
+        out.generation = 0
+        out.st_uid, out.st_gid = self.uid, self.gid
+        out.st_blksize = 128 * 1024
+        if attr is None:
+            out.entry_timeout = out.attr_timeout = 0
+            out.st_mode, out.st_nlink, out.st_size, out.st_blocks = mode, 1, 0, 0
+            out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = self.fs.mtime_ns
+            return out
+        out.entry_timeout = out.attr_timeout = TIMEOUT
+        out.st_mode, out.st_nlink, out.st_size, out.st_blocks = attr.mode, attr.nlink, attr.size, attr.blocks
+        out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = attr.mtime_ns
+        return out
 
     # -- metadata -------------------------------------------------------------------------------
     @_never_crash
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._path(parent_inode)
         text = os.fsdecode(name)
-        if text == ".":
-            path = parent
-        elif text == "..":
-            path = posixpath.dirname(parent) if parent != self.root else parent
-        else:
-            path = f"{parent}/{text}" if parent else text
-        tree = self.engine.tree
-        if path not in tree.files and path not in tree.dirs:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        entry = await self._entry(path)
-        return self._attrs(self._inode(path), path, entry)
+        if text == ".." and parent == self.root:
+            text = "."                              # never above the mounted subdir
+        path, attr = await self.fs.lookup(parent, text)
+        return self._attrs(self._inode(path), attr)
 
     @_never_crash
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        path = self._path(inode)
-        return self._attrs(inode, path, await self._entry(path))
+        return self._attrs(inode, await self.fs.stat(self._path(inode)))
 
     @_never_crash
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        path = self._path(inode)
-        entry = self.engine.tree.files.get(path)
-        if entry is None or not entry.is_symlink:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return await self._guard(self.engine.read(path, 0, 1 << 20), path)
+        return os.fsencode(await self.fs.readlink(self._path(inode)))
 
     @_never_crash
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        path = self._path(inode)
-        if path not in self.engine.tree.dirs:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self.fs.names(self._path(inode))           # ENOENT / ENOTDIR
         return inode
 
     @_never_crash
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        path = self._path(fh)
-        await self._size_directory(path)
-        tree = self.engine.tree
-        names = tree.dirs[path]
-        prefix = path + "/" if path else ""
-        for index in range(start_id, len(names)):
-            child = prefix + names[index]
-            entry = tree.files.get(child)
-            attrs = self._attrs(self._inode(child), child, entry)
-            if not pyfuse3.readdir_reply(token, os.fsencode(names[index]), attrs, index + 1):
+        # Names and types from the snapshot: no request, no sizing (a 100k-entry folder
+        # answers at once). Sizes are learned when the kernel looks an entry up.
+        entries = self.fs.listdir(self._path(fh))
+        for index in range(start_id, len(entries)):
+            item = entries[index]
+            attr = self.fs.known_attr(item.path) if item.kind == "dir" or item.size is not None else None
+            attrs = self._attrs(self._inode(item.path), attr, item.mode)
+            if not pyfuse3.readdir_reply(token, os.fsencode(item.name), attrs, index + 1):
                 return
 
     @_never_crash
@@ -247,25 +201,19 @@ class DdaOperations(pyfuse3.Operations):
             return None
 
     async def _refresh(self) -> dict[str, object]:
-        """Swap in the branch's new tip. Open files keep their old entries; the kernel's
+        """Swap in the branch's new tip. Open files keep their pinned entries; the kernel's
         cached entries, attributes and pages of what changed are invalidated."""
-        old_files = dict(self.engine.tree.files)
-        moved = await self._guard(self.engine.refresh(), "refresh")
+        moved = await self.fs.refresh()
         if moved is None:
-            return {"moved": False, "commit": self.engine.info.commit if self.engine.info else None}
-        tree = self.engine.tree
-        self.mtime_ns = (self.engine.info.commit_time if self.engine.info else 0) * 10**9
-        self._sized_dirs.clear()
+            return {"moved": False, "commit": self.fs.commit}
         stale: list[tuple[int, int | None, str]] = []      # (inode, parent inode, name)
         for path, inode in list(self._inodes.items()):
-            old, new = old_files.get(path), tree.files.get(path)
-            is_dir = path in tree.dirs
-            if is_dir or old is None or new is None or old.oid != new.oid or old.mode != new.mode:
+            if moved.changed(path):
                 parent = self._inodes.get(posixpath.dirname(path)) if path != self.root else None
                 stale.append((inode, parent, posixpath.basename(path)))
         # After this request has been answered: the kernel may lock what we invalidate.
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
-        return {"moved": True, "old": moved[0], "new": moved[1]}
+        return {"moved": True, "old": moved.old_commit, "new": moved.new_commit}
 
     @staticmethod
     def _invalidate(stale: list[tuple[int, int | None, str]]) -> None:
@@ -287,32 +235,28 @@ class DdaOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
             raise pyfuse3.FUSEError(errno.EROFS)
-        path = self._path(inode)
-        entry = await self._entry(path)
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._open[fh] = _Open(path, entry, ReadState())
-        self.prefetcher.on_open(path)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        handle = await self.fs.open(self._path(inode))
+        self._open[handle.id] = _Open(handle, ReadState())
+        self.prefetcher.on_open(handle.path)
+        return pyfuse3.FileInfo(fh=handle.id, keep_cache=True, direct_io=False)
 
     @_never_crash
     async def read(self, fh: int, offset: int, length: int) -> bytes:
-        handle = self._open.get(fh)
-        if handle is None:
+        opened = self._open.get(fh)
+        if opened is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        size = handle.entry.size or 0
-        if offset >= size:
-            return b""
-        # The entry captured at open: a refresh never changes a file under its reader.
-        data = await self._guard(self.engine.read_entry(handle.entry, offset, length), handle.path)
-        self.prefetcher.on_read(handle.path, handle.state, offset, len(data), size)
+        handle = opened.handle
+        # The handle is pinned to the entry of open time: a refresh never changes a file under its reader.
+        data = await self.fs.read(handle, offset, length)
+        if data:
+            self.prefetcher.on_read(handle.path, opened.state, offset, len(data), handle.size)
         return data
 
     @_never_crash
     async def release(self, fh: int) -> None:
-        self._open.pop(fh, None)
+        opened = self._open.pop(fh, None)
+        if opened is not None:
+            self.fs.release(opened.handle)
 
     @_never_crash
     async def releasedir(self, fh: int) -> None:

@@ -1,0 +1,283 @@
+"""The frontend-neutral file system over one Engine (the way mountpoint-s3 puts `fs` under its
+FUSE adapter): every frontend - the FUSE mount, the in-process hooks, `dda ls/cat/get` - asks
+these methods and turns the answers and errors into its own shapes.
+
+Rules it keeps for every frontend:
+- names and types come from the snapshot alone: `listdir` never asks a remote and never sizes;
+- a size is learned only when someone asks for it (`stat`, `lookup`, `open`), one entry at a
+  time, or in bulk where a frontend wants many at once (`stat_many`, for `dda ls` and `get`);
+- a handle is pinned to the entry (object id, size, mode) it was opened on: a refresh to a new
+  commit never changes what an open file reads;
+- errors are `sidecar.errors.DDAError`s carrying errno and reason; frontends map them with
+  `sidecar.errors.describe`, never by their text.
+
+All methods run on the engine's event loop.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import posixpath
+import stat as _st
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator
+
+from ..engine import Engine
+from ..errors import BadHandle, IsADirectory, NotADirectory, NotASymlink, NotFound, SymlinkLoop
+from ..snapshot.tree import Entry, Tree
+from .attr import Attr, DirEntry, Kind, dir_attr
+
+MAX_SYMLINK_HOPS = 40          # as the kernel's ELOOP limit
+MAX_LINK_TARGET = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """An open file: the entry (object and size) it was opened on, whatever happens later."""
+
+    id: int
+    path: str
+    entry: Entry         # sized
+    commit: str | None
+
+    @property
+    def size(self) -> int:
+        assert self.entry.size is not None
+        return self.entry.size
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """What a refresh did: the commits, and which paths changed between the two snapshots."""
+
+    old_commit: str
+    new_commit: str
+    old_files: dict[str, Entry]
+    new_tree: Tree
+
+    def changed(self, path: str) -> bool:
+        """Whether what the kernel (or anyone) knows about `path` may be stale: a directory
+        (its listing may differ), a path that appeared or vanished, or other content/mode."""
+        if path in self.new_tree.dirs:
+            return True
+        old, new = self.old_files.get(path), self.new_tree.files.get(path)
+        return old is None or new is None or old.oid != new.oid or old.mode != new.mode
+
+
+class FileSystem:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._handles: dict[int, Handle] = {}
+        self._ids = itertools.count(1)
+
+    # -- the snapshot ---------------------------------------------------------------------------
+    @property
+    def tree(self) -> Tree:
+        return self.engine.tree
+
+    @property
+    def commit(self) -> str | None:
+        return self.engine.info.commit if self.engine.info else None
+
+    @property
+    def revision(self) -> str:
+        return self.engine.info.revision if self.engine.info else "?"
+
+    @property
+    def mtime_ns(self) -> int:
+        """Every path of a snapshot has its commit's time."""
+        return (self.engine.info.commit_time if self.engine.info else 0) * 10**9
+
+    @staticmethod
+    def normalize(path: str) -> str:
+        return Tree.normalize(path)
+
+    def kind(self, path: str) -> Kind | None:
+        """'file', 'dir', 'symlink' or None, from the snapshot alone (no request)."""
+        tree = self.tree
+        entry = tree.files.get(path)
+        if entry is not None:
+            return "symlink" if entry.is_symlink else "file"
+        return "dir" if path in tree.dirs else None
+
+    def entry(self, path: str) -> Entry | None:
+        """The file or symlink entry at `path` (None: a directory or nothing)."""
+        return self.tree.files.get(path)
+
+    def _missing(self, path: str) -> NotFound:
+        return NotFound(f"{path}: not in revision {self.revision}", path=path)
+
+    # -- listing: names and types, never sizes -------------------------------------------------------
+    def names(self, path: str) -> list[str]:
+        """The names in directory `path`, sorted (no request, no sizing)."""
+        names = self.tree.dirs.get(path)
+        if names is None:
+            if path in self.tree.files:
+                raise NotADirectory(f"{path}: not a directory", path=path)
+            raise self._missing(path)
+        return names
+
+    def listdir(self, path: str) -> list[DirEntry]:
+        """Entries of directory `path` with their types (and sizes only where already known)."""
+        tree = self.tree
+        prefix = path + "/" if path else ""
+        out = []
+        for name in self.names(path):
+            child = prefix + name
+            entry = tree.files.get(child)
+            if entry is None:
+                out.append(DirEntry(name, child, "dir", _st.S_IFDIR | 0o755, None))
+            else:
+                out.append(DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size))
+        return out
+
+    def walk_files(self, path: str) -> Iterator[Entry]:
+        """Every file and symlink at or below `path`, in path order."""
+        return self.tree.walk_files(path)
+
+    # -- metadata -------------------------------------------------------------------------------
+    def attr_of(self, entry: Entry | None) -> Attr:
+        """Attributes of a sized entry (None: a directory)."""
+        if entry is None:
+            return dir_attr(self.mtime_ns)
+        assert entry.size is not None, "attr_of() needs a sized entry"
+        return Attr(entry.mode, entry.size, self.mtime_ns, 1)
+
+    def known_attr(self, path: str) -> Attr | None:
+        """Attributes without any request, or None while the size is unknown."""
+        entry = self.tree.files.get(path)
+        if entry is None:
+            if path in self.tree.dirs:
+                return dir_attr(self.mtime_ns)
+            raise self._missing(path)
+        return self.attr_of(entry) if entry.size is not None else None
+
+    async def stat(self, path: str, *, follow: bool = False) -> Attr:
+        """Attributes of `path`; learns the size of that one entry if it is not known yet.
+        follow=True resolves symlinks inside the snapshot first (os.stat), else lstat."""
+        if follow:
+            path = await self.resolve(path)
+        entry = self.tree.files.get(path)
+        if entry is None:
+            if path in self.tree.dirs:
+                return dir_attr(self.mtime_ns)
+            raise self._missing(path)
+        return self.attr_of(await self.engine.sized(entry))
+
+    async def lookup(self, parent: str, name: str) -> tuple[str, Attr]:
+        """The child `name` of directory `parent`: (its path, its attributes)."""
+        if parent not in self.tree.dirs:
+            raise NotADirectory(f"{parent}: not a directory", path=parent) if parent in self.tree.files \
+                else self._missing(parent)
+        if name == ".":
+            path = parent
+        elif name == "..":
+            path = posixpath.dirname(parent)
+        else:
+            path = f"{parent}/{name}" if parent else name
+        return path, await self.stat(path)
+
+    async def stat_many(self, paths: list[str]) -> list[tuple[str, Attr]]:
+        """Attributes of many paths at once, sizes learned in bulk (one listing per remote
+        folder where the remote lists, else bounded requests): for `dda ls` and `dda get`."""
+        tree = self.tree
+        entries = []
+        for p in paths:
+            entry = tree.files.get(p)
+            if entry is None and p not in tree.dirs:
+                raise self._missing(p)
+            if entry is not None:
+                entries.append(entry)
+        sized = {e.path: e for e in await self.engine.stat_many(entries)} if entries else {}
+        return [(p, self.attr_of(sized.get(p))) for p in paths]
+
+    async def readlink(self, path: str) -> str:
+        entry = self.tree.files.get(path)
+        if entry is None:
+            if path in self.tree.dirs:
+                raise NotASymlink(f"{path}: not a symbolic link", path=path)
+            raise self._missing(path)
+        if not entry.is_symlink:
+            raise NotASymlink(f"{path}: not a symbolic link", path=path)
+        return os.fsdecode(await self.engine.read_entry(entry, 0, MAX_LINK_TARGET))
+
+    async def resolve(self, path: str, hidden: Callable[[str], bool] | None = None) -> str:
+        """`path` with its symlinks followed inside the snapshot. NotFound for a dangling
+        link, one that leaves the repository (absolute or above its root), or one whose
+        target `hidden` rejects; SymlinkLoop after 40 hops."""
+        seen = path
+        for _ in range(MAX_SYMLINK_HOPS):
+            entry = self.tree.files.get(path)
+            if entry is None:
+                if path in self.tree.dirs:
+                    return path
+                raise self._missing(seen)
+            if not entry.is_symlink:
+                return path
+            target = await self.readlink(path)
+            if target.startswith("/"):
+                raise NotFound(f"{seen}: points outside the repository", path=seen)
+            path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+            if path == ".." or path.startswith("../"):
+                raise NotFound(f"{seen}: points outside the repository", path=seen)
+            path = "" if path == "." else path
+            if hidden is not None and hidden(path):
+                raise self._missing(seen)
+        raise SymlinkLoop(f"{seen}: too many levels of symbolic links", path=seen)
+
+    # -- data -----------------------------------------------------------------------------------
+    async def open(self, path: str, *, follow: bool = False) -> Handle:
+        """A handle pinned to the entry at `path` now (sized): reads through it see this
+        object even after a refresh moves the snapshot to another commit."""
+        if follow:
+            path = await self.resolve(path)
+        entry = self.tree.files.get(path)
+        if entry is None:
+            if path in self.tree.dirs:
+                raise IsADirectory(f"{path}: is a directory", path=path)
+            raise self._missing(path)
+        handle = Handle(next(self._ids), path, await self.engine.sized(entry), self.commit)
+        self._handles[handle.id] = handle
+        return handle
+
+    def handle(self, handle_id: int) -> Handle:
+        try:
+            return self._handles[handle_id]
+        except KeyError:
+            raise BadHandle(f"no open file with handle {handle_id}") from None
+
+    @property
+    def open_count(self) -> int:
+        return len(self._handles)
+
+    async def read(self, handle: Handle, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` of the handle's object (b"" at or past its end)."""
+        if offset >= handle.size or length <= 0:
+            return b""
+        return await self.engine.read_entry(handle.entry, offset, min(length, handle.size - offset))
+
+    async def iter_bytes(self, handle: Handle, piece: int | None = None) -> AsyncIterator[bytes]:
+        """The handle's whole object in pieces of one chunk (what `dda cat` and `get` stream)."""
+        piece = piece or self.engine.store.chunk_size
+        offset = 0
+        while offset < handle.size:
+            data = await self.read(handle, offset, piece)
+            if not data:
+                return
+            yield data
+            offset += len(data)
+
+    def release(self, handle: Handle | int) -> None:
+        self._handles.pop(handle if isinstance(handle, int) else handle.id, None)
+
+    # -- following a branch ---------------------------------------------------------------------
+    async def latest_commit(self) -> str | None:
+        return await self.engine.latest_commit()
+
+    async def refresh(self) -> Refreshed | None:
+        """Move to the branch's new tip, if it moved. Open handles keep their entries."""
+        old_files = dict(self.tree.files)
+        moved = await self.engine.refresh()
+        if moved is None:
+            return None
+        return Refreshed(moved[0], moved[1], old_files, self.tree)
