@@ -453,3 +453,77 @@ def test_fixture_repositories_over_http(any_repo, tmp_path, http_remote, s3_remo
         assert full.read_bytes() == expected[rel], rel
     assert (view / "data/images/日本語.bin").is_file()
     assert sorted(os.listdir(view / "data/images/dogs/with space")) == ["dog one.bin"]
+
+
+@pytest.fixture
+def fake_remote(tmp_path):
+    """The hooks sample repository with its DVC remote served by the in-memory fake."""
+    import uuid
+
+    from sidecar.remotes.fake import FakeRemote
+
+    repo, remote, expected = make_hooks_repo(tmp_path / "s")
+    name = f"h{uuid.uuid4().hex[:8]}"
+    fake = FakeRemote.register(name, remote)
+    yield repo, fake, expected, {"default": {"url": f"fake://{name}"}}
+    FakeRemote.unregister(name)
+
+
+def test_listing_needs_no_sizes_and_scandir_stat_sizes_one_entry(fake_remote, tmp_path):
+    """Issue 11: names and types come from the snapshot; a size is fetched for the one entry
+    whose DirEntry.stat() asks (before: every file of the folder was sized first)."""
+    repo, fake, expected, remotes = fake_remote
+    view = tmp_path / "view"
+    install_hooks(str(repo), root=view, cache_dir=tmp_path / "cache", remotes=remotes)
+    fake.calls.clear()
+    names = sorted(os.listdir(view / "data/images/cats"))
+    walked = [(d, sorted(f)) for d, _, f in os.walk(view / "data")]
+    entries = {e.name: e for e in os.scandir(view / "data/images/cats")}
+    assert sorted(entries) == names and all(e.is_file() and not e.is_dir() for e in entries.values())
+    assert len(walked) > 3 and fake.calls == []                  # no request for any of it
+    first = entries[names[0]]
+    rel = f"data/images/cats/{names[0]}"
+    assert first.stat().st_size == len(expected[rel])
+    assert [(c.op, c.path) for c in fake.calls if c.op in ("size", "list")] == [("size", fake.calls[0].path)]
+    assert os.path.getsize(view / rel) == len(expected[rel]) and len(fake.calls) == 1   # remembered
+
+
+def test_deadline_is_etimedout_in_the_hooks(fake_remote, tmp_path):
+    repo, fake, expected, remotes = fake_remote
+    view = tmp_path / "view"
+    install_hooks(str(repo), root=view, cache_dir=tmp_path / "cache", remotes=remotes, deadline=1, retries=0)
+    size = os.path.getsize(view / "data/lib/table.csv")          # sizing is not hung
+    fake.script(op="read", pattern="files/md5/*", hang=True)
+    with pytest.raises(OSError) as err:
+        open(view / "data/lib/table.csv", "rb").read()
+    assert err.value.errno == errno.ETIMEDOUT and "data/lib/table.csv" in str(err.value)
+    runtime = hooks._state.runtime
+    runtime.loop.call_soon_threadsafe(fake.heal)
+    assert len(open(view / "data/lib/table.csv", "rb").read()) == size
+
+
+def test_credentials_never_reach_the_environment(fresh, monkeypatch, autoload, tmp_path):
+    """Issue 14: install_hooks() used to put remote and git credentials in plain text into
+    DDA_HOOKS, inherited by every child. Children get them from a private 0600 file."""
+    repo, _, expected, cache = fresh
+    planted_pw, planted_token = "PLANTED-remote-" + os.urandom(6).hex(), "PLANTED-git-" + os.urandom(6).hex()
+    monkeypatch.chdir(repo)
+    install_hooks(cache_dir=cache, remotes={"storage": {"password": planted_pw}}, git_token=planted_token)
+    environ = json.dumps(dict(os.environ))
+    assert planted_pw not in environ and planted_token not in environ
+    payload = json.loads(os.environ[hooks.ENV_VAR])
+    secret_file = Path(payload["credentials"])
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600 and stat.S_IMODE(secret_file.parent.stat().st_mode) == 0o700
+    code = ("import os, json, sys; from sidecar import hooks; c = hooks._state.config; "
+            "print(json.dumps({'env': dict(os.environ), 'argv': open('/proc/self/cmdline', 'rb').read().decode(), "
+            "'pw': c.remotes['storage']['password'], 'token': c.git_token, "
+            "'size': os.path.getsize('data/lib/table.csv')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    child = json.loads(out.stdout)
+    assert planted_pw not in json.dumps(child["env"]) + child["argv"]
+    assert planted_token not in json.dumps(child["env"]) + child["argv"]
+    assert child["pw"] == planted_pw and child["token"] == planted_token        # yet the child has them
+    assert child["size"] == len(expected["data/lib/table.csv"])
+    uninstall_hooks()
+    assert not secret_file.exists() and not secret_file.parent.exists()

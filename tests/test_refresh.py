@@ -84,3 +84,40 @@ def test_mount_shows_new_commit_and_refreshes_on_request(origin, tmp_path):
     finally:
         subprocess.run([DDA, "unmount", str(mp)])
         wait_until(lambda: not mounted(mp), 10)
+
+
+def test_hooks_open_file_keeps_its_content_when_the_branch_changes_it(origin, tmp_path):
+    """Issue 10, failing before: in a clone without data, a file opened before refresh_hooks()
+    went on with the new commit's content. A handle is pinned to the object it opened."""
+    import hashlib
+
+    import yaml
+
+    from sidecar.remotes.base import object_path
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    assert not (clone / "data/labels.csv").exists()                 # no data pulled
+    storage = tmp_path / "s" / "storage"
+    old = b""
+    hooks.install_hooks(str(origin), revision="main", root=clone, cache_dir=tmp_path / "cache")
+    try:
+        reader = open(clone / "data/labels.csv", "rb", buffering=0)  # every read goes to the engine
+        head = reader.read(10)
+        old = head + open(clone / "data/labels.csv", "rb").read()[10:]
+        new = b"replaced,labels\n" * 7
+        md5 = hashlib.md5(new).hexdigest()
+        (storage / object_path(md5, legacy=False)).parent.mkdir(parents=True, exist_ok=True)
+        (storage / object_path(md5, legacy=False)).write_bytes(new)
+        (clone / "data/labels.csv.dvc").write_text(yaml.safe_dump(
+            {"outs": [{"md5": md5, "size": len(new), "hash": "md5", "path": "labels.csv"}]}, sort_keys=False))
+        git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run([*git, "commit", "-q", "-am", "other labels"], check=True)
+        subprocess.run([*git, "push", "-q", "origin", "main"], check=True)
+        assert hooks.refresh_hooks() is not None
+        assert head + reader.read() == old                            # the old content, to its end
+        reader.close()
+        with open(clone / "data/labels.csv", "rb") as fresh:          # a new open: the new commit
+            assert fresh.read() == new
+    finally:
+        hooks.uninstall_hooks()

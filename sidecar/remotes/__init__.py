@@ -42,4 +42,8 @@ def build_remote(name: str, settings: dict[str, str], *, repo_dir: Path | None, 
                     f"machine; point DDA_REMOTE_{name.upper().replace('-', '_')}_URL at the storage")
             path = (repo_dir / ".dvc" / path).resolve()
         return LocalRemote(name, path)
+    if scheme == "fake":        # in-memory, scripted (tests): sidecar.remotes.fake
+        from .fake import FakeRemote
+
+        return FakeRemote.lookup(urlsplit(url).netloc)
     raise ConfigError(f"remote {name!r}: unsupported remote kind {scheme!r} (supported: http, https, s3, local path)")
