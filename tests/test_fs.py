@@ -283,3 +283,19 @@ def test_mount_lists_without_sizing_and_the_kernel_never_keeps_an_unknown_size(s
         sizes = {e.name: e.stat().st_size for e in os.scandir(cats)}
         assert all(sizes[n] == len(fake.objects[object_path(tree.files[f"data/images/cats/{n}"].oid, False)])
                    for n in names)
+
+
+def test_one_mapping_for_errno_reason_and_exit_code():
+    """The errno, metric label and exit code of an error are fields of its class, the same
+    for every frontend; the reasons the metrics export at 0 are the error classes' own."""
+    from sidecar import metrics
+    from sidecar.errors import ConfigError, RemoteUnavailable
+
+    assert set(metrics.ERROR_REASONS) == {RemoteUnavailable.reason, DeadlineExceeded.reason,
+                                          ObjectMissing.reason, HashMismatch.reason}
+    assert describe(TimeoutError()).errno == errno.ETIMEDOUT and describe(TimeoutError()).reason == "deadline"
+    assert describe(asyncio.CancelledError()).reason == "cancelled"
+    assert describe(ConfigError("x")).exit_code == 2 and describe(NotFound("x")).exit_code == 1
+    assert describe(RuntimeError("boom")).errno == errno.EIO
+    custom = ObjectMissing("m", path="a/b", errno=errno.ENODATA)       # per-instance override
+    assert custom.errno == errno.ENODATA and custom.path == "a/b" and ObjectMissing.errno == errno.EIO

@@ -527,3 +527,21 @@ def test_credentials_never_reach_the_environment(fresh, monkeypatch, autoload, t
     assert child["size"] == len(expected["data/lib/table.csv"])
     uninstall_hooks()
     assert not secret_file.exists() and not secret_file.parent.exists()
+
+
+def test_git_symlinks_follow_inside_the_repository(fresh, tmp_path):
+    repo, _, expected, cache = fresh
+    os.symlink("lib", repo / "data" / "lib-link")
+    os.symlink("lib/meta.json", repo / "data" / "meta-link.json")
+    os.symlink("../../outside", repo / "data" / "escape")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "links"],
+                   check=True)
+    view = tmp_path / "view"
+    install_hooks(str(repo), root=view, cache_dir=cache)
+    assert stat.S_ISDIR(os.stat(view / "data/lib-link").st_mode)
+    assert stat.S_ISLNK(os.lstat(view / "data/lib-link").st_mode) and os.lstat(view / "data/lib-link").st_size == 3
+    assert sorted(os.listdir(view / "data/lib-link")) == sorted(os.listdir(view / "data/lib"))
+    assert os.stat(view / "data/meta-link.json").st_size == len(expected["data/lib/meta.json"])
+    assert open(view / "data/meta-link.json", "rb").read() == expected["data/lib/meta.json"]
+    assert not os.path.exists(view / "data/escape") and os.path.lexists(view / "data/escape")

@@ -353,7 +353,7 @@ class Fetcher:
                     mismatches += 1
                     self.stats.hash_mismatches += 1
                     if mismatches > 1:
-                        self.stats.errors["hash_mismatch"] += 1
+                        self.stats.errors[HashMismatch.reason] += 1
                         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} "
                                            f"does not match its md5 {ref.oid} (after {mismatches} downloads)")
                     continue
@@ -365,7 +365,7 @@ class Fetcher:
     async def _backoff(self, attempt: int, ref: ObjectRef, err: RemoteUnavailable) -> None:
         """Sleep before retry `attempt` (exponential, full jitter), or give up with `err`."""
         if attempt > self.retries:
-            self.stats.errors["unavailable"] += 1
+            self.stats.errors[RemoteUnavailable.reason] += 1
             raise err
         self.stats.retries += 1
         delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
@@ -395,7 +395,7 @@ class Fetcher:
             return
         self.store.drop_object(ref.oid, count)
         self.stats.hash_mismatches += 1
-        self.stats.errors["hash_mismatch"] += 1
+        self.stats.errors[HashMismatch.reason] += 1
         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} does not "
                            f"match its md5 {ref.oid}; dropped it from the cache")
 
@@ -439,7 +439,7 @@ class Fetcher:
             async with asyncio.timeout(self.deadline):
                 return await coro
         except ObjectMissing:
-            self.stats.errors["missing"] += 1
+            self.stats.errors[ObjectMissing.reason] += 1
             raise ObjectMissing(f"{ref.display}: object md5 {ref.oid} is missing on remote {ref.remote.name!r} "
                                 f"({ref.remote.display_url}/{ref.path})", path=ref.display) from None
         except RemoteError as err:
@@ -447,7 +447,7 @@ class Fetcher:
                 raise
             raise type(err)(f"{ref.display}: {err}", path=ref.display) from None
         except TimeoutError:
-            self.stats.errors["deadline"] += 1
+            self.stats.errors[DeadlineExceeded.reason] += 1
             raise DeadlineExceeded(
                 f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                 f"within {self.deadline:g}s", path=ref.display) from None

@@ -298,13 +298,14 @@ class Hooks:
         found = self.lookup(rel, path) if follow else self.lentry(rel, path)
         if found is None:
             return None
+        from ..fs import dir_attr
+
         kind, entry = found
-        target = rel if entry is None else entry.path
         fs = self.fs(path)
-        attr = fs.known_attr(target) if entry is None or entry.size is not None else None
-        if attr is None:
-            attr = self.call(fs.stat(target), path)
-        return to_stat_result(attr, inode(target))
+        if entry is None:                   # a directory, or a symlink followed to one
+            return to_stat_result(dir_attr(fs.mtime_ns), inode(rel))
+        attr = fs.attr_of(entry) if entry.size is not None else self.call(fs.stat(entry.path), path)
+        return to_stat_result(attr, inode(entry.path))
 
     def open_remote(self, rel: str, file: Any, mode: str, buffering: int, encoding: Any, errors: Any,
                     newline: Any) -> Any:
