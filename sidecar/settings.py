@@ -418,6 +418,15 @@ def parse_value(name: str, value: Any) -> Any:
         raise ConfigError(_one_line(err)) from None
 
 
+def from_env(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment alone (its DDA_ variable, parsed), else its default;
+    for code that needs one value without loading everything (the training-side loader)."""
+    text = (os.environ if env is None else env).get(env_name(name))
+    if text:
+        return parse_value(name, text)
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
 def env_text(name: str, value: Any) -> str:
     """How `value` of setting `name` is written into an environment variable."""
     if isinstance(value, bool):
