@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import functools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Mapping
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -212,11 +213,12 @@ AbsolutePath = Annotated[str, _v(_absolute)]
 
 
 def setting(default: Any = None, doc: str = "", *, group: str, flags: tuple[str, ...] = (),
-            annotation: bool = False, helm: str | None = None, env: str | None = None, secret: bool = False,
+            annotation: bool | str = False, helm: str | None = None, env: str | None = None, secret: bool = False,
             shown: str | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
     """A field with the metadata every frontend reads: group (who uses it), flags, whether a pod
-    annotation may set it, its Helm value, an env name other than DDA_<NAME>, secrecy, and the
-    default as the README shows it."""
+    annotation may set it (True: dda-sidecar.io/<name with ->, passed through to the sidecar's
+    environment; a string: the annotation the webhook turns into it its own way), its Helm
+    value, an env name other than DDA_<NAME>, secrecy, and the default as the README shows it."""
     extra = {"group": group, "flags": list(flags), "annotation": annotation, "helm": helm, "env": env,
              "secret": secret, "shown": shown}
     kwargs: dict[str, Any] = {"description": doc, "json_schema_extra": extra, "repr": not secret}
@@ -235,14 +237,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", validate_default=False)
 
     # engine: what to read and how to fetch it
-    repo: str | None = setting(None, "git URL or local path of the repository (the URL argument of `dda ls/cat/get/mount/upload`)", group="engine",
-                               flags=("--repo",), shown="—")
+    repo: str | None = setting(None, "git URL or local path of the repository (the URL argument of "
+                               "`dda ls/cat/get/mount/upload`)", group="engine", flags=("--repo",),
+                               annotation="repo", shown="—")
     revision: str | None = setting(None, "branch, tag or commit (DDA_REV is accepted too)", group="engine",
-                                   flags=("--rev", "--revision"), shown="remote's default branch")
+                                   flags=("--rev", "--revision"), annotation="revision",
+                                   shown="remote's default branch")
     cache_dir: PathSetting = setting(None, "cache directory", group="engine", flags=("--cache-dir",),
                                      default_factory=default_cache_dir, shown="~/.cache/dda")
-    cache_size: Size = setting(20 * 1024**3, "cache budget (K/M/G/T, binary)", group="engine",
-                               flags=("--cache-size",), shown="20G")
+    cache_size: Size = setting(20 * 1024**3, "cache budget (K/M/G/T, binary); in a pod: the cache volume's "
+                               "budgetFraction", group="engine", flags=("--cache-size",), annotation="cache-size",
+                               helm="sidecar.cache.size", shown="20G")
     chunk_size: ChunkSize = setting(8 * 1024**2, "bytes per ranged request and cache chunk (multiple of 128K)",
                                     group="engine", flags=("--chunk-size",), annotation=True,
                                     helm="sidecar.chunkSize", shown="8M")
@@ -263,9 +268,10 @@ class Settings(BaseSettings):
         group="engine", secret=True, default_factory=dict, shown="", env="DDA_REMOTE_<NAME>_<KEY>")
 
     # mount (`dda mount`, `dda sidecar`)
-    mount: str | None = setting(None, "mountpoint", group="mount", flags=("--mount",), shown="")
+    mount: str | None = setting(None, "mountpoint", group="mount", flags=("--mount",), annotation="mount-path",
+                                helm="sidecar.defaultMountPath", shown="")
     subdir: str = setting("", "mount only this directory of the repository", group="mount",
-                          flags=("--subdir",), shown="")
+                          flags=("--subdir",), annotation="subdir", shown="")
     allow_non_empty: Bool = setting(False, "mount over a non-empty directory", group="mount",
                                     flags=("--allow-non-empty",))
     log_file: str | None = setting(None, "daemon log of `dda mount -d`", group="mount", flags=("--log-file",),
@@ -273,7 +279,7 @@ class Settings(BaseSettings):
 
     # sidecar (`dda sidecar`)
     port: Port = setting(9400, "HTTP port of /metrics, /healthz, /readyz and the loader API (0: any)",
-                         group="sidecar", flags=("--port",))
+                         group="sidecar", flags=("--port",), helm="sidecar.metricsPort")
     bind: str = setting("0.0.0.0", "HTTP address", group="sidecar", flags=("--bind",))
 
     # hooks (`install_hooks()`)
@@ -290,8 +296,8 @@ class Settings(BaseSettings):
                                   flags=("--listen",))
     webhook_tls_cert: str = setting("/tls/tls.crt", "serving certificate", group="webhook", flags=("--tls-cert",))
     webhook_tls_key: str = setting("/tls/tls.key", "serving key", group="webhook", flags=("--tls-key",))
-    webhook_sidecar_image: str = setting("dda-sidecar:0.1.0", "image of the injected sidecar (Helm: `image`, or `sidecar.image`)",
-                                         group="webhook",
+    webhook_sidecar_image: str = setting("dda-sidecar:0.1.0", "image of the injected sidecar (Helm: `image`, "
+                                         "or `sidecar.image`)", group="webhook",
                                          flags=("--sidecar-image",), helm="image.repository")
     webhook_sidecar_pull_policy: str = setting("IfNotPresent", "its imagePullPolicy", group="webhook",
                                                flags=("--sidecar-pull-policy",), helm="image.pullPolicy")
@@ -403,7 +409,7 @@ def names(group: str | None = None) -> list[str]:
 
 def annotation_settings() -> list[str]:
     """Settings a pod may choose by annotation (dda-sidecar.io/<name with ->)."""
-    return [n for n in Settings.model_fields if meta(n).get("annotation")]
+    return [n for n in Settings.model_fields if meta(n).get("annotation") is True]
 
 
 def annotation_key(name: str) -> str:
@@ -413,9 +419,16 @@ def annotation_key(name: str) -> str:
 def parse_value(name: str, value: Any) -> Any:
     """`value` parsed and checked as setting `name` would be; ConfigError naming it otherwise."""
     try:
-        return Settings.__pydantic_validator__.validate_assignment(Settings.model_construct(), name, value).__dict__[name]
+        return _adapter(name).validate_python(value)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
+        raise ConfigError(f"{name}: {_one_line(err).split(': ', 1)[-1]}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(name: str) -> TypeAdapter[Any]:
+    field = Settings.model_fields[name]
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return TypeAdapter(kind)
 
 
 def from_env(name: str, env: Mapping[str, str] | None = None) -> Any:
@@ -614,7 +627,9 @@ def markdown_table() -> str:
         for name in names(group):
             m = meta(name)
             flags = ", ".join(f"`{f}`" for f in m["flags"])
-            annotation = f"`{ANNOTATION_PREFIX}{annotation_key(name)}`" if m.get("annotation") else ""
+            key = m.get("annotation")
+            key = annotation_key(name) if key is True else key
+            annotation = f"`{ANNOTATION_PREFIX}{key}`" if key else ""
             helm = f"`{m['helm']}`" if m.get("helm") else ""
             default = _shown_default(name)
             default = f"`{default}`" if default and " " not in default and default != "—" else default

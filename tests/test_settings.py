@@ -203,3 +203,13 @@ def test_helm_values_name_real_chart_values():
             props = props["properties"][part]
     for name in S.annotation_settings():
         assert S.meta(name).get("helm") and S.meta("webhook_" + name).get("helm") == S.meta(name)["helm"]
+
+
+def test_annotations_the_model_names_are_the_webhooks():
+    from sidecar.webhook import mutate as M
+
+    for name in S.Settings.model_fields:
+        key = S.meta(name).get("annotation")
+        if key:
+            key = S.annotation_key(name) if key is True else key
+            assert key in M.PER_REPO + M.POD_WIDE, f"{name}: dda-sidecar.io/{key} is not an annotation the webhook reads"
