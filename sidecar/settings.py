@@ -584,7 +584,8 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[str]) -> N
         elif name == "webhook_native_sidecar":
             parser.add_argument(*m["flags"], dest=name, choices=("true", "false"), help=help_text)
         else:
-            parser.add_argument(*m["flags"], dest=name, default=None, help=help_text)
+            metavar = m["flags"][0].lstrip("-").upper().replace("-", "_")
+            parser.add_argument(*m["flags"], dest=name, default=None, metavar=metavar, help=help_text)
 
 
 def flag_values(ns: argparse.Namespace, settings: Iterable[str] | None = None) -> dict[str, Any]:

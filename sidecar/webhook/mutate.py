@@ -66,8 +66,6 @@ _RESERVED_TREES = ("/proc", "/sys", "/dev", "/etc", "/bin", "/sbin", "/usr", "/l
                    "/libx32", "/boot", "/run", "/var/run", "/var/lib/kubelet", CACHE_PATH)
 _RESERVED_EXACT = ("/tmp", "/var", "/home", "/root", "/opt", "/srv", "/mnt")
 
-DEFAULT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
-
 
 class BadReview(ValueError):
     """The body is not an AdmissionReview we can answer (the server answers HTTP 400)."""
@@ -363,21 +361,13 @@ def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec],
 
 
 def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budget: int) -> dict:
-    env = [{"name": "DDA_REPO", "value": spec.repo}]
-    if spec.revision:
-        env.append({"name": "DDA_REVISION", "value": spec.revision})
-    if spec.subdir:
-        env.append({"name": "DDA_SUBDIR", "value": spec.subdir})
-    env += [
-        {"name": "DDA_MOUNT", "value": spec.mount_path},
-        {"name": "DDA_CACHE_DIR", "value": CACHE_PATH},
-        {"name": "DDA_CACHE_SIZE", "value": f"{max(budget // 2**20, 1)}M"},
-        {"name": "DDA_PORT", "value": str(port)},
-        {"name": "DDA_BIND", "value": "0.0.0.0"},
-    ]
-    # Engine settings: the chart's (webhook_jobs, ...) unless the pod's annotations choose.
-    chosen = {**config.sidecar_settings, **spec.settings}
-    env += [{"name": env_name(k), "value": env_text(k, v)} for k, v in sorted(chosen.items())]
+    # The sidecar's settings (sidecar.settings names them): what the annotations and the chart
+    # decided, then engine settings (the chart's webhook_jobs, ... unless the pod's annotations choose).
+    chosen: dict[str, Any] = {"repo": spec.repo, "revision": spec.revision, "subdir": spec.subdir,
+                              "mount": spec.mount_path, "cache_dir": CACHE_PATH,
+                              "cache_size": f"{max(budget // 2**20, 1)}M", "port": port, "bind": "0.0.0.0"}
+    chosen.update(sorted({**config.sidecar_settings, **spec.settings}.items()))
+    env = [{"name": env_name(k), "value": env_text(k, v)} for k, v in chosen.items() if v not in (None, "")]
     probe = {"httpGet": {"path": "/readyz", "port": port}}
     container: dict[str, Any] = {
         "name": spec.container,
