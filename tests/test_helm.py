@@ -175,6 +175,13 @@ def test_chart_configuration_reaches_the_injected_pods(helm, values):
         assert all(c["restartPolicy"] == "Always" for c in sidecars)
     if "resources" in sidecar_values:
         assert sidecars[0]["resources"] == sidecar_values["resources"]
+    from sidecar.settings import Settings, parse_duration, parse_size
+
+    chosen = Settings.load(env={e["name"]: e["value"] for e in sidecars[0]["env"]}, config_file=None)
+    for key, setting, parse in (("jobs", "jobs", int), ("retries", "retries", int),
+                                ("deadline", "deadline", parse_duration), ("chunkSize", "chunk_size", parse_size)):
+        if sidecar_values.get(key) is not None:
+            assert getattr(chosen, setting) == parse(sidecar_values[key]), key
     cache = {v["name"]: v for v in pod["spec"]["volumes"]}["dda-cache"]
     mode = sidecar_values.get("cache", {}).get("mode", "emptyDir")
     assert mode in cache
