@@ -21,6 +21,7 @@ DDA_UID=10001
 # pyproject.toml later still resolve, unpinned, until they are added here).
 constraints() {
   cat <<'EOF'
+annotated-types==0.8.0
 anyio==4.16.0
 attrs==26.1.0
 botocore==1.43.117
@@ -32,8 +33,12 @@ idna==3.20
 jmespath==1.1.0
 outcome==1.3.0.post0
 prometheus_client==0.26.0
+pydantic==2.14.4
+pydantic-settings==2.16.3
+pydantic_core==2.50.5
 pyfuse3==3.5.0
 python-dateutil==2.9.0.post0
+python-dotenv==1.2.4
 PyYAML==6.0.4
 six==1.17.0
 sniffio==1.3.1
@@ -41,6 +46,7 @@ sortedcontainers==2.4.0
 tqdm==4.70.1
 trio==0.35.0
 typing_extensions==4.16.0
+typing-inspection==0.4.5
 urllib3==2.8.0
 EOF
 }

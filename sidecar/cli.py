@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
 from .errors import DDAError, NotFound, describe
 from .redact import redact
+from .settings import Settings, add_arguments, flag_values, load_config
+
+Config = Settings      # older name, kept for importers
+ENGINE_FLAGS = ("revision", "cache_dir", "cache_size", "chunk_size", "jobs", "deadline", "request_timeout", "retries")
 
 ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
 URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,
@@ -21,12 +24,7 @@ Git credentials: DDA_GIT_USER, DDA_GIT_TOKEN (or in the URL). A YAML config file
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rev", "--revision", dest="revision", help="branch, tag or commit (default: the remote's default branch)")
-    parser.add_argument("--cache-dir", help="cache directory (default: ~/.cache/dda)")
-    parser.add_argument("--cache-size", help="cache budget, e.g. 50G (default 20G)")
-    parser.add_argument("--jobs", "-j", help="requests in flight per remote (default 16)")
-    parser.add_argument("--deadline", help="seconds a read may wait for a remote before failing (default 60)")
-    parser.add_argument("--retries", help="retries of a failed request (default 5)")
+    add_arguments(parser, ENGINE_FLAGS)       # flags, env names and help come from sidecar.settings
     parser.add_argument("--config", dest="config_file", help="YAML config file (remote overrides, defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -54,10 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     mount = sub.add_parser("mount", help="FUSE-mount a revision read-only (every file, fetched when read)")
     mount.add_argument("args", nargs="+", metavar="URL MOUNTPOINT")
-    mount.add_argument("--subdir", default="", help="mount only this directory of the repository")
     mount.add_argument("--daemon", "-d", action="store_true", help="run in the background once mounted")
-    mount.add_argument("--allow-non-empty", action="store_true", help="mount over a non-empty directory")
-    mount.add_argument("--log-file", help="daemon log (default: CACHE_DIR/logs/mount.log)")
+    add_arguments(mount, ("subdir", "allow_non_empty", "log_file"))
     _common(mount)
 
     status = sub.add_parser("status", help="what a mount serves: repo, revision, commit, cache, counters")
@@ -93,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_repo_args(args: list[str], wants_path: bool, path_required: bool) -> tuple[str | None, str]:
-    """Positional URL and PATH; URL may come from DDA_REPO instead."""
-    env_repo = os.environ.get("DDA_REPO")
+def _default_repo(ns: argparse.Namespace) -> str | None:
+    """The repository the settings name when no URL argument is given (DDA_REPO, config file)."""
+    return _config(ns, None).repo
+
+
+def _split_repo_args(args: list[str], wants_path: bool, path_required: bool,
+                     env_repo: str | None = None) -> tuple[str | None, str]:
+    """Positional URL and PATH; URL may come from the `repo` setting (DDA_REPO) instead."""
     if len(args) >= 2:
         return args[0], args[1]
     if len(args) == 1:
@@ -109,9 +110,8 @@ def _split_repo_args(args: list[str], wants_path: bool, path_required: bool) -> 
     return None, ""
 
 
-def _config(ns: argparse.Namespace, repo: str | None) -> Config:
-    flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
-                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
+def _config(ns: argparse.Namespace, repo: str | None) -> Settings:
+    flags: dict[str, Any] = flag_values(ns)
     flags["repo"] = repo
     return load_config(flags, config_file=getattr(ns, "config_file", None))
 
@@ -125,7 +125,7 @@ async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-un
 async def cmd_ls(ns: argparse.Namespace) -> int:
     from .fs import FileSystem
 
-    repo, path = _split_repo_args(ns.args, True, False)
+    repo, path = _split_repo_args(ns.args, True, False, _default_repo(ns))
     async with await _open(ns, repo) as engine:
         fs = FileSystem(engine)
         path = fs.normalize(path)
@@ -155,7 +155,7 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
 async def cmd_cat(ns: argparse.Namespace) -> int:
     from .fs import FileSystem
 
-    repo, path = _split_repo_args(ns.args, True, True)
+    repo, path = _split_repo_args(ns.args, True, True, _default_repo(ns))
     out = sys.stdout.buffer
     async with await _open(ns, repo) as engine:
         fs = FileSystem(engine)
@@ -174,7 +174,7 @@ async def cmd_get(ns: argparse.Namespace) -> int:
     from .download import download
     from .fs import FileSystem
 
-    repo, path = _split_repo_args(ns.args, True, True)
+    repo, path = _split_repo_args(ns.args, True, True, _default_repo(ns))
     async with await _open(ns, repo) as engine:
         await download(FileSystem(engine), path, Path(ns.out) if ns.out else None,
                        progress=not ns.no_progress and sys.stderr.isatty())
@@ -184,7 +184,7 @@ async def cmd_get(ns: argparse.Namespace) -> int:
 def cmd_mount(ns: argparse.Namespace) -> int:
     from .fuse.mount import run_daemon, run_foreground
 
-    if len(ns.args) == 1 and os.environ.get("DDA_REPO"):
+    if len(ns.args) == 1 and _default_repo(ns):
         repo, mountpoint = None, ns.args[0]
     elif len(ns.args) == 2:
         repo, mountpoint = ns.args
@@ -193,9 +193,9 @@ def cmd_mount(ns: argparse.Namespace) -> int:
     config = _config(ns, repo)
     target = Path(mountpoint)
     if ns.daemon:
-        log_file = Path(ns.log_file) if ns.log_file else config.cache_dir / "logs" / "mount.log"
-        return run_daemon(config, target, ns.subdir, ns.allow_non_empty, log_file)
-    return asyncio.run(run_foreground(config, target, ns.subdir, ns.allow_non_empty))
+        log_file = Path(config.log_file) if config.log_file else config.cache_dir / "logs" / "mount.log"
+        return run_daemon(config, target, config.subdir, config.allow_non_empty, log_file)
+    return asyncio.run(run_foreground(config, target, config.subdir, config.allow_non_empty))
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -259,7 +259,7 @@ async def cmd_upload(ns: argparse.Namespace) -> int:
 
     from .uploader import upload_async
 
-    if os.environ.get("DDA_REPO") and not _looks_like_repo(ns.args[0]):
+    if _default_repo(ns) and not _looks_like_repo(ns.args[0]):
         repo, paths = None, ns.args
     else:
         repo, paths = ns.args[0], ns.args[1:]

@@ -135,12 +135,22 @@ class _Reporter:
             return None
 
 
+def _setting(name: str) -> Any:
+    """A setting from the environment (sidecar.settings: DDA_SIDECAR_URL, DDA_MOUNT); never raises."""
+    try:
+        from .settings import from_env
+
+        return from_env(name)
+    except Exception:  # noqa: BLE001 - the loader never raises into training
+        return None
+
+
 _reporters: dict[str, _Reporter] = {}
 _reporters_lock = threading.Lock()
 
 
 def reporter(url: str | None = None) -> _Reporter:
-    url = (url or os.environ.get("DDA_SIDECAR_URL") or DEFAULT_URL).rstrip("/")
+    url = (url or _setting("sidecar_url") or DEFAULT_URL).rstrip("/")
     with _reporters_lock:
         found = _reporters.get(url)
         if found is None or not found._thread.is_alive():   # e.g. after a fork
@@ -176,7 +186,7 @@ class Instrumented:
     def __init__(self, iterable: Iterable[Any], url: str | None, hints: Any, mount: str | None):
         self.iterable = iterable
         self.hints = hints
-        self.mount = mount if mount is not None else os.environ.get("DDA_MOUNT")
+        self.mount = mount if mount is not None else _setting("mount")
         self.reporter = reporter(url)
 
     def __len__(self) -> int:

@@ -11,69 +11,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, load_config
 from .errors import ConfigError, DDAError
 from .redact import strip_userinfo
+from .settings import Settings, add_arguments, flag_values, load_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9400
-DEFAULT_BIND = "0.0.0.0"
 GRACE_SECONDS = 1.0        # in-flight FUSE requests may finish before the session is torn down
-_TRUE = {"1", "true", "yes", "on"}
+
+
+SIDECAR_FLAGS = ("repo", "mount", "port", "bind", "subdir", "allow_non_empty")
 
 
 def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
     p = sub.add_parser("sidecar", help="container entrypoint: mount + /metrics, /healthz, /readyz, loader API",
                        description="Mount a revision and serve /metrics, /healthz, /readyz and the loader API "
                                    "(POST /v1/hints, POST /v1/batch-wait) on one port. Every flag has a DDA_ "
-                                   "twin: DDA_REPO, DDA_REVISION, DDA_MOUNT, DDA_CACHE_DIR, DDA_CACHE_SIZE, "
-                                   "DDA_PORT, DDA_BIND, DDA_SUBDIR, DDA_ALLOW_NON_EMPTY, ...")
-    p.add_argument("--repo", help="repository URL (env DDA_REPO)")
-    p.add_argument("--mount", help="mountpoint (env DDA_MOUNT)")
-    p.add_argument("--port", help=f"HTTP port (env DDA_PORT, default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--bind", help=f"HTTP address (env DDA_BIND, default {DEFAULT_BIND})")
-    p.add_argument("--subdir", help="mount only this directory of the repository (env DDA_SUBDIR)")
-    p.add_argument("--allow-non-empty", action="store_true", default=None,
-                   help="mount over a non-empty directory (env DDA_ALLOW_NON_EMPTY)")
+                                   "twin (shown in brackets); see `python -m sidecar.settings --markdown`.")
+    add_arguments(p, SIDECAR_FLAGS)            # names, env twins and defaults: sidecar.settings
     common(p)
     return p
 
 
-def _options(ns: argparse.Namespace, env: "os._Environ[str] | dict[str, str]") -> dict[str, Any]:
-    mount = ns.mount or env.get("DDA_MOUNT")
-    if not mount:
-        raise ConfigError("no mountpoint given (pass --mount or set DDA_MOUNT)")
-    port_text = ns.port or env.get("DDA_PORT") or str(DEFAULT_PORT)
-    try:
-        port = int(port_text)
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"port: expected 0-65535, got {port_text!r}") from None
-    allow = ns.allow_non_empty if ns.allow_non_empty is not None else \
-        env.get("DDA_ALLOW_NON_EMPTY", "").strip().lower() in _TRUE
-    return {"mountpoint": Path(mount), "port": port, "bind": ns.bind or env.get("DDA_BIND") or DEFAULT_BIND,
-            "subdir": ns.subdir if ns.subdir is not None else env.get("DDA_SUBDIR", ""), "allow_non_empty": allow}
-
-
 def run(ns: argparse.Namespace) -> int:
-    opts = _options(ns, os.environ)
-    flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
-                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
-    flags["repo"] = ns.repo
-    config = load_config(flags, config_file=getattr(ns, "config_file", None))
+    config = load_config(flag_values(ns), config_file=getattr(ns, "config_file", None))
+    if not config.mount:
+        raise ConfigError("no mountpoint given (pass --mount or set DDA_MOUNT)")
     if not config.repo:
         raise ConfigError("no repository given (pass --repo or set DDA_REPO)")
-    return asyncio.run(serve(config, **opts))
+    return asyncio.run(serve(config, Path(config.mount), port=config.port, bind=config.bind, subdir=config.subdir,
+                             allow_non_empty=config.allow_non_empty))
 
 
-async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: str = "",
+async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir: str = "",
                 allow_non_empty: bool = False) -> int:
     import pyfuse3
 

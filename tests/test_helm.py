@@ -175,6 +175,13 @@ def test_chart_configuration_reaches_the_injected_pods(helm, values):
         assert all(c["restartPolicy"] == "Always" for c in sidecars)
     if "resources" in sidecar_values:
         assert sidecars[0]["resources"] == sidecar_values["resources"]
+    from sidecar.settings import Settings, parse_duration, parse_size
+
+    chosen = Settings.load(env={e["name"]: e["value"] for e in sidecars[0]["env"]}, config_file=None)
+    for key, setting, parse in (("jobs", "jobs", int), ("retries", "retries", int),
+                                ("deadline", "deadline", parse_duration), ("chunkSize", "chunk_size", parse_size)):
+        if sidecar_values.get(key) is not None:
+            assert getattr(chosen, setting) == parse(sidecar_values[key]), key
     cache = {v["name"]: v for v in pod["spec"]["volumes"]}["dda-cache"]
     mode = sidecar_values.get("cache", {}).get("mode", "emptyDir")
     assert mode in cache
@@ -266,3 +273,31 @@ def test_image_install_script_pins_exist():
     for step in ("build-deps", "wheels /src /wheels", "runtime-deps", "install /wheels", "user"):
         assert f"image-install.sh {step}" in dockerfile
     assert "USER 10001:10001" in dockerfile and dockerfile.count("FROM ${PYTHON_IMAGE}") == 2
+
+
+def test_chart_engine_settings_reach_the_sidecar(helm):
+    """sidecar.jobs/deadline/retries/chunkSize -> the webhook's env -> every injected sidecar's
+    env -> the sidecar's settings; a pod's annotation overrides the chart; unset values leave
+    the sidecar's defaults; the schema refuses nonsense."""
+    from sidecar.settings import Settings
+
+    def sidecar_settings(env: dict[str, str], annotations: dict[str, str] | None = None) -> Settings:
+        review = load_review("job_single_repo.json")
+        review["request"]["object"]["metadata"]["annotations"].update(annotations or {})
+        response = mutate(copy.deepcopy(review), WebhookConfig.load(env=env))["response"]
+        pod = jsonpatch.apply_patch(review["request"]["object"], decode_patch(response))
+        side = [c for c in pod["spec"]["initContainers"] if c["name"] == "dda-sidecar"][0]
+        return Settings.load(env={e["name"]: e["value"] for e in side["env"]}, config_file=None)
+
+    env = deployment_env(render(helm, None, "--set", "sidecar.jobs=8", "--set", "sidecar.retries=0",
+                                "--set-string", "sidecar.deadline=90s", "--set", "sidecar.chunkSize=4M"))
+    s = sidecar_settings(env)
+    assert (s.jobs, s.deadline, s.retries, s.chunk_size) == (8, 90.0, 0, 4 * 2**20)
+    s = sidecar_settings(env, {"dda-sidecar.io/jobs": "2", "dda-sidecar.io/retries": "7"})
+    assert (s.jobs, s.deadline, s.retries, s.chunk_size) == (2, 90.0, 7, 4 * 2**20)
+    s = sidecar_settings(deployment_env(render(helm)))
+    defaults = Settings()
+    assert (s.jobs, s.deadline, s.retries, s.chunk_size) == (defaults.jobs, defaults.deadline, defaults.retries,
+                                                             defaults.chunk_size)
+    assert "sidecar/jobs" in render_error(helm, "--set", "sidecar.jobs=0")
+    assert "sidecar/chunkSize" in render_error(helm, "--set", "sidecar.chunkSize=lots")

@@ -166,18 +166,16 @@ class DdaOperations(pyfuse3.Operations):
 
     # -- xattrs: what is served, and live counters --------------------------------------------
     def status(self) -> dict[str, object]:
+        from ..metrics import Sources, status_fields
+
         engine = self.engine
-        stats = engine.fetcher.stats
         info = engine.info
         assert info is not None
+        # counters: the instruments /metrics exports (sidecar.metrics.INSTRUMENTS)
+        counters = status_fields(Sources(engine, self.prefetcher, lambda: len(self._open)))
         return {
             "repo": info.repo, "revision": info.revision, "commit": info.commit, "subdir": self.root,
-            "files": info.files, "cache_dir": str(engine.config.cache_dir),
-            "cache_used_bytes": engine.store.used_bytes(), "cache_budget_bytes": engine.store.budget,
-            "requests": stats.requests, "bytes_fetched": stats.bytes_fetched, "bytes_served": stats.bytes_served,
-            "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses, "retries": stats.retries,
-            "errors": dict(stats.errors), "prefetch": vars(self.prefetcher.stats).copy(),
-            "open_files": len(self._open), **self.status_extra,
+            "cache_dir": str(engine.config.cache_dir), **counters, **self.status_extra,
         }
 
     @_never_crash

@@ -33,7 +33,7 @@ def _local_remote_settings(checkout: str) -> dict[str, dict[str, str]]:
             text = f.read()
     except OSError:
         return {}
-    from ..config import remote_settings_key
+    from ..settings import remote_settings_key
     from ..snapshot.dvcfiles import parse_dvc_config
 
     try:
@@ -44,23 +44,16 @@ def _local_remote_settings(checkout: str) -> dict[str, dict[str, str]]:
 
 
 def _known_settings() -> set[str]:
-    from ..config import Config
+    from ..settings import names
 
-    fields = getattr(Config, "model_fields", None)       # a pydantic settings model
-    if fields is not None:
-        names = set(fields)
-    else:
-        import dataclasses
-
-        names = {f.name for f in dataclasses.fields(Config)}
-    return names - {"repo", "revision", "remotes"}
+    return set(names("engine")) - {"repo", "revision", "remotes"}
 
 
 def _build(repo: str | None, revision: str | None, root: str | os.PathLike[str] | None, exclude: Any,
            settings: dict[str, Any], remotes: dict[str, dict[str, str]] | None,
            env: Any) -> tuple[str, Any, list[str], dict[str, Any], dict[str, Any]]:
     """(root, Config, exclusions, public payload for DDA_HOOKS, secrets for children)."""
-    from ..config import load_config, remote_settings_key
+    from ..settings import load_config, remote_settings_key
     from ..errors import ConfigError
     from ..redact import strip_userinfo
 
@@ -69,17 +62,17 @@ def _build(repo: str | None, revision: str | None, root: str | os.PathLike[str] 
     if unknown:
         raise TypeError(f"install_hooks(): unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     exclude_list = check_exclude(exclude)
-    if exclude is None and env.get("DDA_HOOKS_EXCLUDE"):
-        exclude_list = [p.strip() for p in env["DDA_HOOKS_EXCLUDE"].split(",") if p.strip()]
     flags = {k: v for k, v in settings.items() if v is not None}
     if revision is not None:
         flags["revision"] = revision
     config = load_config(flags, env)
+    if exclude is None and config.hooks_exclude:
+        exclude_list = list(config.hooks_exclude)
     cwd = os.getcwd()
     checkout_remotes: dict[str, dict[str, str]] = {}
-    repo = repo or env.get("DDA_REPO") or None
-    if root is None and env.get("DDA_HOOKS_ROOT"):
-        root = env["DDA_HOOKS_ROOT"]
+    repo = repo or config.repo or None
+    if root is None and config.hooks_root:
+        root = config.hooks_root
     if repo is None:
         top = _git_out(str(root) if root is not None else cwd, "rev-parse", "--show-toplevel")
         if not top:
@@ -88,7 +81,7 @@ def _build(repo: str | None, revision: str | None, root: str | os.PathLike[str] 
         repo = top                      # the checkout itself: works offline, even unpushed
         if root is None:
             root = top
-        if revision is None and not env.get("DDA_REVISION") and not env.get("DDA_REV"):
+        if config.revision is None:
             config.revision = _git_out(top, "rev-parse", "HEAD^{commit}")
     if os.path.isdir(os.path.join(str(repo), ".dvc")):
         checkout_remotes = _local_remote_settings(str(repo))   # children re-read it from the checkout

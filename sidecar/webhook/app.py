@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import socket
 import ssl
@@ -24,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ..settings import add_arguments, flag_values, load_config, names
 from .mutate import BadReview, WebhookConfig, mutate
 
 log = logging.getLogger("dda.webhook")
@@ -224,25 +224,7 @@ def add_parser(sub: Any) -> None:
     """The `dda webhook` subcommand (called from sidecar/cli.py)."""
     p = sub.add_parser("webhook", help="serve the Kubernetes mutating admission webhook (HTTPS)",
                        description="Every flag also reads an environment variable (shown in brackets).")
-    env = os.environ.get
-    p.add_argument("--listen", default=env("DDA_WEBHOOK_LISTEN", "0.0.0.0:8443"),
-                   help="HOST:PORT [DDA_WEBHOOK_LISTEN] (default 0.0.0.0:8443)")
-    p.add_argument("--tls-cert", default=env("DDA_WEBHOOK_TLS_CERT", "/tls/tls.crt"), help="[DDA_WEBHOOK_TLS_CERT]")
-    p.add_argument("--tls-key", default=env("DDA_WEBHOOK_TLS_KEY", "/tls/tls.key"), help="[DDA_WEBHOOK_TLS_KEY]")
-    p.add_argument("--sidecar-image", dest="image", help="image of the injected sidecar [DDA_WEBHOOK_SIDECAR_IMAGE]")
-    p.add_argument("--sidecar-pull-policy", dest="image_pull_policy", help="[DDA_WEBHOOK_SIDECAR_PULL_POLICY]")
-    p.add_argument("--sidecar-resources", dest="resources", help="JSON resources [DDA_WEBHOOK_SIDECAR_RESOURCES]")
-    p.add_argument("--native-sidecar", dest="native_sidecar", choices=("true", "false"),
-                   help="inject a native sidecar (Kubernetes >= 1.29) or the fallback [DDA_WEBHOOK_NATIVE_SIDECAR]")
-    p.add_argument("--on-invalid", dest="on_invalid", choices=("deny", "warn"),
-                   help="invalid annotations: reject the pod, or admit it uninjected with a warning [DDA_WEBHOOK_ON_INVALID]")
-    p.add_argument("--cache-mode", dest="cache_mode", choices=("emptyDir", "hostPath"), help="[DDA_WEBHOOK_CACHE_MODE]")
-    p.add_argument("--cache-size", dest="cache_size", help="emptyDir sizeLimit or hostPath budget [DDA_WEBHOOK_CACHE_SIZE]")
-    p.add_argument("--cache-host-path", dest="cache_host_path", help="[DDA_WEBHOOK_CACHE_HOST_PATH]")
-    p.add_argument("--cache-fraction", dest="cache_fraction", help="budget / sizeLimit [DDA_WEBHOOK_CACHE_FRACTION]")
-    p.add_argument("--metrics-port", dest="metrics_port", help="first sidecar port [DDA_WEBHOOK_METRICS_PORT]")
-    p.add_argument("--default-mount-path", dest="default_mount_path", help="[DDA_WEBHOOK_DEFAULT_MOUNT_PATH]")
-    p.add_argument("--startup-timeout", dest="startup_timeout", help="seconds [DDA_WEBHOOK_STARTUP_TIMEOUT]")
+    add_arguments(p, names("webhook"))    # flags, env names and defaults: sidecar.settings
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -250,16 +232,17 @@ def run(ns: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
     logging.getLogger("dda").setLevel(logging.DEBUG if ns.verbose else logging.INFO)
-    overrides = {k: getattr(ns, k) for k in WebhookConfig.ENV if getattr(ns, k, None) is not None}
+    settings = load_config(flag_values(ns, names("webhook")), config_file=None)
     try:
-        config = WebhookConfig.load(**overrides)
+        config = WebhookConfig.from_settings(settings)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    host, _, port = ns.listen.rpartition(":")
+    listen, cert, key = settings.webhook_listen, settings.webhook_tls_cert, settings.webhook_tls_key
+    host, _, port = listen.rpartition(":")
     try:
-        server = WebhookServer(config, ns.tls_cert, ns.tls_key, host.strip("[]") or "0.0.0.0", int(port))
+        server = WebhookServer(config, cert, key, host.strip("[]") or "0.0.0.0", int(port))
     except (OSError, ssl.SSLError, ValueError) as err:
-        raise ConfigError(f"webhook: cannot serve on {ns.listen} with {ns.tls_cert}: {err}") from None
+        raise ConfigError(f"webhook: cannot serve on {listen} with {cert}: {err}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -7,6 +7,7 @@ A pod asks for data with annotations (prefix `dda-sidecar.io/`):
     dda-sidecar.io/mount-path: /data                                # optional
     dda-sidecar.io/secret: dataset-creds                            # optional
     dda-sidecar.io/subdir: data/images                              # optional: mount only this directory
+    dda-sidecar.io/jobs, deadline, retries, chunk-size              # optional engine settings (sidecar.settings)
     dda-sidecar.io/repo.<name>, revision.<name>, ...                # more repositories
     dda-sidecar.io/cache-size: 50Gi                                 # optional, emptyDir cache only
     dda-sidecar.io/inject: "false"                                  # opt out (label or annotation)
@@ -23,12 +24,15 @@ import copy
 import json
 import logging
 import math
-import os
 import posixpath
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from ..settings import (Settings, annotation_key, annotation_settings, env_name, env_text, parse_quantity,
+                        parse_value)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,10 @@ PREFIX = "dda-sidecar.io/"
 INJECT = PREFIX + "inject"
 INJECTED = PREFIX + "injected"
 CACHE_SIZE = PREFIX + "cache-size"
-PER_REPO = ("repo", "revision", "mount-path", "secret", "subdir")
+# Engine settings a pod may choose, per repository (dda-sidecar.io/jobs, .../jobs.<name>): the
+# settings marked `annotation` in sidecar.settings.
+SETTING_KEYS = {annotation_key(name): name for name in annotation_settings()}
+PER_REPO = ("repo", "revision", "mount-path", "secret", "subdir", *SETTING_KEYS)
 POD_WIDE = ("inject", "injected", "cache-size")
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
@@ -53,118 +60,68 @@ _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Z
 _SCP_LIKE = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9.-]+):(?P<path>[A-Za-z0-9._~][A-Za-z0-9._~/-]*)$")
 _REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]{0,254}$")
 _MOUNT_CHARS = re.compile(r"^/[A-Za-z0-9._/-]*$")
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
-_QUANTITY_FACTORS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-                     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 MIN_CACHE = 512 * 2**20
 # Paths a data mount must not cover: the container's own system directories.
 _RESERVED_TREES = ("/proc", "/sys", "/dev", "/etc", "/bin", "/sbin", "/usr", "/lib", "/lib32", "/lib64",
                    "/libx32", "/boot", "/run", "/var/run", "/var/lib/kubelet", CACHE_PATH)
 _RESERVED_EXACT = ("/tmp", "/var", "/home", "/root", "/opt", "/srv", "/mnt")
 
-DEFAULT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
-
 
 class BadReview(ValueError):
     """The body is not an AdmissionReview we can answer (the server answers HTTP 400)."""
 
 
-def parse_quantity(text: str) -> int:
-    """A Kubernetes resource quantity ('20Gi', '500M', '1073741824') in bytes."""
-    match = _QUANTITY.match(str(text).strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a Kubernetes quantity (examples: 512Mi, 20Gi, 1Ti)")
-    return int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
-
-
-def _bool(text: str | None, default: bool) -> bool:
-    if text is None or text == "":
-        return default
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
 @dataclass(frozen=True)
 class WebhookConfig:
-    """What the chart decides for every injected sidecar (env DDA_WEBHOOK_*)."""
+    """What the chart decides for every injected sidecar: a view of the `webhook_*` settings of
+    `sidecar.settings.Settings` (env DDA_WEBHOOK_*, defaults and parsing live there)."""
 
-    image: str = "dda-sidecar:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    resources: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RESOURCES))
-    native_sidecar: bool = True
-    on_invalid: str = "deny"             # deny | warn
-    cache_mode: str = "emptyDir"         # emptyDir | hostPath
-    cache_size: str = "20Gi"             # emptyDir sizeLimit, or the budget on a hostPath cache
-    cache_host_path: str = "/var/lib/dda-cache"
-    cache_fraction: float = 0.9          # budget = sizeLimit * fraction (emptyDir mode)
-    metrics_port: int = 9400
-    default_mount_path: str = "/data"
-    startup_timeout: int = 300           # seconds the startupProbe waits for /readyz
+    image: str
+    image_pull_policy: str
+    resources: Mapping[str, Any]
+    native_sidecar: bool
+    on_invalid: str                      # deny | warn
+    cache_mode: str                      # emptyDir | hostPath
+    cache_size: str                      # emptyDir sizeLimit, or the budget on a hostPath cache
+    cache_host_path: str
+    cache_fraction: float                # budget = sizeLimit * fraction (emptyDir mode)
+    metrics_port: int
+    default_mount_path: str
+    startup_timeout: int                 # seconds the startupProbe waits for /readyz
+    # engine settings given to every injected sidecar (None: the sidecar's own default)
+    sidecar_settings: Mapping[str, Any] = field(default_factory=dict)
 
-    ENV = {
-        "image": "DDA_WEBHOOK_SIDECAR_IMAGE", "image_pull_policy": "DDA_WEBHOOK_SIDECAR_PULL_POLICY",
-        "resources": "DDA_WEBHOOK_SIDECAR_RESOURCES", "native_sidecar": "DDA_WEBHOOK_NATIVE_SIDECAR",
-        "on_invalid": "DDA_WEBHOOK_ON_INVALID", "cache_mode": "DDA_WEBHOOK_CACHE_MODE",
-        "cache_size": "DDA_WEBHOOK_CACHE_SIZE", "cache_host_path": "DDA_WEBHOOK_CACHE_HOST_PATH",
-        "cache_fraction": "DDA_WEBHOOK_CACHE_FRACTION", "metrics_port": "DDA_WEBHOOK_METRICS_PORT",
-        "default_mount_path": "DDA_WEBHOOK_DEFAULT_MOUNT_PATH", "startup_timeout": "DDA_WEBHOOK_STARTUP_TIMEOUT",
+    # field here -> setting in sidecar.settings
+    SETTINGS = {
+        "image": "webhook_sidecar_image", "image_pull_policy": "webhook_sidecar_pull_policy",
+        "resources": "webhook_sidecar_resources", "native_sidecar": "webhook_native_sidecar",
+        "on_invalid": "webhook_on_invalid", "cache_mode": "webhook_cache_mode", "cache_size": "webhook_cache_size",
+        "cache_host_path": "webhook_cache_host_path", "cache_fraction": "webhook_cache_fraction",
+        "metrics_port": "webhook_metrics_port", "default_mount_path": "webhook_default_mount_path",
+        "startup_timeout": "webhook_startup_timeout",
     }
+    ENV = {name: env_name(setting) for name, setting in SETTINGS.items()}
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "WebhookConfig":
-        """Defaults < environment < overrides (flags). Raises ValueError naming the setting."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name, var in cls.ENV.items():
-            if env.get(var):
-                values[name] = env[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        config = cls()
+        """Defaults < environment < overrides (flags, by the names above or the settings' own).
+        Raises ValueError naming the setting."""
+        flags = {cls.SETTINGS.get(k, k): v for k, v in overrides.items() if v is not None}
         try:
-            for name, value in values.items():
-                config = replace(config, **{name: cls._coerce(name, value)})
-            config.check()
-        except ValueError as err:
+            settings = Settings.load(flags, env)
+        except ConfigError as err:
             raise ValueError(f"webhook configuration: {err}") from None
-        return config
+        return cls.from_settings(settings)
 
-    @staticmethod
-    def _coerce(name: str, value: Any) -> Any:
-        if name == "resources":
-            data = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(data, dict):
-                raise ValueError(f"{name}: expected a JSON object")
-            return data
-        if name == "native_sidecar":
-            return _bool(value, True) if not isinstance(value, bool) else value
-        if name in ("metrics_port", "startup_timeout"):
-            return int(value)
-        if name == "cache_fraction":
-            return float(value)
-        return str(value)
-
-    def check(self) -> None:
-        if self.on_invalid not in ("deny", "warn"):
-            raise ValueError(f"on_invalid: expected deny or warn, got {self.on_invalid!r}")
-        if self.cache_mode not in ("emptyDir", "hostPath"):
-            raise ValueError(f"cache_mode: expected emptyDir or hostPath, got {self.cache_mode!r}")
-        if parse_quantity(self.cache_size) < MIN_CACHE:
-            raise ValueError(f"cache_size: {self.cache_size} is below the 512Mi minimum")
-        if not 0.1 <= self.cache_fraction <= 1.0:
-            raise ValueError(f"cache_fraction: expected 0.1..1.0, got {self.cache_fraction}")
-        if not 1024 <= self.metrics_port <= 65000:
-            raise ValueError(f"metrics_port: out of range: {self.metrics_port}")
-        if self.startup_timeout < 1:
-            raise ValueError("startup_timeout: must be positive")
-        if not self.cache_host_path.startswith("/"):
-            raise ValueError("cache_host_path: must be absolute")
-        problem = _mount_path_problem(self.default_mount_path)
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "WebhookConfig":
+        values = {name: getattr(settings, setting) for name, setting in cls.SETTINGS.items()}
+        passed = {name: getattr(settings, "webhook_" + name) for name in annotation_settings()}
+        config = cls(**values, sidecar_settings={k: v for k, v in passed.items() if v is not None})
+        problem = _mount_path_problem(config.default_mount_path)
         if problem:
-            raise ValueError(f"default_mount_path: {problem}")
+            raise ValueError(f"webhook configuration: webhook_default_mount_path: {problem}")
+        return config
 
 
 @dataclass(frozen=True)
@@ -175,6 +132,7 @@ class RepoSpec:
     mount_path: str
     secret: str | None
     subdir: str = ""
+    settings: Mapping[str, Any] = field(default_factory=dict)   # engine settings from annotations
 
     def key(self, base: str) -> str:
         return f"{PREFIX}{base}" + (f".{self.name}" if self.name else "")
@@ -356,7 +314,14 @@ def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec],
                        or subdir.startswith("..")):
             errors.append(f"annotation {key('subdir')}: {values['subdir'][:120]!r} must be a plain relative path "
                           f"inside the repository (no '..')")
-        specs.append(RepoSpec(name, values["repo"], revision, mount_path, secret, subdir))
+        chosen: dict[str, Any] = {}
+        for base, setting in SETTING_KEYS.items():
+            if base in values:
+                try:
+                    chosen[setting] = parse_value(setting, values[base])
+                except ConfigError as err:
+                    errors.append(f"annotation {key(base)}: {str(err).split(': ', 1)[-1]}")
+        specs.append(RepoSpec(name, values["repo"], revision, mount_path, secret, subdir, chosen))
 
     # Mount paths: not nested in each other, not colliding with what the containers mount.
     for i, a in enumerate(specs):
@@ -396,18 +361,13 @@ def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec],
 
 
 def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budget: int) -> dict:
-    env = [{"name": "DDA_REPO", "value": spec.repo}]
-    if spec.revision:
-        env.append({"name": "DDA_REVISION", "value": spec.revision})
-    if spec.subdir:
-        env.append({"name": "DDA_SUBDIR", "value": spec.subdir})
-    env += [
-        {"name": "DDA_MOUNT", "value": spec.mount_path},
-        {"name": "DDA_CACHE_DIR", "value": CACHE_PATH},
-        {"name": "DDA_CACHE_SIZE", "value": f"{max(budget // 2**20, 1)}M"},
-        {"name": "DDA_PORT", "value": str(port)},
-        {"name": "DDA_BIND", "value": "0.0.0.0"},
-    ]
+    # The sidecar's settings (sidecar.settings names them): what the annotations and the chart
+    # decided, then engine settings (the chart's webhook_jobs, ... unless the pod's annotations choose).
+    chosen: dict[str, Any] = {"repo": spec.repo, "revision": spec.revision, "subdir": spec.subdir,
+                              "mount": spec.mount_path, "cache_dir": CACHE_PATH,
+                              "cache_size": f"{max(budget // 2**20, 1)}M", "port": port, "bind": "0.0.0.0"}
+    chosen.update(sorted({**config.sidecar_settings, **spec.settings}.items()))
+    env = [{"name": env_name(k), "value": env_text(k, v)} for k, v in chosen.items() if v not in (None, "")]
     probe = {"httpGet": {"path": "/readyz", "port": port}}
     container: dict[str, Any] = {
         "name": spec.container,
