@@ -296,7 +296,8 @@ async def cmd_upload(ns: argparse.Namespace) -> int:
         print(f"{result.branch}: {result.commit[:12]} {result.dvc_file}: +{result.files_added} file(s)"
               + (f", {result.files_replaced} replaced" if result.files_replaced else "")
               + f"; uploaded {result.objects_uploaded} object(s), {result.bytes_uploaded} bytes"
-              + (f" ({result.skipped_present} already on the remote)" if result.skipped_present else ""))
+              + (f" ({result.skipped_present} already on the remote)" if result.skipped_present else "")
+              + (f"; landed on attempt {result.attempts} (others pushed first)" if result.attempts > 1 else ""))
     return 0
 
 

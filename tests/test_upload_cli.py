@@ -25,10 +25,19 @@ def tip(case) -> str:
     return run(["git", "--git-dir", str(case.bare), "rev-parse", "main"], case.work, case.env).stdout.strip()
 
 
+FILES = {**BASE, ".dvcignore": "*.tmp\nprivate/\n"}
+
+
 @pytest.fixture
 def case(git_server, tmp_path):
-    files = {**BASE, ".dvcignore": "*.tmp\nprivate/\n"}
-    return author(tmp_path, git_server, f"cli-{tmp_path.name}", DVC3_BIN, files, ["data/d"])
+    return author(tmp_path, git_server, f"cli-{tmp_path.name}", DVC3_BIN, FILES, ["data/d"])
+
+
+@pytest.fixture(scope="module")
+def unchanged_case(git_server, tmp_path_factory):
+    """One repository for the tests that must leave it as it was."""
+    tmp = tmp_path_factory.mktemp("cli-unchanged")
+    return author(tmp, git_server, f"cli-{tmp.name}", DVC3_BIN, FILES, ["data/d"])
 
 
 def test_options_after_and_between_positionals(case, tmp_path):
@@ -59,7 +68,8 @@ def test_options_after_and_between_positionals(case, tmp_path):
 
 @pytest.mark.parametrize("to", [".git", ".git/hooks", ".", "..", "../outside", "/tmp/abs", ".dvc", ".dvc/cache",
                                 "data/.git", "data/../..", "", "private", "private/x", "data/x.tmp"])
-def test_reserved_destinations_are_refused(case, tmp_path, to):
+def test_reserved_destinations_are_refused(unchanged_case, tmp_path, to):
+    case = unchanged_case
     write(tmp_path, {"one.txt": "one\n"})
     before = tip(case)
     proc = subprocess.run([DDA, "upload", case.git_url, str(tmp_path / "one.txt"), "--to", to, "--rev", "main"],
@@ -86,6 +96,7 @@ def test_eight_concurrent_uploads_all_land(case, tmp_path):
     outs = [p.communicate(timeout=900) for p in procs]
     elapsed = time.monotonic() - t0
     assert all(p.returncode == 0 for p in procs), outs
+    assert any("landed on attempt" in out for out, _ in outs), outs   # they did collide and retry
     log = run(["git", "--git-dir", str(case.bare), "log", "--format=%s", "main"], tmp_path, case.env).stdout
     assert all(f"batch {i}" in log.splitlines() for i in range(n)), log
     fresh = clean_after_fresh_pull(case, tmp_path, case.remote)
