@@ -105,4 +105,27 @@ def test_eight_concurrent_uploads_all_land(case, tmp_path):
             assert (fresh / "data/d" / rel).read_bytes() == (data.encode() if isinstance(data, str) else data)
     out = yaml.safe_load((fresh / "data/d.dvc").read_text())["outs"][0]
     assert out["nfiles"] == 3 + 3 * n
-    print(f"\n[upload] {n} concurrent uploads landed in {elapsed:.1f}s")
+    attempts = sorted(int(out.split("landed on attempt ")[1].split()[0]) if "landed on attempt" in out else 1
+                      for out, _ in outs)
+    print(f"\n[upload] {n} concurrent uploads landed in {elapsed:.1f}s; attempts each: {attempts}")
+
+
+def test_a_deadline_not_a_count_and_giving_up_says_so_in_one_line(case, tmp_path):
+    """With no time to retry (`--retry-for 0`) writers that lose the race give up at once, in one
+    line; whoever landed is complete. (The test above shows the same writers all land with time.)"""
+    n = 8
+    for i in range(n):
+        write(tmp_path / f"batch{i}", {f"g{i}.bin": os.urandom(100 + i)})
+    env = dda_env(tmp_path, case)
+    procs = [subprocess.Popen([DDA, "upload", case.git_url, str(tmp_path / f"batch{i}"), "--to", "data/d",
+                               "--rev", "main", "--retry-for", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(n)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    failed = [err for p, (_, err) in zip(procs, outs) if p.returncode != 0]
+    assert failed, outs   # eight at once do collide
+    for err in failed:
+        assert len(err.strip().splitlines()) == 1 and "kept moving" in err and "rerun" in err, err
+    listing = subprocess.run([DDA, "ls", case.git_url, "data/d", "--rev", "main"], capture_output=True, text=True,
+                             env=env, timeout=120).stdout
+    landed = [i for i, p in enumerate(procs) if p.returncode == 0]
+    assert landed and all(f"g{i}.bin" in listing for i in landed), listing

@@ -200,6 +200,27 @@ def test_dvcignore_at_several_levels(git_server, tmp_path, dvc, dest):
         assert gone not in got
 
 
+def test_issue_example_dvcignore(git_server, tmp_path):
+    """Issue 15.3 as filed: `*.tmp` and `.DS_Store` in .dvcignore; c1.bin, .DS_Store, c2.bin.tmp uploaded."""
+    files = {**BASE, ".dvcignore": "*.tmp\n.DS_Store\n"}
+    case = author(tmp_path, git_server, f"diff-ex-{tmp_path.name}", DVC3_BIN, files, ["data/d"])
+    batch = batch_of(tmp_path, {"c1.bin": b"\x05c1", ".DS_Store": b"mac", "c2.bin.tmp": b"tmp"})
+    fresh = assert_same(case, tmp_path, batch, "data/d", "data/d")
+    assert sorted(p.name for p in (fresh / "data/d").rglob("*") if p.is_file()) == ["a.bin", "b.txt", "c.bin",
+                                                                                   "c1.bin"]
+
+
+def test_rules_added_after_the_dataset_drop_files_as_dvc_add_does(git_server, tmp_path):
+    case = author(tmp_path, git_server, f"diff-late-{tmp_path.name}", DVC3_BIN,
+                  {**BASE, "data/d/old.log": "old\n", "data/d/sub/keep.log": "keep\n"}, ["data/d"])
+    (case.work / ".dvcignore").write_text("/data/d/*.log\n")
+    run(["git", "add", ".dvcignore"], case.work, case.env)
+    run(["git", "commit", "-qm", "ignore top-level logs"], case.work, case.env)
+    run(["git", "push", "-q", case.git_url, "main"], case.work, case.env)
+    fresh = assert_same(case, tmp_path, batch_of(tmp_path, {"new.bin": b"\x08new"}), "data/d", "data/d")
+    assert (fresh / "data/d/sub/keep.log").is_file() and (fresh / "data/d/new.bin").is_file()
+
+
 def test_dvcignore_inside_the_dataset_is_refused_like_dvc(git_server, tmp_path):
     case = author(tmp_path, git_server, f"diff-inner-{tmp_path.name}", DVC3_BIN, BASE, ["data/d"])
     batch = batch_of(tmp_path, {"ok.bin": b"ok", "sub/.dvcignore": "*.bin\n"})
