@@ -287,6 +287,8 @@ async def cmd_upload(ns: argparse.Namespace) -> int:
             raise DDAError(f'--author {ns.author!r}: expected "Name <email>"')
         author = (match.group(1), match.group(2))
     config = _config(ns, repo)
+    if ns.retry_for is not None and not ns.retry_for >= 0:
+        raise DDAError(f"--retry-for {ns.retry_for}: expected seconds >= 0")
     extra = {"retry_for": ns.retry_for} if ns.retry_for is not None else {}
     result = await upload_async(config, ns.to, [Path(p) for p in paths], message=ns.message, replace=ns.replace,
                                 author=author, progress=not ns.no_progress and sys.stderr.isatty(), **extra)

@@ -23,11 +23,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 
 from . import dvcyaml
 from .config import Config
+from .dvcignore import DVCIGNORE, IgnoreFilter
 from .engine import Engine
 from .errors import ConfigError, DDAError, DvcFileError, ObjectMissing
 from .remotes import Remote, object_path
 from .snapshot.dvcfiles import DvcOut, ManifestEntry
-from .dvcignore import DVCIGNORE, IgnoreFilter
 from .snapshot.git import GitWriter
 from .store.verify import Dos2UnixMd5
 
@@ -154,6 +154,8 @@ class Uploader:
         self.replace = replace
         self.author = author or ("dda upload", "dda@localhost")
         self.progress = progress
+        if not retry_for >= 0:   # NaN too
+            raise UploadError(f"retry for {retry_for!r} seconds: expected a number >= 0")
         self.retry_for = retry_for
         self.bytes_uploaded = 0
         self.objects_uploaded = 0
