@@ -32,6 +32,7 @@ httpx==0.28.1
 idna==3.20
 jmespath==1.1.0
 outcome==1.3.0.post0
+pathspec==1.1.1
 prometheus_client==0.26.0
 pydantic==2.14.4
 pydantic-settings==2.16.3
@@ -40,9 +41,11 @@ pyfuse3==3.5.0
 python-dateutil==2.9.0.post0
 python-dotenv==1.2.4
 PyYAML==6.0.4
+ruamel.yaml==0.19.1
 six==1.17.0
 sniffio==1.3.1
 sortedcontainers==2.4.0
+tenacity==9.2.1
 tqdm==4.70.1
 trio==0.35.0
 typing_extensions==4.16.0

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--replace", action="store_true", help="allow replacing files that exist with other content")
     upload.add_argument("--author", help='commit author, "Name <email>" (default: dda upload <dda@localhost>)')
     upload.add_argument("--no-progress", action="store_true")
+    upload.add_argument("--retry-for", type=float, default=None, metavar="SECONDS",
+                        help="keep retrying this long while concurrent uploads move the branch first (default 600)")
     _common(upload)
 
     from .sidecar_cmd import add_parser as add_sidecar_parser   # `dda sidecar` (container entrypoint)
@@ -87,6 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .webhook.app import add_parser as add_webhook_parser  # `dda webhook` (Kubernetes admission)
     add_webhook_parser(sub)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Name (and alias) -> parser of every `dda` subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """`dda`'s arguments, options and positionals in any order, as git and dvc take them
+    (`dda upload URL --to DIR a.png b.png`): the subcommand's own parser runs in argparse's
+    intermixed mode, which places every option first and then fills the positionals.
+    Errors (usage, exit 2) are argparse's, named by the subcommand."""
+    parser = parser or build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = _subcommands(parser)
+    if argv and argv[0] in commands:
+        ns = commands[argv[0]].parse_intermixed_args(argv[1:])
+        ns.command = argv[0]
+        return ns
+    return parser.parse_args(argv)   # no subcommand, --help, or an unknown one: argparse says so
 
 
 def _default_repo(ns: argparse.Namespace) -> str | None:
@@ -272,15 +297,19 @@ async def cmd_upload(ns: argparse.Namespace) -> int:
             raise DDAError(f'--author {ns.author!r}: expected "Name <email>"')
         author = (match.group(1), match.group(2))
     config = _config(ns, repo)
+    if ns.retry_for is not None and not ns.retry_for >= 0:
+        raise DDAError(f"--retry-for {ns.retry_for}: expected seconds >= 0")
+    extra = {"retry_for": ns.retry_for} if ns.retry_for is not None else {}
     result = await upload_async(config, ns.to, [Path(p) for p in paths], message=ns.message, replace=ns.replace,
-                                author=author, progress=not ns.no_progress and sys.stderr.isatty())
+                                author=author, progress=not ns.no_progress and sys.stderr.isatty(), **extra)
     for note in result.messages:
         print(f"dda: {note}")
     if result.files_added or result.files_replaced:
         print(f"{result.branch}: {result.commit[:12]} {result.dvc_file}: +{result.files_added} file(s)"
               + (f", {result.files_replaced} replaced" if result.files_replaced else "")
               + f"; uploaded {result.objects_uploaded} object(s), {result.bytes_uploaded} bytes"
-              + (f" ({result.skipped_present} already on the remote)" if result.skipped_present else ""))
+              + (f" ({result.skipped_present} already on the remote)" if result.skipped_present else "")
+              + (f"; landed on attempt {result.attempts} (others pushed first)" if result.attempts > 1 else ""))
     return 0
 
 
@@ -289,8 +318,7 @@ def _looks_like_repo(arg: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(ns, "verbose", False) else logging.WARNING,
                         format="dda: %(levelname)s: %(message)s")
     try:

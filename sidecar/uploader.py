@@ -4,7 +4,10 @@ Only the new objects travel: hash the files, upload what the remote lacks, merge
 entries into the existing `.dir` manifest (fetched, never the dataset), upload the manifest,
 rewrite the `.dvc` file and commit + push it. Objects go up before the commit, so an
 interrupted upload leaves the branch as it was, and a rerun skips what is already there.
-If the branch moves meanwhile, we re-read its tip and merge again: nobody's files are lost.
+If the branch moves meanwhile, we re-read its tip and merge again, backing off with jitter
+until a deadline: concurrent writers all land and nobody's files are lost. What is recorded
+is what `dvc add` would record: `.dvcignore` applied as DVC applies it, and the `.dvc` file
+edited in place (comments and user keys kept).
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_random_exponential
 
+from . import dvcyaml
 from .config import Config
+from .dvcignore import DVCIGNORE, IgnoreFilter
 from .engine import Engine
 from .errors import ConfigError, DDAError, DvcFileError, ObjectMissing
 from .remotes import Remote, object_path
@@ -27,7 +32,10 @@ from .snapshot.git import GitWriter
 from .store.verify import Dos2UnixMd5
 
 _TEXT_CHARS = bytes(range(32, 127)) + b"\n\r\t\f\b"
-MAX_PUSH_ATTEMPTS = 5
+# How long an upload keeps retrying when other writers move the branch first (seconds).
+DEFAULT_RETRY_FOR = 600.0
+# Names DVC always ignores (dvc/ignore.py defaults): never a place to upload to.
+_RESERVED_NAMES = {".git", ".dvc", ".hg"}
 
 
 class UploadError(DDAError):
@@ -58,12 +66,14 @@ class UploadResult:
 
 
 def collect_files(paths: list[Path]) -> list[tuple[Path, str]]:
-    """(source, relpath) for files and, recursively, directories (named by their contents)."""
+    """(source, relpath) for files and, recursively, directories (named by their contents).
+    A directory holding `.dvc` is a nested DVC repository, which DVC never adds to a dataset."""
     found: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
+                dirnames[:] = [d for d in dirnames if not _is_subrepo(Path(dirpath) / d)]
                 for name in sorted(filenames):
                     full = Path(dirpath) / name
                     found.append((full, full.relative_to(path).as_posix()))
@@ -77,6 +87,31 @@ def collect_files(paths: list[Path]) -> list[tuple[Path, str]]:
             raise UploadError(f"{source} and {seen[rel]} would both be uploaded as {rel!r}")
         seen[rel] = source
     return found
+
+
+def _is_subrepo(path: Path) -> bool:
+    return os.path.lexists(path / ".dvc")
+
+
+def check_target(target: str) -> str:
+    """The normalized `--to` directory, or UploadError saying why it cannot hold a dataset:
+    absolute, empty, `.`/`..` parts (the root itself, or escaping the repository), names DVC
+    always ignores (`.git`, `.dvc`, `.hg`, and anything under them), control characters."""
+    shown = f"--to {target!r}"
+    if not target or not target.strip("/"):
+        raise UploadError(f"{shown}: give a directory path inside the repository (not its root)")
+    if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
+        raise UploadError(f"{shown}: an absolute path; give a path relative to the repository's root")
+    if any(ord(c) < 32 or c == "\x7f" for c in target):
+        raise UploadError(f"{shown}: contains control characters")
+    parts = target.rstrip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UploadError(f"{shown}: '.', '..' and empty parts are not allowed; give a plain path inside "
+                          f"the repository, e.g. data/images")
+    reserved = [p for p in parts if p in _RESERVED_NAMES]
+    if reserved:
+        raise UploadError(f"{shown}: {reserved[0]!r} is reserved (git's and DVC's own data; DVC ignores it)")
+    return "/".join(parts)
 
 
 def _is_text(head: bytes) -> bool:
@@ -110,67 +145,104 @@ def manifest_bytes(entries: list[ManifestEntry]) -> bytes:
 
 class Uploader:
     def __init__(self, config: Config, target: str, files: list[tuple[Path, str]], *, message: str | None = None,
-                 replace: bool = False, author: tuple[str, str] | None = None, progress: bool = False):
-        if not target or target.startswith("/") or ".." in target.split("/"):
-            raise UploadError(f"--to {target!r}: give a directory path inside the repository")
+                 replace: bool = False, author: tuple[str, str] | None = None, progress: bool = False,
+                 retry_for: float = DEFAULT_RETRY_FOR):
         self.config = config
-        self.target = posixpath.normpath(target)
+        self.target = check_target(target)
         self.files = files
         self.message = message
         self.replace = replace
         self.author = author or ("dda upload", "dda@localhost")
         self.progress = progress
+        if not retry_for >= 0:   # NaN too
+            raise UploadError(f"retry for {retry_for!r} seconds: expected a number >= 0")
+        self.retry_for = retry_for
         self.bytes_uploaded = 0
         self.objects_uploaded = 0
         self.skipped_present = 0
+        self._hashes: dict[tuple[bool, Path], tuple[str, int]] = {}
+        self._uploaded: set[str] = set()
 
     async def run(self) -> UploadResult:
+        """Upload, commit and push; retried on a fresh tip (jittered exponential backoff) while
+        other writers win the push race, until `retry_for` seconds have passed."""
         from .snapshot.git import GitSource
 
         source = GitSource(self.config.repo or "", self.config.cache_dir, user=self.config.git_user,
                            token=self.config.git_token)
         writer = GitWriter(source)
-        hashed: dict[bool, list[LocalFile]] = {}
-        uploaded: set[str] = set()
         branch = self.config.revision
+        attempts = 0
+
+        async def attempt() -> UploadResult | None:
+            nonlocal branch, attempts
+            attempts += 1
+            branch, tip = await writer.branch_tip(branch)
+            engine = await Engine.open(self.config.model_copy(update={"revision": tip}))
+            try:
+                return await self._attempt(engine, writer, branch, tip, attempts)
+            finally:
+                await engine.aclose()
+
+        def gave_up(state: RetryCallState) -> UploadResult:
+            raise UploadError(f"branch {branch!r} kept moving: other writers won {attempts} push(es) in "
+                              f"{self.retry_for:.0f}s (the objects are on the remote: rerun to try again)")
+
+        retrying = AsyncRetrying(stop=stop_after_delay(self.retry_for),
+                                 wait=wait_random_exponential(multiplier=0.5, max=10),
+                                 retry=retry_if_result(lambda result: result is None),
+                                 retry_error_callback=gave_up)
         try:
-            for attempt in range(1, MAX_PUSH_ATTEMPTS + 1):
-                branch, tip = await writer.branch_tip(branch)
-                engine = await Engine.open(Config(**{**self.config.__dict__, "revision": tip}))
-                try:
-                    result = await self._attempt(engine, writer, branch, tip, hashed, uploaded, attempt)
-                finally:
-                    await engine.aclose()
-                if result is not None:
-                    return result
-            raise UploadError(f"branch {branch!r} kept moving; gave up after {MAX_PUSH_ATTEMPTS} attempts "
-                              f"(the objects are on the remote: rerun to try again)")
+            return await retrying(attempt)
         finally:
             await source.aclose()
 
     async def _attempt(self, engine: Engine, writer: GitWriter, branch: str, tip: str,
-                       hashed: dict[bool, list[LocalFile]], uploaded: set[str], attempt: int) -> UploadResult | None:
+                       attempt: int) -> UploadResult | None:
         out = self._find_output(engine)
         legacy = out.legacy if out else _repo_is_dvc2(engine)
-        if legacy not in hashed:
-            hashed[legacy] = await asyncio.to_thread(self._hash_all, legacy)
-        local = hashed[legacy]
-        remote = engine.remote(out.remote if out else None, f"--to {self.target}")
-        await self._upload_objects(remote, [f for f in local if f.md5 not in uploaded], legacy)
-        uploaded.update(f.md5 for f in local)
+        base = out.path if out else self.target
         existing = self._existing_manifest(engine, out)
-        merged, placed, replaced_old = self._merge(existing, local, out)
+        ignore = await self._ignore_filter(engine, base, existing)
+        messages: list[str] = []
+        if ignore.is_ignored(base, is_dir=True) or ignore.is_ignored(self.target, is_dir=True):
+            raise UploadError(f"--to {self.target}: DVC ignores this path (.dvcignore); `dvc add` would refuse it")
+        if out is None and ignore.is_ignored(f"{base}.dvc"):
+            raise UploadError(f"--to {self.target}: DVC ignores {base}.dvc (.dvcignore); `dvc add` would refuse it")
+        wanted = [(source, rel) for source, rel in self.files
+                  if not ignore.walk_ignored(posixpath.join(self.target, rel), base)]
+        if len(wanted) < len(self.files):
+            skipped = sorted({rel for _, rel in self.files} - {rel for _, rel in wanted})
+            messages.append(f"skipped {len(skipped)} file(s) that .dvcignore excludes (first: {skipped[0]})")
+        local = await asyncio.to_thread(self._hash_all, wanted, legacy)
+        remote = engine.remote(out.remote if out else None, f"--to {self.target}")
+        # `dvc add` walks the whole directory again: entries the rules exclude drop out of it.
+        dropped = [e for e in existing if ignore.walk_ignored(posixpath.join(base, e.relpath), base)]
+        if dropped:
+            messages.append(f"dropped {len(dropped)} file(s) of {base} that .dvcignore now excludes, as "
+                            f"`dvc add` would (first: {dropped[0].relpath})")
+        gone = {e.relpath for e in dropped}
+        kept = [e for e in existing if e.relpath not in gone]
+        merged, placed, replaced_old = self._merge(kept, local, out)
+        inner = [e.relpath for e in merged if posixpath.basename(e.relpath) == DVCIGNORE]
+        if inner:
+            raise UploadError(f"{base}/{inner[0]}: DVC refuses a .dvcignore inside a tracked directory "
+                              f"(`dvc add` fails); put its patterns in {posixpath.dirname(base) or 'the root'}"
+                              f"/.dvcignore instead")
+        await self._upload_objects(remote, [f for f in placed if f.md5 not in self._uploaded], legacy)
+        self._uploaded.update(f.md5 for f in placed)
         added = len(placed) - len(replaced_old)
-        if not placed:   # every file is already there, same content: nothing to commit
+        if not placed and not dropped:   # every file is already there, same content: nothing to commit
             return UploadResult(tip, branch, out.source if out else f"{self.target}.dvc", 0, 0,
                                 self.objects_uploaded, self.bytes_uploaded, out.md5 if out else "", attempt,
-                                self.skipped_present, ["nothing to do: every file is already in the dataset"])
+                                self.skipped_present,
+                                messages + ["nothing to do: every file is already in the dataset"])
         data = manifest_bytes(merged)
         manifest_md5 = hashlib.md5(data).hexdigest()
         await remote.write(object_path(manifest_md5, legacy, is_dir=True), data)
         self.bytes_uploaded += len(data)
         engine.store.index.record_sizes({f.md5: f.size for f in local})
-        size = await self._total_size(engine, remote, out, merged, legacy, placed, replaced_old)
+        size = await self._total_size(engine, remote, out, merged, legacy, placed, replaced_old + dropped)
         changes, dvc_file = await self._git_changes(engine, out, manifest_md5, size, len(merged), legacy)
         message = self.message or f"dda upload: add {added} file(s) to {self.target}" + (
             f", replace {len(replaced_old)}" if replaced_old else "")
@@ -178,7 +250,7 @@ class Uploader:
         if not await writer.push(commit, branch, tip):
             return None   # the branch moved: merge again on its new tip
         return UploadResult(commit, branch, dvc_file, added, len(replaced_old), self.objects_uploaded,
-                            self.bytes_uploaded, manifest_md5, attempt, self.skipped_present)
+                            self.bytes_uploaded, manifest_md5, attempt, self.skipped_present, messages)
 
     # -- steps ------------------------------------------------------------------------------------
     def _find_output(self, engine: Engine) -> DvcOut | None:
@@ -204,12 +276,34 @@ class Uploader:
                               f"choose a directory that git does not track")
         return None
 
-    def _hash_all(self, legacy: bool) -> list[LocalFile]:
+    def _hash_all(self, files: list[tuple[Path, str]], legacy: bool) -> list[LocalFile]:
         result = []
-        for source, rel in self.files:
-            md5, size = hash_file(source, legacy)
+        for source, rel in files:
+            key = (legacy, source)
+            if key not in self._hashes:   # hashed once per rule, whatever the number of attempts
+                self._hashes[key] = hash_file(source, legacy)
+            md5, size = self._hashes[key]
             result.append(LocalFile(source, rel, md5, size))
         return result
+
+    async def _ignore_filter(self, engine: Engine, base: str, existing: list[ManifestEntry]) -> IgnoreFilter:
+        """DVC's ignore rules for the files that will make up `base`: the `.dvcignore` files git
+        holds in every directory above them (read now, so the filter itself never waits)."""
+        paths = [posixpath.join(self.target, rel) for _, rel in self.files]
+        paths += [posixpath.join(base, e.relpath) for e in existing]
+        paths += [base, self.target]
+        dirs = {""}
+        for path in paths:
+            parent = posixpath.dirname(path)
+            while parent and parent not in dirs:
+                dirs.add(parent)
+                parent = posixpath.dirname(parent)
+        texts: dict[str, str] = {}
+        for d in dirs:
+            entry = engine.tree.files.get(posixpath.join(d, DVCIGNORE) if d else DVCIGNORE)
+            if entry is not None and entry.kind == "git":
+                texts[d] = (await engine.git.read_blob(entry.oid)).decode("utf-8", errors="replace")
+        return IgnoreFilter(texts.get)
 
     async def _upload_objects(self, remote: Remote, files: list[LocalFile], legacy: bool) -> None:
         unique = {f.md5: f for f in files}
@@ -303,14 +397,9 @@ class Uploader:
             entry = engine.tree.files.get(source)
             if entry is None:
                 raise DvcFileError(f"{source}: not found in the commit")
-            data = yaml.safe_load(await engine.git.read_blob(entry.oid))
-            base = posixpath.dirname(source)
-            for raw in data.get("outs", []):
-                if posixpath.normpath(posixpath.join(base, raw.get("path", ""))) == out.path:
-                    raw["md5"] = f"{manifest_md5}.dir"
-                    raw["size"] = size
-                    raw["nfiles"] = nfiles
-            changes[source] = yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode()
+            text = await engine.git.read_blob(entry.oid)
+            changes[source] = dvcyaml.update_output(text, source, out.path, {
+                "md5": f"{manifest_md5}.dir", "size": size, "nfiles": nfiles})
             return changes, source
         parent, name = posixpath.split(self.target)
         dvc_file = f"{self.target}.dvc"
@@ -318,7 +407,7 @@ class Uploader:
         if not legacy:
             record["hash"] = "md5"
         record["path"] = name
-        changes[dvc_file] = yaml.safe_dump({"outs": [record]}, sort_keys=False, allow_unicode=True).encode()
+        changes[dvc_file] = dvcyaml.dump({"outs": [record]})
         ignore = posixpath.join(parent, ".gitignore") if parent else ".gitignore"
         current = b""
         if ignore in engine.tree.files:
@@ -340,6 +429,9 @@ def _repo_is_dvc2(engine: Engine) -> bool:
 
 
 async def upload_async(config: Config, to: str, paths: list[Path], **kw: object) -> UploadResult:
+    """Upload `paths` (files, or directories named by their contents) into directory `to` of
+    the repository `config.repo` on branch `config.revision`; see `Uploader`."""
+    check_target(to)
     files = collect_files([Path(p) for p in paths])
     if not files:
         raise UploadError("nothing to upload (no files given)")
@@ -347,8 +439,10 @@ async def upload_async(config: Config, to: str, paths: list[Path], **kw: object)
 
 
 def upload(repo: str, paths: list[str | Path], to: str, *, revision: str | None = None, message: str | None = None,
-           replace: bool = False, author: tuple[str, str] | None = None, **settings: object) -> UploadResult:
-    """Python API: `sidecar.upload("https://host/o/r.git", ["a.png"], to="data/images", revision="main")`."""
+           replace: bool = False, author: tuple[str, str] | None = None, retry_for: float = DEFAULT_RETRY_FOR,
+           **settings: object) -> UploadResult:
+    """Python API: `sidecar.upload("https://host/o/r.git", ["a.png"], to="data/images", revision="main")`.
+    `retry_for`: seconds to keep retrying while concurrent writers move the branch first."""
     from .config import load_config
 
     flags = {"repo": repo, "revision": revision, **settings}
@@ -356,4 +450,4 @@ def upload(repo: str, paths: list[str | Path], to: str, *, revision: str | None 
     if not isinstance(paths, (list, tuple)):
         raise ConfigError("paths must be a list of files or directories")
     return asyncio.run(upload_async(config, to, [Path(p) for p in paths], message=message, replace=replace,
-                                    author=author))
+                                    author=author, retry_for=retry_for))
