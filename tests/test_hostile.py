@@ -165,3 +165,53 @@ def test_get_replaces_planted_symlink_at_file_and_temp_name(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert (outside / "target.txt").read_text() == "keep\n"
     assert not (ds / "a.txt").is_symlink() and (ds / "a.txt").read_text() == "new\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# webhook: paths are compared the way the kernel resolves them (issue 14, item 9)
+
+
+def _review_with(annotations: dict, app_mounts: list[str] = ()) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from k8s_tools import load_review
+
+    review = load_review("job_single_repo.json")
+    pod = review["request"]["object"]
+    pod["metadata"]["annotations"].update(annotations)
+    container = pod["spec"]["containers"][0]
+    for i, path in enumerate(app_mounts):
+        container.setdefault("volumeMounts", []).append({"name": f"app-{i}", "mountPath": path})
+        pod["spec"].setdefault("volumes", []).append({"name": f"app-{i}", "emptyDir": {}})
+    return review
+
+
+def _webhook(review: dict) -> dict:
+    from sidecar.webhook.mutate import WebhookConfig, mutate
+
+    return mutate(review, WebhookConfig.load(env={}, image="registry.example.com/dda-sidecar:0.1.0"))["response"]
+
+
+@pytest.mark.parametrize("path,reserved", [
+    ("//etc", "/etc"), ("//proc", "/proc"), ("//var/run/secrets/kubernetes.io", "/var/run"),
+    ("/./etc", "/etc"), ("/data/../etc", "/etc"), ("/etc/", "/etc"), ("///usr//lib", "/usr"),
+    ("/data/../../../proc/self", "/proc"), ("//tmp", "/tmp"),
+])
+def test_webhook_refuses_reserved_paths_in_any_spelling(path, reserved):
+    response = _webhook(_review_with({"dda-sidecar.io/mount-path": path}))
+    assert response["allowed"] is False, response
+    message = response["status"]["message"]
+    assert f"directory {reserved}" in message and "mount-path" in message, message
+
+
+@pytest.mark.parametrize("app_path", ["//data", "/data/", "/./data", "//data//images", "/x/../data"])
+def test_webhook_app_mount_collides_in_any_spelling(app_path):
+    response = _webhook(_review_with({"dda-sidecar.io/mount-path": "/data"}, [app_path]))
+    assert response["allowed"] is False, response
+    assert "collides with volumeMount" in response["status"]["message"]
+
+
+def test_webhook_kernel_path():
+    from sidecar.webhook.mutate import kernel_path
+
+    assert kernel_path("//etc") == "/etc" and kernel_path("/../..//a/./b/") == "/a/b" and kernel_path("//") == "/"
+    assert _webhook(_review_with({"dda-sidecar.io/mount-path": "/data/set"}, ["/dataset"]))["allowed"] is True
