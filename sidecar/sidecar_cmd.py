@@ -37,7 +37,9 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> a
     p.add_argument("--repo", help="repository URL (env DDA_REPO)")
     p.add_argument("--mount", help="mountpoint (env DDA_MOUNT)")
     p.add_argument("--port", help=f"HTTP port (env DDA_PORT, default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--bind", help=f"HTTP address (env DDA_BIND, default {DEFAULT_BIND})")
+    p.add_argument("--bind", help=f"HTTP address (env DDA_BIND, default {DEFAULT_BIND}); on a non-loopback "
+                                  "address only GET /metrics, /healthz, /readyz answer: the loader API "
+                                  "(/v1/...) answers on 127.0.0.1 only")
     p.add_argument("--subdir", help="mount only this directory of the repository (env DDA_SUBDIR)")
     p.add_argument("--allow-non-empty", action="store_true", default=None,
                    help="mount over a non-empty directory (env DDA_ALLOW_NON_EMPTY)")

@@ -215,3 +215,149 @@ def test_webhook_kernel_path():
 
     assert kernel_path("//etc") == "/etc" and kernel_path("/../..//a/./b/") == "/a/b" and kernel_path("//") == "/"
     assert _webhook(_review_with({"dda-sidecar.io/mount-path": "/data/set"}, ["/dataset"]))["allowed"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# the sidecar's HTTP endpoints (issue 14, item 7; must-work 3)
+
+
+def _pod_ip() -> str | None:
+    """A non-loopback address of this machine (what the pod IP is in a pod)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.254", 9))   # no packet is sent: this only picks a source address
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def _raw(port: int, request: bytes, host: str = "127.0.0.1", timeout: float = 10) -> tuple[int, bytes]:
+    """Send `request` as is; the status and body of the answer (0 when the server just closed)."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data and b"Connection: close" in data:
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                    if len(body) >= length:
+                        break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    if not data:
+        return 0, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def _post(path: str, body: bytes, length: int | None = None) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
+
+
+def _rss_peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture(scope="module")
+def sample_repo(tmp_path_factory):
+    from sidecar.sample import make_sample_repo
+
+    return make_sample_repo(tmp_path_factory.mktemp("hostile-sample"), images=8)[0]
+
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+@needs_fuse
+def test_sidecar_loader_api_only_on_loopback(sample_repo, mp, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sidecar_util import Sidecar, http
+
+    pod_ip = _pod_ip()
+    if pod_ip is None:
+        pytest.skip("no non-loopback address on this machine")
+    with Sidecar(str(sample_repo), mp, tmp_path / "cache", env={"DDA_BIND": "0.0.0.0"}) as sc:
+        pod = f"http://{pod_ip}:{sc.port}"
+        assert http("GET", pod + "/healthz")[0] == 200 and http("GET", pod + "/metrics")[0] == 200
+        for path, doc in (("/v1/hints", {"paths": ["data/labels.csv"]}), ("/v1/batch-wait", {"seconds": [1]})):
+            status, body = http("POST", pod + path, doc)
+            assert status == 403 and b"127.0.0.1" in body, (status, body)
+            assert sc.post(path, doc)[0] == 200     # the same request on 127.0.0.1 is served
+        assert _raw(sc.port, _post("/metrics", b"{}"), host=pod_ip)[0] == 403
+        assert sc.value("dda_hinted_files_total") == 1   # only the loopback hint counted
+    # bound to the pod IP itself: the loader API still answers on 127.0.0.1, never on the pod IP
+    with Sidecar(str(sample_repo), mp, tmp_path / "cache2", env={"DDA_BIND": pod_ip}) as sc:
+        sc.url = f"http://{pod_ip}:{sc.port}"
+        assert sc.get("/readyz")[0] == 200
+        assert http("POST", sc.url + "/v1/hints", {"paths": []})[0] == 403
+        assert http("POST", f"http://127.0.0.1:{sc.port}/v1/hints", {"paths": []})[0] == 200
+
+
+@needs_fuse
+def test_sidecar_bounds_bodies_json_and_a_flood(sample_repo, mp, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import threading
+
+    from sidecar_util import Sidecar
+
+    with Sidecar(str(sample_repo), mp, tmp_path / "cache") as sc:
+        port = sc.port
+        base = _rss_peak_kib(sc.proc.pid)
+        # 250 MB announced: refused from the header, before a byte of body is read
+        status, body = _raw(port, _post("/v1/hints", b"", length=250 * 1024 * 1024))
+        assert status == 413 and b"too large" in body
+        # deep nesting, a 400-digit number, NaN, bad UTF-8: 400 with a reason, never 500
+        for bad in (b"[" * 100_000 + b"]" * 100_000, b'{"paths": ' + b"[" * 50 + b"]" * 50 + b"}",
+                    b'{"seconds": [' + b"9" * 400 + b"]}", b'{"seconds": [' + b"9" * 400 + b".5]}",
+                    b'{"seconds": [NaN]}', b"\xff\xfe", b'{"paths": "x"}'):
+            for path in ("/v1/hints", "/v1/batch-wait"):
+                status, reply = _raw(port, _post(path, bad))
+                assert 400 <= status < 500, (path, bad[:40], status, reply)
+        status, reply = _raw(port, _post("/v1/hints", json.dumps({"paths": ["x"] * 1_000_001}).encode()))
+        assert status == 413 and b"at most" in reply
+        # a header that never ends, a body shorter than announced: closed, nothing held
+        assert _raw(port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 200_000)[0] in (0, 400)
+
+        # a flood: 16 clients, each streaming 30 MB bodies of junk, 4 times over, plus idle sockets
+        import socket
+
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+        junk = b'{"paths": ["' + b"a" * (30 * 1024 * 1024 - 20) + b'"]}'
+        answers: list[int] = []
+
+        def client() -> None:
+            for _ in range(4):
+                try:
+                    answers.append(_raw(port, _post("/v1/hints", junk), timeout=60)[0])
+                except OSError:
+                    answers.append(-1)
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        for s in idle:
+            s.close()
+        print("flood answers", sorted(set((a, answers.count(a)) for a in answers)), "peak growth MiB", (_rss_peak_kib(sc.proc.pid) - base) // 1024)
+        assert len(answers) == 64 and set(answers) <= {0, -1, 400, 413, 503}, answers
+        assert answers.count(503) + answers.count(0) + answers.count(-1) > 0   # some were turned away
+        assert sc.get("/healthz", timeout=5) == (200, b"ok\n")
+        peak = _rss_peak_kib(sc.proc.pid)
+        # 64 MiB of buffered bodies at most, plus one parse: far below the pod's 2Gi limit
+        assert peak - base < 300 * 1024, f"RSS peak grew by {(peak - base) // 1024} MiB"
+        assert sc.post("/v1/hints", {"paths": ["data/labels.csv"]})[0] == 200
