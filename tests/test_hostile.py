@@ -361,3 +361,95 @@ def test_sidecar_bounds_bodies_json_and_a_flood(sample_repo, mp, tmp_path):
         # 64 MiB of buffered bodies at most, plus one parse: far below the pod's 2Gi limit
         assert peak - base < 300 * 1024, f"RSS peak grew by {(peak - base) // 1024} MiB"
         assert sc.post("/v1/hints", {"paths": ["data/labels.csv"]})[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets never travel (issue 14, item 8)
+
+
+class _Recorder:
+    """A real HTTP server on 127.0.0.1 that records request headers; `redirect_to` answers 302."""
+
+    def __init__(self, redirect_to: str | None = None):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                seen.append((self.path, dict(self.headers)))
+                if redirect_to and not self.path.startswith("/local/"):
+                    target = redirect_to if "://" in redirect_to else redirect_to + self.path
+                    self.send_response(302)
+                    self.send_header("Location", target.replace("{path}", self.path))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = b"object bytes"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("auth", ["custom", "bearer", "basic"])
+def test_credentials_dropped_on_cross_origin_redirect(auth):
+    import asyncio
+
+    from sidecar.remotes.http import HttpRemote
+
+    secret = "s3cr3t-TOKEN-4711"
+    other = _Recorder()
+    origin = _Recorder(redirect_to=other.url + "{path}")
+    try:
+        kwargs = {"custom": dict(auth="custom", custom_auth_header="X-Api-Key", password=secret),
+                  "bearer": dict(auth="bearer", token=secret),
+                  "basic": dict(auth="basic", user="u", password=secret)}[auth]
+        remote = HttpRemote("r", origin.url + "/store", **kwargs)
+
+        async def go() -> bytes:
+            try:
+                return (await remote.read("files/md5/ab/cd", 0, None)).data
+            finally:
+                await remote.aclose()
+
+        assert asyncio.run(go()) == b"object bytes"
+        (_, first), (_, second) = origin.seen[0], other.seen[0]
+        assert any(secret in v or "dTpzM2NyM3Q" in v for v in first.values()), first   # sent to its origin
+        assert not any(secret in v or "dTpzM2NyM3Q" in v for v in second.values()), second
+    finally:
+        origin.close()
+        other.close()
+
+
+def test_custom_header_kept_on_same_origin_redirect():
+    import asyncio
+
+    from sidecar.remotes.http import HttpRemote
+
+    srv = _Recorder(redirect_to="/local")
+    try:
+        remote = HttpRemote("r", srv.url, auth="custom", custom_auth_header="X-Api-Key", password="k-123")
+
+        async def go() -> bytes:
+            try:
+                return (await remote.read("x", 0, None)).data
+            finally:
+                await remote.aclose()
+
+        assert asyncio.run(go()) == b"object bytes"
+        assert [h.get("X-Api-Key") for _, h in srv.seen] == ["k-123", "k-123"]
+    finally:
+        srv.close()

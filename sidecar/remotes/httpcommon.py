@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Awaitable, Callable
 
 import httpx
 
@@ -10,6 +10,27 @@ from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavaila
 from .base import Range
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def credential_guard(base_url: str, header_names: "list[str]") -> "Callable[[httpx.Request], Awaitable[None]]":
+    """An httpx request hook that removes the credential headers `header_names` (and
+    Authorization) from any request to another origin than `base_url`'s: httpx strips only
+    Authorization on a cross-origin redirect, so a custom auth header would otherwise travel on.
+    Runs for every request, redirects included."""
+    origin = _origin(httpx.URL(base_url))
+    names = ["Authorization", *header_names]
+
+    async def hook(request: httpx.Request) -> None:
+        if _origin(request.url) != origin:
+            for name in names:
+                request.headers.pop(name, None)
+
+    return hook
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
 
 
 def range_header(start: int, end: int | None) -> str:
