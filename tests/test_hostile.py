@@ -453,3 +453,47 @@ def test_custom_header_kept_on_same_origin_redirect():
         assert [h.get("X-Api-Key") for _, h in srv.seen] == ["k-123", "k-123"]
     finally:
         srv.close()
+
+
+@needs_fuse
+def test_mount_daemon_shows_no_token_in_ps(sample_repo, git_server, mp, tmp_path):
+    """`dda mount http://user:TOKEN@host/... --daemon`: the token is in no process's argv and not
+    in the daemon's environment while the mount lives."""
+    import base64
+
+    from mounting import mounted, wait_until
+
+    bare = git_server.root / "hostile-daemon.git"
+    if not bare.exists():
+        subprocess.run(["git", "clone", "-q", "--bare", str(sample_repo), str(bare)], check=True)
+    token = git_server.password
+    url = f"http://{git_server.user}:{token}@127.0.0.1:{git_server.port}/private/hostile-daemon.git"
+    env = {k: v for k, v in os.environ.items() if k != "DDA_REPO"}
+    proc = subprocess.run([DDA, "mount", url, str(mp), "--daemon"], capture_output=True, text=True, timeout=120,
+                          env={**env, "DDA_CACHE_DIR": str(tmp_path / "cache"),
+                               "DDA_REMOTE_STORAGE_PASSWORD": "env-planted-777"})
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert mounted(mp) and (mp / "README.md").read_bytes().startswith(b"# sample")
+        pid = int(proc.stdout.split("daemon pid ")[1].split(",")[0])
+        planted = [token.encode(), base64.b64encode(f"{git_server.user}:{token}".encode()), b"env-planted-777"]
+        leaks = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmdline = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(s in cmdline for s in planted):
+                leaks.append((p.name, cmdline))
+        assert not leaks, leaks
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert b"dda\0mount\0" in cmdline and str(mp).encode() in cmdline   # ps still says what it is
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert not any(s in environ for s in planted)
+        log = (tmp_path / "cache/logs/mount.log").read_text()
+        assert token not in log
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        wait_until(lambda: not mounted(mp), 10)
