@@ -497,3 +497,124 @@ def test_mount_daemon_shows_no_token_in_ps(sample_repo, git_server, mp, tmp_path
     finally:
         subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
         wait_until(lambda: not mounted(mp), 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# 429/503 and Retry-After; messages a user can act on (issue 14, item 10)
+
+
+class _Storage:
+    """An HTTP DVC remote over a folder that answers the first `limited` GETs of each object with
+    `status` and a Retry-After header from `retry_after()`."""
+
+    def __init__(self, root: Path, status: int, retry_after, limited: int = 1):
+        import http.server
+        import threading
+
+        self.hits: list[float] = []
+        hits, counts = self.hits, {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body_wanted: bool) -> None:
+                import time as _t
+
+                hits.append(_t.monotonic())
+                counts[self.path] = counts.get(self.path, 0) + 1
+                if counts[self.path] <= limited:
+                    self.send_response(status)
+                    self.send_header("Retry-After", retry_after())
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                target = root / self.path.lstrip("/")
+                if not target.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = target.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body_wanted:
+                    self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                self._answer(True)
+
+            def do_HEAD(self):  # noqa: N802
+                self._answer(False)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _http_repo(tmp_path: Path) -> tuple[HostileRepo, bytes]:
+    h = HostileRepo(tmp_path / "src")
+    data = b"rate limited payload\n" * 100
+    md5 = h.put(data)
+    h.write("f.bin.dvc", yaml.safe_dump({"outs": [{"md5": md5, "size": len(data), "hash": "md5", "path": "f.bin"}]}))
+    h.commit()
+    return h, data
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+def test_retry_after_is_honoured(tmp_path, status, form):
+    import email.utils
+    import time
+
+    h, data = _http_repo(tmp_path)
+
+    def retry_after() -> str:
+        if form == "seconds":
+            return "2"
+        return email.utils.formatdate(time.time() + 3, usegmt=True)   # second resolution: 2-3 s from now
+
+    srv = _Storage(h.remote, status, retry_after)
+    try:
+        started = time.monotonic()
+        proc = dda("cat", str(h.repo), "f.bin", "--deadline", "20", cache=tmp_path / "cache",
+                   env={"DDA_REMOTE_STORAGE_URL": srv.url})
+        took = time.monotonic() - started
+        assert proc.returncode == 0 and proc.stdout == data, proc.stderr.decode()
+        gaps = [b - a for a, b in zip(srv.hits, srv.hits[1:])]
+        assert max(gaps) >= 1.9, (gaps, took)     # it waited as asked (backoff alone starts at 0.2 s)
+        words = "rate limited" if status == 429 else "service unavailable"
+        err = proc.stderr.decode()
+        assert f"{words} (HTTP {status}), retrying after" in err and "server error" not in err, err
+    finally:
+        srv.close()
+
+
+def test_retry_after_past_the_deadline_fails_fast_with_the_reason(tmp_path):
+    import time
+
+    h, _ = _http_repo(tmp_path)
+    srv = _Storage(h.remote, 429, lambda: "120", limited=1000)
+    try:
+        started = time.monotonic()
+        proc = dda("cat", str(h.repo), "f.bin", "--deadline", "5", cache=tmp_path / "cache",
+                   env={"DDA_REMOTE_STORAGE_URL": srv.url})
+        took = time.monotonic() - started
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and took < 5, (took, err)
+        assert "rate limited (HTTP 429)" in err and "120 s" in err and "Traceback" not in err, err
+    finally:
+        srv.close()
+
+
+def test_parse_retry_after():
+    from sidecar.remotes.httpcommon import parse_retry_after
+
+    assert parse_retry_after("7") == 7 and parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
+    assert 59 <= parse_retry_after("Thu, 01 Jan 1970 00:01:00 GMT", now=0) <= 60
