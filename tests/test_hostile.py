@@ -618,3 +618,57 @@ def test_parse_retry_after():
     assert parse_retry_after("7") == 7 and parse_retry_after(None) is None and parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
     assert 59 <= parse_retry_after("Thu, 01 Jan 1970 00:01:00 GMT", now=0) <= 60
+
+
+def _mount_error(cmd_prefix: list[str], repo: Path, mp: Path, cache: Path, env: dict | None = None) -> str:
+    full = {k: v for k, v in os.environ.items() if k != "DDA_REPO"}
+    full.update({"DDA_CACHE_DIR": str(cache), **(env or {})})
+    proc = subprocess.run([*cmd_prefix, DDA, "mount", str(repo), str(mp)], capture_output=True, text=True,
+                          env=full, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dda: error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert "fuse3 installed" not in lines[0]
+    return lines[0]
+
+
+@needs_fuse
+@pytest.mark.skipif(os.getuid() != 0 or not Path("/usr/bin/setpriv").exists(), reason="needs root and setpriv")
+def test_mount_without_cap_sys_admin_says_so(sample_repo, mp, tmp_path):
+    line = _mount_error(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"], sample_repo, mp,
+                        tmp_path / "cache")
+    assert "CAP_SYS_ADMIN" in line and "--cap-add SYS_ADMIN" in line, line
+
+
+@needs_fuse
+@pytest.mark.skipif(os.getuid() != 0 or not Path("/usr/bin/setpriv").exists(), reason="needs root and setpriv")
+def test_mount_without_access_to_dev_fuse_says_so(tmp_path):
+    import shutil
+    import stat as st
+    import tempfile
+
+    if os.stat("/dev/fuse").st_mode & (st.S_IROTH | st.S_IWOTH):
+        pytest.skip("/dev/fuse is open to every user here")
+    from sidecar.sample import make_sample_repo
+
+    work = Path(tempfile.mkdtemp(prefix="dda-nobody-", dir="/tmp"))
+    try:
+        repo, _ = make_sample_repo(work / "s", images=2)
+        (work / "mnt").mkdir()
+        subprocess.run(["chown", "-R", "65534:65534", str(work)], check=True)
+        work.chmod(0o755)
+        line = _mount_error(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"], repo,
+                            work / "mnt", work / "cache", env={"HOME": str(work)})
+        assert "permission denied opening /dev/fuse" in line and "--device /dev/fuse" in line, line
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_why_mount_failed_names_the_missing_piece(tmp_path):
+    from sidecar.fuse.mountpoint import why_mount_failed
+
+    assert "does not exist" in why_mount_failed(tmp_path, device=str(tmp_path / "no-fuse"))
+    dev = tmp_path / "fake-fuse"
+    dev.write_bytes(b"")
+    assert "CAP_SYS_ADMIN" in why_mount_failed(tmp_path, device=str(dev), uid=0, has_sys_admin=False)
+    assert "seccomp" in why_mount_failed(tmp_path, device=str(dev), uid=0, has_sys_admin=True)

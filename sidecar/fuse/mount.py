@@ -14,7 +14,7 @@ import pyfuse3.asyncio
 from ..config import Config
 from ..engine import Engine
 from ..fetch.prefetch import Prefetcher
-from .mountpoint import MountError, prepare
+from .mountpoint import MountError, prepare, why_mount_failed
 from .ops import DdaOperations
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Mount:
             try:
                 pyfuse3.init(ops, str(mountpoint), _options())
             except RuntimeError as err:
-                raise MountError(f"{mountpoint}: cannot mount ({err}); is /dev/fuse available and fuse3 installed?") from None
+                raise MountError(f"{mountpoint}: cannot mount: {why_mount_failed(mountpoint)}") from None
         except BaseException:
             await engine.aclose()
             raise
