@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import stat
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -49,6 +50,14 @@ class _Open:
     path: str
     entry: Entry
     state: ReadState
+    # (monotonic time, offset, end) of the last read that ran into the deadline
+    timed_out: tuple[float, int, int] | None = None
+
+
+# After a read hits the deadline the kernel retries the same pages at once (its readahead
+# failed, so it reads the page synchronously): a retry within this window fails at once, so
+# one read() waits one deadline, not two.
+RETRY_AFTER_DEADLINE_WINDOW = 1.0
 
 
 class DdaOperations(pyfuse3.Operations):
@@ -305,8 +314,17 @@ class DdaOperations(pyfuse3.Operations):
         size = handle.entry.size or 0
         if offset >= size:
             return b""
+        failed = handle.timed_out
+        if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER_DEADLINE_WINDOW \
+                and offset < failed[2] and failed[1] < offset + length:
+            raise pyfuse3.FUSEError(errno.ETIMEDOUT)
         # The entry captured at open: a refresh never changes a file under its reader.
-        data = await self._guard(self.engine.read_entry(handle.entry, offset, length), handle.path)
+        try:
+            data = await self._guard(self.engine.read_entry(handle.entry, offset, length), handle.path)
+        except pyfuse3.FUSEError as err:
+            if err.errno == errno.ETIMEDOUT:
+                handle.timed_out = (time.monotonic(), offset, offset + length)
+            raise
         self.prefetcher.on_read(handle.path, handle.state, offset, len(data), size)
         return data
 
