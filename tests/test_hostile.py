@@ -933,3 +933,47 @@ def test_single_read_against_hanging_remote_returns_at_the_deadline(mp, tmp_path
         subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
         wait_until(lambda: not mounted(mp), 10)
         hang.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# upload: nothing outside the folder being uploaded is read and published
+
+
+def test_upload_refuses_a_symlink_out_of_the_folder(tmp_path):
+    h = HostileRepo(tmp_path / "src")
+    h.write("README", "x\n")
+    h.commit()
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(h.repo), str(bare)], check=True)
+    secret = tmp_path / "home/.ssh/id_ed25519"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY----- planted\n")
+    data = tmp_path / "dataset"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("a\n")
+    (data / "sub/b.txt").write_text("b\n")
+    (data / "inside-link.txt").symlink_to(data / "a.txt")   # stays inside: uploaded as a copy
+    before = snapshot(h.remote)
+    for name, target in (("key", secret), ("keys-dir", secret.parent), ("chain", data / "chain2")):
+        link = data / name
+        if name == "chain":
+            (data / "chain2").symlink_to(secret)           # a chain that leaves on its second hop
+        link.symlink_to(target)
+        proc = dda("upload", str(bare), str(data), "--to", "data", "--no-progress", cache=tmp_path / "cache")
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and "outside" in err and "Traceback" not in err, err
+        assert snapshot(h.remote) == before                  # nothing went up
+        link.unlink()
+        if name == "chain":
+            (data / "chain2").unlink()
+    # a loop: refused with one line, no hang
+    (data / "loop1").symlink_to(data / "loop2")
+    (data / "loop2").symlink_to(data / "loop1")
+    proc = dda("upload", str(bare), str(data), "--to", "data", "--no-progress", cache=tmp_path / "cache", timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.decode(), proc.stderr.decode()
+    (data / "loop1").unlink()
+    (data / "loop2").unlink()
+    proc = dda("upload", str(bare), str(data), "--to", "data", "--no-progress", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr.decode()
+    pushed = b"".join(p.read_bytes() for p in h.remote.rglob("*") if p.is_file())
+    assert b"PRIVATE KEY" not in pushed
