@@ -24,11 +24,12 @@ class UnsafePath(DDAError):
 def split_safe(relpath: str) -> list[str]:
     """The components of a repository-relative path; UnsafePath unless each one is a plain name.
 
-    Rejects absolute paths, '', '.', '..', backslashes and NUL bytes: a checkout never holds them.
+    Rejects absolute paths, '', '.', '..' and NUL bytes: a checkout never holds them. Any other
+    byte is a plain name character on POSIX (a backslash included): each part is opened
+    relative to its parent's fd, so no name can climb out.
     """
     parts = relpath.split("/")
-    if relpath.startswith("/") or not relpath or any(
-            p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+    if relpath.startswith("/") or not relpath or any(p in ("", ".", "..") or "\0" in p for p in parts):
         raise UnsafePath(f"{relpath!r}: unsafe path in the revision (would write outside the destination)")
     return parts
 

@@ -977,3 +977,50 @@ def test_upload_refuses_a_symlink_out_of_the_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     pushed = b"".join(p.read_bytes() for p in h.remote.rglob("*") if p.is_file())
     assert b"PRIVATE KEY" not in pushed
+
+
+@pytest.mark.parametrize("relpaths", [
+    ["../escape.txt"], ["/abs/escape.txt"], ["ok/../../escape.txt"], ["ok/../../../escape.txt", "fine.txt"],
+])
+def test_get_manifest_paths_that_leave(tmp_path, relpaths):
+    """Variants: a tracked directory whose manifest names paths that climb out or are absolute."""
+    h = HostileRepo(tmp_path / "src")
+    files = {rel: b"evil\n" for rel in relpaths}
+    h.write("data.dvc", yaml.safe_dump({"outs": [{**h.dir_output(files), "path": "data"}]}))
+    h.commit()
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    proc = dda("get", str(h.repo), ".", "-o", str(work / "out"), cache=tmp_path / "cache", cwd=work)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err, err
+    assert not list(tmp_path.rglob("escape.txt")), err
+    assert not Path("/abs/escape.txt").exists()
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+
+
+def test_get_symlink_chain_and_dvc_output_below_a_git_symlink(tmp_path):
+    """Variants: rev A holds a git symlink chain leading out (link1 -> link2 -> outside) and a
+    loop; rev B tracks a DVC directory at link1/x and 200 nested folders. Getting A then B into
+    the same folder writes nothing through the chain, and the loop is recreated as links."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    h = HostileRepo(tmp_path / "src")
+    (h.repo / "link2").symlink_to(outside)
+    (h.repo / "link1").symlink_to("link2")
+    (h.repo / "loop1").symlink_to("loop2")
+    (h.repo / "loop2").symlink_to("loop1")
+    rev_a = h.commit("A")
+    (h.repo / "link1").unlink()
+    h.write("x.dvc", yaml.safe_dump({"outs": [{**h.dir_output({"f.txt": b"in\n"}), "path": "link1/x"}]}))
+    deep = "deep/" + "/".join(["d"] * 200) + "/leaf.txt"
+    h.write(deep, "deep\n")
+    rev_b = h.commit("B")
+    ds, cache = tmp_path / "ds", tmp_path / "cache"
+    proc = dda("get", str(h.repo), ".", "-o", str(ds), "--rev", rev_a, cache=cache, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert os.readlink(ds / "link1") == "link2" and os.readlink(ds / "loop1") == "loop2"
+    proc = dda("get", str(h.repo), ".", "-o", str(ds), "--rev", rev_b, cache=cache, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert list(outside.iterdir()) == []
+    assert not (ds / "link1").is_symlink() and (ds / "link1/x/f.txt").read_bytes() == b"in\n"
+    assert (ds / deep).read_text() == "deep\n"
