@@ -814,6 +814,23 @@ def test_git_blob_reads_honour_the_deadline_engine(git_server, tmp_path):
     finally:
         proxy.close()
     print("engine blob reads:", out)
+    # closing the engine leaves no git process behind (cat-file readers, their lazy fetches)
+    import time as _time
+
+    def left() -> list[str]:
+        found = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and str(tmp_path / "cache").encode() in (p / "cmdline").read_bytes():
+                    found.append(p.name)
+            except OSError:
+                pass
+        return found
+
+    deadline = _time.monotonic() + 10
+    while left() and _time.monotonic() < deadline:
+        _time.sleep(0.2)
+    assert not left()
     assert out["small"][1] == "ok" and out["small"][0] < 1.5, out
     for i in range(4):
         took, result = out[f"l{i}"]

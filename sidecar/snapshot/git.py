@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -77,7 +78,7 @@ class GitSource:
         proc = await asyncio.create_subprocess_exec(
             "git", "--git-dir", str(self.gitdir), "cat-file", "--batch",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            env=self._env(), limit=1 << 20)
+            env=self._env(), limit=1 << 20, start_new_session=True)   # its own group: kill() ends its fetch too
         return _BatchReader(proc, f"repository {self.display_url}")
 
     def _env(self) -> dict[str, str]:
@@ -364,11 +365,17 @@ class _BatchReader:
         return data[:size]
 
     def kill(self) -> None:
-        if self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
+        """Kill cat-file and what it started (a lazy fetch runs `git fetch` and a remote helper)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def reap(self) -> None:
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            pass
 
     async def close(self) -> None:
         if self.proc.stdin:
@@ -377,7 +384,7 @@ class _BatchReader:
             await asyncio.wait_for(self.proc.wait(), 5)
         except TimeoutError:
             self.kill()
-            await self.proc.wait()
+            await self.reap()
 
 
 class _ReaderPool:
@@ -413,7 +420,7 @@ class _ReaderPool:
                     self._idle.append(reader)
                 else:
                     reader.kill()   # mid-answer or dead: never reuse it
-                    await reader.proc.wait()
+                    await reader.reap()
 
     async def close(self) -> None:
         for reader in list(self._busy):
