@@ -258,20 +258,23 @@ class LocalServer:
                 if self._buffered + length > MAX_BUFFERED:
                     await _respond(writer, 503, b"too many large requests at once; retry later\n", keep=False)
                     return
+                # The budget is held until the body (and what was parsed from it) is dropped.
                 self._buffered += length
                 try:
-                    body = await self._read_body(reader, length)
-                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                    return
+                    try:
+                        body = await self._read_body(reader, length)
+                    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                        return
+                    try:
+                        status, ctype, payload = await self._route(method, path, body)
+                    except Exception:
+                        log.exception("internal error serving %s %s", method, path)
+                        status, ctype, payload = 500, "text/plain; charset=utf-8", b"internal error\n"
+                    del body
                 finally:
                     self._buffered -= length
                 connection = headers.get("connection", "").lower()
                 keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-                try:
-                    status, ctype, payload = await self._route(method, path, body)
-                except Exception:
-                    log.exception("internal error serving %s %s", method, target.split("?", 1)[0])
-                    status, ctype, payload = 500, "text/plain; charset=utf-8", b"internal error\n"
                 await _respond(writer, status, payload, ctype, keep=keep and not self.stopping,
                                head_only=method == "HEAD")
                 if not keep:

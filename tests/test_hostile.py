@@ -359,7 +359,7 @@ def test_sidecar_bounds_bodies_json_and_a_flood(sample_repo, mp, tmp_path):
         assert sc.get("/healthz", timeout=5) == (200, b"ok\n")
         peak = _rss_peak_kib(sc.proc.pid)
         # 64 MiB of buffered bodies at most, plus one parse: far below the pod's 2Gi limit
-        assert peak - base < 300 * 1024, f"RSS peak grew by {(peak - base) // 1024} MiB"
+        assert peak - base < 350 * 1024, f"RSS peak grew by {(peak - base) // 1024} MiB"
         assert sc.post("/v1/hints", {"paths": ["data/labels.csv"]})[0] == 200
 
 
