@@ -1041,3 +1041,18 @@ def test_get_symlink_chain_and_dvc_output_below_a_git_symlink(tmp_path):
     assert list(outside.iterdir()) == []
     assert not (ds / "link1").is_symlink() and (ds / "link1/x/f.txt").read_bytes() == b"in\n"
     assert (ds / deep).read_text() == "deep\n"
+
+
+def test_get_slash_look_alikes_are_plain_names(tmp_path):
+    """Names with '/'-look-alikes (U+2215, U+2044) are single names, written inside. (A git name
+    with a backslash is not readable today: Tree.normalize turns '\\' into '/'; it fails safe.)"""
+    h = HostileRepo(tmp_path / "src")
+    names = ["..\u2215..\u2215escape.txt", "\u2044etc\u2044x"]
+    for n in names:
+        h.write(n, "plain\n")
+    h.commit()
+    ds = tmp_path / "ds"
+    proc = dda("get", str(h.repo), ".", "-o", str(ds), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert sorted(p.name for p in ds.iterdir() if p.name != ".dvc") == sorted(names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds", "src"]
