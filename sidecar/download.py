@@ -1,5 +1,8 @@
 """`dda get`: a file or a whole directory to local disk, files in parallel, atomically.
-Reads through the file-system layer (sidecar.fs), like the mount and the hooks."""
+
+Reads through the file-system layer (sidecar.fs), like the mount and the hooks. Never writes
+outside the destination: see safewrite (dir-fd relative, O_NOFOLLOW, names checked).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +10,19 @@ import os
 import posixpath
 from pathlib import Path
 
+from . import safewrite
 from .errors import NotFound
 from .fs import FileSystem
+from .safewrite import UnsafePath, split_safe
 
 
 async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool = False) -> list[Path]:
-    """Write `path` (a file, or a directory with everything below it) to `dest`; returns
-    the files written. Sizes are learned in bulk first (for the progress bar)."""
+    """Write `path` of the revision (a file, or a folder with everything below it) to `dest`;
+    returns the paths written. Sizes are learned in bulk first (for the progress bar).
+
+    Raises NotFound for a path not in the revision and UnsafePath (before writing anything) for a
+    repository name that would land outside `dest`.
+    """
     path = fs.normalize(path)
     kind = fs.kind(path)
     if kind is None:
@@ -24,8 +33,17 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     if single and dest.is_dir():
         dest = dest / name
     paths = [e.path for e in fs.walk_files(path)]
+    # Every target is checked before anything is written: one hostile name fails the whole get.
+    if single:
+        if dest.name in ("", ".", ".."):
+            raise UnsafePath(f"{str(dest)!r}: name a file to write, not a folder reference")
+        root, jobs = dest.parent, [(rel, [dest.name]) for rel in paths]
+    else:
+        prefix = path + "/" if path else ""
+        root, jobs = dest, [(rel, split_safe(rel[len(prefix):])) for rel in paths]
     attrs = await fs.stat_many(paths)
     total = sum(a.size for _, a in attrs if a.kind == "file")
+    root_fd = await asyncio.to_thread(safewrite.open_root, root)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -34,35 +52,51 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     limit = asyncio.Semaphore(fs.engine.config.jobs)
     written: list[Path] = []
 
-    async def one(rel: str) -> None:
-        target = dest if single else dest / posixpath.relpath(rel, path)
+    async def one(rel: str, parts: list[str]) -> None:
         async with limit:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if fs.kind(rel) == "symlink":   # git symlink: recreate it, as a checkout would
+            link = None
+            if fs.kind(rel) == "symlink":   # git symlink: recreate it, as a checkout would (never followed)
                 link = await fs.readlink(rel)
-                if target.is_symlink() or target.exists():
-                    target.unlink()
-                os.symlink(link, target)
-                written.append(target)
-                return
-            handle = await fs.open(rel)
-            tmp = target.with_name(f".{target.name}.dda-part")
+            dir_fd = await asyncio.to_thread(safewrite.open_parent, root_fd, parts)
             try:
-                with open(tmp, "wb") as f:
-                    async for piece in fs.iter_bytes(handle):
-                        await asyncio.to_thread(f.write, piece)
-                        if bar is not None:
-                            bar.update(len(piece))
+                if link is not None:
+                    await asyncio.to_thread(safewrite.place_symlink, link, parts[-1], dir_fd)
+                else:
+                    await _write_file(rel, parts[-1], dir_fd)
             finally:
-                fs.release(handle)
-            if handle.entry.mode & 0o111:
-                os.chmod(tmp, 0o755)
-            os.replace(tmp, target)
-            written.append(target)
+                os.close(dir_fd)
+            written.append(root.joinpath(*parts))
+
+    async def _write_file(rel: str, name: str, dir_fd: int) -> None:
+        handle = await fs.open(rel)
+        tmp, fd = await asyncio.to_thread(safewrite.create_temp, name, dir_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for piece in fs.iter_bytes(handle):
+                    await asyncio.to_thread(f.write, piece)
+                    if bar is not None:
+                        bar.update(len(piece))
+                if handle.entry.mode & 0o111:
+                    os.fchmod(f.fileno(), 0o755)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        finally:
+            fs.release(handle)
+        await asyncio.to_thread(safewrite.commit, tmp, name, dir_fd)
 
     try:
-        await asyncio.gather(*(one(p) for p in paths))
+        # gather(return_exceptions) lets every writer finish before root_fd closes: a worker thread
+        # still holding a closed (and reused) fd number could otherwise write into another folder.
+        results = await asyncio.gather(*(one(rel, parts) for rel, parts in jobs), return_exceptions=True)
     finally:
+        os.close(root_fd)
         if bar is not None:
             bar.close()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
     return written

@@ -53,7 +53,8 @@ class Engine:
         if not config.repo:
             raise ConfigError("no repository given (pass a URL or set DDA_REPO)")
         config.cache_dir.mkdir(parents=True, exist_ok=True)
-        git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token)
+        git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
+                        deadline=config.deadline)
         store = Store(config.cache_dir, config.cache_size, config.chunk_size)
         fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline)
         engine = cls(config, git, store, fetcher)

@@ -69,6 +69,15 @@ class RemoteUnavailable(RemoteError):
     reason = "unavailable"
 
 
+class RetryAfter(RemoteUnavailable):
+    """HTTP 429 or 503 (or another retryable status) carrying the server's Retry-After delay."""
+
+    def __init__(self, message: str, retry_after: float | None = None, status: int = 429):
+        super().__init__(message)
+        self.retry_after = retry_after   # seconds the server asked us to wait; None: not said
+        self.status = status
+
+
 class RemoteAuthError(RemoteError):
     reason = "auth"
     errno = _errno.EACCES

@@ -10,10 +10,17 @@
 
 A deliberately small HTTP/1.1 server (asyncio streams, Content-Length bodies, keep-alive):
 hints call the Prefetcher directly, so it must share the loop with the mount.
+
+Exposure: the app container shares the pod's network namespace, so the loader API (/v1/...)
+answers only connections that arrived on a loopback address; on the pod IP only the read-only
+GET endpoints answer (anything else gets 403). Every input is bounded and answered with a 4xx:
+header and body sizes (by Content-Length and by bytes actually read), bytes buffered across all
+connections at once, open connections, JSON nesting, number length and path counts.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -32,11 +39,74 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HEADER = 64 * 1024
-MAX_BODY = 256 * 1024 * 1024        # a hint list of a few million paths
+MAX_BODY = 32 * 1024 * 1024         # a hint list of about a million paths
+MAX_BUFFERED = 64 * 1024 * 1024     # request bodies held at once, all connections together
+MAX_CONNECTIONS = 128               # more are closed at once: a flood cannot pile up buffers
+MAX_PATHS = 1_000_000               # paths in one hint
+MAX_JSON_DEPTH = 32
+MAX_NUMBER_DIGITS = 32              # a wait in seconds never needs more; a 400-digit number is an attack
+_READ_PIECE = 256 * 1024
 IDLE_TIMEOUT = 75.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            411: "Length Required", 413: "Payload Too Large", 415: "Unsupported Media Type",
-            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 500: "Internal Server Error", 501: "Not Implemented",
+            503: "Service Unavailable"}
+_READ_ONLY = ("/metrics", "/healthz", "/readyz")
+
+
+class BadJSON(ValueError):
+    """A body that is not JSON we accept (answered 400 with this message)."""
+
+
+def _number(text: str) -> int | float:
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise BadJSON(f"a number longer than {MAX_NUMBER_DIGITS} characters")
+    value = float(text) if any(c in text for c in ".eE") else int(text)
+    return value
+
+
+def _depth(doc: Any) -> int:
+    """How deeply lists and objects nest in a parsed document (iterative: no recursion)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def parse_json(body: bytes | bytearray) -> Any:
+    """A request body as JSON; BadJSON (never RecursionError or OverflowError) when it is not
+    UTF-8 JSON, nests deeper than MAX_JSON_DEPTH or holds a number longer than MAX_NUMBER_DIGITS."""
+    try:
+        doc = json.loads(body, parse_int=_number, parse_float=_number, parse_constant=_no_constant)
+    except BadJSON:
+        raise
+    except RecursionError:
+        raise BadJSON(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        raise BadJSON("body is not JSON") from None
+    # Counting brackets runs at C speed; only a body with many of them needs the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _depth(doc) > MAX_JSON_DEPTH:
+        raise BadJSON(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return doc
+
+
+def _no_constant(name: str) -> float:
+    raise BadJSON(f"{name} is not a number")
+
+
+def is_loopback(sockname: Any) -> bool:
+    """Whether a connection's local address (asyncio 'sockname') is a loopback address."""
+    try:
+        host = sockname[0] if isinstance(sockname, tuple) else str(sockname)
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except (ValueError, IndexError, TypeError):
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 class Health:
@@ -123,25 +193,38 @@ class LocalServer:
         self.port = port
         self.mount: "Mount | None" = None
         self.stopping = False
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self._buffered = 0                  # body bytes held by all connections now
+        self._parse = asyncio.Semaphore(1)  # one big JSON parse at a time: peaks do not stack
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._client, self.host, self.port, limit=MAX_HEADER,
-                                                  reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        """Listen on host:port; when host is a specific non-loopback address (the pod IP), also on
+        127.0.0.1:port for the loader API. Returns the port (picked when 0)."""
+        server = await asyncio.start_server(self._client, self.host, self.port, limit=MAX_HEADER,
+                                            reuse_address=True)
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        wildcard = self.host in ("", "0.0.0.0", "::")
+        if not wildcard and not is_loopback((self.host,)):
+            self._servers.append(await asyncio.start_server(self._client, "127.0.0.1", self.port,
+                                                            limit=MAX_HEADER, reuse_address=True))
         return self.port
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for writer in list(self._writers):
             writer.close()
         self._writers.clear()
 
     # -- HTTP/1.1 ----------------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_CONNECTIONS:
+            writer.close()   # a flood of connections: refuse, do not queue
+            return
         self._writers.add(writer)
+        local = is_loopback(writer.get_extra_info("sockname"))
         try:
             while not self.stopping:
                 try:
@@ -163,20 +246,35 @@ class LocalServer:
                 except ValueError:
                     await _respond(writer, 400, b"bad Content-Length\n", keep=False)
                     return
+                path = target.split("?", 1)[0]
+                if not local and not (path in _READ_ONLY and method in ("GET", "HEAD")):
+                    # The pod IP: read-only. Refused before reading any body.
+                    await _respond(writer, 403, b"only GET /metrics, /healthz and /readyz answer on this address; "
+                                                b"the loader API listens on 127.0.0.1\n", keep=False)
+                    return
                 if length > MAX_BODY:
-                    await _respond(writer, 413, b"body too large\n", keep=False)
+                    await _respond(writer, 413, f"body too large (at most {MAX_BODY} bytes)\n".encode(), keep=False)
                     return
+                if self._buffered + length > MAX_BUFFERED:
+                    await _respond(writer, 503, b"too many large requests at once; retry later\n", keep=False)
+                    return
+                # The budget is held until the body (and what was parsed from it) is dropped.
+                self._buffered += length
                 try:
-                    body = await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT) if length else b""
-                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                    return
+                    try:
+                        body = await self._read_body(reader, length)
+                    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                        return
+                    try:
+                        status, ctype, payload = await self._route(method, path, body)
+                    except Exception:
+                        log.exception("internal error serving %s %s", method, path)
+                        status, ctype, payload = 500, "text/plain; charset=utf-8", b"internal error\n"
+                    del body
+                finally:
+                    self._buffered -= length
                 connection = headers.get("connection", "").lower()
                 keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-                try:
-                    status, ctype, payload = await self._route(method, target.split("?", 1)[0], body)
-                except Exception:
-                    log.exception("internal error serving %s %s", method, target.split("?", 1)[0])
-                    status, ctype, payload = 500, "text/plain; charset=utf-8", b"internal error\n"
                 await _respond(writer, status, payload, ctype, keep=keep and not self.stopping,
                                head_only=method == "HEAD")
                 if not keep:
@@ -187,7 +285,19 @@ class LocalServer:
             self._writers.discard(writer)
             writer.close()
 
-    async def _route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+    @staticmethod
+    async def _read_body(reader: asyncio.StreamReader, length: int) -> bytearray:
+        """Exactly `length` bytes, read in pieces as they arrive (each piece within IDLE_TIMEOUT):
+        memory grows with what was sent, not with what was announced."""
+        body = bytearray()
+        while len(body) < length:
+            piece = await asyncio.wait_for(reader.read(min(length - len(body), _READ_PIECE)), IDLE_TIMEOUT)
+            if not piece:
+                raise asyncio.IncompleteReadError(bytes(body), length)
+            body += piece
+        return body
+
+    async def _route(self, method: str, path: str, body: bytes | bytearray) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
         get = method in ("GET", "HEAD")
         if path == "/metrics" and get:
@@ -214,21 +324,26 @@ class LocalServer:
             return 405, text, b"method not allowed\n"
         return 404, text, b"not found\n"
 
-    async def _json(self, body: bytes) -> Any:
-        if len(body) > 1024 * 1024:   # a long hint list: do not stall the file system meanwhile
-            return await asyncio.to_thread(json.loads, body)
-        return json.loads(body)
+    async def _json(self, body: bytes | bytearray) -> Any:
+        if len(body) > 64 * 1024:   # a long hint list: do not stall the file system meanwhile
+            async with self._parse:
+                return await asyncio.to_thread(parse_json, body)
+        return parse_json(body)
 
-    async def _hints(self, body: bytes) -> tuple[int, str, bytes]:
+    async def _hints(self, body: bytes | bytearray) -> tuple[int, str, bytes]:
         if self.mount is None:
             return _error(503, "the mount is not up yet")
         try:
             doc = await self._json(body)
-        except ValueError:
-            return _error(400, "body is not JSON")
+        except BadJSON as err:
+            return _error(400, str(err))
         paths = doc.get("paths") if isinstance(doc, dict) else None
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             return _error(400, 'expected {"paths": ["a/b.jpg", ...]}')
+        if len(paths) > MAX_PATHS:
+            return _error(413, f"{len(paths)} paths in one hint; send at most {MAX_PATHS} at a time")
+        if any(len(p) > 4096 or "\0" in p for p in paths):
+            return _error(400, "a path longer than 4096 characters or with a NUL byte")
         mount = self.mount
         mapped = [repo_path(p, str(mount.mountpoint), mount.ops.root) for p in paths]
         accepted, missing = mount.prefetcher.hint([rp for rp in mapped if rp is not None])
@@ -239,16 +354,18 @@ class LocalServer:
         self.metrics.hinted_unknown += len(unknown)
         return 200, "application/json", json.dumps({"accepted": accepted, "unknown": unknown}).encode()
 
-    async def _batch_wait(self, body: bytes) -> tuple[int, str, bytes]:
+    async def _batch_wait(self, body: bytes | bytearray) -> tuple[int, str, bytes]:
         try:
             doc = await self._json(body)
-        except ValueError:
-            return _error(400, "body is not JSON")
+        except BadJSON as err:
+            return _error(400, str(err))
         values = doc.get("seconds") if isinstance(doc, dict) else None
         if isinstance(values, (int, float)) and not isinstance(values, bool):
             values = [values]
         if not isinstance(values, list):
             return _error(400, 'expected {"seconds": [0.012, ...]}')
+        if len(values) > MAX_PATHS:
+            return _error(413, f"{len(values)} observations in one post; send at most {MAX_PATHS}")
         good = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and math.isfinite(v) and 0 <= v <= MAX_BATCH_WAIT]
         if self.mount is None:

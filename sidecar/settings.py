@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     # sidecar (`dda sidecar`)
     port: Port = setting(9400, "HTTP port of /metrics, /healthz, /readyz and the loader API (0: any)",
                          group="sidecar", flags=("--port",), helm="sidecar.metricsPort")
-    bind: str = setting("0.0.0.0", "HTTP address", group="sidecar", flags=("--bind",))
+    bind: str = setting("0.0.0.0", "HTTP address of /metrics, /healthz and /readyz; the loader API (/v1/...) answers on 127.0.0.1 only", group="sidecar", flags=("--bind",))
 
     # hooks (`install_hooks()`)
     hooks_root: str | None = setting(None, "local directory standing for the repository root", group="hooks",

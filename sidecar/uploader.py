@@ -65,17 +65,37 @@ class UploadResult:
     messages: list[str] = field(default_factory=list)
 
 
+def _contained_link(link: Path, root: Path) -> None:
+    """UploadError unless the symlink `link` resolves to something inside `root`: a link planted
+    in a dataset folder (say to ~/.ssh/id_rsa) must not publish what it points at."""
+    target = Path(os.path.realpath(link))   # never raises, even on a loop
+    if not target.is_relative_to(os.path.realpath(root)):
+        raise UploadError(f"{link}: a symlink to {os.readlink(link)!r}, outside {root}; upload that file "
+                          f"itself or remove the link")
+
+
 def collect_files(paths: list[Path]) -> list[tuple[Path, str]]:
     """(source, relpath) for files and, recursively, directories (named by their contents).
-    A directory holding `.dvc` is a nested DVC repository, which DVC never adds to a dataset."""
+
+    Inside a directory, symlinks are followed only when they stay inside it (UploadError
+    otherwise); linked directories are not descended into (their targets are walked anyway).
+    A directory holding `.dvc` is a nested DVC repository, which DVC never adds to a dataset.
+    """
     found: list[tuple[Path, str]] = []
     for path in paths:
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 dirnames[:] = [d for d in dirnames if not _is_subrepo(Path(dirpath) / d)]
+                for name in dirnames:
+                    if (Path(dirpath) / name).is_symlink():
+                        _contained_link(Path(dirpath) / name, path)
                 for name in sorted(filenames):
                     full = Path(dirpath) / name
+                    if full.is_symlink():
+                        _contained_link(full, path)
+                        if not full.is_file():
+                            raise UploadError(f"{full}: a symlink to {os.readlink(full)!r}, which is not a file")
                     found.append((full, full.relative_to(path).as_posix()))
         elif path.is_file():
             found.append((path, path.name))

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] | None,
                                               Callable[[float], None] | None]] = \
     contextvars.ContextVar("dda_fetch_observers", default=(None, None))
+# When the current read's deadline ends (loop time), set by _with_deadline: a Retry-After that
+# reaches past it fails at once with the server's reason instead of sleeping into the deadline.
+_read_ends_at: contextvars.ContextVar[float | None] = contextvars.ContextVar("dda_read_ends_at", default=None)
 
 
 @dataclass(frozen=True)
@@ -367,8 +370,19 @@ class Fetcher:
         if attempt > self.retries:
             self.stats.errors[RemoteUnavailable.reason] += 1
             raise err
-        self.stats.retries += 1
         delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+        asked = getattr(err, "retry_after", None)   # RetryAfter: the server said how long to wait
+        if asked is not None:
+            ends = _read_ends_at.get()
+            left = self.deadline if ends is None else ends - asyncio.get_running_loop().time()
+            if asked >= left:
+                self.stats.errors["unavailable"] += 1
+                raise err
+            delay = max(delay, asked)
+            status = getattr(err, "status", 429)
+            words = {429: "rate limited", 503: "service unavailable"}.get(status, "server error")
+            log.warning("%s: %s (HTTP %s), retrying after %g s", ref.display, words, status, round(delay, 1))
+        self.stats.retries += 1
         log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
         await asyncio.sleep(delay)
 
@@ -435,6 +449,7 @@ class Fetcher:
                 self.on_request(op, status, time.monotonic() - started)
 
     async def _with_deadline(self, coro, ref: ObjectRef):  # type: ignore[no-untyped-def]
+        token = _read_ends_at.set(asyncio.get_running_loop().time() + self.deadline)
         try:
             async with asyncio.timeout(self.deadline):
                 return await coro
@@ -451,6 +466,8 @@ class Fetcher:
             raise DeadlineExceeded(
                 f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                 f"within {self.deadline:g}s", path=ref.display) from None
+        finally:
+            _read_ends_at.reset(token)
 
 
 class _StreamJob:

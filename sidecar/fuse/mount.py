@@ -5,7 +5,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -14,10 +13,8 @@ import pyfuse3.asyncio
 
 from ..config import Config
 from ..engine import Engine
-from ..errors import DDAError
 from ..fetch.prefetch import Prefetcher
-from ..redact import redact
-from .mountpoint import MountError, prepare
+from .mountpoint import MountError, prepare, why_mount_failed
 from .ops import DdaOperations
 
 log = logging.getLogger(__name__)
@@ -62,7 +59,7 @@ class Mount:
             try:
                 pyfuse3.init(ops, str(mountpoint), _options())
             except RuntimeError as err:
-                raise MountError(f"{mountpoint}: cannot mount ({err}); is /dev/fuse available and fuse3 installed?") from None
+                raise MountError(f"{mountpoint}: cannot mount: {why_mount_failed(mountpoint)}") from None
         except BaseException:
             await engine.aclose()
             raise
@@ -145,49 +142,9 @@ async def run_foreground(config: Config, mountpoint: Path, subdir: str, allow_no
 
 
 def run_daemon(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool, log_file: Path) -> int:
-    """Fork; the child mounts and serves, the parent returns once the mount is live (or
-    reports why it is not). Configuration travels in memory, never on a command line."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-        if message.startswith("ok"):
-            print(f"dda: mounted on {mountpoint} (daemon pid {pid}, log {log_file})")
-            return 0
-        os.waitpid(pid, 0)
-        print(f"dda: error: {message.strip() or 'the daemon exited before the mount was ready'}", file=sys.stderr)
-        return 1
-    # child
-    os.close(read_fd)
-    os.setsid()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    pipe = os.fdopen(write_fd, "wb", buffering=0)
+    """Start a daemon that mounts and serves; returns once the mount is live (or reports why it
+    is not). Configuration and credentials travel through a pipe, never on a command line or in
+    the daemon's environment (see daemon.py)."""
+    from .daemon import spawn
 
-    def ready(_mount: Mount) -> None:
-        pipe.write(b"ok\n")
-        pipe.close()
-
-    code = 1
-    try:
-        code = asyncio.run(run_foreground(config, mountpoint, subdir, allow_non_empty, ready))
-    except DDAError as err:
-        message = redact(str(err), config.secrets())
-        print(f"dda: error: {message}", file=sys.stderr)
-        if not pipe.closed:
-            pipe.write(message.encode())
-    except BaseException as err:  # a daemon must say why it died, in its log
-        logging.exception("mount daemon failed")
-        if not pipe.closed:
-            pipe.write(f"mount daemon failed: {type(err).__name__}: {err}".encode())
-    finally:
-        if not pipe.closed:
-            pipe.close()
-        os._exit(code)
+    return spawn(config, mountpoint, subdir, allow_non_empty, log_file)

@@ -86,3 +86,51 @@ def unmount(path: Path, lazy: bool = False) -> None:
         if "busy" in detail.lower():
             raise MountError(f"{path}: still in use ({detail}); close the files or use --lazy")
         raise MountError(f"{path}: cannot unmount: {detail}")
+
+
+CAP_SYS_ADMIN = 21
+
+
+def _has_capability(bit: int, status: str = "/proc/self/status") -> bool | None:
+    try:
+        for line in open(status):
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def why_mount_failed(mountpoint: Path, device: str = "/dev/fuse", uid: int | None = None,
+                     has_sys_admin: bool | None = None) -> str:
+    """Why the kernel refused our FUSE mount, as one actionable sentence. libfuse says only
+    "fuse_session_mount failed", so look: the device, our right to open it, mount(2)'s
+    capability (root mounts directly), fusermount3 (everyone else goes through it)."""
+    uid = os.getuid() if uid is None else uid
+    if not os.path.exists(device):
+        return (f"{device} does not exist: give the container the FUSE device (docker run --device /dev/fuse; "
+                f"in Kubernetes use the CSI driver or a privileged sidecar) and load the fuse module on the host")
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return (f"permission denied opening {device} ({err.strerror}): run as root, or give this user "
+                    f"read-write access to {device}; in a container add --device /dev/fuse (a device cgroup "
+                    f"may forbid it)")
+        return f"cannot open {device}: {err.strerror or err}"
+    if uid == 0:
+        if has_sys_admin is None:
+            has_sys_admin = _has_capability(CAP_SYS_ADMIN)
+        if has_sys_admin is False:
+            return ("mounting is not permitted: this process lacks CAP_SYS_ADMIN (docker run --cap-add SYS_ADMIN, "
+                    "possibly with --security-opt apparmor:unconfined; in Kubernetes use the CSI driver or a "
+                    "privileged sidecar)")
+        return ("mount(2) was refused although we run as root with CAP_SYS_ADMIN (a seccomp or AppArmor "
+                f"profile?); check `dmesg` and that {mountpoint} is a directory we may mount on")
+    helper = shutil.which("fusermount3")
+    if helper is None:
+        return "fusermount3 is not installed (it mounts for non-root users): install the fuse3 package"
+    if not os.stat(helper).st_mode & 0o4000:
+        return f"{helper} is not setuid root, so a non-root user cannot mount: reinstall fuse3 or run as root"
+    return (f"fusermount3 refused the mount: check that this user owns {mountpoint} and, for other users to "
+            f"read it, that /etc/fuse.conf has user_allow_other")

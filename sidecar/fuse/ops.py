@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -59,10 +60,18 @@ def _never_crash(handler):  # type: ignore[no-untyped-def]
 class _Open:
     handle: Handle
     state: ReadState
+    # (monotonic time, offset, end) of the last read that ran into the deadline
+    timed_out: tuple[float, int, int] | None = None
 
     @property
     def path(self) -> str:
         return self.handle.path
+
+
+# After a read hits the deadline the kernel retries the same pages at once (its readahead
+# failed, so it reads the page synchronously): a retry within this window fails at once, so
+# one read() waits one deadline, not two.
+RETRY_AFTER_DEADLINE_WINDOW = 1.0
 
 
 class DdaOperations(pyfuse3.Operations):
@@ -244,8 +253,17 @@ class DdaOperations(pyfuse3.Operations):
         if opened is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         handle = opened.handle
+        failed = opened.timed_out
+        if failed is not None and time.monotonic() - failed[0] < RETRY_AFTER_DEADLINE_WINDOW \
+                and offset < failed[2] and failed[1] < offset + length:
+            raise pyfuse3.FUSEError(errno.ETIMEDOUT)
         # The handle is pinned to the entry of open time: a refresh never changes a file under its reader.
-        data = await self.fs.read(handle, offset, length)
+        try:
+            data = await self.fs.read(handle, offset, length)
+        except DDAError as err:
+            if describe(err).errno == errno.ETIMEDOUT:
+                opened.timed_out = (time.monotonic(), offset, offset + length)
+            raise
         if data:
             self.prefetcher.on_read(handle.path, opened.state, offset, len(data), handle.size)
         return data

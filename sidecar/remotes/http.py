@@ -8,7 +8,14 @@ import httpx
 
 from ..errors import ConfigError
 from .base import Range, Remote
-from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
+from .httpcommon import (
+    check_status,
+    credential_guard,
+    range_from_response,
+    range_header,
+    stream_get,
+    transport_error,
+)
 
 
 class HttpRemote(Remote):
@@ -36,8 +43,10 @@ class HttpRemote(Remote):
             headers[custom_auth_header] = password or token or ""
         elif auth:
             raise ConfigError(f"remote {name!r}: unknown auth {auth!r} (basic, digest, bearer, custom)")
+        secret_headers = [custom_auth_header] if auth == "custom" and custom_auth_header else []
         self.client = httpx.AsyncClient(
             auth=client_auth, headers=headers, follow_redirects=True,
+            event_hooks={"request": [credential_guard(self.base, secret_headers)]},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))
 

@@ -1,15 +1,39 @@
 """Response handling shared by the HTTP and S3 clients (both speak HTTP through httpx)."""
 from __future__ import annotations
 
+import datetime
+import email.utils
 import re
-from typing import Callable
+import time
+from typing import Awaitable, Callable
 
 import httpx
 
-from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable
+from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable, RetryAfter
 from .base import Range
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def credential_guard(base_url: str, header_names: "list[str]") -> "Callable[[httpx.Request], Awaitable[None]]":
+    """An httpx request hook that removes the credential headers `header_names` (and
+    Authorization) from any request to another origin than `base_url`'s: httpx strips only
+    Authorization on a cross-origin redirect, so a custom auth header would otherwise travel on.
+    Runs for every request, redirects included."""
+    origin = _origin(httpx.URL(base_url))
+    names = ["Authorization", *header_names]
+
+    async def hook(request: httpx.Request) -> None:
+        if _origin(request.url) != origin:
+            for name in names:
+                request.headers.pop(name, None)
+
+    return hook
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
 
 
 def range_header(start: int, end: int | None) -> str:
@@ -24,9 +48,40 @@ def check_status(resp: httpx.Response, where: str, path: str) -> None:
         raise ObjectMissing(f"{where}: object {path} is missing (HTTP 404)")
     if code in (401, 403):
         raise RemoteAuthError(f"{where}: access denied (HTTP {code}); check the credentials for this remote")
-    if code >= 500 or code in (408, 429):
+    if code in (429, 503) or (code >= 500 and "retry-after" in resp.headers):
+        raise retry_after_error(resp, where, path)
+    if code >= 500 or code == 408:
         raise RemoteUnavailable(f"{where}: server error HTTP {code} for {path}")
     raise RemoteError(f"{where}: unexpected HTTP {code} for {path}")
+
+
+_STATUS_WORDS = {429: "rate limited", 503: "service unavailable"}
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header as seconds from now (RFC 9110: delta-seconds or an HTTP-date);
+    None when absent or unreadable, 0 for a date in the past."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(min(int(value[:12]), 10**9))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def retry_after_error(resp: httpx.Response, where: str, path: str) -> RetryAfter:
+    """The retryable error for a 429/503 (or a 5xx with Retry-After), carrying the delay asked for."""
+    code = resp.status_code
+    delay = parse_retry_after(resp.headers.get("retry-after"))
+    words = _STATUS_WORDS.get(code, "server error")
+    asked = f"; the server asks to retry after {delay:g} s" if delay is not None else ""
+    return RetryAfter(f"{where}: {words} (HTTP {code}) for {path}{asked}", delay, code)
 
 
 def range_from_response(resp: httpx.Response, body: bytes, start: int, end: int | None) -> Range:

@@ -10,16 +10,20 @@ import base64
 import hashlib
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
-from ..errors import GitError, UnknownRevision
+from ..errors import DeadlineExceeded, GitError, UnknownRevision
 from ..locks import FileLock
 from ..redact import redact, strip_userinfo
 
 # Blobs up to this size come with the commit (every .dvc file, dvc.lock, .dvc/config);
 # larger git blobs are fetched lazily, only when read or stat'ed.
 BLOB_LIMIT = "1m"
+LOCAL_READERS = 2   # cat-file readers for blobs on disk
+LAZY_READERS = 4    # ... and for blobs git must fetch from the server (each may block on the network)
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 
 
@@ -37,7 +41,8 @@ def _looks_local(url: str) -> bool:
 
 
 class GitSource:
-    def __init__(self, url: str, cache_dir: Path, user: str | None = None, token: str | None = None):
+    def __init__(self, url: str, cache_dir: Path, user: str | None = None, token: str | None = None,
+                 deadline: float = 60.0):
         if _looks_local(url):
             path = Path(url).expanduser().resolve()
             if not path.exists():
@@ -52,9 +57,13 @@ class GitSource:
         self.gitdir = Path(cache_dir) / "git" / f"{key}.git"
         self._lock_path = Path(cache_dir) / "git" / f"{key}.lock"
         self._size_cache: dict[str, int] = {}
-        self._batch: asyncio.subprocess.Process | None = None
         self.last_ref: str | None = None   # the ref the last resolve() followed (None: a commit)
-        self._batch_lock = asyncio.Lock()
+        self.deadline = deadline            # seconds a blob read may wait
+        self.lazy_timeout = max(600.0, deadline)   # a lazy blob fetch, however many readers gave up
+        self._present: set[str] = set()     # blobs known to be on disk (no lazy fetch needed)
+        self._lazy: dict[str, asyncio.Task[bytes]] = {}
+        self._local_pool = _ReaderPool(self._spawn_reader, LOCAL_READERS)
+        self._lazy_pool = _ReaderPool(self._spawn_reader, LAZY_READERS)
 
     @property
     def local_path(self) -> Path | None:
@@ -65,6 +74,13 @@ class GitSource:
         return None
 
     # -- plumbing -------------------------------------------------------------------------
+    async def _spawn_reader(self) -> "_BatchReader":
+        proc = await asyncio.create_subprocess_exec(
+            "git", "--git-dir", str(self.gitdir), "cat-file", "--batch",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env=self._env(), limit=1 << 20, start_new_session=True)   # its own group: kill() ends its fetch too
+        return _BatchReader(proc, f"repository {self.display_url}")
+
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
         env.update(GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true", SSH_ASKPASS="true",
@@ -264,6 +280,7 @@ class GitSource:
             if kind == "blob" and sha in wanted:
                 sizes[sha] = int(size)
         self._size_cache.update(sizes)
+        self._present.update(sizes)
         return sizes
 
     async def blob_size(self, sha: str) -> int:
@@ -272,40 +289,144 @@ class GitSource:
         return self._size_cache[sha]
 
     async def start_reader(self) -> None:
-        """One long-lived `git cat-file --batch`: blobs are read without a fork per read, and
-        (what matters for a FUSE daemon) without forking while a mount is being served."""
-        if self._batch is None:
-            self._batch = await asyncio.create_subprocess_exec(
-                "git", "--git-dir", str(self.gitdir), "cat-file", "--batch",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-                env=self._env(), limit=1 << 20)
+        """Start a long-lived `git cat-file --batch` for blobs already on disk: they are read
+        without a fork per read, and (what matters for a FUSE daemon) without forking while a
+        mount is being served, unless a stuck reader had to be replaced."""
+        await self._local_pool.warm()
 
-    async def read_blob(self, sha: str) -> bytes:
-        """The blob's bytes; git fetches a missing one from the promisor remote and verifies it."""
-        await self.start_reader()
-        assert self._batch is not None and self._batch.stdin and self._batch.stdout
-        async with self._batch_lock:
-            self._batch.stdin.write(sha.encode() + b"\n")
-            await self._batch.stdin.drain()
-            header = (await self._batch.stdout.readline()).decode().split()
-            if len(header) != 3 or header[1] != "blob":
-                raise GitError(f"repository {self.display_url}: cannot read blob {sha} "
-                               f"({' '.join(header[1:]) or 'git exited'})")
-            size = int(header[2])
-            data = await self._batch.stdout.readexactly(size + 1)
-        self._size_cache[sha] = size
-        return data[:size]
+    async def read_blob(self, sha: str, deadline: float | None = None) -> bytes:
+        """The blob's bytes; git fetches a missing one from the promisor remote and verifies it.
+
+        Waits at most `deadline` seconds (default: the source's deadline), then raises
+        DeadlineExceeded. A blob already on disk is read by its own small pool of readers, so it
+        never queues behind a lazy fetch; a stuck reader is killed and replaced. A lazy fetch is
+        single-flight per blob and runs on in the background (up to `lazy_timeout`) after its
+        readers gave up, so the next read of that blob joins it instead of starting over.
+        """
+        deadline = self.deadline if deadline is None else deadline
+        where = f"repository {self.display_url}"
+        if sha in self._present:
+            try:
+                data = await self._local_pool.read(sha, deadline)
+            except TimeoutError:
+                raise DeadlineExceeded(f"{where}: reading git blob {sha} took longer than {deadline:g}s "
+                                       f"(the reader was replaced)") from None
+        else:
+            task = self._lazy.get(sha)
+            if task is None:
+                task = asyncio.create_task(self._lazy_pool.read(sha, self.lazy_timeout))
+                self._lazy[sha] = task
+                task.add_done_callback(lambda t, sha=sha: self._lazy_done(sha, t))
+            try:
+                data = await asyncio.wait_for(asyncio.shield(task), deadline)
+            except TimeoutError:
+                if task.done() and isinstance(task.exception(), TimeoutError):
+                    raise DeadlineExceeded(f"{where}: git blob {sha} was not fetched within "
+                                           f"{self.lazy_timeout:g}s; gave up") from None
+                raise DeadlineExceeded(f"{where}: git blob {sha} not fetched from the git server within "
+                                       f"{deadline:g}s (still fetching in the background)") from None
+        self._present.add(sha)
+        self._size_cache[sha] = len(data)
+        return data
+
+    def _lazy_done(self, sha: str, task: "asyncio.Task[bytes]") -> None:
+        if self._lazy.get(sha) is task:
+            del self._lazy[sha]
+        if not task.cancelled():
+            task.exception()   # retrieved: an abandoned fetch's error is reported to its readers only
 
     async def aclose(self) -> None:
-        if self._batch is not None:
-            if self._batch.stdin:
-                self._batch.stdin.close()
-            try:
-                await asyncio.wait_for(self._batch.wait(), 5)
-            except asyncio.TimeoutError:
-                self._batch.kill()
-                await self._batch.wait()
-            self._batch = None
+        for task in list(self._lazy.values()):
+            task.cancel()
+        await asyncio.gather(*self._lazy.values(), return_exceptions=True)
+        await self._local_pool.close()
+        await self._lazy_pool.close()
+
+
+class _BatchReader:
+    """One `git cat-file --batch` process answering one request at a time."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, where: str):
+        self.proc = proc
+        self.where = where
+
+    async def read(self, sha: str) -> bytes:
+        assert self.proc.stdin and self.proc.stdout
+        try:
+            self.proc.stdin.write(sha.encode() + b"\n")
+            await self.proc.stdin.drain()
+            header = (await self.proc.stdout.readline()).decode().split()
+            if len(header) != 3 or header[1] != "blob":
+                raise GitError(f"{self.where}: cannot read blob {sha} ({' '.join(header[1:]) or 'git exited'})")
+            size = int(header[2])
+            data = await self.proc.stdout.readexactly(size + 1)
+        except (asyncio.IncompleteReadError, ConnectionError) as err:
+            raise GitError(f"{self.where}: cannot read blob {sha} (git cat-file exited: {type(err).__name__})") from None
+        return data[:size]
+
+    def kill(self) -> None:
+        """Kill cat-file and what it started (a lazy fetch runs `git fetch` and a remote helper)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def reap(self) -> None:
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            pass
+
+    async def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.kill()
+            await self.reap()
+
+
+class _ReaderPool:
+    """Up to `size` cat-file readers; a read that overruns its timeout kills its reader (its
+    pipe is mid-answer and the process may hang on the network) and a fresh one replaces it."""
+
+    def __init__(self, spawn: "Callable[[], Awaitable[_BatchReader]]", size: int):
+        self._spawn = spawn
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[_BatchReader] = []
+        self._busy: set[_BatchReader] = set()
+
+    async def warm(self) -> None:
+        if not self._idle and not self._busy:
+            self._idle.append(await self._spawn())
+
+    async def read(self, sha: str, timeout: float) -> bytes:
+        """TimeoutError after `timeout` seconds, waiting for a free reader included."""
+        reader: _BatchReader | None = None
+        ok = False
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._slots:
+                    reader = self._idle.pop() if self._idle else await self._spawn()
+                    self._busy.add(reader)
+                    data = await reader.read(sha)
+                    ok = True
+                    return data
+        finally:
+            if reader is not None:
+                self._busy.discard(reader)
+                if ok:
+                    self._idle.append(reader)
+                else:
+                    reader.kill()   # mid-answer or dead: never reuse it
+                    await reader.reap()
+
+    async def close(self) -> None:
+        for reader in list(self._busy):
+            reader.kill()
+        readers, self._idle = self._idle, []
+        await asyncio.gather(*(r.close() for r in readers), return_exceptions=True)
 
 
 class GitWriter:

@@ -201,21 +201,44 @@ def revision_problem(rev: str) -> str | None:
     return None
 
 
-def _mount_path_problem(path: str) -> str | None:
-    if not path.startswith("/"):
-        return "must be an absolute path"
-    if path == "/":
-        return "must not be / (the container's root)"
-    if len(path) > 1024 or not _MOUNT_CHARS.match(path):
-        return "may only contain letters, digits, '.', '_', '-' and '/'"
-    if posixpath.normpath(path) != path:
-        return "must be a normalized path (no '..', '.', '//' or trailing '/')"
+def kernel_path(path: str) -> str:
+    """`path` as the kernel resolves it (no symlinks): repeated '/' collapsed (posixpath keeps a
+    leading '//', the kernel does not), '.' dropped, '..' applied (at '/' it stays at '/'),
+    trailing '/' removed. Every check compares these, so '//etc' and '/data/../etc' are '/etc'."""
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def _reserved_problem(path: str) -> str | None:
     for tree in _RESERVED_TREES:
         if path == tree or path.startswith(tree + "/"):
             return f"is inside the reserved system directory {tree}"
     if path in _RESERVED_EXACT:
         return f"would hide the system directory {path}; use a subdirectory such as {path}/data"
     return None
+
+
+def _mount_path_problem(path: str) -> str | None:
+    if not path.startswith("/"):
+        return "must be an absolute path"
+    if len(path) > 1024 or not _MOUNT_CHARS.match(path):
+        return "may only contain letters, digits, '.', '_', '-' and '/'"
+    resolved = kernel_path(path)
+    if resolved == "/":
+        return "must not be / (the container's root)"
+    reserved = _reserved_problem(resolved)
+    if resolved != path:
+        return ("must be a normalized path (no '..', '.', '//' or trailing '/'): it resolves to "
+                f"{resolved!r}" + (f", which {reserved}" if reserved else ""))
+    return reserved
 
 
 def _nested(a: str, b: str) -> bool:
@@ -326,20 +349,21 @@ def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec],
     # Mount paths: not nested in each other, not colliding with what the containers mount.
     for i, a in enumerate(specs):
         for b in specs[i + 1:]:
-            if _nested(a.mount_path, b.mount_path):
+            if _nested(kernel_path(a.mount_path), kernel_path(b.mount_path)):
                 errors.append(f"annotation {a.key('mount-path')}: {a.mount_path!r} overlaps {b.mount_path!r} of "
                               f"{b.key('repo')}; give each repository its own {PREFIX}mount-path.<name>")
     for kind in ("initContainers", "containers"):
         for c in _list(spec.get(kind)):
             for m in _list(_dict(c).get("volumeMounts")):
-                existing = _dict(m).get("mountPath")
-                if not isinstance(existing, str):
+                raw = _dict(m).get("mountPath")
+                if not isinstance(raw, str):
                     continue
-                existing = existing.rstrip("/") or "/"
+                existing = kernel_path(raw)   # '//data/' is the kernel's '/data'
                 for s in specs:
-                    if s.mount_path == existing or existing.startswith(s.mount_path + "/"):
+                    mine = kernel_path(s.mount_path)
+                    if mine == existing or existing.startswith(mine.rstrip("/") + "/"):
                         errors.append(f"annotation {s.key('mount-path')}: {s.mount_path!r} collides with volumeMount "
-                                      f"{existing!r} of container {_dict(c).get('name')!r}")
+                                      f"{raw!r} of container {_dict(c).get('name')!r}")
 
     if CACHE_SIZE in annotations and isinstance(annotations[CACHE_SIZE], str):
         try:
@@ -514,8 +538,10 @@ def reinvocation_patch(pod: dict) -> list[dict]:
             if _is_ours(c):
                 continue
             have = {_dict(m).get("name") for m in _list(c.get("volumeMounts"))}
-            paths = {_dict(m).get("mountPath") for m in _list(c.get("volumeMounts"))}
-            _add_mounts(ops, kind, i, c, [m for m in wanted if m["name"] not in have and m["mountPath"] not in paths])
+            paths = {kernel_path(p) for m in _list(c.get("volumeMounts"))
+                     if isinstance(p := _dict(m).get("mountPath"), str)}
+            _add_mounts(ops, kind, i, c, [m for m in wanted if m["name"] not in have
+                                          and kernel_path(m["mountPath"]) not in paths])
     return ops
 
 
