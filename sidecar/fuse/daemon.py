@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ def spawn(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool, 
     shown = redact(strip_userinfo(config.repo or "")[0], _secrets(config))
     argv = [sys.executable, "-m", "sidecar.fuse.daemon", "--status-fd", str(status_w), "--config-fd", str(config_r),
             "--", "dda", "mount", shown, str(mountpoint)]
-    payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()},
+    payload = {"config": config.model_dump(mode="json"),
                "mountpoint": str(mountpoint), "subdir": subdir, "allow_non_empty": allow_non_empty,
                "log_level": logging.getLogger().getEffectiveLevel()}
     try:
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = json.loads(pipe.read())
     logging.basicConfig(level=payload["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raw = payload["config"]
-    config = Config(**{**raw, "cache_dir": Path(raw["cache_dir"])})
+    config = Config(**raw)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     pipe = os.fdopen(ns.status_fd, "wb", buffering=0)
 
