@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno as _errno
 from dataclasses import dataclass
+from typing import Any
 
 
 class DDAError(Exception):
@@ -72,8 +73,8 @@ class RemoteUnavailable(RemoteError):
 class RetryAfter(RemoteUnavailable):
     """HTTP 429 or 503 (or another retryable status) carrying the server's Retry-After delay."""
 
-    def __init__(self, message: str, retry_after: float | None = None, status: int = 429):
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: float | None = None, status: int = 429, **fields: Any):
+        super().__init__(message, **fields)
         self.retry_after = retry_after   # seconds the server asked us to wait; None: not said
         self.status = status
 

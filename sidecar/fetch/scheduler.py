@@ -460,7 +460,10 @@ class Fetcher:
         except RemoteError as err:
             if err.path is not None:        # already says which file
                 raise
-            raise type(err)(f"{ref.display}: {err}", path=ref.display) from None
+            # Say which file, keeping the error's class and fields (errno, Retry-After, ...).
+            err.args = (f"{ref.display}: {err}",)
+            err.path = ref.display
+            raise err from None
         except TimeoutError:
             self.stats.errors[DeadlineExceeded.reason] += 1
             raise DeadlineExceeded(
