@@ -28,7 +28,7 @@ from typing import Any
 from .api import hooks_installed, install_hooks, latest_commit, refresh_hooks, uninstall_hooks
 from .core import HooksInfo
 from .forking import ENV_VAR, PTH_LINE, PTH_NAME, _reinstall_from_env, install_autoload, remove_autoload
-from .patching import _access, _listdir, _lstat, _mkdir, _open, _scandir, _stat  # noqa: F401
+from .patching import _access, _chdir, _listdir, _lstat, _mkdir, _open, _scandir, _stat  # noqa: F401
 
 __all__ = ["install_hooks", "uninstall_hooks", "hooks_installed", "HooksInfo", "install_autoload",
            "remove_autoload", "PTH_LINE", "refresh_hooks", "latest_commit"]
