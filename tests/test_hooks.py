@@ -642,7 +642,14 @@ BINDINGS = {
     "from builtins/io import open": (lambda: sys.modules["dda_test_early_binder"].my_open, lambda p, exp: (
         sys.modules["dda_test_early_binder"].my_open(p / "script.py", "rb").read() == exp["data/arch/script.py"] and
         sys.modules["dda_test_early_binder"].io_open(p / "script.py", "rb").read() == exp["data/arch/script.py"])),
+    "numpy DataSource (np.loadtxt)": (lambda: _numpy().lib._datasource._file_openers._file_openers[None],
+                                      lambda p, exp: _numpy().loadtxt(p.parent / "lib/table.csv", delimiter=",",
+                                                                      skiprows=1, usecols=(0,)).sum() == 19900),
 }
+
+
+def _numpy():
+    return pytest.importorskip("numpy")
 
 
 @pytest.mark.parametrize("binding", sorted(BINDINGS))

@@ -302,24 +302,47 @@ def _bound_references(table: list[tuple[Any, str, Any]]) -> list[tuple[Any, str,
     return found
 
 
+def _library_references() -> list[tuple[Any, Any, Any]]:
+    """References kept in a library's own tables, for the libraries data pipelines use:
+    numpy's DataSource (np.loadtxt, np.genfromtxt) keeps `open` in a dict made at import."""
+    found: list[tuple[Any, Any, Any]] = []
+    datasource = sys.modules.get("numpy.lib._datasource")
+    openers = getattr(getattr(datasource, "_file_openers", None), "_file_openers", None)
+    if isinstance(openers, dict) and openers.get(None) is orig.open:
+        found.append((openers, None, _open))
+    return found
+
+
+def _get(owner: Any, name: Any) -> Any:
+    if isinstance(owner, dict):
+        return owner[name]
+    return vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+
+
+def _set(owner: Any, name: Any, value: Any) -> None:
+    if isinstance(owner, dict):
+        owner[name] = value
+    else:
+        setattr(owner, name, value)
+
+
 def apply_patches() -> None:
     # The replacements call whatever was there before them (another library's patch included).
     orig.capture()
     table = _patch_table()
-    for owner, name, replacement in table + _bound_references(table):
-        original = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
-        _saved.append((owner, name, original))
-        setattr(owner, name, replacement)
+    for owner, name, replacement in table + _bound_references(table) + _library_references():
+        _saved.append((owner, name, _get(owner, name)))
+        _set(owner, name, replacement)
 
 
 def restore_patches() -> None:
     while _saved:
         owner, name, original = _saved.pop()
-        setattr(owner, name, original)
+        _set(owner, name, original)
 
 
 def patched_references() -> list[tuple[str, str]]:
     """(module or class name, attribute) of every reference the live installation replaced."""
-    return [(getattr(owner, "__name__", repr(owner)), name) for owner, name, _ in _saved]
+    return [(getattr(owner, "__name__", type(owner).__name__), str(name)) for owner, name, _ in _saved]
 
 
