@@ -672,3 +672,20 @@ def test_references_bound_before_the_hooks(archives, binding, monkeypatch):
     uninstall_hooks()
     assert reference() is before
     linecache.clearcache()
+
+
+def test_chdir_follows_a_repository_symlink(fresh, tmp_path, monkeypatch):
+    """os.chdir through a git symlink that exists only in the repository lands where a
+    checkout's chdir lands: in the target directory (getcwd names the target)."""
+    repo, _, expected, cache = fresh
+    os.symlink("lib", repo / "data" / "lib-link")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "link"],
+                   check=True)
+    view = tmp_path / "view"                    # not even the root exists locally
+    monkeypatch.chdir(tmp_path)
+    install_hooks(str(repo), root=view, cache_dir=cache)
+    os.chdir(view / "data/lib-link")
+    assert os.getcwd() == str(view / "data/lib") and Path.cwd() == view / "data/lib"
+    assert open("meta.json", "rb").read() == expected["data/lib/meta.json"]
+    assert not os.path.islink(view / "data/lib") and os.path.islink(view / "data/lib-link")
