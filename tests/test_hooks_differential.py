@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,6 +27,7 @@ import pytest
 
 from hooks_worker import npy_bytes, png_bytes
 from repos import DVC3_BIN, _env, _run
+from sidecar.hooks import install_hooks, uninstall_hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "hooks_differential.py"
@@ -136,3 +138,26 @@ def test_hooks_read_what_a_checkout_has(checkouts, python):
     differ = sorted(probe for probe in want if got.get(probe) != want[probe])
     assert not differ, f"Python {want['python']}: {differ} differ; hooks saw " + json.dumps(
         {probe: got.get(probe) for probe in differ})[:3000]
+
+
+def test_dvc_pull_after_chdir_through_the_hooks(checkouts, tmp_path, monkeypatch):
+    """The folders os.chdir() created through the hooks (issue 15.1) leave the clone a clone
+    DVC is happy with: a later `dvc pull` fills them and `dvc status` is clean."""
+    _, clone, work = checkouts
+    mine = tmp_path / "clone"
+    shutil.copytree(clone, mine, symlinks=True)
+    monkeypatch.chdir(mine)
+    for var in [v for v in os.environ if v.startswith("DDA_")]:
+        monkeypatch.delenv(var)
+    install_hooks(cache_dir=tmp_path / "cache")
+    try:
+        os.chdir("data/imgs/thumbs")
+        assert open("004.png", "rb").read() == corpus()["data/imgs/thumbs/004.png"]
+    finally:
+        uninstall_hooks()
+    assert sorted(os.listdir(mine / "data/imgs")) == ["thumbs"] and os.listdir(".") == []
+    env = _env(work)
+    _run([DVC3_BIN, "pull", "-q"], mine, env)
+    status = _run([DVC3_BIN, "status"], mine, env).stdout
+    assert "up to date" in status, status
+    assert (mine / "data/imgs/thumbs/004.png").read_bytes() == corpus()["data/imgs/thumbs/004.png"]
