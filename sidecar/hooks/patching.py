@@ -340,9 +340,3 @@ def restore_patches() -> None:
         owner, name, original = _saved.pop()
         _set(owner, name, original)
 
-
-def patched_references() -> list[tuple[str, str]]:
-    """(module or class name, attribute) of every reference the live installation replaced."""
-    return [(getattr(owner, "__name__", type(owner).__name__), str(name)) for owner, name, _ in _saved]
-
-
