@@ -65,7 +65,13 @@ def make_hooks_repo(workdir: Path) -> tuple[Path, Path, dict[str, bytes]]:
     """The sample repository plus `data/lib/` (a tracked directory of library files).
     Returns (checkout without `dvc pull`, remote, {repo path: bytes} of every DVC file)."""
     repo, remote = make_sample_repo(workdir, images=12)
-    files = lib_files()
+    add_tracked_dir(repo, remote, "lib", lib_files(), "Add library files")
+    return repo, remote, expected_dvc_files(repo, remote)
+
+
+def add_tracked_dir(repo: Path, remote: Path, name: str, files: dict[str, bytes], message: str) -> None:
+    """Track `data/<name>/` (as `dvc add` + `dvc push` would: objects in the remote, the .dvc
+    file and the .gitignore line committed), without writing the files into the checkout."""
     manifest = []
     for rel, data in files.items():
         md5 = hashlib.md5(data).hexdigest()
@@ -75,14 +81,33 @@ def make_hooks_repo(workdir: Path) -> tuple[Path, Path, dict[str, bytes]]:
     body = json.dumps(manifest, separators=(", ", ": ")).encode()
     dir_md5 = hashlib.md5(body).hexdigest()
     _put(remote, dir_md5, body, is_dir=True)
-    (repo / "data" / "lib.dvc").write_text(yaml.safe_dump({"outs": [
+    (repo / "data" / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [
         {"md5": f"{dir_md5}.dir", "size": sum(map(len, files.values())), "nfiles": len(files), "hash": "md5",
-         "path": "lib"}]}, sort_keys=False))
+         "path": name}]}, sort_keys=False))
     with open(repo / "data" / ".gitignore", "a") as f:
-        f.write("/lib\n")
+        f.write(f"/{name}\n")
     _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "Add library files")
-    return repo, remote, expected_dvc_files(repo, remote)
+    _git(repo, "commit", "-q", "-m", message)
+
+
+def archive_files() -> dict[str, bytes]:
+    """A tar, a bzip2 file and Python-ish text: what tarfile, bz2, tokenize and linecache read."""
+    import bz2
+    import io
+    import tarfile
+
+    members = {"a.txt": b"alpha\n", "sub/b.bin": bytes(range(256)) * 40}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return {
+        "bundle.tar": buf.getvalue(),
+        "notes.txt.bz2": bz2.compress("línea\n".encode() * 500),
+        "script.py": b"# -*- coding: utf-8 -*-\nGREETING = 'h\xc3\xa9llo'\nprint(GREETING)\n",
+    }
 
 
 def expected_dvc_files(repo: Path, remote: Path) -> dict[str, bytes]:

@@ -7,30 +7,38 @@ repositories over the HTTP remote and compares with their `dvc pull` checkout.
 from __future__ import annotations
 
 import builtins
+import bz2
 import errno
 import glob
 import hashlib
 import io
 import json
+import linecache
 import os
 import shutil
 import stat
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
+import tokenize
+import types
 from pathlib import Path
 
 import pytest
 
 import sidecar.hooks as hooks
-from hooks_worker import RepoFiles, expected_dvc_files, make_hooks_repo
+from hooks_worker import RepoFiles, add_tracked_dir, archive_files, expected_dvc_files, make_hooks_repo
 from sidecar.hooks import install_hooks, uninstall_hooks
 
 ORIGINALS = {
     (builtins, "open"): builtins.open, (io, "open"): io.open, (os, "stat"): os.stat, (os, "lstat"): os.lstat,
     (os, "access"): os.access, (os, "listdir"): os.listdir, (os, "scandir"): os.scandir, (os, "mkdir"): os.mkdir,
-    (os, "listxattr"): os.listxattr,
+    (os, "listxattr"): os.listxattr, (os, "chdir"): os.chdir,
+    # references the standard library binds at import (issue 15.2): imported above, before the hooks
+    (tarfile, "bltn_open"): builtins.open, (bz2, "_builtin_open"): builtins.open,
+    (tokenize, "_builtin_open"): builtins.open,
 }
 if hasattr(glob, "_StringGlobber"):   # Python 3.13+
     ORIGINALS[(glob._StringGlobber, "scandir")] = vars(glob._StringGlobber)["scandir"]
@@ -545,3 +553,139 @@ def test_git_symlinks_follow_inside_the_repository(fresh, tmp_path):
     assert os.stat(view / "data/meta-link.json").st_size == len(expected["data/lib/meta.json"])
     assert open(view / "data/meta-link.json", "rb").read() == expected["data/lib/meta.json"]
     assert not os.path.exists(view / "data/escape") and os.path.lexists(view / "data/escape")
+
+
+def test_chdir_into_a_directory_only_in_the_repository(fresh, monkeypatch, autoload):
+    """Issue 15.1: in a clone without data, os.chdir() into a folder that exists only in the
+    repository, then relative paths: everything agrees with a checkout (where the folder is real)."""
+    repo, _, expected, cache = fresh
+    monkeypatch.chdir(repo)
+    assert not (repo / "data/lib").exists()
+    install_hooks(cache_dir=cache)
+    os.chdir("data/lib")
+    here = repo / "data/lib"
+    assert os.getcwd() == str(here) and os.getcwdb() == os.fsencode(here) and Path.cwd() == here
+    assert os.path.abspath("image.png") == str(here / "image.png") and os.path.realpath("image.png") == str(
+        here / "image.png")
+    assert Path("image.png").resolve() == here / "image.png" and Path("image.png").absolute() == here / "image.png"
+    with open("image.png", "rb") as f:
+        assert f.name == "image.png" and f.read() == expected["data/lib/image.png"]
+    assert Path("table.csv").read_bytes() == expected["data/lib/table.csv"]
+    assert os.path.getsize("nested/deeper/big.bin") == len(expected["data/lib/nested/deeper/big.bin"])
+    names = ["array.npy", "image.png", "meta.json", "nested", "notes.txt", "table.csv"]
+    assert sorted(os.listdir()) == names and sorted(os.listdir(".")) == names
+    assert sorted(e.name for e in os.scandir()) == names and sorted(p.name for p in Path().iterdir()) == names
+    assert glob.glob("*.csv") == ["table.csv"] and sorted(glob.glob("**/*.bin", recursive=True)) == [
+        "nested/deeper/big.bin", "nested/empty.bin"]
+    assert sorted(p.as_posix() for p in Path(".").rglob("*.bin")) == ["nested/deeper/big.bin", "nested/empty.bin"]
+    walked = sorted(os.path.join(d, f) for d, _, files in os.walk(".") for f in files)
+    assert walked == sorted("./" + k.removeprefix("data/lib/") for k in expected if k.startswith("data/lib/"))
+    # further down and back up, relatively
+    os.chdir("nested/deeper")
+    assert Path.cwd() == here / "nested/deeper" and open("big.bin", "rb").read(4) == \
+        expected["data/lib/nested/deeper/big.bin"][:4]
+    os.chdir("../..")
+    assert os.getcwd() == str(here)
+    # a child process starts in the same directory and reads relatively (hooks via DDA_HOOKS)
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.getcwd(), os.path.getsize('table.csv'))"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(here), str(len(expected["data/lib/table.csv"]))]
+    # the usual errors
+    with pytest.raises(NotADirectoryError):
+        os.chdir("table.csv")
+    with pytest.raises(FileNotFoundError):
+        os.chdir("no-such-dir")
+    assert os.getcwd() == str(here)
+    # a directory that exists nowhere outside the root is untouched
+    with pytest.raises(FileNotFoundError):
+        os.chdir(repo.parent / "no-such-dir")
+    uninstall_hooks()
+    # the cwd stays a real directory; on disk: only the directories entered, no file
+    assert os.getcwd() == str(here) and os.listdir() == ["nested"] and os.listdir("nested") == ["deeper"]
+    assert os.listdir("nested/deeper") == []
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    """The hooks repository plus `data/arch/` (tar, bzip2, Python source), not pulled."""
+    work = tmp_path_factory.mktemp("hooks-arch")
+    repo, remote, _ = make_hooks_repo(work / "s")
+    add_tracked_dir(repo, remote, "arch", archive_files(), "Add archives")
+    return repo, expected_dvc_files(repo, remote), work / "cache"
+
+
+def _user_module():
+    """A module that bound the functions the way user code does, before install_hooks()."""
+    module = types.ModuleType("dda_test_early_binder")
+    exec("from os import stat, listdir, scandir, lstat\nfrom builtins import open as my_open\n"
+         "from io import open as io_open\n", vars(module))
+    return module
+
+
+BINDINGS = {
+    # name: (reference bound before the hooks, a call that needs it on a repository file)
+    "tarfile.bltn_open": (lambda: tarfile.bltn_open, lambda p, exp: (
+        sorted(tarfile.open(p / "bundle.tar").getnames()) == ["a.txt", "sub/b.bin"] and
+        tarfile.open(p / "bundle.tar").extractfile("sub/b.bin").read() == bytes(range(256)) * 40)),
+    "bz2._builtin_open": (lambda: bz2._builtin_open, lambda p, exp: (
+        bz2.open(p / "notes.txt.bz2").read() == "línea\n".encode() * 500)),
+    "tokenize._builtin_open": (lambda: tokenize._builtin_open, lambda p, exp: (
+        tokenize.open(p / "script.py").read() == exp["data/arch/script.py"].decode())),
+    "linecache (tokenize.open)": (lambda: tokenize._builtin_open, lambda p, exp: (
+        linecache.getline(str(p / "script.py"), 2) == "GREETING = 'héllo'\n")),
+    "from os import stat/listdir/scandir/lstat": (lambda: sys.modules["dda_test_early_binder"].stat, lambda p, exp: (
+        sys.modules["dda_test_early_binder"].stat(p / "bundle.tar").st_size == len(exp["data/arch/bundle.tar"]) and
+        sys.modules["dda_test_early_binder"].lstat(p / "bundle.tar").st_size == len(exp["data/arch/bundle.tar"]) and
+        sorted(sys.modules["dda_test_early_binder"].listdir(p)) == ["bundle.tar", "notes.txt.bz2", "script.py"] and
+        sorted(e.name for e in sys.modules["dda_test_early_binder"].scandir(p)) == sorted(os.listdir(p)))),
+    "from builtins/io import open": (lambda: sys.modules["dda_test_early_binder"].my_open, lambda p, exp: (
+        sys.modules["dda_test_early_binder"].my_open(p / "script.py", "rb").read() == exp["data/arch/script.py"] and
+        sys.modules["dda_test_early_binder"].io_open(p / "script.py", "rb").read() == exp["data/arch/script.py"])),
+    "numpy DataSource (np.loadtxt)": (lambda: _numpy().lib._datasource._file_openers._file_openers[None],
+                                      lambda p, exp: _numpy().loadtxt(p.parent / "lib/table.csv", delimiter=",",
+                                                                      skiprows=1, usecols=(0,)).sum() == 19900),
+}
+
+
+def _numpy():
+    return pytest.importorskip("numpy")
+
+
+@pytest.mark.parametrize("binding", sorted(BINDINGS))
+def test_references_bound_before_the_hooks(archives, binding, monkeypatch):
+    """Issue 15.2: modules that took their own reference to open/os functions at import time
+    (before install_hooks(), as tarfile, bz2 and tokenize do) read repository files too, and get
+    their original back at uninstall."""
+    repo, expected, cache = archives
+    monkeypatch.chdir(repo)
+    monkeypatch.setitem(sys.modules, "dda_test_early_binder", _user_module())
+    linecache.clearcache()
+    reference, works = BINDINGS[binding]
+    before = reference()
+    assert before in (builtins.open, os.stat)                    # bound to the original at import
+    arch = repo / "data/arch"
+    assert not arch.exists()
+    install_hooks(cache_dir=cache)
+    assert reference() is not before
+    assert works(arch, expected), binding
+    uninstall_hooks()
+    assert reference() is before
+    linecache.clearcache()
+
+
+def test_chdir_follows_a_repository_symlink(fresh, tmp_path, monkeypatch):
+    """os.chdir through a git symlink that exists only in the repository lands where a
+    checkout's chdir lands: in the target directory (getcwd names the target)."""
+    repo, _, expected, cache = fresh
+    os.symlink("lib", repo / "data" / "lib-link")
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "link"],
+                   check=True)
+    view = tmp_path / "view"                    # not even the root exists locally
+    monkeypatch.chdir(tmp_path)
+    install_hooks(str(repo), root=view, cache_dir=cache)
+    os.chdir(view / "data/lib-link")
+    assert os.getcwd() == str(view / "data/lib") and Path.cwd() == view / "data/lib"
+    assert open("meta.json", "rb").read() == expected["data/lib/meta.json"]
+    assert not os.path.islink(view / "data/lib") and os.path.islink(view / "data/lib-link")

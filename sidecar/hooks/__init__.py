@@ -2,9 +2,11 @@
 
 After `install_hooks()`, paths under the hooks' root that are missing on local disk are served
 by the file-system layer (sidecar.fs; same cache as `dda` and `dda mount`): `open`/`io.open` in
-read modes, `os.stat`/`lstat`/`access`/`listdir`/`scandir`/`mkdir`/`listxattr`, and through
-them `os.walk`, `os.path.*`, `glob`, `shutil` and `pathlib`. Local files always win; writes go
-to local disk. Listings come from the snapshot (no request); a size is learned when asked for.
+read modes, `os.stat`/`lstat`/`access`/`listdir`/`scandir`/`mkdir`/`chdir`/`listxattr`, and
+through them `os.walk`, `os.path.*`, `glob`, `shutil` and `pathlib`; the references modules bound
+at import (tarfile, bz2, tokenize, `from os import stat`) are patched too. Local files always
+win; writes go to local disk; `os.chdir` into a repository-only directory creates it locally.
+Listings come from the snapshot (no request); a size is learned when asked for.
 
 The package, by job:
 - `api`       install_hooks / refresh_hooks / latest_commit / uninstall_hooks / hooks_installed
@@ -28,7 +30,7 @@ from typing import Any
 from .api import hooks_installed, install_hooks, latest_commit, refresh_hooks, uninstall_hooks
 from .core import HooksInfo
 from .forking import ENV_VAR, PTH_LINE, PTH_NAME, _reinstall_from_env, install_autoload, remove_autoload
-from .patching import _access, _listdir, _lstat, _mkdir, _open, _scandir, _stat  # noqa: F401
+from .patching import _access, _chdir, _listdir, _lstat, _mkdir, _open, _scandir, _stat  # noqa: F401
 
 __all__ = ["install_hooks", "uninstall_hooks", "hooks_installed", "HooksInfo", "install_autoload",
            "remove_autoload", "PTH_LINE", "refresh_hooks", "latest_commit"]

@@ -355,6 +355,21 @@ class Hooks:
                 pass
         return True
 
+    def enter_dir(self, rel: str, path: Any) -> str | None:
+        """For os.chdir into a directory that exists only in the repository: the local path
+        to change into, its directories created on local disk (as a checkout has them). A
+        symlink is followed inside the repository, as chdir follows it in a checkout (getcwd
+        then names the target). None: not in the repository. NotADirectoryError for a file."""
+        found = self.lookup(rel, path)
+        if found is None:
+            return None
+        if found[0] != "dir":
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), fsname(path))
+        target = self.dir_target(rel, path)
+        if not self.materialize(target, path):
+            return None
+        return self.root if not target else self.root.rstrip("/") + "/" + target
+
     def info(self) -> HooksInfo:
         rt = self.runtime
         info = rt.engine.info if rt is not None else None

@@ -3,8 +3,10 @@ they replace. Each tries the original first; only a path under the root that is 
 local disk (or a directory listing, to merge) asks the repository. The loop thread and paths
 outside the root always get the original.
 
-Functions bound before install_hooks() under another name (`from os import stat`) are not
-patched; C-level readers never see the hooks (use `dda mount`).
+References to the patched functions that modules took before install_hooks() (`from builtins
+import open as bltn_open` in tarfile, bz2 and tokenize, `from os import stat` in user code) are
+patched too, module by module (see `_bound_references`); references kept elsewhere (in a class,
+a dict, a closure) and C-level readers never see the hooks (use `dda mount`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import io
 import os
 import posixpath
 import sys
+import types
 from typing import Any
 
 from . import core
@@ -35,6 +38,7 @@ class _Originals:
         self.listdir = os.listdir
         self.scandir = os.scandir
         self.mkdir = os.mkdir
+        self.chdir = os.chdir
         self.listxattr = getattr(os, "listxattr", None)
 
 
@@ -212,6 +216,25 @@ def _mkdir(path: Any, mode: int = 0o777, *, dir_fd: Any = None) -> None:
     return orig.mkdir(path, mode)
 
 
+def _chdir(path: Any) -> None:
+    try:
+        return orig.chdir(path)
+    except FileNotFoundError:
+        h = _active()
+        if h is None or isinstance(path, int):
+            raise
+        rel = h.rel(path)
+        if rel is None:
+            raise
+        target = h.enter_dir(rel, path)
+        if target is None:
+            raise
+    # The directory now exists on local disk (empty; listings merge the repository's entries),
+    # so the real current directory is the checkout's: getcwd, abspath, Path.cwd/resolve,
+    # relative paths in C code and in child processes all agree.
+    return orig.chdir(target)
+
+
 def _listxattr(path: Any = None, *, follow_symlinks: bool = True) -> list[str]:
     assert orig.listxattr is not None
     try:
@@ -233,7 +256,7 @@ def _patch_table() -> list[tuple[Any, str, Any]]:
     table: list[tuple[Any, str, Any]] = [
         (builtins, "open", _open), (io, "open", _open),
         (os, "stat", _stat), (os, "lstat", _lstat), (os, "access", _access),
-        (os, "listdir", _listdir), (os, "scandir", _scandir), (os, "mkdir", _mkdir),
+        (os, "listdir", _listdir), (os, "scandir", _scandir), (os, "mkdir", _mkdir), (os, "chdir", _chdir),
     ]
     if orig.listxattr is not None:
         table.append((os, "listxattr", _listxattr))
@@ -250,18 +273,70 @@ def _patch_table() -> list[tuple[Any, str, Any]]:
     return table
 
 
+# Modules whose globals are never rebound: the patched owners themselves, and this package
+# (its `orig` must keep the originals).
+_SKIP_MODULES = frozenset({"builtins", "io", "_io", "os", "posix", "nt", __name__})
+
+
+def _bound_references(table: list[tuple[Any, str, Any]]) -> list[tuple[Any, str, Any]]:
+    """Module-level names that hold an original the table replaces, bound at import time
+    under any name: tarfile.bltn_open, bz2._builtin_open and tokenize._builtin_open (hence
+    linecache) in Python 3.11-3.13, `from os import stat` in user code and libraries. A module
+    imported after install_hooks() binds the replacement itself and needs nothing."""
+    replacement_of = {id(original): (original, repl) for owner, name, repl in table
+                      if not isinstance(owner, type)
+                      for original in [getattr(owner, name)]}
+    found = []
+    for mod_name, module in list(sys.modules.items()):
+        if (not isinstance(module, types.ModuleType) or mod_name in _SKIP_MODULES
+                or mod_name.partition(".")[0] == "sidecar"):
+            continue
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for attr, value in list(namespace.items()):
+            hit = replacement_of.get(id(value))
+            if hit is not None and hit[0] is value and not (attr.startswith("__") and attr.endswith("__")):
+                found.append((module, attr, hit[1]))
+    return found
+
+
+def _library_references() -> list[tuple[Any, Any, Any]]:
+    """References kept in a library's own tables, for the libraries data pipelines use:
+    numpy's DataSource (np.loadtxt, np.genfromtxt) keeps `open` in a dict made at import."""
+    found: list[tuple[Any, Any, Any]] = []
+    datasource = sys.modules.get("numpy.lib._datasource")
+    openers = getattr(getattr(datasource, "_file_openers", None), "_file_openers", None)
+    if isinstance(openers, dict) and openers.get(None) is orig.open:
+        found.append((openers, None, _open))
+    return found
+
+
+def _get(owner: Any, name: Any) -> Any:
+    if isinstance(owner, dict):
+        return owner[name]
+    return vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+
+
+def _set(owner: Any, name: Any, value: Any) -> None:
+    if isinstance(owner, dict):
+        owner[name] = value
+    else:
+        setattr(owner, name, value)
+
+
 def apply_patches() -> None:
     # The replacements call whatever was there before them (another library's patch included).
     orig.capture()
-    for owner, name, replacement in _patch_table():
-        original = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
-        _saved.append((owner, name, original))
-        setattr(owner, name, replacement)
+    table = _patch_table()
+    for owner, name, replacement in table + _bound_references(table) + _library_references():
+        _saved.append((owner, name, _get(owner, name)))
+        _set(owner, name, replacement)
 
 
 def restore_patches() -> None:
     while _saved:
         owner, name, original = _saved.pop()
-        setattr(owner, name, original)
-
+        _set(owner, name, original)
 
