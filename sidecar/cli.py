@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
-from .errors import DDAError, NotFound
+from .errors import PARTIAL_EXIT, DDAError, NotFound, OutputUnavailable
 from .redact import redact
 
 ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
@@ -124,30 +124,52 @@ async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-un
 
 
 async def cmd_ls(ns: argparse.Namespace) -> int:
+    """List a revision. Exit 0; or PARTIAL_EXIT (3) when it listed everything it could but
+    some outputs are unavailable (each named once on stderr, shown with kind `broken`)."""
     repo, path = _split_repo_args(ns.args, True, False)
     async with await _open(ns, repo) as engine:
         tree = engine.tree
         path = tree.normalize(path)
         if not tree.exists(path):
+            problem = tree.problem_at(path)
+            if problem is not None:
+                raise OutputUnavailable(problem.message())
             raise NotFound(f"{path}: not in revision {engine.info.revision}")
         if path in tree.files:
             entries, dirs = [tree.files[path]], []
         elif ns.recursive:
-            entries, dirs = list(tree.walk_files(path)), []
+            entries = list(tree.walk_files(path))
+            prefix = path + "/" if path else ""
+            # empty folders (a submodule, an empty tracked directory) and unavailable outputs
+            dirs = [d for d, names in tree.dirs.items() if d and (not names or d in tree.broken)
+                    and (not path or d == path or d.startswith(prefix))]
         else:
             names = tree.listdir(path)
             full = [posixpath.join(path, n) if path else n for n in names]
             entries = [tree.files[p] for p in full if p in tree.files]
             dirs = [p for p in full if p not in tree.files]
         entries = await engine.stat_many(entries)
-        rows = [(e.path, e.kind, e.size) for e in entries] + [(d, "dir", None) for d in dirs]
-        for p, kind, size in sorted(rows):
+        rows = [(e.path, e.kind, e.size, e) for e in entries] + \
+            [(d, "broken" if d in tree.broken else "dir", None, None) for d in dirs]
+        for p, kind, size, e in sorted(rows, key=lambda r: r[0]):
             if ns.json:
-                print(json.dumps({"path": p, "kind": kind, "size": size}, ensure_ascii=False))
+                item: dict[str, Any] = {"path": p, "kind": kind, "size": size}
+                if e is not None:
+                    item["exec"] = bool(e.mode & 0o100)
+                    if e.is_symlink:
+                        item["target"] = e.target
+                print(json.dumps(item, ensure_ascii=False))
             else:
-                shown = p + "/" if kind == "dir" else p
+                shown = p + "/" if kind == "dir" or (kind == "broken" and p in tree.dirs) else p
                 print(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
-    return 0
+        prefix = path + "/" if path else ""
+        relevant = [pr for pr in engine.problems
+                    if (pr.path is None and not path) or (pr.path is not None and (
+                        not path or pr.path == path or pr.path.startswith(prefix) or path.startswith(pr.path + "/")))]
+        sys.stdout.flush()
+        for problem in relevant:
+            print(f"dda: error: {redact(problem.message())}", file=sys.stderr)
+    return PARTIAL_EXIT if relevant else 0
 
 
 async def cmd_cat(ns: argparse.Namespace) -> int:
@@ -214,6 +236,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
           f"{status['bytes_served']} bytes served")
     print(f"remote:    {status['requests']} requests, {status['bytes_fetched']} bytes fetched, "
           f"{status['retries']} retries, errors {status['errors'] or 'none'}")
+    for problem in status.get("problems") or []:
+        print(f"problem:   {problem}")
     p = status["prefetch"]
     print(f"prefetch:  {p['issued_files']} files issued, {p['used_files']} used, {p['wasted_files']} wasted, "
           f"{p['readahead_chunks']} readahead chunks")

@@ -12,14 +12,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Config, remote_settings_key
-from .errors import ConfigError, DDAError, NotFound
+from .errors import ConfigError, DDAError, NotFound, OutputUnavailable
 from .fetch import Fetcher, ObjectRef
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
 from .snapshot.build import DvcLayout, compose_tree, read_dvc_layout
 from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
-from .snapshot.tree import Entry, Tree
+from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
 
 
@@ -72,22 +72,36 @@ class Engine:
         entries = await self.git.ls_tree(commit)
         await self.git.start_reader()
         self._layout = await read_dvc_layout(entries, self.git.read_blob)
-        manifests = await self._fetch_manifests(self._layout.outputs)
-        self.tree = compose_tree(entries, self._layout.outputs, manifests)
+        manifests, problems = await self._fetch_manifests(self._layout.outputs)
+        self.tree = compose_tree(entries, self._layout.outputs, manifests, self._layout.problems + problems,
+                                 self._layout.symlinks)
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
-    async def _fetch_manifests(self, outputs: list[DvcOut]) -> dict[str, list[ManifestEntry]]:
-        dirs = {o.md5: o for o in outputs if o.is_dir}
+    async def _fetch_manifests(self, outputs: list[DvcOut]) -> tuple[dict[str, list[ManifestEntry]], list[Problem]]:
+        """Every directory output's manifest; one that cannot be had becomes a Problem of
+        that output (shown at its path), never a failure of the revision."""
+        dirs = [o for o in outputs if o.is_dir]
+        found: dict[str, list[ManifestEntry]] = {}
+        problems: list[Problem] = []
 
-        async def one(out: DvcOut) -> tuple[str, list[ManifestEntry]]:
-            remote = self.remote(out.remote, out.source)
-            ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
-                            f"{out.path} (manifest {out.md5}.dir, from {out.source})")
-            data = await self.fetcher.read_all(ref)
-            return out.md5, parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
+        async def one(out: DvcOut) -> None:
+            try:
+                remote = self.remote(out.remote, out.source, out.root)
+                ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
+                                f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+                data = await self.fetcher.read_all(ref)
+                found[out.md5] = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
+            except DDAError as err:
+                problems.append(Problem(out.path, out.source, str(err), is_dir=True))
 
-        return dict(await asyncio.gather(*(one(o) for o in dirs.values())))
+        await asyncio.gather(*(one(o) for o in dirs))
+        # Two outputs may share a manifest: one that failed for one failed for both.
+        for out in dirs:
+            if out.md5 not in found and not any(p.path == out.path for p in problems):
+                problems.append(Problem(out.path, out.source, f"{out.source}: manifest {out.md5}.dir unavailable",
+                                        is_dir=True))
+        return found, sorted(problems, key=lambda p: p.path or "")
 
     # -- following a branch ---------------------------------------------------------------------
     async def latest_commit(self) -> str | None:
@@ -109,9 +123,16 @@ class Engine:
         await self._resolve(self.follow_ref.removeprefix("refs/heads/") if self.follow_ref else None)
         return old, self.info.commit
 
-    def remote(self, name: str | None, needed_by: str) -> Remote:
+    @property
+    def problems(self) -> list[Problem]:
+        """Outputs of this snapshot that cannot be shown (each reported once by frontends)."""
+        return self.tree.problems
+
+    def remote(self, name: str | None, needed_by: str, root: str = "") -> Remote:
+        """The remote `name` (None: the default) of the DVC (sub)repository at folder `root`,
+        as its .dvc/config declares it, with our overrides applied."""
         assert self._layout is not None
-        config = self._layout.config
+        config = self._layout.configs.get(root) or self._layout.config
         wanted = name or config.default_remote
         if wanted is None:
             override = self.config.remotes.get("default")
@@ -119,19 +140,26 @@ class Engine:
                 raise ConfigError(f"{needed_by}: the repository has no default DVC remote; set one with "
                                   f"DDA_REMOTE_DEFAULT_URL or in the config file")
             wanted = "default"
-        if wanted not in self._remotes:
+        key = f"{root}\0{wanted}"
+        if key not in self._remotes:
             spec = config.remotes.get(wanted)
             settings = dict(spec.settings) if spec else {}
             override = self.config.remote_override(remote_settings_key(wanted), wanted == config.default_remote)
             if spec is None and not override:
                 raise ConfigError(f"{needed_by}: DVC remote {wanted!r} is not defined in .dvc/config")
             settings.update(override)
-            self._remotes[wanted] = build_remote(wanted, settings, repo_dir=self.git.local_path,
-                                                 jobs=self.config.jobs, timeout=self.config.request_timeout)
-        return self._remotes[wanted]
+            repo_dir = self.git.local_path
+            if repo_dir is not None and root:
+                repo_dir = repo_dir / root
+            self._remotes[key] = build_remote(wanted, settings, repo_dir=repo_dir,
+                                              jobs=self.config.jobs, timeout=self.config.request_timeout)
+        return self._remotes[key]
 
     # -- reading ------------------------------------------------------------------------------
     def entry(self, path: str) -> Entry:
+        problem = self.tree.problem_at(path)
+        if problem is not None:
+            raise OutputUnavailable(problem.message())
         found = self.tree.get(path)
         if found is None:
             kind = "a directory" if self.tree.is_dir(path) else "not in"
@@ -140,7 +168,7 @@ class Engine:
         return found
 
     def ref(self, entry: Entry) -> ObjectRef:
-        remote = self.remote(entry.remote, entry.output or entry.path)
+        remote = self.remote(entry.remote, entry.output or entry.path, entry.root)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, entry.size,
                          entry.path)
 
@@ -179,6 +207,9 @@ class Engine:
 
     async def read_entry(self, entry: Entry, offset: int, length: int) -> bytes:
         """Read what `entry` names, even after a refresh replaced the tree it came from."""
+        if entry.kind == "broken":
+            problem = self.tree.broken.get(entry.output or entry.path)
+            raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             data = blob[offset:offset + length]

@@ -160,6 +160,8 @@ class DdaOperations(pyfuse3.Operations):
             path = f"{parent}/{text}" if parent else text
         tree = self.engine.tree
         if path not in tree.files and path not in tree.dirs:
+            if tree.problem_at(path) is not None:   # inside an unavailable output
+                await self._guard(self._unavailable(path), path)
             raise pyfuse3.FUSEError(errno.ENOENT)
         entry = await self._entry(path)
         return self._attrs(self._inode(path), path, entry)
@@ -182,7 +184,12 @@ class DdaOperations(pyfuse3.Operations):
         path = self._path(inode)
         if path not in self.engine.tree.dirs:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.engine.tree.problem_at(path) is not None:
+            await self._guard(self._unavailable(path), path)
         return inode
+
+    async def _unavailable(self, path: str) -> None:
+        self.engine.entry(path)   # raises OutputUnavailable naming the output and the cause
 
     @_never_crash
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -223,7 +230,8 @@ class DdaOperations(pyfuse3.Operations):
             "requests": stats.requests, "bytes_fetched": stats.bytes_fetched, "bytes_served": stats.bytes_served,
             "cache_hits": stats.cache_hits, "cache_misses": stats.cache_misses, "retries": stats.retries,
             "errors": dict(stats.errors), "prefetch": vars(self.prefetcher.stats).copy(),
-            "open_files": len(self._open), **self.status_extra,
+            "open_files": len(self._open),
+            "problems": [p.message() for p in engine.problems], **self.status_extra,
         }
 
     @_never_crash
