@@ -17,7 +17,9 @@ from .redact import redact
 
 ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
 URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,
-ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD (NAME=DEFAULT: the default remote).
+ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD, SSL_VERIFY (NAME=DEFAULT: the default
+remote). Private CA for git and every remote: --ca-bundle / DDA_CA_BUNDLE.
+`dda ls` exits 3 when it listed the revision but some outputs are unavailable (named on stderr).
 Git credentials: DDA_GIT_USER, DDA_GIT_TOKEN (or in the URL). A YAML config file: --config or DDA_CONFIG."""
 
 
@@ -28,6 +30,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", "-j", help="requests in flight per remote (default 16)")
     parser.add_argument("--deadline", help="seconds a read may wait for a remote before failing (default 60)")
     parser.add_argument("--retries", help="retries of a failed request (default 5)")
+    parser.add_argument("--ca-bundle", help="PEM file of private CAs that git and every remote trust besides "
+                                            "the public ones (DDA_CA_BUNDLE)")
     parser.add_argument("--config", dest="config_file", help="YAML config file (remote overrides, defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -112,7 +116,7 @@ def _split_repo_args(args: list[str], wants_path: bool, path_required: bool) -> 
 
 def _config(ns: argparse.Namespace, repo: str | None) -> Config:
     flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
-                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
+                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries", "ca_bundle")}
     flags["repo"] = repo
     return load_config(flags, config_file=getattr(ns, "config_file", None))
 

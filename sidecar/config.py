@@ -23,7 +23,7 @@ from .errors import ConfigError
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 REMOTE_KEYS = (
     "url", "endpoint_url", "region", "access_key_id", "secret_access_key", "session_token",
-    "user", "password", "token", "auth", "custom_auth_header", "method", "profile",
+    "user", "password", "token", "auth", "custom_auth_header", "method", "profile", "ssl_verify",
 )
 
 
@@ -66,6 +66,9 @@ class Config:
     retries: int = 5
     git_user: str | None = None
     git_token: str | None = None
+    # A PEM file of private CAs that git and every remote trust besides the public CAs
+    # (DDA_CA_BUNDLE; a remote's own `ssl_verify` in .dvc/config still wins for that remote).
+    ca_bundle: str | None = None
     remotes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def secrets(self) -> list[str]:

@@ -53,7 +53,8 @@ class Engine:
         if not config.repo:
             raise ConfigError("no repository given (pass a URL or set DDA_REPO)")
         config.cache_dir.mkdir(parents=True, exist_ok=True)
-        git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token)
+        git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
+                        ca_bundle=config.ca_bundle)
         store = Store(config.cache_dir, config.cache_size, config.chunk_size)
         fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline)
         engine = cls(config, git, store, fetcher)
@@ -152,7 +153,8 @@ class Engine:
             if repo_dir is not None and root:
                 repo_dir = repo_dir / root
             self._remotes[key] = build_remote(wanted, settings, repo_dir=repo_dir,
-                                              jobs=self.config.jobs, timeout=self.config.request_timeout)
+                                              jobs=self.config.jobs, timeout=self.config.request_timeout,
+                                              ca_bundle=self.config.ca_bundle)
         return self._remotes[key]
 
     # -- reading ------------------------------------------------------------------------------

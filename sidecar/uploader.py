@@ -128,7 +128,7 @@ class Uploader:
         from .snapshot.git import GitSource
 
         source = GitSource(self.config.repo or "", self.config.cache_dir, user=self.config.git_user,
-                           token=self.config.git_token)
+                           token=self.config.git_token, ca_bundle=self.config.ca_bundle)
         writer = GitWriter(source)
         hashed: dict[bool, list[LocalFile]] = {}
         uploaded: set[str] = set()

@@ -299,6 +299,8 @@ class DdaOperations(pyfuse3.Operations):
         entry = await self._entry(path)
         if entry is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if entry.kind == "broken":   # an unavailable output: open fails with EIO, naming the cause
+            await self._guard(self._unavailable(path), path)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = _Open(path, entry, ReadState())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import ssl
+
 import httpx
 
 from ..errors import ConfigError
@@ -14,7 +16,7 @@ from .httpcommon import check_status, range_from_response, range_header, stream_
 class HttpRemote(Remote):
     def __init__(self, name: str, url: str, *, user: str | None = None, password: str | None = None,
                  token: str | None = None, auth: str | None = None, custom_auth_header: str | None = None,
-                 method: str | None = None, jobs: int = 16, timeout: float = 30.0):
+                 method: str | None = None, jobs: int = 16, timeout: float = 30.0, verify: "ssl.SSLContext | bool" = True):
         self.name = name
         self.base = url.rstrip("/")
         self.display_url = self.base
@@ -37,6 +39,7 @@ class HttpRemote(Remote):
         elif auth:
             raise ConfigError(f"remote {name!r}: unknown auth {auth!r} (basic, digest, bearer, custom)")
         self.client = httpx.AsyncClient(
+            verify=verify,
             auth=client_auth, headers=headers, follow_redirects=True,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))

@@ -10,6 +10,8 @@ from typing import Callable
 import xml.etree.ElementTree as ET
 from urllib.parse import quote, urlencode, urlsplit
 
+import ssl
+
 import httpx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -27,7 +29,7 @@ class S3Remote(Remote):
     def __init__(self, name: str, url: str, *, endpoint_url: str | None = None, region: str | None = None,
                  access_key_id: str | None = None, secret_access_key: str | None = None,
                  session_token: str | None = None, profile: str | None = None,
-                 jobs: int = 16, timeout: float = 30.0):
+                 jobs: int = 16, timeout: float = 30.0, verify: "ssl.SSLContext | bool" = True):
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ConfigError(f"remote {name!r}: {url!r} is not an s3://bucket/prefix URL")
@@ -48,6 +50,7 @@ class S3Remote(Remote):
             self._static = None
             self._chain = Session(profile=profile).get_credentials() if profile else Session().get_credentials()
         self.client = httpx.AsyncClient(
+            verify=verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))
 
