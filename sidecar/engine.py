@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import Config, remote_settings_key
 from .errors import ConfigError, DDAError, NotFound, OutputUnavailable
@@ -21,6 +22,8 @@ from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
 from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
+
+_IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Engine:
         self.info: SnapshotInfo | None = None
         self._remotes: dict[str, Remote] = {}
         self._layout: DvcLayout | None = None
+        self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
@@ -73,11 +77,50 @@ class Engine:
         entries = await self.git.ls_tree(commit)
         await self.git.start_reader()
         self._layout = await read_dvc_layout(entries, self.git.read_blob)
-        manifests, problems = await self._fetch_manifests(self._layout.outputs)
-        self.tree = compose_tree(entries, self._layout.outputs, manifests, self._layout.problems + problems,
+        outputs, import_problems = await self._resolve_imports(self._layout.outputs)
+        manifests, problems = await self._fetch_manifests(outputs)
+        self.tree = compose_tree(entries, outputs, manifests, self._layout.problems + import_problems + problems,
                                  self._layout.symlinks)
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
+
+    async def _resolve_imports(self, outputs: list[DvcOut]) -> tuple[list[DvcOut], list[Problem]]:
+        """Point each `dvc import`ed output at its source repository's remote (where `dvc pull`
+        gets it); an unreachable source is a Problem of that output only."""
+        from .snapshot.imports import resolve_import
+
+        resolved: list[DvcOut] = []
+        problems: list[Problem] = []
+        cache: dict[tuple[str, str, str], object] = {}
+        for out in outputs:
+            if out.imported is None:
+                resolved.append(out)
+                continue
+            key = (out.imported.url, out.imported.rev_lock, out.imported.path)
+            try:
+                if key not in cache:
+                    cache[key] = await resolve_import(
+                        out.imported, cache_dir=self.config.cache_dir, main_url=self.git.url,
+                        user=self.config.git_user, token=self.config.git_token, ca_bundle=self.config.ca_bundle)
+                origin = cache[key]
+            except DDAError as err:
+                # DVC 2 pushed imported data to the consumer's remote too: use it when it is there.
+                if await self._on_own_remote(out):
+                    resolved.append(out)
+                else:
+                    problems.append(Problem(out.path, out.source, f"{out.source}: {err}", out.is_dir))
+                continue
+            index = self._imports.setdefault(origin.url + "@" + key[1], (len(self._imports), origin))[0]
+            resolved.append(replace(out, remote=origin.out.remote, root=f"{_IMPORT}{index}:{origin.out.root}",
+                                    legacy=origin.out.legacy if out.md5 == origin.out.md5 else out.legacy))
+        return resolved, problems
+
+    async def _on_own_remote(self, out: DvcOut) -> bool:
+        try:
+            remote = self.remote(out.remote, out.source, out.root)
+            return await remote.exists(object_path(out.md5, out.legacy, is_dir=out.is_dir))
+        except DDAError:
+            return False
 
     async def _fetch_manifests(self, outputs: list[DvcOut]) -> tuple[dict[str, list[ManifestEntry]], list[Problem]]:
         """Every directory output's manifest; one that cannot be had becomes a Problem of
@@ -133,7 +176,12 @@ class Engine:
         """The remote `name` (None: the default) of the DVC (sub)repository at folder `root`,
         as its .dvc/config declares it, with our overrides applied."""
         assert self._layout is not None
-        config = self._layout.configs.get(root) or self._layout.config
+        layout, repo_dir, identity = self._layout, self.git.local_path, root
+        if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
+            index, _, root = root[len(_IMPORT):].partition(":")
+            origin = next(o for i, o in self._imports.values() if i == int(index))
+            layout, repo_dir = origin.layout, origin.repo_dir
+        config = layout.configs.get(root) or layout.config
         wanted = name or config.default_remote
         if wanted is None:
             override = self.config.remotes.get("default")
@@ -141,7 +189,7 @@ class Engine:
                 raise ConfigError(f"{needed_by}: the repository has no default DVC remote; set one with "
                                   f"DDA_REMOTE_DEFAULT_URL or in the config file")
             wanted = "default"
-        key = f"{root}\0{wanted}"
+        key = f"{identity}\0{wanted}"
         if key not in self._remotes:
             spec = config.remotes.get(wanted)
             settings = dict(spec.settings) if spec else {}
@@ -149,7 +197,6 @@ class Engine:
             if spec is None and not override:
                 raise ConfigError(f"{needed_by}: DVC remote {wanted!r} is not defined in .dvc/config")
             settings.update(override)
-            repo_dir = self.git.local_path
             if repo_dir is not None and root:
                 repo_dir = repo_dir / root
             self._remotes[key] = build_remote(wanted, settings, repo_dir=repo_dir,

@@ -116,14 +116,52 @@ def shape_subrepos(work: Path, dvc, git, remotes: Path) -> None:
     git("add", "-A")
 
 
+def shape_imports(work: Path, dvc, git, remotes: Path) -> None:
+    """13.3: `dvc import` of a directory and a file from a source repository (data on the
+    source's remote only), and an import of an import through a middle repository."""
+    env = dvc.env
+
+    def repo(path: Path, store: Path) -> _Dvc:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        _run(["git", "init", "-q", "-b", "main"], path, env)
+        d = _Dvc(dvc.bin, path, env)
+        d("init", "-q")
+        store.mkdir(parents=True, exist_ok=True)
+        d("remote", "add", "-d", "store", str(store))
+        return d
+
+    source = work.parent / "source"
+    src = repo(source, remotes / "source")
+    _write(source / "datasets" / "cats" / "a.txt", "meow\n")
+    _write(source / "datasets" / "cats" / "deep" / "b.bin", os.urandom(700))
+    _write(source / "datasets" / "one.txt", "single\n")
+    src("add", "-q", "datasets/cats", "datasets/one.txt")
+    _run(["git", "add", "-A"], source, env)
+    _run(["git", "commit", "-q", "-m", "source"], source, env)
+    src("push", "-q")
+    middle = work.parent / "middle"
+    mid = repo(middle, remotes / "middle")
+    mid("import", "-q", str(source), "datasets/one.txt", "-o", "relayed.txt")
+    _run(["git", "add", "-A"], middle, env)
+    _run(["git", "commit", "-q", "-m", "middle"], middle, env)
+    dvc("import", "-q", str(source), "datasets/cats", "-o", "cats")
+    (work / "inputs").mkdir()
+    dvc("import", "-q", str(source), "datasets/one.txt", "-o", "inputs/one.txt")
+    dvc("import", "-q", str(middle), "relayed.txt", "-o", "relayed.txt")
+    git("add", "-A")
+
+
 SHAPES: dict[str, Author] = {
     "stage_wdir": shape_stage_wdir,
     "foreach": shape_foreach,
     "names": shape_names,
     "subrepos": shape_subrepos,
+    "imports": shape_imports,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
-DVC2_SHAPES = ("stage_wdir", "foreach")
+DVC2_SHAPES = ("stage_wdir", "foreach", "imports")
 
 
 class _Dvc:

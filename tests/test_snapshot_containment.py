@@ -204,3 +204,24 @@ def test_mount_serves_the_rest_and_eio_inside_a_broken_output(sample, mp, tmp_pa
         assert any("data/images" in p and "missing" in p for p in status["problems"])
         assert any("evil.dvc" in p and "wdir" in p for p in status["problems"])
         assert len(m.mount.engine.problems) == 2
+
+
+def test_unreachable_import_source_is_one_broken_output(tmp_path_factory, tmp_path):
+    """13.3 + must-work 2: the source repository of `dvc import` is gone: only the imports
+    are unavailable, each named once; everything else lists and reads."""
+    import shutil
+
+    from corpus import build_shape
+
+    shape = build_shape("imports", tmp_path_factory.mktemp("corpus"))
+    shutil.rmtree(shape.repo.parent / "source")
+    shutil.rmtree(shape.repo.parent / "middle")
+    proc = dda("ls", str(shape.repo), "-R", "--json", cache=tmp_path / "cache")
+    assert proc.returncode == PARTIAL, proc.stderr
+    err = proc.stderr.decode().splitlines()
+    assert len(err) == 3 and all("unavailable" in line and "import from" in line for line in err)
+    kinds = {json.loads(l)["path"]: json.loads(l)["kind"] for l in proc.stdout.splitlines()}
+    assert kinds["cats"] == kinds["inputs/one.txt"] == kinds["relayed.txt"] == "broken"
+    assert kinds[".dvc/config"] == "git"
+    cat = dda("cat", str(shape.repo), "cats/a.txt", cache=tmp_path / "cache")
+    assert cat.returncode == 1 and b"cats: unavailable" in cat.stderr and b"import from" in cat.stderr

@@ -8,7 +8,7 @@ import configparser
 import json
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import yaml
 
@@ -30,6 +30,15 @@ class DvcOut:
     source: str             # the file that declared it
     isexec: bool = False    # `isexec: true`: checked out executable
     root: str = ""          # folder of the DVC (sub)repository whose .dvc/config governs it
+    imported: "ImportSource | None" = None   # `dvc import`: where `dvc pull` gets the data
+
+
+@dataclass(frozen=True)
+class ImportSource:
+    """`deps: - path: P, repo: {url: U, rev_lock: R}` of a `dvc import`ed output."""
+    url: str
+    rev_lock: str
+    path: str    # the path in the source repository (contained)
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,27 @@ def parse_dvc_file(text: bytes, source: str, root: str = "") -> list[DvcOut]:
     if wdir is not None and wdir not in ("", "."):
         base = join_inside(base, wdir, source, "wdir", root)
     parsed = [_parse_out(raw, base, source, f"{source}: outs[{i}]", root) for i, raw in enumerate(outs)]
-    return [o for o in parsed if o is not None]
+    imported = _import_source(data.get("deps"), source)
+    return [replace(o, imported=imported) if imported else o for o in parsed if o is not None]
+
+
+def _import_source(deps: object, source: str) -> ImportSource | None:
+    """The source of a `dvc import` (a dep with a `repo` mapping), else None."""
+    if not isinstance(deps, list):
+        return None
+    for i, dep in enumerate(deps):
+        if not isinstance(dep, dict) or "repo" not in dep:
+            continue
+        where = f"{source}: deps[{i}]"
+        repo = dep.get("repo")
+        if not isinstance(repo, dict) or not isinstance(repo.get("url"), str) or not repo["url"]:
+            raise DvcFileError(f"{where}: 'repo' must be a mapping with a 'url'")
+        rev = repo.get("rev_lock") or repo.get("rev")
+        if rev is not None and not isinstance(rev, str):
+            raise DvcFileError(f"{where}: 'rev_lock' must be a commit")
+        path = join_inside("", dep.get("path"), where, "path")
+        return ImportSource(repo["url"], rev or "", path)
+    return None
 
 
 def guess_output_paths(text: bytes, source: str, root: str = "") -> list[str]:
