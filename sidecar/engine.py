@@ -17,6 +17,7 @@ from .errors import ConfigError, DDAError, NotFound, OutputUnavailable
 from .fetch import Fetcher, ObjectRef
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
+from .remotes.base import versioned_path
 from .snapshot.build import DvcLayout, compose_tree, read_dvc_layout
 from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
@@ -125,7 +126,7 @@ class Engine:
     async def _fetch_manifests(self, outputs: list[DvcOut]) -> tuple[dict[str, list[ManifestEntry]], list[Problem]]:
         """Every directory output's manifest; one that cannot be had becomes a Problem of
         that output (shown at its path), never a failure of the revision."""
-        dirs = [o for o in outputs if o.is_dir]
+        dirs = [o for o in outputs if o.is_dir and o.files is None]
         found: dict[str, list[ManifestEntry]] = {}
         problems: list[Problem] = []
 
@@ -218,6 +219,10 @@ class Engine:
 
     def ref(self, entry: Entry) -> ObjectRef:
         remote = self.remote(entry.remote, entry.output or entry.path, entry.root)
+        if entry.version is not None:   # cloud-versioned: the object sits at its own path, by version
+            root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
+            key = entry.path[len(root) + 1:] if root else entry.path
+            return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, entry.size,
                          entry.path)
 

@@ -2,13 +2,12 @@
 pooled httpx client. This is how DagsHub serves DVC data (https://dagshub.com/<o>/<r>.dvc)."""
 from __future__ import annotations
 
-from typing import Callable
-
 import ssl
+from typing import Callable
 
 import httpx
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RemoteError
 from .base import Range, Remote
 from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
 
@@ -48,6 +47,9 @@ class HttpRemote(Remote):
         return f"remote {self.name!r} ({self.display_url})"
 
     def _url(self, path: str) -> str:
+        if "\0" in path:   # a version of a cloud-versioned object: only S3 serves those here
+            raise RemoteError(f"remote {self.name!r} ({self.display_url}): objects recorded with a cloud "
+                              f"version_id need a version-aware S3 remote")
         return f"{self.base}/{path}"
 
     async def read(self, path: str, start: int, end: int | None) -> Range:

@@ -146,10 +146,11 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
         # A DVC output replaces whatever git has there (it is .gitignored in a real checkout).
         _clear(files, empty_dirs, out.path)
         if not out.is_dir:
+            remote, version = _pick_version(out.remote, out.versions)
             files[out.path] = Entry(out.path, "dvc", EXEC_MODE if out.isexec else FILE_MODE, out.size, out.md5,
-                                    out.legacy, out.remote, out.path, out.root)
+                                    out.legacy, remote, out.path, out.root, version=version)
             continue
-        items = manifests.get(out.md5)
+        items = list(out.files) if out.files is not None else manifests.get(out.md5)
         if items is None:
             continue   # the caller recorded why (a problem at out.path)
         placed: dict[str, Entry] = {}
@@ -159,8 +160,9 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
             continue
         for item in items:
             path = f"{out.path}/{item.relpath}"
+            remote, version = _pick_version(out.remote, item.versions)
             placed[path] = Entry(path, "dvc", EXEC_MODE if item.isexec else FILE_MODE, item.size, item.md5,
-                                 out.legacy, out.remote, out.path, out.root)
+                                 out.legacy, remote, out.path, out.root, version=version)
         if not placed:
             empty_dirs.append(out.path)
         files.update(placed)
@@ -173,6 +175,18 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
         else:
             files[problem.path] = Entry(problem.path, "broken", FILE_MODE, 0, "", output=problem.path)
     return Tree(files, empty_dirs, problems)
+
+
+def _pick_version(remote: str | None, versions: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
+    """(remote, version id) of an object on a cloud-versioned remote: the output's own
+    remote when the file records a version there, else the one remote it records."""
+    if not versions:
+        return remote, None
+    by_name = dict(versions)
+    if remote in by_name:
+        return remote, by_name[remote]
+    name, version = versions[0]
+    return name, version
 
 
 def _file_above(path: str, files: dict[str, Entry], out: DvcOut | None) -> str | None:

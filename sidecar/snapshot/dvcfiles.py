@@ -31,6 +31,10 @@ class DvcOut:
     isexec: bool = False    # `isexec: true`: checked out executable
     root: str = ""          # folder of the DVC (sub)repository whose .dvc/config governs it
     imported: "ImportSource | None" = None   # `dvc import`: where `dvc pull` gets the data
+    # Cloud-versioned remotes: remote name -> version id of this (file) output, and a
+    # directory output's files (it has no .dir manifest then; md5 is "").
+    versions: tuple[tuple[str, str], ...] = ()
+    files: "tuple[ManifestEntry, ...] | None" = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class ManifestEntry:
     md5: str
     size: int | None
     isexec: bool = False
+    versions: tuple[tuple[str, str], ...] = ()   # cloud-versioned: remote name -> version id
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,10 @@ def _parse_out(raw: object, base_dir: str, source: str, where: str, root: str = 
     if md5 is None and isinstance(raw.get("etag"), str):
         raise DvcFileError(f"{where}: external outputs (etag only) are not supported")
     if md5 is None and raw.get("files") is not None:
-        raise DvcFileError(f"{where}: outputs of cloud-versioned remotes ('files' lists) are not supported")
+        files = _versioned_files(raw.get("files"), where)
+        remote = raw.get("remote") if isinstance(raw.get("remote"), str) else (flags.remote if flags else None)
+        return DvcOut(path=path, md5="", is_dir=True, size=raw.get("size") if isinstance(raw.get("size"), int) else None,
+                      nfiles=len(files), legacy=False, remote=remote, source=source, root=root, files=files)
     if md5 is None:
         # An output that was declared but never computed (e.g. `dvc stage add` without repro).
         return None
@@ -108,7 +116,45 @@ def _parse_out(raw: object, base_dir: str, source: str, where: str, root: str = 
     if not isinstance(isexec, bool):
         raise DvcFileError(f"{where}: 'isexec' must be true or false, got {isexec!r}")
     return DvcOut(path=path, md5=digest, is_dir=is_dir, size=size, nfiles=nfiles, legacy=hash_name is None,
-                  remote=remote, source=source, isexec=isexec and not is_dir, root=root)
+                  remote=remote, source=source, isexec=isexec and not is_dir, root=root,
+                  versions=_cloud_versions(raw.get("cloud"), where))
+
+
+def _cloud_versions(cloud: object, where: str) -> tuple[tuple[str, str], ...]:
+    """`cloud: {remote: {etag, version_id}}` -> ((remote, version_id), ...)."""
+    if cloud is None:
+        return ()
+    if not isinstance(cloud, dict):
+        raise DvcFileError(f"{where}: 'cloud' must map remote names to {{etag, version_id}}")
+    found = []
+    for name, info in cloud.items():
+        version = info.get("version_id") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not isinstance(version, str) or not version:
+            raise DvcFileError(f"{where}: cloud.{name}: needs a 'version_id'")
+        found.append((name, version))
+    return tuple(sorted(found))
+
+
+def _versioned_files(files: object, where: str) -> tuple[ManifestEntry, ...]:
+    """The `files:` list DVC writes for a directory on a cloud-versioned remote."""
+    if not isinstance(files, list):
+        raise DvcFileError(f"{where}: 'files' must be a list")
+    found = []
+    for i, item in enumerate(files):
+        at = f"{where}: files[{i}]"
+        if not isinstance(item, dict):
+            raise DvcFileError(f"{at}: expected a mapping")
+        md5 = item.get("md5")
+        if not isinstance(md5, str) or not _MD5.match(md5):
+            raise DvcFileError(f"{at}: 'md5' {md5!r} is not an md5 hash")
+        rel = join_inside("", item.get("relpath"), at, "relpath")
+        if not rel:
+            raise DvcFileError(f"{at}: relpath {item.get('relpath')!r} names the directory itself")
+        size = item.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise DvcFileError(f"{at}: 'size' must be a non-negative integer")
+        found.append(ManifestEntry(rel, md5, size, item.get("isexec") is True, _cloud_versions(item.get("cloud"), at)))
+    return tuple(found)
 
 
 def _load_yaml(text: bytes, source: str) -> object:

@@ -19,6 +19,7 @@ class Entry:
     output: str | None = None # the DVC output this file belongs to
     root: str = ""            # folder of the DVC (sub)repository the output belongs to
     target: str | None = None # a git symlink's target, as committed
+    version: str | None = None  # cloud-versioned remote: the object's version id (key = path in its repo)
 
     @property
     def is_symlink(self) -> bool:
