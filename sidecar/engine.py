@@ -47,6 +47,7 @@ class Engine:
         self.info: SnapshotInfo | None = None
         self._remotes: dict[str, Remote] = {}
         self._layout: DvcLayout | None = None
+        self._lfs: Any = None
         self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
@@ -81,7 +82,7 @@ class Engine:
         outputs, import_problems = await self._resolve_imports(self._layout.outputs)
         manifests, problems = await self._fetch_manifests(outputs)
         self.tree = compose_tree(entries, outputs, manifests, self._layout.problems + import_problems + problems,
-                                 self._layout.symlinks)
+                                 self._layout.symlinks, self._layout.lfs)
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
@@ -264,6 +265,10 @@ class Engine:
         if entry.kind == "broken":
             problem = self.tree.broken.get(entry.output or entry.path)
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
+        if entry.kind == "lfs":
+            data = await self._lfs_client(entry.path).read(entry.oid, entry.size or 0, offset, length, entry.path)
+            self.fetcher.stats.bytes_served += len(data)
+            return data
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             data = blob[offset:offset + length]
@@ -285,6 +290,28 @@ class Engine:
                 if entry.kind == "dvc" else None
             if not data or len(data) < piece or (size is not None and offset >= size):
                 return
+
+    def _lfs_client(self, needed_by: str) -> Any:
+        """The Git LFS endpoint of the repository: `lfs.url` of its .lfsconfig, else the git
+        URL + `/info/lfs` (as git-lfs finds it). Git credentials go to the same origin only."""
+        if self._lfs is None:
+            from .remotes.lfs import LfsClient
+            from .remotes.tls import verify_for
+            from .snapshot.imports import _same_origin
+
+            url = self._layout.lfs_url if self._layout else None
+            if url is None and self.git.url.startswith(("http://", "https://")):
+                url = self.git.url + ("/info/lfs" if self.git.url.endswith(".git") else ".git/info/lfs")
+            if url is None:
+                raise ConfigError(f"{needed_by}: a Git LFS object, and the repository names no LFS server "
+                                  f"(.lfsconfig lfs.url) nor is it on http(s)")
+            clean, url_user, url_token = strip_userinfo(url)
+            same = _same_origin(clean, self.git.url)
+            self._lfs = LfsClient(clean, self.config.cache_dir, user=url_user or (self.git.user if same else None),
+                                  token=url_token or (self.git.token if same else None),
+                                  verify=verify_for("lfs", None, self.config.ca_bundle),
+                                  timeout=self.config.request_timeout)
+        return self._lfs
 
     async def _blob(self, sha: str) -> bytes:
         if sha in self._blobs:
@@ -312,4 +339,6 @@ class Engine:
         await self.git.aclose()
         for remote in self._remotes.values():
             await remote.aclose()
+        if self._lfs is not None:
+            await self._lfs.aclose()
         self.store.close()

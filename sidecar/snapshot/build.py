@@ -15,6 +15,7 @@ from ..errors import DvcFileError
 from .dvcfiles import (DvcConfig, DvcOut, ManifestEntry, StageDecl, guess_output_paths, parse_dvc_config,
                        parse_dvc_file, parse_dvc_lock, parse_dvc_yaml)
 from .git import GitEntry
+from .lfs import POINTER_MAX, LfsPointer, is_lfs_path, lfs_patterns, lfs_url_from_config, parse_pointer
 from .paths import check_name
 from .tree import Entry, Problem, Tree
 
@@ -29,6 +30,8 @@ class DvcLayout:
     outputs: list[DvcOut]
     problems: list[Problem] = field(default_factory=list)
     symlinks: dict[str, str] = field(default_factory=dict)   # git symlink path -> target
+    lfs: dict[str, LfsPointer] = field(default_factory=dict)  # git path -> its LFS pointer
+    lfs_url: str | None = None                                # `lfs.url` of a committed .lfsconfig
 
     @property
     def config(self) -> DvcConfig:
@@ -73,9 +76,13 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
     wanted = [e for e in blobs_by_path.values() if not stat.S_ISLNK(e.mode) and not _in_dvc_dir(e.path, roots)
               and (e.path.endswith(".dvc") or posixpath.basename(e.path) in ("dvc.lock", "dvc.yaml"))]
     links = [e for e in blobs_by_path.values() if stat.S_ISLNK(e.mode)]
-    texts = await asyncio.gather(*(read_blob(e.sha) for e in wanted + links))
+    lfs_meta = [e for e in blobs_by_path.values() if posixpath.basename(e.path) == ".gitattributes"
+                or e.path == ".lfsconfig"]
+    texts = await asyncio.gather(*(read_blob(e.sha) for e in wanted + links + lfs_meta))
     by_path = {e.path: t for e, t in zip(wanted, texts)}
     symlinks = {e.path: t.decode("utf-8", "surrogateescape") for e, t in zip(links, texts[len(wanted):])}
+    meta = {e.path: t for e, t in zip(lfs_meta, texts[len(wanted) + len(links):])}
+    lfs, lfs_url = await _lfs_pointers(blobs_by_path, meta, read_blob)
     outputs: list[DvcOut] = []
     problems: list[Problem] = []
     for path in sorted(by_path):
@@ -107,12 +114,26 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
             continue
         seen[out.path] = out.source
         kept.append(out)
-    return DvcLayout(configs, kept, problems, symlinks)
+    return DvcLayout(configs, kept, problems, symlinks, lfs, lfs_url)
+
+
+async def _lfs_pointers(blobs: dict[str, GitEntry], meta: dict[str, bytes],
+                        read_blob: Callable[[str], Awaitable[bytes]]) -> tuple[dict[str, LfsPointer], str | None]:
+    """Blobs `.gitattributes` sends through `filter=lfs` that hold an LFS pointer."""
+    rules = lfs_patterns({p: t for p, t in meta.items() if posixpath.basename(p) == ".gitattributes"})
+    if not any(is_lfs for _, _, is_lfs in rules):
+        return {}, None
+    candidates = [e for e in blobs.values() if not stat.S_ISLNK(e.mode) and e.size is not None
+                  and e.size <= POINTER_MAX and is_lfs_path(e.path, rules)]
+    texts = await asyncio.gather(*(read_blob(e.sha) for e in candidates))
+    found = {e.path: ptr for e, t in zip(candidates, texts) if (ptr := parse_pointer(t)) is not None}
+    url = lfs_url_from_config(meta[".lfsconfig"]) if ".lfsconfig" in meta else None
+    return found, url
 
 
 def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
                  manifests: dict[str, list[ManifestEntry]], problems: list[Problem] = (),  # type: ignore[assignment]
-                 symlinks: dict[str, str] | None = None) -> Tree:
+                 symlinks: dict[str, str] | None = None, lfs: dict[str, LfsPointer] | None = None) -> Tree:
     """The checkout `git clone` + `dvc pull` makes. `manifests`: md5 of each directory
     output -> its entries (a directory output whose md5 is absent must have a problem)."""
     files: dict[str, Entry] = {}
@@ -131,6 +152,9 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
             continue
         if stat.S_ISLNK(e.mode):
             files[e.path] = Entry(e.path, "git", e.mode, e.size, e.sha, target=symlinks.get(e.path))
+        elif lfs and e.path in lfs:   # what a clone with git-lfs checks out: the object, not the pointer
+            pointer = lfs[e.path]
+            files[e.path] = Entry(e.path, "lfs", EXEC_MODE if e.mode & 0o111 else FILE_MODE, pointer.size, pointer.oid)
         else:
             mode = EXEC_MODE if e.mode & 0o111 else FILE_MODE
             files[e.path] = Entry(e.path, "git", mode, e.size, e.sha)

@@ -10,10 +10,10 @@ from typing import Iterable, Iterator, Literal
 @dataclass(frozen=True)
 class Entry:
     path: str
-    kind: Literal["git", "dvc", "broken"]
+    kind: Literal["git", "dvc", "broken", "lfs"]
     mode: int                 # st_mode bits of a regular file or symlink
     size: int | None          # None only until looked up (never shown to users as a size)
-    oid: str                  # git blob sha or DVC md5 ("" for a broken output)
+    oid: str                  # git blob sha, DVC md5, LFS sha256 ("" for a broken output)
     legacy: bool = False      # DVC 2 object
     remote: str | None = None # DVC remote name (None: the default one)
     output: str | None = None # the DVC output this file belongs to
