@@ -167,6 +167,9 @@ class _EngineCollector(Collector):
         yield gauge("dda_snapshot_files", "Files in the served snapshot.", info.files)
         yield gauge("dda_snapshot_resolve_seconds", "Time taken to resolve the snapshot at start.",
                     info.resolve_seconds)
+        yield gauge("dda_snapshot_unavailable_outputs", "DVC outputs of the snapshot that cannot be shown "
+                    "(missing manifest, malformed .dvc, unreachable import source); reads inside fail with EIO.",
+                    len(engine.problems))
 
         reads = CounterMetricFamily("dda_cache_reads", "Reads answered from the local cache (hit) or needing "
                                     "the remote (miss); kind data = file bytes, metadata = sizes and manifests.",

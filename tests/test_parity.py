@@ -88,3 +88,45 @@ def test_cat_names_with_backslashes(tmp_path_factory, tmp_path):
             assert got == (shape.reference / base / name).read_bytes()
     listing = dda("ls", str(shape.repo), "tracked", cache=cache).stdout.decode()
     assert "tracked/back\\slash.txt" in listing and "tracked/sub\\dir\\deep.txt" in listing
+
+
+HOOKS_SCRIPT = r"""
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[4])
+from sidecar import install_hooks
+from corpus import reference_listing
+install_hooks(sys.argv[1], root=sys.argv[2], cache_dir=sys.argv[3])
+import os
+_readlink = os.readlink
+def readlink(path, *a, **k):
+    try:
+        return _readlink(path, *a, **k)
+    except OSError:
+        return "<readlink failed>"
+os.readlink = readlink
+listing = reference_listing(__import__("pathlib").Path(sys.argv[2]))
+digests = {p: hashlib.md5(open(sys.argv[2] + "/" + p, "rb").read()).hexdigest()
+           for p, item in listing.items() if item["type"] == "file"}
+print(json.dumps({"listing": listing, "digests": digests}))
+"""
+
+
+def test_hooks_match_checkout(shape, tmp_path):
+    """The in-process hooks (install_hooks) show the same tree and bytes as the checkout."""
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
+    proc = subprocess.run([sys.executable, "-c", HOOKS_SCRIPT, str(shape.repo), str(root), str(tmp_path / "cache"),
+                           str(Path(__file__).parent)], capture_output=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    got = json.loads(proc.stdout.decode().splitlines()[-1])
+    expected = reference_listing(shape.reference)
+    # os.readlink is not hooked yet (sidecar/hooks.py): symlink targets are checked apart
+    links = {p for p, item in expected.items() if item["type"] == "symlink"}
+    assert {p: ({"type": "symlink"} if p in links else v) for p, v in got["listing"].items()} == \
+        {p: ({"type": "symlink"} if p in links else v) for p, v in expected.items()}
+    import hashlib
+    assert got["digests"] == {p: hashlib.md5((shape.reference / p).read_bytes()).hexdigest()
+                              for p, item in expected.items() if item["type"] == "file"}
+    if links and any(got["listing"][p] != expected[p] for p in links):
+        pytest.xfail("hooks: os.readlink of a repository symlink is not served yet")
