@@ -155,7 +155,11 @@ class Uploader:
         if legacy not in hashed:
             hashed[legacy] = await asyncio.to_thread(self._hash_all, legacy)
         local = hashed[legacy]
-        remote = engine.remote(out.remote if out else None, f"--to {self.target}")
+        from .snapshot.build import root_of
+
+        assert engine._layout is not None
+        root = out.root if out else root_of(self.target + "/x", set(engine._layout.configs))
+        remote = engine.remote(out.remote if out else None, f"--to {self.target}", root)
         await self._upload_objects(remote, [f for f in local if f.md5 not in uploaded], legacy)
         uploaded.update(f.md5 for f in local)
         existing = self._existing_manifest(engine, out)
@@ -191,6 +195,10 @@ class Uploader:
                 if not out.is_dir:
                     raise UploadError(f"--to {self.target}: {out.path} is a single tracked file "
                                       f"({out.source}), not a directory")
+                if out.imported is not None or out.files is not None:
+                    raise UploadError(f"--to {self.target}: {out.path} is "
+                                      + ("imported from another repository" if out.imported else
+                                         "on a cloud-versioned remote") + f" ({out.source}); dda upload cannot add to it")
                 return out
             if out.path.startswith(self.target + "/"):
                 raise UploadError(f"--to {self.target}: contains the tracked output {out.path} ({out.source}); "
@@ -304,9 +312,13 @@ class Uploader:
             if entry is None:
                 raise DvcFileError(f"{source}: not found in the commit")
             data = yaml.safe_load(await engine.git.read_blob(entry.oid))
+            from .snapshot.paths import join_inside
+
             base = posixpath.dirname(source)
+            if data.get("wdir") not in (None, "", "."):   # the snapshot checked it already
+                base = join_inside(base, data["wdir"], source, "wdir", out.root)
             for raw in data.get("outs", []):
-                if posixpath.normpath(posixpath.join(base, raw.get("path", ""))) == out.path:
+                if isinstance(raw.get("path"), str) and join_inside(base, raw["path"], source, "path") == out.path:
                     raw["md5"] = f"{manifest_md5}.dir"
                     raw["size"] = size
                     raw["nfiles"] = nfiles
