@@ -196,6 +196,8 @@ class Engine:
             spec = config.remotes.get(wanted)
             settings = dict(spec.settings) if spec else {}
             override = self.config.remote_override(remote_settings_key(wanted), wanted == config.default_remote)
+            if identity.startswith(_IMPORT) and not self._same_storage(wanted, spec):
+                override = {}   # our credentials are for our remotes: never sent to an import's storage
             if spec is None and not override:
                 raise ConfigError(f"{needed_by}: DVC remote {wanted!r} is not defined in .dvc/config")
             settings.update(override)
@@ -205,6 +207,12 @@ class Engine:
                                               jobs=self.config.jobs, timeout=self.config.request_timeout,
                                               ca_bundle=self.config.ca_bundle)
         return self._remotes[key]
+
+    def _same_storage(self, name: str, spec: Any) -> bool:
+        """Whether an import's remote `name` is the same storage as our remote of that name."""
+        assert self._layout is not None
+        ours = next((c.remotes.get(name) for c in self._layout.configs.values() if name in c.remotes), None)
+        return bool(spec and ours and spec.settings.get("url") == ours.settings.get("url"))
 
     # -- reading ------------------------------------------------------------------------------
     def entry(self, path: str) -> Entry:
