@@ -161,7 +161,7 @@ SHAPES: dict[str, Author] = {
     "imports": shape_imports,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
-DVC2_SHAPES = ("stage_wdir", "foreach")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
+DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
 
 
 class _Dvc:
