@@ -33,7 +33,7 @@ python_bin() {
 }
 
 base_packages=(git ca-certificates fuse3 libfuse3-dev pkg-config gcc)
-test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext prometheus)
+test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext prometheus git-lfs)
 
 case "$mode" in
   demo|install) apt_install "${base_packages[@]}" ;;

@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import DDAError, NotFound, describe
+from .errors import PARTIAL_EXIT, DDAError, NotFound, OutputUnavailable, describe
 from .redact import redact
 from .settings import Settings, add_arguments, flag_values, load_config
 
 Config = Settings      # older name, kept for importers
-ENGINE_FLAGS = ("revision", "cache_dir", "cache_size", "chunk_size", "jobs", "deadline", "request_timeout", "retries")
+ENGINE_FLAGS = ("revision", "cache_dir", "cache_size", "chunk_size", "jobs", "deadline", "request_timeout", "retries",
+                "ca_bundle")
 
 ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
 URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,
-ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD (NAME=DEFAULT: the default remote).
+ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD, SSL_VERIFY (NAME=DEFAULT: the default
+remote). Private CA for git and every remote: --ca-bundle / DDA_CA_BUNDLE.
+`dda ls` exits 3 when it listed the revision but some outputs are unavailable (named on stderr).
 Git credentials: DDA_GIT_USER, DDA_GIT_TOKEN (or in the URL). A YAML config file: --config or DDA_CONFIG."""
 
 
@@ -148,33 +151,58 @@ async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-un
 
 
 async def cmd_ls(ns: argparse.Namespace) -> int:
+    """List a revision. Exit 0; or PARTIAL_EXIT (3) when it listed everything it could but
+    some outputs are unavailable (each named once on stderr, shown with kind `broken`)."""
     from .fs import FileSystem
 
     repo, path = _split_repo_args(ns.args, True, False, _default_repo(ns))
     async with await _open(ns, repo) as engine:
         fs = FileSystem(engine)
+        tree = engine.tree
         path = fs.normalize(path)
         kind = fs.kind(path)
         if kind is None:
+            problem = tree.problem_at(path)
+            if problem is not None:
+                raise OutputUnavailable(problem.message(), path=path)
             raise NotFound(f"{path}: not in revision {fs.revision}", path=path)
         if kind != "dir":
             files, dirs = [path], []
         elif ns.recursive:
-            files, dirs = [e.path for e in fs.walk_files(path)], []
+            files = [e.path for e in fs.walk_files(path)]
+            prefix = path + "/" if path else ""
+            # empty folders (a submodule, an empty tracked directory) and unavailable outputs
+            dirs = [d for d, names in tree.dirs.items() if d and (not names or d in tree.broken)
+                    and (not path or d == path or d.startswith(prefix))]
         else:
             items = fs.listdir(path)
             files = [i.path for i in items if i.kind != "dir"]
             dirs = [i.path for i in items if i.kind == "dir"]
         # `dda ls` shows sizes: learned in bulk (one listing per remote folder, or bounded HEADs).
-        rows = [(p, fs.entry(p).kind, attr.size) for p, attr in await fs.stat_many(files)]  # type: ignore[union-attr]
-        rows += [(d, "dir", None) for d in dirs]
-        for p, kind, size in sorted(rows):
+        rows: list[tuple[str, str, int | None, Any]] = []
+        for p, attr in await fs.stat_many(files):
+            e = fs.entry(p)
+            rows.append((p, e.kind, attr.size, e))  # type: ignore[union-attr]
+        rows += [(d, "broken" if d in tree.broken else "dir", None, None) for d in dirs]
+        for p, kind, size, e in sorted(rows, key=lambda r: r[0]):
             if ns.json:
-                print(json.dumps({"path": p, "kind": kind, "size": size}, ensure_ascii=False))
+                item: dict[str, Any] = {"path": p, "kind": kind, "size": size}
+                if e is not None:
+                    item["exec"] = bool(e.mode & 0o100)
+                    if e.is_symlink:
+                        item["target"] = e.target
+                print(json.dumps(item, ensure_ascii=False))
             else:
-                shown = p + "/" if kind == "dir" else p
+                shown = p + "/" if kind == "dir" or (kind == "broken" and p in tree.dirs) else p
                 print(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
-    return 0
+        prefix = path + "/" if path else ""
+        relevant = [pr for pr in engine.problems
+                    if (pr.path is None and not path) or (pr.path is not None and (
+                        not path or pr.path == path or pr.path.startswith(prefix) or path.startswith(pr.path + "/")))]
+        sys.stdout.flush()
+        for problem in relevant:
+            print(f"dda: error: {redact(problem.message())}", file=sys.stderr)
+    return PARTIAL_EXIT if relevant else 0
 
 
 async def cmd_cat(ns: argparse.Namespace) -> int:
@@ -249,6 +277,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
           f"{status['bytes_served']} bytes served")
     print(f"remote:    {status['requests']} requests, {status['bytes_fetched']} bytes fetched, "
           f"{status['retries']} retries, errors {status['errors'] or 'none'}")
+    for problem in status.get("problems") or []:
+        print(f"problem:   {problem}")
     p = status["prefetch"]
     print(f"prefetch:  {p['issued_files']} files issued, {p['used_files']} used, {p['wasted_files']} wasted, "
           f"{p['readahead_chunks']} readahead chunks")

@@ -10,17 +10,21 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .config import Config, remote_settings_key
-from .errors import ConfigError, DDAError, NotFound
+from .errors import ConfigError, DDAError, NotFound, OutputUnavailable
 from .fetch import Fetcher, ObjectRef
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
+from .remotes.base import versioned_path
 from .snapshot.build import DvcLayout, compose_tree, read_dvc_layout
 from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
-from .snapshot.tree import Entry, Tree
+from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
+
+_IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Engine:
         self.info: SnapshotInfo | None = None
         self._remotes: dict[str, Remote] = {}
         self._layout: DvcLayout | None = None
+        self._lfs: Any = None
+        self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
@@ -54,7 +60,7 @@ class Engine:
             raise ConfigError("no repository given (pass a URL or set DDA_REPO)")
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
-                        deadline=config.deadline)
+                        deadline=config.deadline, ca_bundle=config.ca_bundle)
         store = Store(config.cache_dir, config.cache_size, config.chunk_size)
         fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline)
         engine = cls(config, git, store, fetcher)
@@ -73,22 +79,75 @@ class Engine:
         entries = await self.git.ls_tree(commit)
         await self.git.start_reader()
         self._layout = await read_dvc_layout(entries, self.git.read_blob)
-        manifests = await self._fetch_manifests(self._layout.outputs)
-        self.tree = compose_tree(entries, self._layout.outputs, manifests)
+        outputs, import_problems = await self._resolve_imports(self._layout.outputs)
+        manifests, problems = await self._fetch_manifests(outputs)
+        self.tree = compose_tree(entries, outputs, manifests, self._layout.problems + import_problems + problems,
+                                 self._layout.symlinks, self._layout.lfs)
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
-    async def _fetch_manifests(self, outputs: list[DvcOut]) -> dict[str, list[ManifestEntry]]:
-        dirs = {o.md5: o for o in outputs if o.is_dir}
+    async def _resolve_imports(self, outputs: list[DvcOut]) -> tuple[list[DvcOut], list[Problem]]:
+        """Point each `dvc import`ed output at its source repository's remote (where `dvc pull`
+        gets it); an unreachable source is a Problem of that output only."""
+        from .snapshot.imports import resolve_import
 
-        async def one(out: DvcOut) -> tuple[str, list[ManifestEntry]]:
-            remote = self.remote(out.remote, out.source)
-            ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
-                            f"{out.path} (manifest {out.md5}.dir, from {out.source})")
-            data = await self.fetcher.read_all(ref)
-            return out.md5, parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
+        resolved: list[DvcOut] = []
+        problems: list[Problem] = []
+        cache: dict[tuple[str, str, str], object] = {}
+        for out in outputs:
+            if out.imported is None:
+                resolved.append(out)
+                continue
+            key = (out.imported.url, out.imported.rev_lock, out.imported.path)
+            try:
+                if key not in cache:
+                    cache[key] = await resolve_import(
+                        out.imported, cache_dir=self.config.cache_dir, main_url=self.git.url,
+                        user=self.config.git_user, token=self.config.git_token, ca_bundle=self.config.ca_bundle)
+                origin = cache[key]
+            except DDAError as err:
+                # DVC 2 pushed imported data to the consumer's remote too: use it when it is there.
+                if await self._on_own_remote(out):
+                    resolved.append(out)
+                else:
+                    problems.append(Problem(out.path, out.source, f"{out.source}: {err}", out.is_dir))
+                continue
+            index = self._imports.setdefault(origin.url + "@" + key[1], (len(self._imports), origin))[0]
+            resolved.append(replace(out, remote=origin.out.remote, root=f"{_IMPORT}{index}:{origin.out.root}",
+                                    legacy=origin.out.legacy if out.md5 == origin.out.md5 else out.legacy))
+        return resolved, problems
 
-        return dict(await asyncio.gather(*(one(o) for o in dirs.values())))
+    async def _on_own_remote(self, out: DvcOut) -> bool:
+        try:
+            remote = self.remote(out.remote, out.source, out.root)
+            return await remote.exists(object_path(out.md5, out.legacy, is_dir=out.is_dir))
+        except DDAError:
+            return False
+
+    async def _fetch_manifests(self, outputs: list[DvcOut]) -> tuple[dict[str, list[ManifestEntry]], list[Problem]]:
+        """Every directory output's manifest; one that cannot be had becomes a Problem of
+        that output (shown at its path), never a failure of the revision."""
+        dirs = [o for o in outputs if o.is_dir and o.files is None]
+        found: dict[str, list[ManifestEntry]] = {}
+        problems: list[Problem] = []
+
+        async def one(out: DvcOut) -> None:
+            try:
+                remote = self.remote(out.remote, out.source, out.root)
+                ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
+                                f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+                data = await self.fetcher.read_all(ref)
+                found[out.md5] = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
+            except DDAError as err:
+                problems.append(Problem(out.path, out.source, str(err), is_dir=True))
+
+        await asyncio.gather(*(one(o) for o in dirs))
+        # Two outputs may share a manifest: one that failed for one failed for both.
+        for out in dirs:
+            if out.md5 not in found and not any(p.path == out.path for p in problems):
+                problems.append(Problem(out.path, out.source, f"{out.source}: manifest {out.md5}.dir unavailable",
+                                        is_dir=True))
+        return found, sorted(problems, key=lambda p: p.path or "")
 
     # -- following a branch ---------------------------------------------------------------------
     async def latest_commit(self) -> str | None:
@@ -110,9 +169,21 @@ class Engine:
         await self._resolve(self.follow_ref.removeprefix("refs/heads/") if self.follow_ref else None)
         return old, self.info.commit
 
-    def remote(self, name: str | None, needed_by: str) -> Remote:
+    @property
+    def problems(self) -> list[Problem]:
+        """Outputs of this snapshot that cannot be shown (each reported once by frontends)."""
+        return self.tree.problems
+
+    def remote(self, name: str | None, needed_by: str, root: str = "") -> Remote:
+        """The remote `name` (None: the default) of the DVC (sub)repository at folder `root`,
+        as its .dvc/config declares it, with our overrides applied."""
         assert self._layout is not None
-        config = self._layout.config
+        layout, repo_dir, identity = self._layout, self.git.local_path, root
+        if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
+            index, _, root = root[len(_IMPORT):].partition(":")
+            origin = next(o for i, o in self._imports.values() if i == int(index))
+            layout, repo_dir = origin.layout, origin.repo_dir
+        config = layout.configs.get(root) or layout.config
         wanted = name or config.default_remote
         if wanted is None:
             override = self.config.remotes.get("default")
@@ -120,19 +191,34 @@ class Engine:
                 raise ConfigError(f"{needed_by}: the repository has no default DVC remote; set one with "
                                   f"DDA_REMOTE_DEFAULT_URL or in the config file")
             wanted = "default"
-        if wanted not in self._remotes:
+        key = f"{identity}\0{wanted}"
+        if key not in self._remotes:
             spec = config.remotes.get(wanted)
             settings = dict(spec.settings) if spec else {}
             override = self.config.remote_override(remote_settings_key(wanted), wanted == config.default_remote)
+            if identity.startswith(_IMPORT) and not self._same_storage(wanted, spec):
+                override = {}   # our credentials are for our remotes: never sent to an import's storage
             if spec is None and not override:
                 raise ConfigError(f"{needed_by}: DVC remote {wanted!r} is not defined in .dvc/config")
             settings.update(override)
-            self._remotes[wanted] = build_remote(wanted, settings, repo_dir=self.git.local_path,
-                                                 jobs=self.config.jobs, timeout=self.config.request_timeout)
-        return self._remotes[wanted]
+            if repo_dir is not None and root:
+                repo_dir = repo_dir / root
+            self._remotes[key] = build_remote(wanted, settings, repo_dir=repo_dir,
+                                              jobs=self.config.jobs, timeout=self.config.request_timeout,
+                                              ca_bundle=self.config.ca_bundle)
+        return self._remotes[key]
+
+    def _same_storage(self, name: str, spec: Any) -> bool:
+        """Whether an import's remote `name` is the same storage as our remote of that name."""
+        assert self._layout is not None
+        ours = next((c.remotes.get(name) for c in self._layout.configs.values() if name in c.remotes), None)
+        return bool(spec and ours and spec.settings.get("url") == ours.settings.get("url"))
 
     # -- reading ------------------------------------------------------------------------------
     def entry(self, path: str) -> Entry:
+        problem = self.tree.problem_at(path)
+        if problem is not None:
+            raise OutputUnavailable(problem.message())
         found = self.tree.get(path)
         if found is None:
             kind = "a directory" if self.tree.is_dir(path) else "not in"
@@ -141,7 +227,11 @@ class Engine:
         return found
 
     def ref(self, entry: Entry) -> ObjectRef:
-        remote = self.remote(entry.remote, entry.output or entry.path)
+        remote = self.remote(entry.remote, entry.output or entry.path, entry.root)
+        if entry.version is not None:   # cloud-versioned: the object sits at its own path, by version
+            root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
+            key = entry.path[len(root) + 1:] if root else entry.path
+            return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, entry.size,
                          entry.path)
 
@@ -185,6 +275,13 @@ class Engine:
 
     async def read_entry(self, entry: Entry, offset: int, length: int) -> bytes:
         """Read what `entry` names, even after a refresh replaced the tree it came from."""
+        if entry.kind == "broken":
+            problem = self.tree.broken.get(entry.output or entry.path)
+            raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
+        if entry.kind == "lfs":
+            data = await self._lfs_client(entry.path).read(entry.oid, entry.size or 0, offset, length, entry.path)
+            self.fetcher.stats.bytes_served += len(data)
+            return data
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             data = blob[offset:offset + length]
@@ -206,6 +303,28 @@ class Engine:
                 if entry.kind == "dvc" else None
             if not data or len(data) < piece or (size is not None and offset >= size):
                 return
+
+    def _lfs_client(self, needed_by: str) -> Any:
+        """The Git LFS endpoint of the repository: `lfs.url` of its .lfsconfig, else the git
+        URL + `/info/lfs` (as git-lfs finds it). Git credentials go to the same origin only."""
+        if self._lfs is None:
+            from .remotes.lfs import LfsClient
+            from .remotes.tls import verify_for
+            from .snapshot.imports import _same_origin
+
+            url = self._layout.lfs_url if self._layout else None
+            if url is None and self.git.url.startswith(("http://", "https://")):
+                url = self.git.url + ("/info/lfs" if self.git.url.endswith(".git") else ".git/info/lfs")
+            if url is None:
+                raise ConfigError(f"{needed_by}: a Git LFS object, and the repository names no LFS server "
+                                  f"(.lfsconfig lfs.url) nor is it on http(s)")
+            clean, url_user, url_token = strip_userinfo(url)
+            same = _same_origin(clean, self.git.url)
+            self._lfs = LfsClient(clean, self.config.cache_dir, user=url_user or (self.git.user if same else None),
+                                  token=url_token or (self.git.token if same else None),
+                                  verify=verify_for("lfs", None, self.config.ca_bundle),
+                                  timeout=self.config.request_timeout)
+        return self._lfs
 
     async def _blob(self, sha: str) -> bytes:
         if sha in self._blobs:
@@ -233,4 +352,6 @@ class Engine:
         await self.git.aclose()
         for remote in self._remotes.values():
             await remote.aclose()
+        if self._lfs is not None:
+            await self._lfs.aclose()
         self.store.close()

@@ -99,6 +99,18 @@ class DeadlineExceeded(DDAError):
     errno = _errno.ETIMEDOUT
 
 
+class OutputUnavailable(DDAError):
+    """A DVC output of the revision cannot be shown (manifest missing, malformed .dvc, ...);
+    the rest of the revision can. The message names the output and the cause."""
+
+    reason = "unavailable_output"
+
+
+# `dda ls` exit status when it listed the revision but some outputs are unavailable
+# (scripts can tell it from 1 = failed, 2 = bad configuration).
+PARTIAL_EXIT = 3
+
+
 class NotFound(DDAError):
     """A path that is not in the snapshot."""
 

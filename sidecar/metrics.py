@@ -99,6 +99,9 @@ INSTRUMENTS: tuple[Instrument, ...] = (
                lambda s: s.engine.info.files, "files"),
     Instrument("dda_snapshot_resolve_seconds", "gauge", "Time taken to resolve the snapshot at start.", (),
                lambda s: s.engine.info.resolve_seconds),
+    Instrument("dda_snapshot_unavailable_outputs", "gauge", "DVC outputs of the snapshot that cannot be shown "
+               "(missing manifest, malformed .dvc, unreachable import source); reads inside fail with EIO.", (),
+               lambda s: len(s.engine.problems)),
     Instrument("dda_cache_reads", "counter", "Reads answered from the local cache (hit) or needing the remote "
                "(miss); kind data = file bytes, metadata = sizes and manifests.", ("kind", "result"),
                lambda s: {("data", "hit"): _stats(s).cache_hits, ("data", "miss"): _stats(s).cache_misses,

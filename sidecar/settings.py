@@ -35,7 +35,7 @@ ENV_PREFIX = "DDA_"
 ANNOTATION_PREFIX = "dda-sidecar.io/"
 REMOTE_KEYS = (
     "url", "endpoint_url", "region", "access_key_id", "secret_access_key", "session_token",
-    "user", "password", "token", "auth", "custom_auth_header", "method", "profile",
+    "user", "password", "token", "auth", "custom_auth_header", "method", "profile", "ssl_verify",
 )
 SECRET_REMOTE_KEYS = ("password", "token", "secret_access_key", "session_token", "custom_auth_header")
 CHUNK_BLOCK = 128 * 1024              # the store's CRC block (sidecar/store/chunks.py BLOCK)
@@ -263,6 +263,9 @@ class Settings(BaseSettings):
                                    shown="")
     git_token: str | None = setting(None, "git password or token (or in the URL; never a flag)",
                                     group="engine", secret=True, shown="")
+    ca_bundle: str | None = setting(None, "PEM file of private CAs that git and every remote trust besides the "
+                                    "public ones (a remote's own ssl_verify in .dvc/config still wins for it)",
+                                    group="engine", flags=("--ca-bundle",), shown="")
     remotes: dict[str, dict[str, str]] = setting(
         None, "per-remote overrides: NAME is the remote's name in .dvc/config, KEY one of the remote keys below",
         group="engine", secret=True, default_factory=dict, shown="", env="DDA_REMOTE_<NAME>_<KEY>")

@@ -189,7 +189,7 @@ class Uploader:
         from .snapshot.git import GitSource
 
         source = GitSource(self.config.repo or "", self.config.cache_dir, user=self.config.git_user,
-                           token=self.config.git_token)
+                           token=self.config.git_token, ca_bundle=self.config.ca_bundle)
         writer = GitWriter(source)
         branch = self.config.revision
         attempts = 0
@@ -235,7 +235,12 @@ class Uploader:
             skipped = sorted({rel for _, rel in self.files} - {rel for _, rel in wanted})
             messages.append(f"skipped {len(skipped)} file(s) that .dvcignore excludes (first: {skipped[0]})")
         local = await asyncio.to_thread(self._hash_all, wanted, legacy)
-        remote = engine.remote(out.remote if out else None, f"--to {self.target}")
+        from .snapshot.build import root_of
+
+        assert engine._layout is not None
+        # the (sub)repository whose .dvc/config governs the target
+        root = out.root if out else root_of(self.target + "/x", set(engine._layout.configs))
+        remote = engine.remote(out.remote if out else None, f"--to {self.target}", root)
         # `dvc add` walks the whole directory again: entries the rules exclude drop out of it.
         dropped = [e for e in existing if ignore.walk_ignored(posixpath.join(base, e.relpath), base)]
         if dropped:
@@ -283,6 +288,10 @@ class Uploader:
                 if not out.is_dir:
                     raise UploadError(f"--to {self.target}: {out.path} is a single tracked file "
                                       f"({out.source}), not a directory")
+                if out.imported is not None or out.files is not None:
+                    raise UploadError(f"--to {self.target}: {out.path} is "
+                                      + ("imported from another repository" if out.imported else
+                                         "on a cloud-versioned remote") + f" ({out.source}); dda upload cannot add to it")
                 return out
             if out.path.startswith(self.target + "/"):
                 raise UploadError(f"--to {self.target}: contains the tracked output {out.path} ({out.source}); "

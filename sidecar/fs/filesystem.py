@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine import Engine
-from ..errors import BadHandle, IsADirectory, NotADirectory, NotASymlink, NotFound, SymlinkLoop
+from ..errors import (BadHandle, DDAError, IsADirectory, NotADirectory, NotASymlink, NotFound, OutputUnavailable,
+                      SymlinkLoop)
 from ..snapshot.tree import Entry, Tree
 from .attr import Attr, DirEntry, Kind, dir_attr
 
@@ -104,12 +105,22 @@ class FileSystem:
         """The file or symlink entry at `path` (None: a directory or nothing)."""
         return self.tree.files.get(path)
 
-    def _missing(self, path: str) -> NotFound:
+    def _missing(self, path: str) -> DDAError:
+        problem = self.tree.problem_at(path)
+        if problem is not None:     # inside an output that cannot be shown: EIO naming the cause
+            return OutputUnavailable(problem.message(), path=path)
         return NotFound(f"{path}: not in revision {self.revision}", path=path)
+
+    def _available(self, path: str) -> None:
+        """OutputUnavailable when `path` is (inside) an output the snapshot cannot show."""
+        problem = self.tree.problem_at(path)
+        if problem is not None:
+            raise OutputUnavailable(problem.message(), path=path)
 
     # -- listing: names and types, never sizes -------------------------------------------------------
     def names(self, path: str) -> list[str]:
         """The names in directory `path`, sorted (no request, no sizing)."""
+        self._available(path)
         names = self.tree.dirs.get(path)
         if names is None:
             if path in self.tree.files:
@@ -231,6 +242,7 @@ class FileSystem:
         object even after a refresh moves the snapshot to another commit."""
         if follow:
             path = await self.resolve(path)
+        self._available(path)
         entry = self.tree.files.get(path)
         if entry is None:
             if path in self.tree.dirs:

@@ -53,6 +53,8 @@ class Mount:
         for note in prepare(mountpoint, allow_non_empty):
             log.warning("%s", note)
         engine = await Engine.open(config)
+        for problem in engine.problems:   # each once, in the mount's log
+            log.error("%s", redact(problem.message()))
         try:
             prefetcher = Prefetcher(engine)
             ops = DdaOperations(engine, prefetcher, subdir)

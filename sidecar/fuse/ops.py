@@ -184,7 +184,8 @@ class DdaOperations(pyfuse3.Operations):
         counters = status_fields(Sources(engine, self.prefetcher, lambda: len(self._open)))
         return {
             "repo": info.repo, "revision": info.revision, "commit": info.commit, "subdir": self.root,
-            "cache_dir": str(engine.config.cache_dir), **counters, **self.status_extra,
+            "cache_dir": str(engine.config.cache_dir), **counters,
+            "problems": [p.message() for p in engine.problems], **self.status_extra,
         }
 
     @_never_crash

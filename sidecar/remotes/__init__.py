@@ -10,13 +10,15 @@ from .base import Range, Remote, object_path
 from .http import HttpRemote
 from .local import LocalRemote
 from .s3 import S3Remote
+from .tls import verify_for
 
 __all__ = ["Range", "Remote", "object_path", "build_remote"]
 
 
 def build_remote(name: str, settings: dict[str, str], *, repo_dir: Path | None, jobs: int,
-                 timeout: float) -> Remote:
-    """`settings`: the remote's .dvc/config section merged with our overrides (which win)."""
+                 timeout: float, ca_bundle: str | None = None) -> Remote:
+    """`settings`: the remote's .dvc/config section merged with our overrides (which win).
+    `ca_bundle`: a private CA trusted (besides the public ones) unless `ssl_verify` says otherwise."""
     url = settings.get("url")
     if not url:
         raise ConfigError(f"remote {name!r}: no url (set it in .dvc/config or DDA_REMOTE_{name.upper()}_URL)")
@@ -26,13 +28,14 @@ def build_remote(name: str, settings: dict[str, str], *, repo_dir: Path | None, 
         return HttpRemote(name, clean, user=settings.get("user") or url_user,
                           password=settings.get("password") or url_password, token=settings.get("token"),
                           auth=settings.get("auth"), custom_auth_header=settings.get("custom_auth_header"),
-                          method=settings.get("method"), jobs=jobs, timeout=timeout)
+                          method=settings.get("method"), jobs=jobs, timeout=timeout,
+                          verify=verify_for(name, settings.get("ssl_verify"), ca_bundle))
     if scheme == "s3":
         return S3Remote(name, url, endpoint_url=settings.get("endpoint_url") or settings.get("endpointurl"),
                         region=settings.get("region"), access_key_id=settings.get("access_key_id"),
                         secret_access_key=settings.get("secret_access_key"),
                         session_token=settings.get("session_token"), profile=settings.get("profile"),
-                        jobs=jobs, timeout=timeout)
+                        jobs=jobs, timeout=timeout, verify=verify_for(name, settings.get("ssl_verify"), ca_bundle))
     if scheme in ("", "file") or (len(scheme) == 1 and url[1:2] == ":"):
         path = Path(unquote(urlsplit(url).path)) if scheme == "file" else Path(url).expanduser()
         if not path.is_absolute():

@@ -18,6 +18,17 @@ def object_path(md5: str, legacy: bool, is_dir: bool = False) -> str:
     return name if legacy else f"files/md5/{name}"
 
 
+def versioned_path(key: str, version_id: str) -> str:
+    """The path of one version of an object on a cloud-versioned remote (`version_aware`):
+    its key under the remote's prefix and its version id, NUL-separated (a NUL is in no key)."""
+    return f"{key}\0{version_id}"
+
+
+def split_version(path: str) -> tuple[str, str | None]:
+    key, sep, version = path.partition("\0")
+    return key, (version if sep else None)
+
+
 class Remote(abc.ABC):
     name: str
     display_url: str   # never holds credentials

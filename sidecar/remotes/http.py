@@ -2,11 +2,12 @@
 pooled httpx client. This is how DagsHub serves DVC data (https://dagshub.com/<o>/<r>.dvc)."""
 from __future__ import annotations
 
+import ssl
 from typing import Callable
 
 import httpx
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RemoteError
 from .base import Range, Remote
 from .httpcommon import (
     check_status,
@@ -21,7 +22,7 @@ from .httpcommon import (
 class HttpRemote(Remote):
     def __init__(self, name: str, url: str, *, user: str | None = None, password: str | None = None,
                  token: str | None = None, auth: str | None = None, custom_auth_header: str | None = None,
-                 method: str | None = None, jobs: int = 16, timeout: float = 30.0):
+                 method: str | None = None, jobs: int = 16, timeout: float = 30.0, verify: "ssl.SSLContext | bool" = True):
         self.name = name
         self.base = url.rstrip("/")
         self.display_url = self.base
@@ -45,6 +46,7 @@ class HttpRemote(Remote):
             raise ConfigError(f"remote {name!r}: unknown auth {auth!r} (basic, digest, bearer, custom)")
         secret_headers = [custom_auth_header] if auth == "custom" and custom_auth_header else []
         self.client = httpx.AsyncClient(
+            verify=verify,
             auth=client_auth, headers=headers, follow_redirects=True,
             event_hooks={"request": [credential_guard(self.base, secret_headers)]},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -54,6 +56,9 @@ class HttpRemote(Remote):
         return f"remote {self.name!r} ({self.display_url})"
 
     def _url(self, path: str) -> str:
+        if "\0" in path:   # a version of a cloud-versioned object: only S3 serves those here
+            raise RemoteError(f"remote {self.name!r} ({self.display_url}): objects recorded with a cloud "
+                              f"version_id need a version-aware S3 remote")
         return f"{self.base}/{path}"
 
     async def read(self, path: str, start: int, end: int | None) -> Range:

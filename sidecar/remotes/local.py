@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ObjectMissing, RemoteUnavailable
+from ..errors import ObjectMissing, RemoteError, RemoteUnavailable
 from .base import Range, Remote
 
 
@@ -18,6 +18,9 @@ class LocalRemote(Remote):
         self.display_url = str(root)
 
     def _path(self, path: str) -> Path:
+        if "\0" in path:   # a version of a cloud-versioned object: only S3 serves those here
+            raise RemoteError(f"remote {self.name!r} ({self.display_url}): objects recorded with a cloud "
+                              f"version_id need a version-aware S3 remote")
         return self.root / path
 
     def _missing(self, path: str) -> ObjectMissing:

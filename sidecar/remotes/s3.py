@@ -10,6 +10,8 @@ from typing import Callable
 import xml.etree.ElementTree as ET
 from urllib.parse import quote, urlencode, urlsplit
 
+import ssl
+
 import httpx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -17,7 +19,7 @@ from botocore.credentials import Credentials
 from botocore.session import Session
 
 from ..errors import ConfigError, RemoteError
-from .base import Range, Remote
+from .base import Range, Remote, split_version
 from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -27,7 +29,7 @@ class S3Remote(Remote):
     def __init__(self, name: str, url: str, *, endpoint_url: str | None = None, region: str | None = None,
                  access_key_id: str | None = None, secret_access_key: str | None = None,
                  session_token: str | None = None, profile: str | None = None,
-                 jobs: int = 16, timeout: float = 30.0):
+                 jobs: int = 16, timeout: float = 30.0, verify: "ssl.SSLContext | bool" = True):
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ConfigError(f"remote {name!r}: {url!r} is not an s3://bucket/prefix URL")
@@ -48,6 +50,7 @@ class S3Remote(Remote):
             self._static = None
             self._chain = Session(profile=profile).get_credentials() if profile else Session().get_credentials()
         self.client = httpx.AsyncClient(
+            verify=verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))
 
@@ -78,17 +81,26 @@ class S3Remote(Remote):
         check_status(resp, self._where(), path_for_errors)
         return resp
 
+    def _target(self, path: str) -> tuple[str, dict[str, str] | None, str]:
+        """(key, query, name for errors) of `path`; a versioned path asks for its version."""
+        key, version = split_version(path)
+        shown = f"{key} (version {version})" if version else key
+        return self._key(key), ({"versionId": version} if version else None), shown
+
     async def read(self, path: str, start: int, end: int | None) -> Range:
         headers = {} if (start == 0 and end is None) else {"Range": range_header(start, end)}
-        resp = await self._send("GET", self._key(path), path, headers=headers)
+        key, query, shown = self._target(path)
+        resp = await self._send("GET", key, shown, headers=headers, query=query)
         return range_from_response(resp, resp.content, start, end)
 
     async def stream(self, path: str, start: int, end: int, sink: Callable[[bytes], None]) -> int | None:
-        url, headers = self._signed("GET", self._key(path), headers={"Range": range_header(start, end)})
-        return await stream_get(self.client, url, headers, self._where(), path, start, end, sink)
+        key, query, shown = self._target(path)
+        url, headers = self._signed("GET", key, query=query, headers={"Range": range_header(start, end)})
+        return await stream_get(self.client, url, headers, self._where(), shown, start, end, sink)
 
     async def size(self, path: str) -> int:
-        resp = await self._send("HEAD", self._key(path), path)
+        key, query, shown = self._target(path)
+        resp = await self._send("HEAD", key, shown, query=query)
         return int(resp.headers.get("content-length", "0"))
 
     async def list_sizes(self, prefix: str) -> dict[str, int]:

@@ -1,79 +1,242 @@
-"""Build the Tree of one commit: git entries, then every DVC output laid over them."""
+"""Build the Tree of one commit: git entries, then every DVC output laid over them.
+
+Every repository path is checked here, once (see paths.py); a bad output becomes a
+`Problem` shown at its path instead of failing the whole revision.
+"""
 from __future__ import annotations
 
 import asyncio
 import posixpath
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..errors import DDAError, DvcFileError
-from .dvcfiles import DvcConfig, DvcOut, ManifestEntry, parse_dvc_config, parse_dvc_file, parse_dvc_lock
+from ..errors import DvcFileError
+from .dvcfiles import (DvcConfig, DvcOut, ManifestEntry, StageDecl, guess_output_paths, parse_dvc_config,
+                       parse_dvc_file, parse_dvc_lock, parse_dvc_yaml)
 from .git import GitEntry
-from .tree import Entry, Tree
+from .lfs import POINTER_MAX, LfsPointer, is_lfs_path, lfs_patterns, lfs_url_from_config, parse_pointer
+from .paths import check_name
+from .tree import Entry, Problem, Tree
 
 FILE_MODE = stat.S_IFREG | 0o644
+EXEC_MODE = stat.S_IFREG | 0o755
 
 
 @dataclass(frozen=True)
 class DvcLayout:
     """What the commit's DVC files declare, before any remote is asked."""
-    config: DvcConfig
+    configs: dict[str, DvcConfig]     # DVC (sub)repository folder ("" = top) -> its .dvc/config
     outputs: list[DvcOut]
+    problems: list[Problem] = field(default_factory=list)
+    symlinks: dict[str, str] = field(default_factory=dict)   # git symlink path -> target
+    lfs: dict[str, LfsPointer] = field(default_factory=dict)  # git path -> its LFS pointer
+    lfs_url: str | None = None                                # `lfs.url` of a committed .lfsconfig
+
+    @property
+    def config(self) -> DvcConfig:
+        return self.configs.get("", DvcConfig(None, {}))
+
+
+def dvc_roots(paths: list[str]) -> set[str]:
+    """Folders holding a `.dvc/` directory: the top repository ("" always) and every
+    subrepository made by `dvc init --subdir`."""
+    roots = {""}
+    for path in paths:
+        head, sep, _ = path.partition("/.dvc/") if not path.startswith(".dvc/") else ("", "/", "")
+        if sep and head:
+            roots.add(head)
+    return roots
+
+
+def root_of(path: str, roots: set[str]) -> str:
+    """The innermost DVC repository folder containing `path`."""
+    parent = posixpath.dirname(path)
+    while parent:
+        if parent in roots:
+            return parent
+        parent = posixpath.dirname(parent)
+    return ""
+
+
+def _in_dvc_dir(path: str, roots: set[str]) -> bool:
+    return any(path.startswith((f"{r}/.dvc/" if r else ".dvc/")) for r in roots)
 
 
 async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Awaitable[bytes]]) -> DvcLayout:
-    by_path = {e.path: e for e in entries if e.kind == "blob"}
-    config = DvcConfig(None, {})
-    if ".dvc/config" in by_path:
-        config = parse_dvc_config(await read_blob(by_path[".dvc/config"].sha), ".dvc/config")
-    sources = [e for e in by_path.values()
-               if (e.path.endswith(".dvc") and not e.path.startswith(".dvc/") and not stat.S_ISLNK(e.mode))
-               or posixpath.basename(e.path) == "dvc.lock"]
-    blobs = await asyncio.gather(*(read_blob(e.sha) for e in sources))
+    """Parse every .dvc/config, *.dvc, dvc.yaml and dvc.lock of the commit (blobs that come
+    with a blob-limited fetch). Raises DvcFileError only for a malformed .dvc/config."""
+    blobs_by_path = {e.path: e for e in entries if e.kind == "blob"}
+    roots = dvc_roots(list(blobs_by_path))
+    configs: dict[str, DvcConfig] = {}
+    for root in sorted(roots):
+        name = f"{root}/.dvc/config" if root else ".dvc/config"
+        configs[root] = (parse_dvc_config(await read_blob(blobs_by_path[name].sha), name)
+                         if name in blobs_by_path else DvcConfig(None, {}))
+    wanted = [e for e in blobs_by_path.values() if not stat.S_ISLNK(e.mode) and not _in_dvc_dir(e.path, roots)
+              and (e.path.endswith(".dvc") or posixpath.basename(e.path) in ("dvc.lock", "dvc.yaml"))]
+    links = [e for e in blobs_by_path.values() if stat.S_ISLNK(e.mode)]
+    lfs_meta = [e for e in blobs_by_path.values() if posixpath.basename(e.path) == ".gitattributes"
+                or e.path == ".lfsconfig"]
+    texts = await asyncio.gather(*(read_blob(e.sha) for e in wanted + links + lfs_meta))
+    by_path = {e.path: t for e, t in zip(wanted, texts)}
+    symlinks = {e.path: t.decode("utf-8", "surrogateescape") for e, t in zip(links, texts[len(wanted):])}
+    meta = {e.path: t for e, t in zip(lfs_meta, texts[len(wanted) + len(links):])}
+    lfs, lfs_url = await _lfs_pointers(blobs_by_path, meta, read_blob)
     outputs: list[DvcOut] = []
-    for entry, blob in zip(sources, blobs):
-        if entry.path.endswith(".dvc"):
-            outputs.extend(parse_dvc_file(blob, entry.path))
-        else:
-            outputs.extend(parse_dvc_lock(blob, entry.path))
+    problems: list[Problem] = []
+    for path in sorted(by_path):
+        root = root_of(path, roots)
+        base = posixpath.basename(path)
+        try:
+            if base == "dvc.yaml":
+                continue
+            if base == "dvc.lock":
+                stages: dict[str, StageDecl] = {}
+                yaml_path = posixpath.join(posixpath.dirname(path), "dvc.yaml")
+                if yaml_path in by_path:
+                    stages = parse_dvc_yaml(by_path[yaml_path], yaml_path, root)
+                outputs.extend(parse_dvc_lock(by_path[path], path, stages, root))
+            else:
+                outputs.extend(parse_dvc_file(by_path[path], path, root))
+        except DvcFileError as err:
+            guessed = guess_output_paths(by_path[path], path, root) if base.endswith(".dvc") else []
+            problems.extend(Problem(p, path, str(err)) for p in guessed)
+            if not guessed:
+                problems.append(Problem(None, path, str(err)))
     seen: dict[str, str] = {}
+    kept: list[DvcOut] = []
     for out in outputs:
         if out.path in seen and seen[out.path] != out.source:
-            raise DvcFileError(f"{out.source}: output {out.path!r} is also declared by {seen[out.path]}")
+            problems.append(Problem(out.path, out.source,
+                                    f"{out.source}: output {out.path!r} is also declared by {seen[out.path]}",
+                                    out.is_dir))
+            continue
         seen[out.path] = out.source
-    return DvcLayout(config, outputs)
+        kept.append(out)
+    return DvcLayout(configs, kept, problems, symlinks, lfs, lfs_url)
+
+
+async def _lfs_pointers(blobs: dict[str, GitEntry], meta: dict[str, bytes],
+                        read_blob: Callable[[str], Awaitable[bytes]]) -> tuple[dict[str, LfsPointer], str | None]:
+    """Blobs `.gitattributes` sends through `filter=lfs` that hold an LFS pointer."""
+    rules = lfs_patterns({p: t for p, t in meta.items() if posixpath.basename(p) == ".gitattributes"})
+    if not any(is_lfs for _, _, is_lfs in rules):
+        return {}, None
+    candidates = [e for e in blobs.values() if not stat.S_ISLNK(e.mode) and e.size is not None
+                  and e.size <= POINTER_MAX and is_lfs_path(e.path, rules)]
+    texts = await asyncio.gather(*(read_blob(e.sha) for e in candidates))
+    found = {e.path: ptr for e, t in zip(candidates, texts) if (ptr := parse_pointer(t)) is not None}
+    url = lfs_url_from_config(meta[".lfsconfig"]) if ".lfsconfig" in meta else None
+    return found, url
 
 
 def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
-                 manifests: dict[str, list[ManifestEntry]]) -> Tree:
-    """`manifests`: md5 of each directory output -> its entries."""
+                 manifests: dict[str, list[ManifestEntry]], problems: list[Problem] = (),  # type: ignore[assignment]
+                 symlinks: dict[str, str] | None = None, lfs: dict[str, LfsPointer] | None = None) -> Tree:
+    """The checkout `git clone` + `dvc pull` makes. `manifests`: md5 of each directory
+    output -> its entries (a directory output whose md5 is absent must have a problem)."""
     files: dict[str, Entry] = {}
+    empty_dirs: list[str] = []
+    problems = list(problems)
+    symlinks = symlinks or {}
     for e in git_entries:
+        why = check_name(e.path)
+        if why:
+            problems.append(Problem(None, "git tree", f"git tree: path {e.path!r} {why}; a checkout skips it"))
+            continue
+        if e.kind == "commit":
+            empty_dirs.append(e.path)   # a submodule: the empty folder a clone without --recursive has
+            continue
         if e.kind != "blob":
-            continue   # submodules show as nothing, as in a checkout without `--recursive`
-        mode = e.mode if stat.S_ISLNK(e.mode) else (stat.S_IFREG | (0o755 if e.mode & 0o111 else 0o644))
-        files[e.path] = Entry(e.path, "git", mode, e.size, e.sha)
-    for out in outputs:
-        # A DVC output replaces whatever git has there (it is .gitignored in a real checkout).
-        prefix = out.path + "/"
-        for path in [p for p in files if p == out.path or p.startswith(prefix)]:
-            del files[path]
-        if out.is_dir:
-            for item in manifests[out.md5]:
-                path = f"{out.path}/{item.relpath}"
-                files[path] = Entry(path, "dvc", FILE_MODE, item.size, item.md5, out.legacy, out.remote, out.path)
+            continue
+        if stat.S_ISLNK(e.mode):
+            files[e.path] = Entry(e.path, "git", e.mode, e.size, e.sha, target=symlinks.get(e.path))
+        elif lfs and e.path in lfs:   # what a clone with git-lfs checks out: the object, not the pointer
+            pointer = lfs[e.path]
+            files[e.path] = Entry(e.path, "lfs", EXEC_MODE if e.mode & 0o111 else FILE_MODE, pointer.size, pointer.oid)
         else:
-            files[out.path] = Entry(out.path, "dvc", FILE_MODE, out.size, out.md5, out.legacy, out.remote, out.path)
-    _check_no_file_dir_clash(files)
-    return Tree(files)
+            mode = EXEC_MODE if e.mode & 0o111 else FILE_MODE
+            files[e.path] = Entry(e.path, "git", mode, e.size, e.sha)
+    broken = {p.path for p in problems if p.path}
+    for out in outputs:
+        if out.path in broken:
+            continue
+        blocker = _file_above(out.path, files, out)
+        if blocker:
+            problems.append(Problem(None, out.source, f"{out.source}: output {out.path!r} lies under {blocker!r}, "
+                                                      f"which is a file; dvc checkout cannot place it"))
+            continue
+        # A DVC output replaces whatever git has there (it is .gitignored in a real checkout).
+        _clear(files, empty_dirs, out.path)
+        if not out.is_dir:
+            remote, version = _pick_version(out.remote, out.versions)
+            files[out.path] = Entry(out.path, "dvc", EXEC_MODE if out.isexec else FILE_MODE, out.size, out.md5,
+                                    out.legacy, remote, out.path, out.root, version=version)
+            continue
+        items = list(out.files) if out.files is not None else manifests.get(out.md5)
+        if items is None:
+            continue   # the caller recorded why (a problem at out.path)
+        placed: dict[str, Entry] = {}
+        clash = _manifest_clash(items)
+        if clash:
+            problems.append(Problem(out.path, out.source, f"{out.source}: manifest {out.md5}.dir: {clash}", True))
+            continue
+        for item in items:
+            path = f"{out.path}/{item.relpath}"
+            remote, version = _pick_version(out.remote, item.versions)
+            placed[path] = Entry(path, "dvc", EXEC_MODE if item.isexec else FILE_MODE, item.size, item.md5,
+                                 out.legacy, remote, out.path, out.root, version=version)
+        if not placed:
+            empty_dirs.append(out.path)
+        files.update(placed)
+    for problem in problems:
+        if problem.path is None or _file_above(problem.path, files, None):
+            continue
+        _clear(files, empty_dirs, problem.path)
+        if problem.is_dir:
+            empty_dirs.append(problem.path)
+        else:
+            files[problem.path] = Entry(problem.path, "broken", FILE_MODE, 0, "", output=problem.path)
+    return Tree(files, empty_dirs, problems)
 
 
-def _check_no_file_dir_clash(files: dict[str, Entry]) -> None:
-    for path in files:
-        parent = posixpath.dirname(path)
+def _pick_version(remote: str | None, versions: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
+    """(remote, version id) of an object on a cloud-versioned remote: the output's own
+    remote when the file records a version there, else the one remote it records."""
+    if not versions:
+        return remote, None
+    by_name = dict(versions)
+    if remote in by_name:
+        return remote, by_name[remote]
+    name, version = versions[0]
+    return name, version
+
+
+def _file_above(path: str, files: dict[str, Entry], out: DvcOut | None) -> str | None:
+    parent = posixpath.dirname(path)
+    while parent:
+        if parent in files:
+            return parent
+        parent = posixpath.dirname(parent)
+    return None
+
+
+def _clear(files: dict[str, Entry], empty_dirs: list[str], path: str) -> None:
+    prefix = path + "/"
+    for p in [p for p in files if p == path or p.startswith(prefix)]:
+        del files[p]
+    empty_dirs[:] = [d for d in empty_dirs if not (d == path or d.startswith(prefix))]
+
+
+def _manifest_clash(items: list[ManifestEntry]) -> str | None:
+    names = {i.relpath for i in items}
+    if len(names) != len(items):
+        return "names a file twice"
+    for name in names:
+        parent = posixpath.dirname(name)
         while parent:
-            if parent in files:
-                where = files[parent].output or parent
-                raise DDAError(f"{where}: {parent!r} is a file, but {path!r} needs it to be a directory")
+            if parent in names:
+                return f"{parent!r} is a file, but {name!r} needs it to be a directory"
             parent = posixpath.dirname(parent)
+    return None

@@ -8,18 +8,19 @@ import configparser
 import json
 import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import yaml
 
 from ..errors import DvcFileError
+from .paths import join_inside
 
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
 class DvcOut:
-    path: str               # repository-relative, posix
+    path: str               # repository-relative, posix, contained (see paths.py)
     md5: str                # 32 hex digits, without ".dir"
     is_dir: bool
     size: int | None
@@ -27,6 +28,21 @@ class DvcOut:
     legacy: bool            # DVC 2 hash ("md5-dos2unix" rules, legacy remote layout)
     remote: str | None      # per-output remote
     source: str             # the file that declared it
+    isexec: bool = False    # `isexec: true`: checked out executable
+    root: str = ""          # folder of the DVC (sub)repository whose .dvc/config governs it
+    imported: "ImportSource | None" = None   # `dvc import`: where `dvc pull` gets the data
+    # Cloud-versioned remotes: remote name -> version id of this (file) output, and a
+    # directory output's files (it has no .dir manifest then; md5 is "").
+    versions: tuple[tuple[str, str], ...] = ()
+    files: "tuple[ManifestEntry, ...] | None" = None
+
+
+@dataclass(frozen=True)
+class ImportSource:
+    """`deps: - path: P, repo: {url: U, rev_lock: R}` of a `dvc import`ed output."""
+    url: str
+    rev_lock: str
+    path: str    # the path in the source repository (contained)
 
 
 @dataclass(frozen=True)
@@ -34,29 +50,45 @@ class ManifestEntry:
     relpath: str
     md5: str
     size: int | None
+    isexec: bool = False
+    versions: tuple[tuple[str, str], ...] = ()   # cloud-versioned: remote name -> version id
 
 
-def _safe_relpath(path: object, where: str) -> str:
-    if not isinstance(path, str) or not path:
-        raise DvcFileError(f"{where}: 'path' must be a non-empty string")
-    norm = posixpath.normpath(path.replace("\\", "/"))
-    if norm.startswith("/") or norm == ".." or norm.startswith("../"):
-        raise DvcFileError(f"{where}: path {path!r} points outside the repository")
-    return norm
+@dataclass(frozen=True)
+class OutFlags:
+    """What dvc.yaml says about one output (dvc.lock does not repeat it)."""
+    cache: bool = True
+    remote: str | None = None
 
 
-def _parse_out(raw: object, base_dir: str, source: str, where: str) -> DvcOut | None:
+@dataclass(frozen=True)
+class StageDecl:
+    """One stage of a dvc.yaml: its working directory (repository path) and its outputs'
+    flags keyed by their repository path."""
+    wdir: str
+    outs: dict[str, OutFlags]
+
+
+def _parse_out(raw: object, base_dir: str, source: str, where: str, root: str = "",
+               flags: OutFlags | None = None) -> DvcOut | None:
     if not isinstance(raw, dict):
         raise DvcFileError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    rel = _safe_relpath(raw.get("path"), where)
-    path = posixpath.normpath(posixpath.join(base_dir, rel)) if base_dir else rel
-    if path.startswith("../"):
-        raise DvcFileError(f"{where}: path {rel!r} points outside the repository")
-    if raw.get("cache") is False:
+    path = join_inside(base_dir, raw.get("path"), where, "path", root)
+    if path == root:
+        raise DvcFileError(f"{where}: path {raw.get('path')!r} is the repository itself, not an output in it")
+    cache = raw.get("cache", True)
+    if not isinstance(cache, bool):
+        raise DvcFileError(f"{where}: 'cache' must be true or false, got {cache!r}")
+    if cache is False or (flags is not None and not flags.cache):
         return None  # lives in git; the git tree already has it
     md5 = raw.get("md5")
     if md5 is None and isinstance(raw.get("etag"), str):
         raise DvcFileError(f"{where}: external outputs (etag only) are not supported")
+    if md5 is None and raw.get("files") is not None:
+        files = _versioned_files(raw.get("files"), where)
+        remote = raw.get("remote") if isinstance(raw.get("remote"), str) else (flags.remote if flags else None)
+        return DvcOut(path=path, md5="", is_dir=True, size=raw.get("size") if isinstance(raw.get("size"), int) else None,
+                      nfiles=len(files), legacy=False, remote=remote, source=source, root=root, files=files)
     if md5 is None:
         # An output that was declared but never computed (e.g. `dvc stage add` without repro).
         return None
@@ -70,16 +102,59 @@ def _parse_out(raw: object, base_dir: str, source: str, where: str) -> DvcOut | 
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise DvcFileError(f"{where}: 'size' must be a non-negative integer, got {size!r}")
     nfiles = raw.get("nfiles")
-    if nfiles is not None and (not isinstance(nfiles, int) or nfiles < 0):
+    if nfiles is not None and (not isinstance(nfiles, int) or isinstance(nfiles, bool) or nfiles < 0):
         raise DvcFileError(f"{where}: 'nfiles' must be a non-negative integer, got {nfiles!r}")
     hash_name = raw.get("hash")
     if hash_name not in (None, "md5"):
         raise DvcFileError(f"{where}: unsupported hash {hash_name!r} (expected md5)")
     remote = raw.get("remote")
+    if remote is None and flags is not None:
+        remote = flags.remote
     if remote is not None and not isinstance(remote, str):
         raise DvcFileError(f"{where}: 'remote' must be a remote name")
-    return DvcOut(path=path, md5=digest, is_dir=is_dir, size=size if not is_dir else size,
-                  nfiles=nfiles, legacy=hash_name is None, remote=remote, source=source)
+    isexec = raw.get("isexec", False)
+    if not isinstance(isexec, bool):
+        raise DvcFileError(f"{where}: 'isexec' must be true or false, got {isexec!r}")
+    return DvcOut(path=path, md5=digest, is_dir=is_dir, size=size, nfiles=nfiles, legacy=hash_name is None,
+                  remote=remote, source=source, isexec=isexec and not is_dir, root=root,
+                  versions=_cloud_versions(raw.get("cloud"), where))
+
+
+def _cloud_versions(cloud: object, where: str) -> tuple[tuple[str, str], ...]:
+    """`cloud: {remote: {etag, version_id}}` -> ((remote, version_id), ...)."""
+    if cloud is None:
+        return ()
+    if not isinstance(cloud, dict):
+        raise DvcFileError(f"{where}: 'cloud' must map remote names to {{etag, version_id}}")
+    found = []
+    for name, info in cloud.items():
+        version = info.get("version_id") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not isinstance(version, str) or not version:
+            raise DvcFileError(f"{where}: cloud.{name}: needs a 'version_id'")
+        found.append((name, version))
+    return tuple(sorted(found))
+
+
+def _versioned_files(files: object, where: str) -> tuple[ManifestEntry, ...]:
+    """The `files:` list DVC writes for a directory on a cloud-versioned remote."""
+    if not isinstance(files, list):
+        raise DvcFileError(f"{where}: 'files' must be a list")
+    found = []
+    for i, item in enumerate(files):
+        at = f"{where}: files[{i}]"
+        if not isinstance(item, dict):
+            raise DvcFileError(f"{at}: expected a mapping")
+        md5 = item.get("md5")
+        if not isinstance(md5, str) or not _MD5.match(md5):
+            raise DvcFileError(f"{at}: 'md5' {md5!r} is not an md5 hash")
+        rel = join_inside("", item.get("relpath"), at, "relpath")
+        if not rel:
+            raise DvcFileError(f"{at}: relpath {item.get('relpath')!r} names the directory itself")
+        size = item.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise DvcFileError(f"{at}: 'size' must be a non-negative integer")
+        found.append(ManifestEntry(rel, md5, size, item.get("isexec") is True, _cloud_versions(item.get("cloud"), at)))
+    return tuple(found)
 
 
 def _load_yaml(text: bytes, source: str) -> object:
@@ -91,10 +166,13 @@ def _load_yaml(text: bytes, source: str) -> object:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise DvcFileError(f"{source}: not valid YAML{at}") from None
+    except RecursionError:
+        raise DvcFileError(f"{source}: nested too deeply") from None
 
 
-def parse_dvc_file(text: bytes, source: str) -> list[DvcOut]:
-    """Outputs of one `*.dvc` file at repository path `source`."""
+def parse_dvc_file(text: bytes, source: str, root: str = "") -> list[DvcOut]:
+    """Outputs of one `*.dvc` file at repository path `source`, inside the DVC repository
+    at folder `root`. Paths are relative to the file's folder, or to its `wdir`."""
     data = _load_yaml(text, source)
     if not isinstance(data, dict):
         raise DvcFileError(f"{source}: expected a mapping with 'outs'")
@@ -104,33 +182,189 @@ def parse_dvc_file(text: bytes, source: str) -> list[DvcOut]:
     base = posixpath.dirname(source)
     # A `wdir` moves where paths are resolved from (DVC 1 style files still carry it).
     wdir = data.get("wdir")
-    if isinstance(wdir, str) and wdir not in ("", "."):
-        base = posixpath.normpath(posixpath.join(base, wdir))
-    parsed = [_parse_out(raw, base, source, f"{source}: outs[{i}]") for i, raw in enumerate(outs)]
-    return [o for o in parsed if o is not None]
+    if wdir is not None and wdir not in ("", "."):
+        base = join_inside(base, wdir, source, "wdir", root)
+    parsed = [_parse_out(raw, base, source, f"{source}: outs[{i}]", root) for i, raw in enumerate(outs)]
+    imported = _import_source(data.get("deps"), source)
+    return [replace(o, imported=imported) if imported else o for o in parsed if o is not None]
 
 
-def parse_dvc_lock(text: bytes, source: str) -> list[DvcOut]:
+def _import_source(deps: object, source: str) -> ImportSource | None:
+    """The source of a `dvc import` (a dep with a `repo` mapping), else None."""
+    if not isinstance(deps, list):
+        return None
+    for i, dep in enumerate(deps):
+        if not isinstance(dep, dict) or "repo" not in dep:
+            continue
+        where = f"{source}: deps[{i}]"
+        repo = dep.get("repo")
+        if not isinstance(repo, dict) or not isinstance(repo.get("url"), str) or not repo["url"]:
+            raise DvcFileError(f"{where}: 'repo' must be a mapping with a 'url'")
+        rev = repo.get("rev_lock") or repo.get("rev")
+        if rev is not None and not isinstance(rev, str):
+            raise DvcFileError(f"{where}: 'rev_lock' must be a commit")
+        path = join_inside("", dep.get("path"), where, "path")
+        return ImportSource(repo["url"], rev or "", path)
+    return None
+
+
+def guess_output_paths(text: bytes, source: str, root: str = "") -> list[str]:
+    """Where a malformed .dvc file's outputs would be (to show them there as unavailable):
+    each readable, contained `outs[].path`, else the file's own name without `.dvc`."""
+    found: list[str] = []
+    try:
+        data = yaml.safe_load(text.decode("utf-8"))
+        base = posixpath.dirname(source)
+        if isinstance(data, dict):
+            wdir = data.get("wdir")
+            if wdir not in (None, "", "."):
+                base = join_inside(base, wdir, source, "wdir", root)
+            for raw in data.get("outs") or []:
+                try:
+                    path = join_inside(base, raw.get("path"), source, "path", root)
+                except (DvcFileError, AttributeError):
+                    continue
+                if path != root:
+                    found.append(path)
+    except Exception:   # noqa: BLE001 - best effort on a file already known to be broken
+        pass
+    if found:
+        return found
+    fallback = source[:-4] if source.endswith(".dvc") else ""
+    return [fallback] if fallback and posixpath.basename(fallback) else []
+
+
+def _stage_outs(stage: dict, wdir: str, where: str, root: str) -> dict[str, OutFlags]:
+    flags: dict[str, OutFlags] = {}
+    for section in ("outs", "metrics", "plots"):
+        items = stage.get(section) or []
+        if not isinstance(items, list):
+            raise DvcFileError(f"{where}: {section!r} must be a list")
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                raw, opts = item, {}
+            elif isinstance(item, dict) and len(item) == 1:
+                raw, opts = next(iter(item.items()))
+                opts = opts or {}
+                if not isinstance(opts, dict):
+                    raise DvcFileError(f"{where}: {section}[{i}]: options must be a mapping")
+            else:
+                raise DvcFileError(f"{where}: {section}[{i}]: expected a path or {{path: options}}")
+            if not isinstance(raw, str) or "${" in raw:
+                continue   # templated (foreach/matrix/vars): matched by dvc.lock's rendered paths only
+            cache = opts.get("cache", True)
+            if not isinstance(cache, bool):
+                raise DvcFileError(f"{where}: {section}[{i}]: 'cache' must be true or false")
+            remote = opts.get("remote")
+            path = join_inside(wdir, raw, f"{where}: {section}[{i}]", "path", root)
+            flags[path] = OutFlags(cache=cache, remote=remote if isinstance(remote, str) else None)
+    return flags
+
+
+_TEMPLATE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*\}")
+
+
+def _render(value: object, context: dict[str, object]) -> object:
+    """`${item}`, `${key}`, `${item.a.b}` of a foreach stage, substituted in strings, lists
+    and mappings (keys too); anything else templated stays as it is (and is skipped)."""
+    def one(text: str) -> str:
+        def sub(match: re.Match[str]) -> str:
+            head, *rest = match.group(1).split(".")
+            if head not in context:
+                return match.group(0)
+            found = context[head]
+            for part in rest:
+                if not isinstance(found, dict) or part not in found:
+                    return match.group(0)
+                found = found[part]
+            return match.group(0) if isinstance(found, (dict, list)) else str(found)
+        return _TEMPLATE.sub(sub, text)
+
+    if isinstance(value, str):
+        return one(value)
+    if isinstance(value, list):
+        return [_render(v, context) for v in value]
+    if isinstance(value, dict):
+        return {(one(k) if isinstance(k, str) else k): _render(v, context) for k, v in value.items()}
+    return value
+
+
+def _foreach_items(foreach: object) -> list[tuple[str, object]]:
+    """(key, item) pairs as DVC names them: `name@<value>` for a list of scalars,
+    `name@<index>` for a list of mappings, `name@<key>` for a mapping."""
+    if isinstance(foreach, dict):
+        return [(str(k), v) for k, v in foreach.items()]
+    if isinstance(foreach, list):
+        return [(str(i) if isinstance(v, (dict, list)) else str(v), v) for i, v in enumerate(foreach)]
+    return []   # `${params}` and friends: resolved from params files, not supported here
+
+
+def _stage_decl(body: object, folder: str, where: str, root: str) -> StageDecl:
+    if not isinstance(body, dict):
+        raise DvcFileError(f"{where}: expected a mapping")
+    wdir_raw = body.get("wdir", ".")
+    if isinstance(wdir_raw, str) and "${" in wdir_raw:
+        raise DvcFileError(f"{where}: a templated 'wdir' ({wdir_raw!r}) is not supported")
+    wdir = folder if wdir_raw in (".", "") else join_inside(folder, wdir_raw, where, "wdir", root)
+    return StageDecl(wdir, _stage_outs(body, wdir, where, root))
+
+
+def parse_dvc_yaml(text: bytes, source: str, root: str = "") -> dict[str, StageDecl]:
+    """Stages of a dvc.yaml: working directory and output flags, keyed by the stage names
+    dvc.lock uses (a `foreach` stage's items as `name@key`, templates rendered)."""
+    data = _load_yaml(text, source)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DvcFileError(f"{source}: expected a mapping")
+    stages = data.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise DvcFileError(f"{source}: 'stages' must be a mapping")
+    folder = posixpath.dirname(source)
+    found: dict[str, StageDecl] = {}
+    for name, stage in stages.items():
+        where = f"{source}: stage {name!r}"
+        if not isinstance(stage, dict):
+            raise DvcFileError(f"{where}: expected a mapping")
+        if "foreach" in stage:
+            for key, item in _foreach_items(stage.get("foreach")):
+                body = _render(stage.get("do"), {"item": item, "key": key})
+                found[f"{name}@{key}"] = _stage_decl(body, folder, f"{where} ({key})", root)
+            continue
+        found[str(name)] = _stage_decl(stage, folder, where, root)
+    return found
+
+
+def parse_dvc_lock(text: bytes, source: str, stages: dict[str, StageDecl] | None = None,
+                   root: str = "") -> list[DvcOut]:
+    """Outputs recorded in a dvc.lock. `stages`: the sibling dvc.yaml's declarations (each
+    stage's `wdir`, which lock paths are relative to, and `cache: false` flags)."""
     data = _load_yaml(text, source)
     if data is None:
         return []
     if not isinstance(data, dict):
         raise DvcFileError(f"{source}: expected a mapping")
     base = posixpath.dirname(source)
-    stages = data.get("stages") if "schema" in data else data  # lock schema 1 had stages at the top
-    if stages is None:
+    locked = data.get("stages") if "schema" in data else data  # lock schema 1 had stages at the top
+    if locked is None:
         return []
-    if not isinstance(stages, dict):
+    if not isinstance(locked, dict):
         raise DvcFileError(f"{source}: 'stages' must be a mapping")
     found: list[DvcOut] = []
-    for name, stage in stages.items():
+    for name, stage in locked.items():
         if not isinstance(stage, dict):
             raise DvcFileError(f"{source}: stage {name!r}: expected a mapping")
+        decl = (stages or {}).get(str(name)) or (stages or {}).get(str(name).split("@", 1)[0])
+        wdir = decl.wdir if decl else base
         outs = stage.get("outs") or []
         if not isinstance(outs, list):
             raise DvcFileError(f"{source}: stage {name!r}: 'outs' must be a list")
         for i, raw in enumerate(outs):
-            out = _parse_out(raw, base, source, f"{source}: stage {name!r} outs[{i}]")
+            where = f"{source}: stage {name!r} outs[{i}]"
+            flags = None
+            if decl and isinstance(raw, dict) and isinstance(raw.get("path"), str):
+                flags = decl.outs.get(join_inside(wdir, raw["path"], where, "path", root))
+            out = _parse_out(raw, wdir, source, where, root, flags)
             if out is not None:
                 found.append(out)
     return found
@@ -140,6 +374,8 @@ def parse_manifest(text: bytes, source: str) -> list[ManifestEntry]:
     """A `.dir` object: a JSON list of {md5, relpath[, size]}."""
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DvcFileError(f"{source}: not a valid .dir manifest (nested too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DvcFileError(f"{source}: not a valid .dir manifest (JSON: {err})") from None
     if not isinstance(data, list):
@@ -152,11 +388,13 @@ def parse_manifest(text: bytes, source: str) -> list[ManifestEntry]:
         md5, relpath = item.get("md5"), item.get("relpath")
         if not isinstance(md5, str) or not _MD5.match(md5):
             raise DvcFileError(f"{where}: 'md5' {md5!r} is not an md5 hash")
-        rel = _safe_relpath(relpath, where)
+        rel = join_inside("", relpath, where, "relpath")
+        if not rel:
+            raise DvcFileError(f"{where}: relpath {relpath!r} names the directory itself")
         size = item.get("size")
-        if size is not None and (not isinstance(size, int) or size < 0):
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise DvcFileError(f"{where}: 'size' must be a non-negative integer")
-        entries.append(ManifestEntry(rel, md5, size))
+        entries.append(ManifestEntry(rel, md5, size, item.get("isexec") is True))
     return entries
 
 

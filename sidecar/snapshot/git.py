@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 from ..errors import DeadlineExceeded, GitError, UnknownRevision
 from ..locks import FileLock
 from ..redact import redact, strip_userinfo
+from ..remotes.tls import combined_bundle
 
 # Blobs up to this size come with the commit (every .dvc file, dvc.lock, .dvc/config);
 # larger git blobs are fetched lazily, only when read or stat'ed.
@@ -42,7 +43,7 @@ def _looks_local(url: str) -> bool:
 
 class GitSource:
     def __init__(self, url: str, cache_dir: Path, user: str | None = None, token: str | None = None,
-                 deadline: float = 60.0):
+                 deadline: float = 60.0, ca_bundle: str | None = None):
         if _looks_local(url):
             path = Path(url).expanduser().resolve()
             if not path.exists():
@@ -56,6 +57,8 @@ class GitSource:
         key = hashlib.sha256(clean.encode()).hexdigest()[:24]
         self.gitdir = Path(cache_dir) / "git" / f"{key}.git"
         self._lock_path = Path(cache_dir) / "git" / f"{key}.lock"
+        # git's sslCAInfo replaces the public CAs: give it both, in one file
+        self._cainfo = str(combined_bundle(ca_bundle, Path(cache_dir))) if ca_bundle else None
         self._size_cache: dict[str, int] = {}
         self.last_ref: str | None = None   # the ref the last resolve() followed (None: a commit)
         self.deadline = deadline            # seconds a blob read may wait
@@ -87,6 +90,8 @@ class GitSource:
                    GIT_SSH_COMMAND=os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"))
         config = [("protocol.version", "2"), ("http.lowSpeedLimit", "1000"), ("http.lowSpeedTime", "30"),
                   ("core.askPass", "true"), ("credential.helper", "")]
+        if self._cainfo:
+            config.append(("http.sslCAInfo", self._cainfo))
         if self.token or self.user:
             if self.user:
                 raw = f"{self.user}:{self.token or ''}".encode()

@@ -1,0 +1,249 @@
+"""A corpus of repository shapes, each authored with the real DVC CLI (3, and 2 where it
+matters), with its reference checkout (`git clone` + `dvc pull`) next to it.
+
+Every shape is one small repository on local disk (git served by path, DVC remotes are
+local folders), so the differential test needs no servers. A shape is a function that
+writes content and runs DVC in a fresh working tree; `build_shape` does the rest.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from repos import DVC3_BIN, _env, _run, dvc2_bin
+
+
+@dataclass
+class Shape:
+    name: str
+    dvc_version: str
+    repo: Path        # the git repository (a working tree; dda reads it by path)
+    reference: Path   # git clone + dvc pull (in each DVC root) of the same commit
+
+
+Author = Callable[[Path, Callable[..., subprocess.CompletedProcess], Callable[..., subprocess.CompletedProcess], Path], None]
+
+
+def _write(path: Path, data: bytes | str, mode: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        path.chmod(mode)
+
+
+# --------------------------------------------------------------------------- shapes
+
+def shape_stage_wdir(work: Path, dvc, git, remotes: Path) -> None:
+    """13.1 + 13.2: a dvc.yaml in data/ with `wdir: ../`, a cached output and an
+    uncached metrics file (committed to git, never pushed)."""
+    _write(work / "data" / "data.txt", "some data\n")
+    dvc("add", "data/data.txt")
+    _write(work / "derive.py", "import shutil\nshutil.copy('data/data.txt', 'data/derived.txt')\n"
+                               "open('metrics.json', 'w').write('{\"a\": 1}')\n")
+    (work / "data" / "dvc.yaml").write_text(
+        "stages:\n"
+        "  derive:\n"
+        "    wdir: ../\n"
+        "    cmd: python3 derive.py\n"
+        "    deps:\n    - data/data.txt\n"
+        "    outs:\n    - data/derived.txt\n"
+        "    metrics:\n    - metrics.json:\n        cache: false\n")
+    dvc("repro", "data/dvc.yaml")
+    git("add", "-A")
+
+
+def shape_foreach(work: Path, dvc, git, remotes: Path) -> None:
+    """foreach stages (dvc.lock names them `name@key`), one uncached per item, and an
+    executable output (`isexec`)."""
+    (work / "params.yaml").write_text("x: 1\n")
+    _write(work / "gen.py", "import sys\nname = sys.argv[1]\nopen(name + '.txt', 'w').write(name + '\\n')\n"
+                            "open(name + '.log', 'w').write('log ' + name + '\\n')\n")
+    (work / "dvc.yaml").write_text(
+        "stages:\n"
+        "  gen:\n"
+        "    foreach: [one, two]\n"
+        "    do:\n"
+        "      cmd: python3 gen.py ${item}\n"
+        "      outs:\n      - ${item}.txt\n      - ${item}.log:\n          cache: false\n")
+    dvc("repro")
+    _write(work / "tool.sh", "#!/bin/sh\necho tool\n", 0o755)
+    dvc("add", "tool.sh")
+    git("add", "-A")
+
+
+def shape_names(work: Path, dvc, git, remotes: Path) -> None:
+    """13.7: backslashes are ordinary characters, in a tracked directory and in git; a
+    submodule is an empty directory; a git symlink and an executable git file."""
+    for base in ("tracked", "plain"):
+        _write(work / base / "back\\slash.txt", f"{base} backslash\n")
+        _write(work / base / "sub\\dir\\deep.txt", f"{base} deep\n")
+        _write(work / base / "normal" / "a.txt", f"{base} a\n")
+    dvc("add", "tracked")
+    _write(work / "run.sh", "#!/bin/sh\necho hi\n", 0o755)
+    os.symlink("plain/normal/a.txt", work / "link.txt")
+    # A submodule: a gitlink entry (its content is not part of a plain clone).
+    sub = work.parent / (work.name + "-submodule")
+    if sub.exists():
+        shutil.rmtree(sub)
+    sub.mkdir()
+    _run(["git", "init", "-q", "-b", "main"], sub, _env(work.parent))
+    _write(sub / "inner.txt", "inner\n")
+    _run(["git", "add", "-A"], sub, _env(work.parent))
+    _run(["git", "commit", "-q", "-m", "inner"], sub, _env(work.parent))
+    git("-c", "protocol.file.allow=always", "submodule", "add", "-q", str(sub), "vendor/lib")
+    git("add", "-A")
+
+
+def shape_subrepos(work: Path, dvc, git, remotes: Path) -> None:
+    """13.5: a monorepo whose audio/ and text/ are DVC subrepositories (`dvc init --subdir`),
+    each with its own default remote; the top has none."""
+    for name in ("audio", "text"):
+        (work / name).mkdir()
+        _run([dvc.bin, "init", "-q", "--subdir"], work / name, dvc.env)
+        store = remotes / name
+        store.mkdir(parents=True, exist_ok=True)
+        _run([dvc.bin, "remote", "add", "-d", "store", str(store)], work / name, dvc.env)
+        _write(work / name / "clips" / f"{name}1.bin", os.urandom(300))
+        _write(work / name / "clips" / f"{name}2.bin", os.urandom(200))
+        _write(work / name / "notes.txt", f"{name} notes\n")
+        _run([dvc.bin, "add", "-q", "clips", "notes.txt"], work / name, dvc.env)
+        _run([dvc.bin, "push", "-q"], work / name, dvc.env)
+    git("add", "-A")
+
+
+def shape_imports(work: Path, dvc, git, remotes: Path) -> None:
+    """13.3: `dvc import` of a directory and a file from a source repository (data on the
+    source's remote only), and an import of an import through a middle repository."""
+    env = dvc.env
+
+    def repo(path: Path, store: Path) -> _Dvc:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        _run(["git", "init", "-q", "-b", "main"], path, env)
+        d = _Dvc(dvc.bin, path, env)
+        d("init", "-q")
+        store.mkdir(parents=True, exist_ok=True)
+        d("remote", "add", "-d", "store", str(store))
+        return d
+
+    source = work.parent / "source"
+    src = repo(source, remotes / "source")
+    _write(source / "datasets" / "cats" / "a.txt", "meow\n")
+    _write(source / "datasets" / "cats" / "deep" / "b.bin", os.urandom(700))
+    _write(source / "datasets" / "one.txt", "single\n")
+    src("add", "-q", "datasets/cats", "datasets/one.txt")
+    _run(["git", "add", "-A"], source, env)
+    _run(["git", "commit", "-q", "-m", "source"], source, env)
+    src("push", "-q")
+    middle = work.parent / "middle"
+    mid = repo(middle, remotes / "middle")
+    mid("import", "-q", str(source), "datasets/one.txt", "-o", "relayed.txt")
+    _run(["git", "add", "-A"], middle, env)
+    _run(["git", "commit", "-q", "-m", "middle"], middle, env)
+    dvc("import", "-q", str(source), "datasets/cats", "-o", "cats")
+    (work / "inputs").mkdir()
+    dvc("import", "-q", str(source), "datasets/one.txt", "-o", "inputs/one.txt")
+    dvc("import", "-q", str(middle), "relayed.txt", "-o", "relayed.txt")
+    git("add", "-A")
+
+
+SHAPES: dict[str, Author] = {
+    "stage_wdir": shape_stage_wdir,
+    "foreach": shape_foreach,
+    "names": shape_names,
+    "subrepos": shape_subrepos,
+    "imports": shape_imports,
+}
+# Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
+DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
+
+
+class _Dvc:
+    def __init__(self, bin: str, work: Path, env: dict):
+        self.bin, self.work, self.env = bin, work, env
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        return _run([self.bin, *args], self.work, self.env)
+
+
+def dvc_roots(checkout: Path) -> list[Path]:
+    """Folders of a checkout holding a .dvc/ directory."""
+    roots = []
+    for dirpath, dirnames, _ in os.walk(checkout):
+        if ".git" in dirnames:
+            dirnames.remove(".git")
+        if ".dvc" in dirnames:
+            roots.append(Path(dirpath))
+            dirnames.remove(".dvc")
+    return roots
+
+
+def build_shape(name: str, workdir: Path, version: str = "3") -> Shape:
+    """Author shape `name` with DVC `version` under `workdir` and make its reference."""
+    dvc_bin = DVC3_BIN if version == "3" else dvc2_bin()
+    assert dvc_bin, "DVC 2 is not installed"
+    root = workdir / f"{name}-dvc{version}"
+    if root.exists():
+        shutil.rmtree(root)
+    work = root / "repo"
+    work.mkdir(parents=True)
+    env = _env(root)
+    git = lambda *a: _run(["git", *a], work, env)  # noqa: E731
+    dvc = _Dvc(dvc_bin, work, env)
+    git("init", "-q", "-b", "main")
+    git("config", "core.autocrlf", "false")
+    remotes = root / "remotes"
+    if name != "subrepos":
+        dvc("init", "-q")
+        (remotes / "default").mkdir(parents=True)
+        dvc("remote", "add", "-d", "store", str(remotes / "default"))
+    SHAPES[name](work, dvc, git, remotes)
+    git("add", "-A")
+    git("commit", "-q", "-m", f"shape {name}")
+    if name != "subrepos":
+        dvc("push", "-q")
+    reference = root / "reference"
+    _run(["git", "clone", "-q", str(work), str(reference)], root, env)
+    for dvc_root in dvc_roots(reference):
+        _run([dvc_bin, "pull", "-q"], dvc_root, env)
+    return Shape(name, version, work, reference)
+
+
+# --------------------------------------------------------------------------- the listing
+
+_SKIP = {"cache", "tmp", "config.local"}
+
+
+def reference_listing(checkout: Path) -> dict[str, dict]:
+    """What a user sees in a checkout: every file, symlink and empty directory with its
+    type, size, exec bit and symlink target (excluding .git and DVC's cache/tmp)."""
+    found: dict[str, dict] = {}
+    for dirpath, dirnames, filenames in os.walk(checkout):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(checkout).as_posix()
+        if here.name == ".dvc":
+            dirnames[:] = [d for d in dirnames if d not in _SKIP]
+            filenames = [f for f in filenames if f not in _SKIP]
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        filenames = [f for f in filenames if f != ".git"]   # a submodule's .git file is not a clone's
+        if rel_dir != "." and not dirnames and not filenames:
+            found[rel_dir] = {"type": "dir"}
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                filenames.append(d)
+                dirnames.remove(d)
+        for f in filenames:
+            p = here / f
+            rel = (p.relative_to(checkout)).as_posix()
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = {"type": "symlink", "target": os.readlink(p)}
+            else:
+                found[rel] = {"type": "file", "size": st.st_size, "exec": bool(st.st_mode & 0o100)}
+    return found

@@ -1,0 +1,160 @@
+"""13.6: Git LFS pointers are resolved through the LFS batch API (sha256-verified, cached),
+compared with a clone made with git-lfs installed. The LFS endpoint is a small batch-API
+server (upload + download, basic transfer) that the real `git lfs push` talks to."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from corpus import reference_listing
+from repos import _env, _run
+
+DDA = str(Path(sys.executable).parent / "dda")
+pytestmark = pytest.mark.skipif(shutil.which("git-lfs") is None, reason="needs git-lfs (Debian package git-lfs)")
+
+
+class LfsServer:
+    """Objects on disk under `root`; counts downloads; `corrupt` serves wrong bytes."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.downloads = 0
+        self.corrupt = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _json(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/vnd.git-lfs+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if not self.path.endswith("/objects/batch"):
+                    return self._json(404, {"message": "not found"})
+                base = f"http://{self.headers['Host']}/lfs/objects/"
+                objects = []
+                for obj in body.get("objects", []):
+                    have = (server.root / obj["oid"]).exists()
+                    item = {"oid": obj["oid"], "size": obj["size"]}
+                    if body.get("operation") == "upload":
+                        if not have:
+                            item["actions"] = {"upload": {"href": base + obj["oid"]}}
+                    elif have:
+                        item["actions"] = {"download": {"href": base + obj["oid"]}}
+                    else:
+                        item["error"] = {"code": 404, "message": "object does not exist"}
+                    objects.append(item)
+                self._json(200, {"transfer": "basic", "objects": objects})
+
+            def do_PUT(self):  # noqa: N802
+                oid = self.path.rsplit("/", 1)[-1]
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                assert hashlib.sha256(data).hexdigest() == oid
+                (server.root / oid).write_bytes(data)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):  # noqa: N802
+                path = server.root / self.path.rsplit("/", 1)[-1]
+                if not path.exists():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = path.read_bytes()
+                if server.corrupt:
+                    data = bytes([data[0] ^ 1]) + data[1:]
+                server.downloads += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/lfs"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def lfs_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lfs")
+    server = LfsServer(root / "objects")
+    env = _env(root)
+    work, bare, ref = root / "work", root / "bare.git", root / "reference"
+    work.mkdir()
+    run = lambda *a, cwd=work: _run(list(a), cwd, env)  # noqa: E731
+    run("git", "lfs", "install", "--skip-repo")
+    run("git", "init", "-q", "-b", "main")
+    run("git", "init", "-q", "--bare", "-b", "main", str(bare), cwd=root)
+    (work / ".lfsconfig").write_text(f"[lfs]\n\turl = {server.url}\n\tlocksverify = false\n")
+    run("git", "lfs", "track", "*.pt", "models/**")
+    (work / "model.pt").write_bytes(os.urandom(5000))
+    (work / "models").mkdir()
+    (work / "models" / "big.bin").write_bytes(os.urandom(300_000))
+    (work / "notes.pt.txt").write_text("not lfs\n")
+    (work / "fake.pt").write_text("")   # empty: git-lfs leaves it as an empty file
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "lfs")
+    run("git", "push", "-q", str(bare), "main")
+    run("git", "clone", "-q", str(bare), str(ref), cwd=root)
+    assert (ref / "model.pt").stat().st_size == 5000
+    yield bare, ref, server
+    server.stop()
+
+
+def dda(*args, cache):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
+    env["DDA_CACHE_DIR"] = str(cache)
+    return subprocess.run([DDA, *args], capture_output=True, env=env, timeout=120)
+
+
+def test_lfs_files_look_like_a_clone_with_git_lfs(lfs_repo, tmp_path):
+    bare, ref, server = lfs_repo
+    got = tmp_path / "got"
+    proc = dda("get", str(bare), ".", "-o", str(got), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert reference_listing(got) == reference_listing(ref)
+    for path, item in reference_listing(ref).items():
+        if item["type"] == "file":
+            assert (got / path).read_bytes() == (ref / path).read_bytes(), path
+    listing = dda("ls", str(bare), cache=tmp_path / "cache").stdout.decode()
+    assert "5000  model.pt" in listing
+    # cached like any object: reading again downloads nothing
+    before = server.downloads
+    again = dda("cat", str(bare), "model.pt", cache=tmp_path / "cache")
+    assert again.stdout == (ref / "model.pt").read_bytes() and server.downloads == before
+
+
+def test_lfs_object_that_does_not_match_its_sha256_is_never_served(lfs_repo, tmp_path):
+    bare, _, server = lfs_repo
+    server.corrupt = True
+    try:
+        proc = dda("cat", str(bare), "model.pt", cache=tmp_path / "cache")
+    finally:
+        server.corrupt = False
+    assert proc.returncode != 0 and proc.stdout == b""
+    assert b"model.pt" in proc.stderr and b"sha256" in proc.stderr
+    assert not list((tmp_path / "cache").rglob("lfs/*/*/*"))
