@@ -14,6 +14,7 @@ import pyfuse3.asyncio
 from ..config import Config
 from ..engine import Engine
 from ..fetch.prefetch import Prefetcher
+from ..redact import redact
 from .mountpoint import MountError, prepare, why_mount_failed
 from .ops import DdaOperations
 
