@@ -62,12 +62,23 @@ def _options(ns: argparse.Namespace, env: "os._Environ[str] | dict[str, str]") -
             "subdir": ns.subdir if ns.subdir is not None else env.get("DDA_SUBDIR", ""), "allow_non_empty": allow}
 
 
+def _env_with_secret(env: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
+    """The environment plus the documented credential keys of the Secret the webhook mounted
+    (DDA_SECRET_DIR); a variable set explicitly (secretKeyRef) wins over the file."""
+    from .secretfiles import SECRET_DIR_ENV, read_secret_dir
+
+    merged = dict(env)
+    for key, value in read_secret_dir(env.get(SECRET_DIR_ENV)).items():
+        merged.setdefault(key, value)
+    return merged
+
+
 def run(ns: argparse.Namespace) -> int:
     opts = _options(ns, os.environ)
     flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
                              ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
     flags["repo"] = ns.repo
-    config = load_config(flags, config_file=getattr(ns, "config_file", None))
+    config = load_config(flags, env=_env_with_secret(os.environ), config_file=getattr(ns, "config_file", None))
     if not config.repo:
         raise ConfigError("no repository given (pass --repo or set DDA_REPO)")
     return asyncio.run(serve(config, **opts))
