@@ -59,7 +59,17 @@ def _options(ns: argparse.Namespace, env: "os._Environ[str] | dict[str, str]") -
     allow = ns.allow_non_empty if ns.allow_non_empty is not None else \
         env.get("DDA_ALLOW_NON_EMPTY", "").strip().lower() in _TRUE
     return {"mountpoint": Path(mount), "port": port, "bind": ns.bind or env.get("DDA_BIND") or DEFAULT_BIND,
-            "subdir": ns.subdir if ns.subdir is not None else env.get("DDA_SUBDIR", ""), "allow_non_empty": allow}
+            "subdir": ns.subdir if ns.subdir is not None else env.get("DDA_SUBDIR", ""), "allow_non_empty": allow,
+            "exit_with_app": env.get("DDA_EXIT_WITH_APP", "").strip().lower() in _TRUE}
+
+
+async def _stop_when_apps_exit(stop: asyncio.Event) -> None:
+    """Fallback mode: the app containers have exited, so the pod (a Job's) can complete."""
+    from .appwatch import wait_apps_exited
+
+    await wait_apps_exited()
+    log.warning("the app containers have exited; stopping")
+    stop.set()
 
 
 def _env_with_secret(env: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
@@ -85,7 +95,7 @@ def run(ns: argparse.Namespace) -> int:
 
 
 async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: str = "",
-                allow_non_empty: bool = False) -> int:
+                allow_non_empty: bool = False, exit_with_app: bool = False) -> int:
     import pyfuse3
 
     from .fetch.scheduler import fetch_observers
@@ -114,6 +124,7 @@ async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: 
     log.info("serving /metrics, /healthz, /readyz and the loader API on http://%s:%d", bind, server.port)
 
     mount: Mount | None = None
+    watcher: asyncio.Task[None] | None = None
     stopper = asyncio.create_task(stop.wait())
     code = 0
     try:
@@ -132,23 +143,32 @@ async def serve(config: Config, mountpoint: Path, port: int, bind: str, subdir: 
         health.commit = info.commit
         server.mount = mount
         fuse = asyncio.create_task(pyfuse3.main())
+        gone = asyncio.create_task(mount.wait_unmounted())
+        if exit_with_app:
+            watcher = asyncio.create_task(_stop_when_apps_exit(stop))
         log.warning("mounted %s @ %s (%s) on %s; serving http://%s:%d", info.repo, info.revision, info.commit[:12],
                     mount.mountpoint, bind, server.port)
-        await asyncio.wait({fuse, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({fuse, stopper, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
         server.stopping = True
         health.mark_down("stopping")
         if stop.is_set():
             log.warning("unmounting %s", mount.mountpoint)
             pyfuse3.terminate()
-            await end_session(fuse, GRACE_SECONDS)
+            mount.session_done = await end_session(fuse, GRACE_SECONDS)
         else:
-            error = fuse.exception() if not fuse.cancelled() else None
+            if not fuse.done():   # unmounted from outside while requests were in flight
+                pyfuse3.terminate()
+                mount.session_done = await end_session(fuse, GRACE_SECONDS)
+            error = fuse.exception() if fuse.done() and not fuse.cancelled() else None
             log.error("the FUSE session on %s ended unexpectedly (%s); exiting", mount.mountpoint,
                       f"{type(error).__name__}: {error}" if error else "unmounted from outside?")
             code = 1
     finally:
         server.stopping = True
         stopper.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await server.close()
         if mount is not None:
             metrics.unbind()

@@ -565,3 +565,18 @@ def test_ephemeral_storage_request_matches_the_cache_volume():
     mine = WebhookConfig.load(env={}, resources={"requests": {"ephemeral-storage": "1Gi"}})
     pod, _ = apply(load_review("job_single_repo.json"), mine)
     assert pod["spec"]["initContainers"][0]["resources"]["requests"] == {"ephemeral-storage": "1Gi"}
+
+
+def test_fallback_mode_shares_the_process_namespace_so_the_sidecar_can_exit():
+    fallback = WebhookConfig.load(env={}, native_sidecar="false")
+    pod, _ = apply(load_review("job_single_repo.json"), fallback)
+    side = pod["spec"]["containers"][0]
+    assert pod["spec"]["shareProcessNamespace"] is True and env(side)["DDA_EXIT_WITH_APP"] == "true"
+    # native sidecars stop after the app by themselves: nothing of this
+    pod, _ = apply(load_review("job_single_repo.json"))
+    assert "shareProcessNamespace" not in pod["spec"] and "DDA_EXIT_WITH_APP" not in env(pod["spec"]["initContainers"][0])
+    # a pod that refuses a shared namespace keeps its choice
+    review = load_review("job_single_repo.json")
+    review["request"]["object"]["spec"]["shareProcessNamespace"] = False
+    pod, _ = apply(review, fallback)
+    assert pod["spec"]["shareProcessNamespace"] is False and "DDA_EXIT_WITH_APP" not in env(pod["spec"]["containers"][0])

@@ -403,7 +403,7 @@ def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec],
 
 
 def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budget: int,
-             cache_request: str | None = None) -> dict:
+             cache_request: str | None = None, exit_with_app: bool = False) -> dict:
     env = [{"name": "DDA_REPO", "value": spec.repo}]
     if spec.revision:
         env.append({"name": "DDA_REVISION", "value": spec.revision})
@@ -423,6 +423,10 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
         env += [{"name": "DDA_SECRET_DIR", "value": SECRET_PATH},
                 {"name": "DDA_SSH_KEY_FILE", "value": f"{SECRET_PATH}/ssh-privatekey"},
                 {"name": "DDA_SSH_KNOWN_HOSTS_FILE", "value": f"{SECRET_PATH}/known_hosts"}]
+    if exit_with_app:
+        # Fallback mode: the sidecar sees the pod's processes (shareProcessNamespace) and stops
+        # once the app containers' processes have exited, so a Job's pod completes.
+        env.append({"name": "DDA_EXIT_WITH_APP", "value": "true"})
     resources = copy.deepcopy(dict(config.resources))
     if cache_request:
         # The cache emptyDir counts against the node's ephemeral storage: request what it may
@@ -527,12 +531,17 @@ def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list
 
     # 3. the sidecars, first in start order.
     used = _used_ports(spec)
+    # Fallback: a shared process namespace lets the sidecar see when the app is done; a pod
+    # that says shareProcessNamespace: false keeps it (and its sidecar then runs on).
+    exit_with_app = not config.native_sidecar and spec.get("shareProcessNamespace") is not False
+    if exit_with_app and spec.get("shareProcessNamespace") is not True:
+        ops.append({"op": "add", "path": "/spec/shareProcessNamespace", "value": True})
     sidecars, port = [], config.metrics_port
     for index, s in enumerate(specs):
         while port in used:
             port += 1
         cache_request = cache_volume["emptyDir"]["sizeLimit"] if index == 0 and "emptyDir" in cache_volume else None
-        sidecars.append(_sidecar(s, index, port, config, budget, cache_request))
+        sidecars.append(_sidecar(s, index, port, config, budget, cache_request, exit_with_app))
         used.add(port)
     kind = "initContainers" if config.native_sidecar else "containers"
     if isinstance(spec.get(kind), list):
