@@ -283,7 +283,16 @@ class Settings(BaseSettings):
     # sidecar (`dda sidecar`)
     port: Port = setting(9400, "HTTP port of /metrics, /healthz, /readyz and the loader API (0: any)",
                          group="sidecar", flags=("--port",), helm="sidecar.metricsPort")
-    bind: str = setting("0.0.0.0", "HTTP address of /metrics, /healthz and /readyz; the loader API (/v1/...) answers on 127.0.0.1 only", group="sidecar", flags=("--bind",))
+    bind: str = setting("0.0.0.0", "HTTP address of /metrics, /healthz and /readyz; the loader API (/v1/...) "
+                        "answers on 127.0.0.1 only", group="sidecar", flags=("--bind",))
+    exit_with_app: Bool = setting(False, "stop once the pod's app containers have exited (fallback, non-native "
+                                  "sidecar; needs shareProcessNamespace; set by the webhook)", group="sidecar")
+    secret_dir: str | None = setting(None, "folder of the mounted Secret: only its documented keys are read "
+                                     "(set by the webhook)", group="sidecar", shown="")
+    ssh_key_file: str | None = setting(None, "ssh private key for ssh:// git URLs (set by the webhook from the "
+                                       "Secret's ssh-privatekey)", group="sidecar", shown="")
+    ssh_known_hosts_file: str | None = setting(None, "known_hosts for ssh:// git URLs (the Secret's known_hosts)",
+                                               group="sidecar", shown="")
 
     # hooks (`install_hooks()`)
     hooks_root: str | None = setting(None, "local directory standing for the repository root", group="hooks",
@@ -306,8 +315,9 @@ class Settings(BaseSettings):
                                                flags=("--sidecar-pull-policy",), helm="image.pullPolicy")
     webhook_sidecar_resources: JsonObject = setting(
         None, "its resources (JSON)", group="webhook", flags=("--sidecar-resources",), helm="sidecar.resources",
-        default_factory=lambda: {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
-        shown="250m CPU, 512Mi-2Gi")
+        # measured (tests/resources_probe.py): ~73 MiB peak RSS and ~0.6 cores over an epoch
+        default_factory=lambda: {"requests": {"cpu": "500m", "memory": "128Mi"}, "limits": {"memory": "2Gi"}},
+        shown="500m CPU, 128Mi-2Gi")
     webhook_native_sidecar: Bool = setting(True, "native sidecar (Kubernetes >= 1.29) or the fallback",
                                            group="webhook", flags=("--native-sidecar",), helm="sidecar.nativeSidecar")
     webhook_on_invalid: Annotated[str, _v(_choice("deny", "warn"))] = setting(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable
@@ -37,18 +38,39 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> a
     return p
 
 
+async def _stop_when_apps_exit(stop: asyncio.Event) -> None:
+    """Fallback mode: the app containers have exited, so the pod (a Job's) can complete."""
+    from .appwatch import wait_apps_exited
+
+    await wait_apps_exited()
+    log.warning("the app containers have exited; stopping")
+    stop.set()
+
+
+def _env_with_secret(env: "os._Environ[str] | dict[str, str]") -> dict[str, str]:
+    """The environment plus the documented credential keys of the Secret the webhook mounted
+    (DDA_SECRET_DIR); a variable set explicitly (secretKeyRef) wins over the file."""
+    from .secretfiles import SECRET_DIR_ENV, read_secret_dir
+
+    merged = dict(env)
+    for key, value in read_secret_dir(env.get(SECRET_DIR_ENV)).items():
+        merged.setdefault(key, value)
+    return merged
+
+
 def run(ns: argparse.Namespace) -> int:
-    config = load_config(flag_values(ns), config_file=getattr(ns, "config_file", None))
+    config = load_config(flag_values(ns), env=_env_with_secret(os.environ),
+                         config_file=getattr(ns, "config_file", None))
     if not config.mount:
         raise ConfigError("no mountpoint given (pass --mount or set DDA_MOUNT)")
     if not config.repo:
         raise ConfigError("no repository given (pass --repo or set DDA_REPO)")
     return asyncio.run(serve(config, Path(config.mount), port=config.port, bind=config.bind, subdir=config.subdir,
-                             allow_non_empty=config.allow_non_empty))
+                             allow_non_empty=config.allow_non_empty, exit_with_app=config.exit_with_app))
 
 
 async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir: str = "",
-                allow_non_empty: bool = False) -> int:
+                allow_non_empty: bool = False, exit_with_app: bool = False) -> int:
     import pyfuse3
 
     from .fetch.scheduler import fetch_observers
@@ -77,6 +99,7 @@ async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir
     log.info("serving /metrics, /healthz, /readyz and the loader API on http://%s:%d", bind, server.port)
 
     mount: Mount | None = None
+    watcher: asyncio.Task[None] | None = None
     stopper = asyncio.create_task(stop.wait())
     code = 0
     try:
@@ -95,23 +118,32 @@ async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir
         health.commit = info.commit
         server.mount = mount
         fuse = asyncio.create_task(pyfuse3.main())
+        gone = asyncio.create_task(mount.wait_unmounted())
+        if exit_with_app:
+            watcher = asyncio.create_task(_stop_when_apps_exit(stop))
         log.warning("mounted %s @ %s (%s) on %s; serving http://%s:%d", info.repo, info.revision, info.commit[:12],
                     mount.mountpoint, bind, server.port)
-        await asyncio.wait({fuse, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({fuse, stopper, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
         server.stopping = True
         health.mark_down("stopping")
         if stop.is_set():
             log.warning("unmounting %s", mount.mountpoint)
             pyfuse3.terminate()
-            await end_session(fuse, GRACE_SECONDS)
+            mount.session_done = await end_session(fuse, GRACE_SECONDS)
         else:
-            error = fuse.exception() if not fuse.cancelled() else None
+            if not fuse.done():   # unmounted from outside while requests were in flight
+                pyfuse3.terminate()
+                mount.session_done = await end_session(fuse, GRACE_SECONDS)
+            error = fuse.exception() if fuse.done() and not fuse.cancelled() else None
             log.error("the FUSE session on %s ended unexpectedly (%s); exiting", mount.mountpoint,
                       f"{type(error).__name__}: {error}" if error else "unmounted from outside?")
             code = 1
     finally:
         server.stopping = True
         stopper.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await server.close()
         if mount is not None:
             metrics.unbind()

@@ -17,6 +17,8 @@ from pathlib import Path
 import jsonpatch
 import pytest
 import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from k8s_tools import decode_patch, helm_binary, load_review, validate_k8s  # noqa: E402
@@ -44,7 +46,34 @@ def render(helm: str, values: Path | None = None, *extra: str, kube: str = "1.29
         args += ["-f", str(values)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    strict_check(proc.stdout)
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def strict_check(text: str) -> None:
+    """Parse as strict tools do (Flux, kustomize): a duplicate key anywhere fails."""
+    strict = YAML(typ="safe", pure=True)
+    strict.allow_duplicate_keys = False      # an error, not ruamel's future-warning
+    list(strict.load_all(text))
+
+
+def test_strict_parser_rejects_duplicate_keys():
+    with pytest.raises(DuplicateKeyError):
+        strict_check("metadata:\n  labels:\n    app.kubernetes.io/name: a\n    app.kubernetes.io/name: a\n")
+    strict_check("metadata:\n  labels:\n    app.kubernetes.io/name: a\n")
+
+
+def test_webhook_pod_labels_once_each_selector_and_opt_out_win(helm):
+    """podLabels may repeat a chart label: the rendered map still has each key once, and the
+    selector labels and the opt-out keep their values."""
+    docs = render(helm, None, "--set", "webhook.podLabels.team=ml",
+                  "--set", "webhook.podLabels.app\\.kubernetes\\.io/name=other",
+                  "--set", "webhook.podLabels.dda-sidecar\\.io/inject=true")
+    deploy = by_kind(docs)["Deployment"][0]
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "ml" and labels["dda-sidecar.io/inject"] == "false"
+    for key, value in deploy["spec"]["selector"]["matchLabels"].items():
+        assert labels[key] == value
 
 
 def render_error(helm: str, *extra: str, kube: str = "1.29.0") -> str:

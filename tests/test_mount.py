@@ -296,3 +296,75 @@ def test_sigterm_with_reader_blocked_on_a_remote_that_never_answers(tmp_path, mp
         silent.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stale_mount_after_cached_reads_is_recovered(sample, mp, tmp_path):
+    """`dda mount --daemon; ls -R; kill -9; dda mount` (issue 16): after the walk the kernel
+    answers stat() of the dead mount from its attribute cache, so staleness is decided by the
+    mount table and a statfs the kernel always forwards."""
+    repo, _ = sample
+    assert _daemon(repo, mp, tmp_path / "cache").returncode == 0
+    pid = daemon_pid(mp)
+    subprocess.run(["ls", "-lR", str(mp)], check=True, capture_output=True)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)
+    again = _daemon(repo, mp, tmp_path / "cache")
+    try:
+        assert again.returncode == 0, again.stderr
+        assert (mp / "README.md").read_bytes().startswith(b"# sample")
+        assert "recovered a stale mount" in (tmp_path / "cache" / "logs" / "mount.log").read_text()
+    finally:
+        subprocess.run([DDA, "unmount", str(mp)])
+    assert not mounted(mp)
+
+
+def test_is_stale_never_calls_a_live_mount_stale(sample, mp, tmp_path):
+    from sidecar.fuse.mountpoint import is_stale
+
+    repo, _ = sample
+    assert not is_stale(mp)                    # a plain directory
+    with MountThread(Config(repo=str(repo), cache_dir=tmp_path / "cache"), mp):
+        os.listdir(mp)
+        assert not is_stale(mp)
+
+
+def test_unmount_while_a_directory_is_being_sized_ends_the_daemon(tmp_path, mp):
+    """A listing whose sizes wait on a remote that never answers, and `dda unmount --lazy`
+    (a busy mount; the kubelet's teardown is alike): the mount leaves the table at once, and
+    the daemon must end within seconds too (it used to wait in pyfuse3.main() until the
+    request's deadline, holding /dev/fuse); the lister then gets an error, not a hang."""
+    import socket
+
+    repo, remote = make_sample_repo(tmp_path / "s", images=6)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"),
+           "DDA_REMOTE_STORAGE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/nowhere"}
+    subprocess.run([DDA, "ls", str(repo)], env={**env, "DDA_REMOTE_STORAGE_URL": str(remote)}, check=True,
+                   capture_output=True)
+    proc = subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", "--deadline", "300"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = daemon_pid(mp)
+    lister = subprocess.Popen(["ls", "-l", str(mp / "data" / "images" / "cats")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        assert lister.poll() is None                  # waiting for the sizes
+        busy = subprocess.run([DDA, "unmount", str(mp)], capture_output=True, text=True)
+        assert busy.returncode != 0 and "--lazy" in busy.stderr and "Traceback" not in busy.stderr
+        started = time.monotonic()
+        subprocess.run([DDA, "unmount", "--lazy", str(mp)], check=True)
+        assert not mounted(mp)
+        assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 15), "daemon still alive after unmount"
+        assert time.monotonic() - started < 10
+        assert lister.wait(10) != 0                   # an error, not a hang
+    finally:
+        silent.close()
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+        if lister.poll() is None:
+            lister.kill()
+        if mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)])

@@ -31,6 +31,8 @@ SAMPLES = {
     "chunk_size": ("4M", 4 * 2**20), "jobs": ("7", 7), "deadline": ("2m", 120.0), "request_timeout": ("500ms", 0.5),
     "retries": ("0", 0), "git_user": ("alice", "alice"), "git_token": ("tok", "tok"),
     "ca_bundle": ("/etc/ssl/private-ca.pem", "/etc/ssl/private-ca.pem"),
+    "exit_with_app": ("true", True), "secret_dir": ("/secret", "/secret"), "ssh_key_file": ("/s/k", "/s/k"),
+    "ssh_known_hosts_file": ("/s/kh", "/s/kh"),
     "mount": ("/mnt/x", "/mnt/x"), "subdir": ("data", "data"), "allow_non_empty": ("yes", True),
     "log_file": ("/tmp/m.log", "/tmp/m.log"), "port": ("0", 0), "bind": ("127.0.0.1", "127.0.0.1"),
     "hooks_root": ("/work", "/work"), "hooks_exclude": ("a/*, *.tmp", ["a/*", "*.tmp"]),

@@ -262,3 +262,59 @@ def test_prometheus_scrapes_while_a_dataloader_reads_and_the_dashboard_has_data(
         p95 = prom.query('histogram_quantile(0.95, sum by (le) (rate(dda_batch_wait_seconds_bucket[1m])))')
         assert float(p95[0]["value"][1]) > 0
         assert sc.stop()[0] == 0
+
+
+def test_sigterm_under_read_load_exits_zero_every_time(tmp_path):
+    """Issue 16: SIGTERM while `find ... -exec cat` loops over the mount used to end in a
+    segfault in libfuse3 (3 of 21) or an InvalidStateError traceback (7 of 21). Each run is a
+    child forked from one warm process serving exactly as `dda sidecar` does (serve(), its
+    signal handlers, interpreter shutdown), SIGTERM at a random moment 0-300 ms after the
+    mount is live; every run must exit 0, print no error and leave nothing mounted. The issue
+    asks for 200 runs: 0.45 s each on the idle 2-CPU machine, 1.3 s when it is busy (mostly
+    opening the snapshot), so this runs DDA_SIGTERM_RUNS (default 40, 20-55 s); set it to 200
+    for the full count (200/200 passed in 262 s on a busy machine). The same harness on the
+    code before the fix: 3 failures in 25 runs (a SIGSEGV, two InvalidStateError tracebacks)."""
+    runs = int(os.environ.get("DDA_SIGTERM_RUNS", "40"))
+    repo, _ = make_sample_repo(tmp_path / "s", images=40)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    harness = Path(__file__).resolve().parent / "sigterm_harness.py"
+    proc = subprocess.run([sys.executable, str(harness), str(repo), str(mp), str(tmp_path / "cache"), str(runs)],
+                          capture_output=True, text=True, timeout=60 + 10 * runs)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert f"runs {runs} failures 0" in proc.stdout
+    assert not mounted(mp)
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                                   capture_output=True).returncode != 0, reason="needs unshare (root)")
+def test_fallback_sidecar_exits_when_the_app_has_exited(sample, tmp_path):
+    """Fallback mode (no native sidecars): the pod shares one process namespace, every container
+    has its own mount namespace. Played with unshare: a PID namespace for the pod (its PID 1
+    stands for the pause process), the sidecar, and an app in a mount namespace of its own
+    that reads through the mount. The sidecar must keep serving while the app runs, then exit
+    0 by itself once the app has exited (so a Job's pod completes)."""
+    repo, _ = sample
+    mp, out, log = tmp_path / "mnt", tmp_path / "app-read", tmp_path / "sidecar.log"
+    mp.mkdir()
+    script = f"""
+DDA_REPO='{repo}' DDA_MOUNT='{mp}' DDA_CACHE_DIR='{tmp_path / "cache"}' DDA_PORT=0 DDA_BIND=127.0.0.1 \\
+  DDA_EXIT_WITH_APP=true '{DDA}' sidecar > '{log}' 2>&1 &
+S=$!
+i=0
+until grep -q ' {mp} ' /proc/self/mountinfo; do
+  i=$((i+1)); [ $i -gt 1200 ] && {{ echo never-mounted; kill $S; exit 90; }}; sleep 0.05
+done
+unshare -m sh -c "head -c 8 '{mp}/README.md' > '{out}'; sleep 2"
+kill -0 $S && echo alive-after-app
+wait $S
+echo sidecar-rc=$?
+"""
+    started = time.monotonic()
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=120)
+    assert "sidecar-rc=0" in proc.stdout, proc.stdout + proc.stderr + log.read_text()
+    assert "alive-after-app" in proc.stdout            # it did not stop before the app was done
+    assert out.read_bytes() == b"# sample"
+    assert "the app containers have exited; stopping" in log.read_text()
+    assert time.monotonic() - started < 60

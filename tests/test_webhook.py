@@ -62,6 +62,16 @@ def env(c: dict) -> dict:
     return {e["name"]: e.get("value") for e in c.get("env", [])}
 
 
+def secret_volume(pod: dict, c: dict) -> dict | None:
+    """The Secret volume a container mounts at the documented path (None: no Secret)."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for m in c.get("volumeMounts", []):
+        if m["mountPath"] == "/etc/dda-sidecar/secret":
+            assert m["readOnly"] is True and env(c)["DDA_SECRET_DIR"] == m["mountPath"]
+            return volumes[m["name"]]["secret"]
+    return None
+
+
 # ------------------------------------------------------------------ pure logic, real payloads
 
 
@@ -119,7 +129,9 @@ def test_several_repositories_containers_init_containers_and_security_contexts()
     assert env(images)["DDA_MOUNT"] == "/data/images" and env(labels)["DDA_MOUNT"] == "/workspace/labels"
     assert env(labels)["DDA_REPO"] == "git@github.com:acme/labels.git" and env(labels)["DDA_REVISION"] == "3f2c1ab"
     assert env(images)["DDA_SUBDIR"] == "data/images" and "DDA_SUBDIR" not in env(labels)
-    assert images["envFrom"] == [{"secretRef": {"name": "dagshub-creds"}}] and "envFrom" not in labels
+    # the Secret as read-only files of its own sidecar only, never envFrom (issue 16)
+    assert secret_volume(pod, images) == {"secretName": "dagshub-creds", "defaultMode": 0o400}
+    assert "envFrom" not in images and "envFrom" not in labels and secret_volume(pod, labels) is None
     # the app already listens on 9400: the sidecars take the next free ports, names unique
     assert [p["containerPort"] for p in images["ports"] + labels["ports"]] == [9401, 9402]
     assert [p["name"] for p in images["ports"] + labels["ports"]] == ["dda-metrics", "dda-metrics-1"]
@@ -146,7 +158,7 @@ def test_pod_without_volumes_or_init_containers():
     assert {"/spec/volumes", "/spec/initContainers", "/spec/containers/0/volumeMounts"} <= paths
     side = pod["spec"]["initContainers"][0]
     assert env(side)["DDA_REPO"].startswith("ssh://git@gitlab.example.com:2222/")
-    assert side["envFrom"] == [{"secretRef": {"name": "corpus-creds"}}]
+    assert secret_volume(pod, side) == {"secretName": "corpus-creds", "defaultMode": 0o400} and "envFrom" not in side
     assert pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/home/jovyan/corpus"
 
 
@@ -509,3 +521,62 @@ def test_dda_webhook_refuses_bad_configuration(tmp_path):
     assert proc.returncode != 0 and "missing.crt" in proc.stderr
     proc = subprocess.run([dda, "webhook", "--cache-size", "1Mi"], capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "cache_size" in proc.stderr
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_secret_never_reaches_env_nor_app_containers(name):
+    """No envFrom anywhere, no secretKeyRef beyond the Secret's documented keys; the Secret's
+    volume is mounted by its sidecar only; ssh material goes by path."""
+    review = load_review(name)
+    response = run(review)
+    if not response.get("patch"):
+        return
+    pod = jsonpatch.apply_patch(review["request"]["object"], decode_patch(response))
+    before = review["request"]["object"]["spec"]
+    ours = [c for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+            if c["name"].startswith("dda-sidecar")]
+    secrets = {v["name"] for v in pod["spec"].get("volumes", []) if "secret" in v} - \
+        {v["name"] for v in before.get("volumes", []) if "secret" in v}
+    for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+        mounted_secrets = {m["name"] for m in c.get("volumeMounts", [])} & secrets
+        if c in ours:
+            assert "envFrom" not in c
+            assert not any("valueFrom" in e for e in c["env"])
+            if mounted_secrets:
+                assert env(c)["DDA_SSH_KEY_FILE"] == "/etc/dda-sidecar/secret/ssh-privatekey"
+                assert env(c)["DDA_SSH_KNOWN_HOSTS_FILE"] == "/etc/dda-sidecar/secret/known_hosts"
+        else:
+            assert not mounted_secrets, c["name"]
+
+
+def test_ephemeral_storage_request_matches_the_cache_volume():
+    pod, _ = apply(load_review("deployment_multi_repo.json"))
+    images, labels = container(pod, "dda-sidecar-images"), container(pod, "dda-sidecar-labels")
+    size = {v["name"]: v for v in pod["spec"]["volumes"]}["dda-cache"]["emptyDir"]["sizeLimit"]
+    assert images["resources"]["requests"]["ephemeral-storage"] == size == "50Gi"
+    assert "ephemeral-storage" not in labels["resources"]["requests"]   # one cache volume, asked for once
+    assert images["resources"]["requests"]["memory"] == CONFIG.resources["requests"]["memory"]
+    pod, _ = apply(load_review("job_single_repo.json"))
+    assert pod["spec"]["initContainers"][0]["resources"]["requests"]["ephemeral-storage"] == "20Gi"
+    hostpath = WebhookConfig.load(env={}, cache_mode="hostPath")
+    pod, _ = apply(load_review("job_single_repo.json"), hostpath)
+    assert "ephemeral-storage" not in pod["spec"]["initContainers"][0]["resources"]["requests"]
+    # a request set by the chart's values is kept
+    mine = WebhookConfig.load(env={}, resources={"requests": {"ephemeral-storage": "1Gi"}})
+    pod, _ = apply(load_review("job_single_repo.json"), mine)
+    assert pod["spec"]["initContainers"][0]["resources"]["requests"] == {"ephemeral-storage": "1Gi"}
+
+
+def test_fallback_mode_shares_the_process_namespace_so_the_sidecar_can_exit():
+    fallback = WebhookConfig.load(env={}, native_sidecar="false")
+    pod, _ = apply(load_review("job_single_repo.json"), fallback)
+    side = pod["spec"]["containers"][0]
+    assert pod["spec"]["shareProcessNamespace"] is True and env(side)["DDA_EXIT_WITH_APP"] == "true"
+    # native sidecars stop after the app by themselves: nothing of this
+    pod, _ = apply(load_review("job_single_repo.json"))
+    assert "shareProcessNamespace" not in pod["spec"] and "DDA_EXIT_WITH_APP" not in env(pod["spec"]["initContainers"][0])
+    # a pod that refuses a shared namespace keeps its choice
+    review = load_review("job_single_repo.json")
+    review["request"]["object"]["spec"]["shareProcessNamespace"] = False
+    pod, _ = apply(review, fallback)
+    assert pod["spec"]["shareProcessNamespace"] is False and "DDA_EXIT_WITH_APP" not in env(pod["spec"]["containers"][0])

@@ -15,11 +15,13 @@ from ..config import Config
 from ..engine import Engine
 from ..fetch.prefetch import Prefetcher
 from ..redact import redact
-from .mountpoint import MountError, prepare, why_mount_failed
+from . import pyfuse3_fix
+from .mountpoint import MountError, force_unmount, mount_entry, prepare, why_mount_failed
 from .ops import DdaOperations
 
 log = logging.getLogger(__name__)
 pyfuse3.asyncio.enable()
+pyfuse3_fix.install()
 
 
 def _options() -> set[str]:
@@ -46,6 +48,8 @@ class Mount:
         self.prefetcher = prefetcher
         self.mountpoint = mountpoint
         self._stop = asyncio.Event()
+        self.device = (mount_entry(mountpoint, resolve=False) or ("", ""))[0]   # "major:minor" of our FUSE connection
+        self.session_done = True   # False only when main() outlived the cancel of its workers
 
     @classmethod
     async def start(cls, config: Config, mountpoint: Path, subdir: str = "",
@@ -77,16 +81,24 @@ class Mount:
             loop.add_signal_handler(sig, self.terminate)
         fuse = asyncio.create_task(pyfuse3.main())
         stopper = asyncio.create_task(self._stop.wait())
+        gone = asyncio.create_task(self.wait_unmounted())
         try:
-            await asyncio.wait({fuse, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({fuse, stopper, gone}, return_when=asyncio.FIRST_COMPLETED)
             if self._stop.is_set():
                 log.info("unmounting %s", self.mountpoint)
                 pyfuse3.terminate()
-                await end_session(fuse)
+                self.session_done = await end_session(fuse)
+            elif not fuse.done():
+                # Unmounted from outside (`dda unmount`) while requests were still being served
+                # (a directory being sized, a fetch): main() would wait for them; end it now.
+                log.warning("%s was unmounted; ending the FUSE session", self.mountpoint)
+                pyfuse3.terminate()
+                self.session_done = await end_session(fuse)
             else:
                 fuse.result()   # unmounted from outside (fusermount3 -u): a normal end; errors raise
         finally:
             stopper.cancel()
+            gone.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             await self.close()
@@ -94,11 +106,30 @@ class Mount:
     def terminate(self) -> None:
         self._stop.set()
 
+    async def wait_unmounted(self, every: float = 0.25) -> None:
+        """Returns once our FUSE connection is no longer mounted at the mountpoint (the mount
+        table no longer lists it there): `dda unmount`, fusermount3 -u, the kubelet."""
+        if not self.device:
+            await asyncio.Event().wait()   # unknown device: rely on main() returning
+        while True:
+            entry = mount_entry(self.mountpoint, resolve=False)   # /proc only: never blocks
+            if entry is None or entry[0] != self.device:
+                return
+            await asyncio.sleep(every)
+
     async def close(self) -> None:
-        try:
-            pyfuse3.close(unmount=True)
-        except Exception as err:  # the kernel may already have dropped it (fusermount3 -u)
-            log.debug("close: %s", err)
+        if self.session_done:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as err:  # the kernel may already have dropped it (fusermount3 -u)
+                log.debug("close: %s", err)
+        else:
+            # Workers still hold the session: freeing it under them would crash libfuse. Detach
+            # the mount instead; the process exits right after and the kernel cleans up.
+            try:
+                force_unmount(self.mountpoint)
+            except MountError as err:
+                log.debug("close: %s", err)
         await self.prefetcher.aclose()
         await self.engine.aclose(drain_seconds=2.0)   # SIGTERM must end us promptly
 
@@ -106,30 +137,39 @@ class Mount:
 GRACE_SECONDS = 1.0   # in-flight FUSE requests may finish before the session is torn down
 
 
-async def end_session(fuse: "asyncio.Task[None]", grace: float = GRACE_SECONDS) -> None:
-    """pyfuse3.main() returns only when every worker has finished its request; a worker
-    awaiting a read from a remote that never answers would hold it until the deadline. Give
-    in-flight requests a moment, then cancel the workers: their readers get an error when
-    the session closes, and the mount goes away now."""
+def _workers() -> list["asyncio.Task[object]"]:
+    # pyfuse3 tags its worker tasks with a `name` attribute ("pyfuse-NN").
+    return [t for t in asyncio.all_tasks() if str(getattr(t, "name", "") or "").startswith("pyfuse-")]
+
+
+async def end_session(fuse: "asyncio.Task[None]", grace: float = GRACE_SECONDS, patience: float = 5.0) -> bool:
+    """After pyfuse3.terminate(): until pyfuse3.main() has returned. main() returns only when
+    every worker has finished its request; a worker awaiting a read from a remote that never
+    answers would hold it until the deadline. Give in-flight requests `grace` seconds, then
+    cancel the workers (their readers get an error when the session closes). Returns whether
+    main() has finished, i.e. whether the session may be freed (pyfuse3.close): never free
+    it while a worker may still touch it."""
     try:
         await asyncio.wait_for(asyncio.shield(fuse), grace)
-        return
+        return True
     except TimeoutError:
         pass
     except Exception as err:   # the session failed as we stopped it: we are leaving anyway
         log.debug("FUSE main loop: %s", err)
-        return
-    # pyfuse3 tags its worker tasks with a `name` attribute ("pyfuse-NN").
-    workers = [t for t in asyncio.all_tasks() if str(getattr(t, "name", "") or "").startswith("pyfuse-")]
-    log.warning("cancelling %d FUSE request(s) still waiting (a remote that does not answer?)", len(workers))
-    for task in workers:
-        task.cancel()
-    try:
-        await asyncio.wait_for(fuse, 5.0)
-    except BaseException as err:  # noqa: BLE001 - shutting down whatever happened
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        log.debug("FUSE main loop after cancelling workers: %r", err)
+        return fuse.done()
+    log.warning("cancelling %d FUSE request(s) still waiting (a remote that does not answer?)", len(_workers()))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + patience
+    while not fuse.done() and loop.time() < end:
+        for task in _workers():   # workers may start others while we cancel: every round
+            task.cancel()
+        await asyncio.wait({fuse}, timeout=0.1)
+    if not fuse.done():
+        log.error("the FUSE session did not end within %.0fs of cancelling its requests", patience)
+        return False
+    if not fuse.cancelled() and fuse.exception() is not None:
+        log.debug("FUSE main loop after cancelling workers: %r", fuse.exception())
+    return True
 
 
 async def run_foreground(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool,

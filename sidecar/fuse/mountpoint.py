@@ -5,6 +5,7 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 from ..errors import DDAError
@@ -14,9 +15,12 @@ class MountError(DDAError):
     pass
 
 
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted exactly at `path`, from /proc/self/mountinfo."""
-    target = os.path.realpath(path)
+def mount_entry(path: Path, resolve: bool = True) -> tuple[str, str] | None:
+    """(device "major:minor", filesystem type) of the mount exactly at `path` (the topmost one),
+    from /proc/self/mountinfo; None when nothing is mounted there. The daemon serving `path`
+    passes an already resolved path and resolve=False: resolving stats the mount itself,
+    which would wait for an answer from the very process asking."""
+    target = os.path.realpath(path) if resolve else os.fspath(path)
     found = None
     try:
         with open("/proc/self/mountinfo") as f:
@@ -25,18 +29,53 @@ def mount_fstype(path: Path) -> str | None:
                 fields = left.split()
                 point = fields[4].encode().decode("unicode_escape")
                 if point == target:
-                    found = right.split()[0]
+                    found = (fields[2], right.split()[0])
     except OSError:
         return None
     return found
 
 
-def is_stale(path: Path) -> bool:
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path`, from /proc/self/mountinfo."""
+    entry = mount_entry(path)
+    return entry[1] if entry else None
+
+
+_DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
+PROBE_SECONDS = 3.0
+
+
+def _statfs_errno(path: Path, timeout: float) -> int | None:
+    """statfs() of `path` in a helper thread: the errno it failed with, 0 on success, None when
+    it did not answer within `timeout` (a live daemon that is busy: not dead)."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            result.append(0)
+        except OSError as err:
+            result.append(err.errno or -1)
+
+    thread = threading.Thread(target=probe, name="dda-statfs-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else None
+
+
+def is_stale(path: Path, timeout: float = PROBE_SECONDS) -> bool:
+    """A FUSE mount at `path` whose daemon is gone. stat() alone cannot tell: after a read the
+    kernel answers it from its attribute cache even when the connection is dead. So: the mount
+    table says a FUSE file system is mounted here, and statfs, which the kernel always forwards
+    to the daemon (never cached), fails with ENOTCONN/ECONNABORTED."""
     try:
         os.stat(path)
-        return False
     except OSError as err:
-        return err.errno == errno.ENOTCONN
+        return err.errno in _DEAD
+    entry = mount_entry(path)
+    if entry is None or not entry[1].startswith("fuse"):
+        return False
+    return _statfs_errno(path, timeout) in _DEAD
 
 
 def force_unmount(path: Path) -> None:

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import re
+import shlex
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,55 @@ class GitEntry:
     size: int | None     # None: blob not fetched yet (over BLOB_LIMIT)
 
 
+# Variables git (and curl, ssh) may see from our environment; everything else - GIT_SSH_COMMAND,
+# GIT_SSH, GIT_ASKPASS, GIT_EXEC_PATH, GIT_CONFIG_*, GIT_DIR, LD_PRELOAD, ... - is dropped, since
+# a tenant's Secret or a hostile environment could set it to run commands as us.
+_ENV_ALLOWED = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "GIT_SSL_CAPATH",
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+    "SSH_AUTH_SOCK",
+})
+# Config no file may override: ours come last (GIT_CONFIG_*), and no global or system file is
+# read. Only transports that cannot run commands (no ext::, no fd::); no hooks, no fsmonitor.
+SAFE_CONFIG: tuple[tuple[str, str], ...] = (
+    ("protocol.allow", "never"), ("protocol.https.allow", "always"), ("protocol.http.allow", "always"),
+    ("protocol.ssh.allow", "always"), ("protocol.git.allow", "always"), ("protocol.file.allow", "always"),
+    ("core.fsmonitor", "false"), ("core.hooksPath", "/dev/null"), ("core.askPass", "true"),
+    ("credential.helper", ""), ("core.gitProxy", "none"),
+)
+SSH_KEY_FILE_ENV = "DDA_SSH_KEY_FILE"               # set by the webhook: the Secret's ssh-privatekey
+SSH_KNOWN_HOSTS_ENV = "DDA_SSH_KNOWN_HOSTS_FILE"    # and its known_hosts
+
+
+def ssh_command(env: "os._Environ[str] | dict[str, str] | None" = None) -> str:
+    """The ssh git runs: batch mode; with the Secret's key and known_hosts files (paths in
+    DDA_SSH_KEY_FILE / DDA_SSH_KNOWN_HOSTS_FILE) when they exist, and then no ssh config file
+    (a ProxyCommand there would run commands). Never taken from the user's environment."""
+    env = os.environ if env is None else env
+    args = ["ssh", "-o", "BatchMode=yes"]
+    key = env.get(SSH_KEY_FILE_ENV, "")
+    known = env.get(SSH_KNOWN_HOSTS_ENV, "")
+    if (key and os.path.isfile(key)) or (known and os.path.isfile(known)):
+        args += ["-F", "/dev/null"]
+    if key and os.path.isfile(key):
+        args += ["-i", key, "-o", "IdentitiesOnly=yes"]
+    if known and os.path.isfile(known):
+        args += ["-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def git_env(env: "os._Environ[str] | dict[str, str] | None" = None) -> dict[str, str]:
+    """git's environment from an allow-list of `env` (default os.environ): locale, proxies, CA
+    files, PATH and HOME; plus no prompts, no global or system config, and our ssh command."""
+    env = os.environ if env is None else env
+    out = {k: v for k, v in env.items() if k in _ENV_ALLOWED or k.startswith("LC_")}
+    out.setdefault("PATH", os.defpath)
+    out.update(GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true", SSH_ASKPASS="true", GIT_CONFIG_NOSYSTEM="1",
+               GIT_CONFIG_GLOBAL=os.devnull, GIT_SSH_COMMAND=ssh_command(env), GIT_PROTOCOL_FROM_USER="0")
+    return out
+
+
 def _looks_local(url: str) -> bool:
     return "://" not in url and not re.match(r"^[\w.-]+@[\w.-]+:", url)
 
@@ -50,6 +100,9 @@ class GitSource:
                 raise GitError(f"repository {url}: no such directory")
             url = path.as_uri()
         clean, url_user, url_token = strip_userinfo(url)
+        if url.lower().startswith("ssh://") and url_token is None:
+            # ssh://git@host/...: the login name of ssh, not a credential; it stays in the URL
+            clean, url_user = url, None
         self.url = clean
         self.user = user or url_user
         self.token = token or url_token
@@ -85,11 +138,10 @@ class GitSource:
         return _BatchReader(proc, f"repository {self.display_url}")
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        env.update(GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true", SSH_ASKPASS="true",
-                   GIT_SSH_COMMAND=os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"))
-        config = [("protocol.version", "2"), ("http.lowSpeedLimit", "1000"), ("http.lowSpeedTime", "30"),
-                  ("core.askPass", "true"), ("credential.helper", "")]
+        """git's whole environment, built from an allow-list (`git_env`) plus our settings."""
+        env = git_env()
+        config = list(SAFE_CONFIG) + [("protocol.version", "2"), ("http.lowSpeedLimit", "1000"),
+                                      ("http.lowSpeedTime", "30")]
         if self._cainfo:
             config.append(("http.sslCAInfo", self._cainfo))
         if self.token or self.user:
@@ -152,14 +204,15 @@ class GitSource:
         self.gitdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.gitdir.with_name(self.gitdir.name + f".tmp{os.getpid()}")
         proc = await asyncio.create_subprocess_exec("git", "init", "--bare", "-q", str(tmp),
-                                                    stdout=asyncio.subprocess.DEVNULL)
+                                                    stdout=asyncio.subprocess.DEVNULL, env=git_env())
         await proc.wait()
         # The remote URL has no credentials in it (they travel in the environment).
         for key, value in (("remote.origin.url", self.url), ("remote.origin.promisor", "true"),
                            ("remote.origin.partialclonefilter", f"blob:limit={BLOB_LIMIT}"),
                            ("extensions.partialClone", "origin"), ("core.repositoryformatversion", "1"),
                            ("gc.auto", "0")):
-            proc = await asyncio.create_subprocess_exec("git", "--git-dir", str(tmp), "config", key, value)
+            proc = await asyncio.create_subprocess_exec("git", "--git-dir", str(tmp), "config", key, value,
+                                                        env=git_env())
             await proc.wait()
         try:
             os.rename(tmp, self.gitdir)

@@ -51,6 +51,8 @@ CONTAINER = "dda-sidecar"          # + "-<name>" for named repositories
 DATA_VOLUME = "dda-data"           # + "-<name>"
 CACHE_VOLUME = "dda-cache"
 CACHE_PATH = "/dda-cache"          # inside the sidecar only
+SECRET_VOLUME = "dda-secret"       # + "-<name>": the repository's Secret, files in its sidecar only
+SECRET_PATH = "/etc/dda-sidecar/secret"
 PORT_NAME = "dda-metrics"          # + "-<i>" for the i-th extra repository
 
 MAX_NAME = 20                      # keeps container/volume names well under 63 characters
@@ -144,6 +146,10 @@ class RepoSpec:
     @property
     def volume(self) -> str:
         return f"{DATA_VOLUME}-{self.name}" if self.name else DATA_VOLUME
+
+    @property
+    def secret_volume(self) -> str:
+        return f"{SECRET_VOLUME}-{self.name}" if self.name else SECRET_VOLUME
 
 
 # ---------------------------------------------------------------- validation of values
@@ -384,7 +390,8 @@ def parse_annotations(pod: dict, config: WebhookConfig) -> tuple[list[RepoSpec],
 # ---------------------------------------------------------------- the patch
 
 
-def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budget: int) -> dict:
+def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budget: int,
+             cache_request: str | None = None, exit_with_app: bool = False) -> dict:
     # The sidecar's settings (sidecar.settings names them): what the annotations and the chart
     # decided, then engine settings (the chart's webhook_jobs, ... unless the pod's annotations choose).
     chosen: dict[str, Any] = {"repo": spec.repo, "revision": spec.revision, "subdir": spec.subdir,
@@ -392,6 +399,25 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
                               "cache_size": f"{max(budget // 2**20, 1)}M", "port": port, "bind": "0.0.0.0"}
     chosen.update(sorted({**config.sidecar_settings, **spec.settings}.items()))
     env = [{"name": env_name(k), "value": env_text(k, v)} for k, v in chosen.items() if v not in (None, "")]
+    if spec.secret:
+        # The Secret as read-only files; the sidecar takes only the documented keys from it
+        # (sidecar.secretfiles). Never envFrom: every key would become a variable, LD_PRELOAD,
+        # PYTHONPATH or GIT_SSH_COMMAND included, acting before any code of ours runs.
+        env += [{"name": "DDA_SECRET_DIR", "value": SECRET_PATH},
+                {"name": "DDA_SSH_KEY_FILE", "value": f"{SECRET_PATH}/ssh-privatekey"},
+                {"name": "DDA_SSH_KNOWN_HOSTS_FILE", "value": f"{SECRET_PATH}/known_hosts"}]
+    if exit_with_app:
+        # Fallback mode: the sidecar sees the pod's processes (shareProcessNamespace) and stops
+        # once the app containers' processes have exited, so a Job's pod completes.
+        env.append({"name": "DDA_EXIT_WITH_APP", "value": "true"})
+    resources = copy.deepcopy(dict(config.resources))
+    if cache_request:
+        # The cache emptyDir counts against the node's ephemeral storage: request what it may
+        # fill, so the scheduler places the pod where it fits (the first sidecar asks for the
+        # pod's one shared cache volume).
+        requests = dict(resources.get("requests") or {})
+        requests.setdefault("ephemeral-storage", cache_request)
+        resources["requests"] = requests
     probe = {"httpGet": {"path": "/readyz", "port": port}}
     container: dict[str, Any] = {
         "name": spec.container,
@@ -406,7 +432,7 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
         "readinessProbe": {**probe, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 10,
                           "timeoutSeconds": 5, "failureThreshold": 3},
-        "resources": copy.deepcopy(dict(config.resources)),
+        "resources": resources,
         # FUSE needs /dev/fuse and CAP_SYS_ADMIN; Bidirectional propagation needs privileged.
         "securityContext": {"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0,
                             "runAsGroup": 0, "runAsNonRoot": False, "readOnlyRootFilesystem": False},
@@ -417,7 +443,7 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.secret:
-        container["envFrom"] = [{"secretRef": {"name": spec.secret}}]
+        container["volumeMounts"].append({"name": spec.secret_volume, "mountPath": SECRET_PATH, "readOnly": True})
     if config.native_sidecar:
         container["restartPolicy"] = "Always"
     else:
@@ -479,6 +505,8 @@ def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list
         cache_volume = {"name": CACHE_VOLUME, "hostPath": {"path": config.cache_host_path, "type": "DirectoryOrCreate"}}
         budget = parse_quantity(config.cache_size)
     volumes = [{"name": s.volume, "emptyDir": {}} for s in specs] + [cache_volume]
+    volumes += [{"name": s.secret_volume, "secret": {"secretName": s.secret, "defaultMode": 0o400}}
+                for s in specs if s.secret]
     if isinstance(spec.get("volumes"), list):
         ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
     else:
@@ -486,11 +514,17 @@ def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list
 
     # 3. the sidecars, first in start order.
     used = _used_ports(spec)
+    # Fallback: a shared process namespace lets the sidecar see when the app is done; a pod
+    # that says shareProcessNamespace: false keeps it (and its sidecar then runs on).
+    exit_with_app = not config.native_sidecar and spec.get("shareProcessNamespace") is not False
+    if exit_with_app and spec.get("shareProcessNamespace") is not True:
+        ops.append({"op": "add", "path": "/spec/shareProcessNamespace", "value": True})
     sidecars, port = [], config.metrics_port
     for index, s in enumerate(specs):
         while port in used:
             port += 1
-        sidecars.append(_sidecar(s, index, port, config, budget))
+        cache_request = cache_volume["emptyDir"]["sizeLimit"] if index == 0 and "emptyDir" in cache_volume else None
+        sidecars.append(_sidecar(s, index, port, config, budget, cache_request, exit_with_app))
         used.add(port)
     kind = "initContainers" if config.native_sidecar else "containers"
     if isinstance(spec.get(kind), list):

@@ -30,6 +30,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: webhook
 {{- end -}}
 
+{{/* The webhook pod's labels as one map, so no key appears twice (strict YAML parsers such as
+     Flux's and kustomize's reject duplicates). Earlier maps win: the selector labels (the
+     Deployment must select its pods) and the opt-out (the webhook never injects itself). */}}
+{{- define "dda.podLabels" -}}
+{{- $selector := include "dda.selectorLabels" . | fromYaml -}}
+{{- $common := include "dda.labels" . | fromYaml -}}
+{{- $optOut := dict "dda-sidecar.io/inject" "false" -}}
+{{- toYaml (merge $selector $optOut (deepCopy (default dict .Values.webhook.podLabels)) $common) -}}
+{{- end -}}
+
 {{/* repository[:tag][@digest] from an image dict, falling back to .Values.image and appVersion */}}
 {{- define "dda.imageRef" -}}
 {{- $root := index . 0 -}}
