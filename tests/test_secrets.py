@@ -69,7 +69,7 @@ def test_planted_git_settings_never_run(tmp_path):
     env, marks = planted(tmp_path)
     bindir, argv = fake_ssh(tmp_path)
     url = "ssh://git@127.0.0.1/owner/data.git"     # no port: every ssh variant would be run
-    proc = subprocess.run([DDA, "ls", url], capture_output=True, text=True, timeout=60,
+    proc = subprocess.run([DDA, "ls", url], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, **env, "PATH": f"{bindir}:{os.environ['PATH']}",
                                "DDA_CACHE_DIR": str(tmp_path / "cache")})
     assert [m.name for m in marks if m.exists()] == []
@@ -86,10 +86,10 @@ def test_planted_real_ssh_and_ext_transport_never_run(tmp_path):
     env, marks = planted(tmp_path)
     full = {**os.environ, **env, "DDA_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([DDA, "ls", f"ssh://git@127.0.0.1:{closed_port()}/o/d.git"], capture_output=True,
-                          text=True, timeout=60, env=full)
+                          text=True, timeout=60, env=full, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     proc = subprocess.run([DDA, "ls", f"ext::sh -c touch% {marks[0]}"], capture_output=True, text=True,
-                          timeout=60, env=full)
+                          timeout=60, env=full, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert [m.name for m in marks if m.exists()] == []
 
@@ -117,7 +117,7 @@ def test_ssh_key_and_known_hosts_from_the_secret_files(tmp_path):
     bindir, argv = fake_ssh(tmp_path)
     env, marks = planted(tmp_path)
     proc = subprocess.run([DDA, "ls", f"ssh://git@127.0.0.1:{closed_port()}/o/d.git"], capture_output=True,
-                          text=True, timeout=60,
+                          text=True, timeout=60, cwd=tmp_path,
                           env={**os.environ, **env, "PATH": f"{bindir}:{os.environ['PATH']}",
                                "DDA_CACHE_DIR": str(tmp_path / "cache"),
                                "DDA_SSH_KEY_FILE": str(secret / "ssh-privatekey"),
