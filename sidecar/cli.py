@@ -28,6 +28,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", "-j", help="requests in flight per remote (default 16)")
     parser.add_argument("--deadline", help="seconds a read may wait for a remote before failing (default 60)")
     parser.add_argument("--retries", help="retries of a failed request (default 5)")
+    parser.add_argument("--verify", choices=("stream", "before-read"),
+                        help="large objects: stream bytes before the md5 is known (the last read fails "
+                             "if it does not match; default) or return none before it is known")
     parser.add_argument("--config", dest="config_file", help="YAML config file (remote overrides, defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
@@ -112,7 +115,7 @@ def _split_repo_args(args: list[str], wants_path: bool, path_required: bool) -> 
 
 def _config(ns: argparse.Namespace, repo: str | None) -> Config:
     flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
-                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
+                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries", "verify")}
     flags["repo"] = repo
     return load_config(flags, config_file=getattr(ns, "config_file", None))
 

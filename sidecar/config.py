@@ -64,6 +64,10 @@ class Config:
     deadline: float = 60.0              # seconds a read may wait for the remote
     request_timeout: float = 30.0       # one HTTP request
     retries: int = 5
+    # Objects larger than one chunk: "stream" lets a reader take bytes as they arrive (the read
+    # that reaches the end fails if the md5 does not match); "before-read" returns no byte of
+    # such an object before its md5 is known. See the README, "What is verified".
+    verify: str = "stream"
     git_user: str | None = None
     git_token: str | None = None
     remotes: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -103,6 +107,10 @@ def _coerce(name: str, value: Any) -> Any:
         return number
     if name in ("deadline", "request_timeout"):
         return parse_duration(value, name)
+    if name == "verify":
+        if str(value) not in ("stream", "before-read"):
+            raise ConfigError(f"verify: expected 'stream' or 'before-read', got {value!r}")
+        return str(value)
     return str(value)
 
 

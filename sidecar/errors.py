@@ -34,6 +34,7 @@ class RemoteUnavailable(RemoteError):
     """Network error, timeout or 5xx: worth retrying."""
 
     retryable = True
+    retry_after: float | None = None     # what the server asked for (Retry-After), in seconds
 
 
 class RemoteAuthError(RemoteError):
@@ -54,3 +55,7 @@ class DeadlineExceeded(DDAError):
 
 class NotFound(DDAError):
     """A path that is not in the snapshot."""
+
+
+class CacheFull(DDAError):
+    """The cache directory's filesystem is full (ENOSPC), even after evicting."""

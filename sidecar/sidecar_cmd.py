@@ -65,7 +65,7 @@ def _options(ns: argparse.Namespace, env: "os._Environ[str] | dict[str, str]") -
 def run(ns: argparse.Namespace) -> int:
     opts = _options(ns, os.environ)
     flags: dict[str, Any] = {k: getattr(ns, k, None) for k in
-                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries")}
+                             ("revision", "cache_dir", "cache_size", "jobs", "deadline", "retries", "verify")}
     flags["repo"] = ns.repo
     config = load_config(flags, config_file=getattr(ns, "config_file", None))
     if not config.repo:

@@ -13,13 +13,14 @@ import logging
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import pyfuse3
 
 from ..engine import Engine
-from ..errors import DDAError, DeadlineExceeded, NotFound
+from ..errors import DDAError, DeadlineExceeded, HashMismatch, NotFound
 from ..fetch.prefetch import Prefetcher, ReadState
+from ..fetch.verify_stream import ReadCursor
 from ..snapshot.tree import Entry
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class _Open:
     path: str
     entry: Entry
     state: ReadState
+    cursor: ReadCursor = field(default_factory=ReadCursor)   # unverified bytes this handle took
 
 
 class DdaOperations(pyfuse3.Operations):
@@ -71,6 +73,8 @@ class DdaOperations(pyfuse3.Operations):
         self._open: dict[int, _Open] = {}
         self._next_fh = 1
         self.status_extra: dict[str, object] = {}
+        engine.fetcher.mismatch_observers.append(self._object_failed)
+        engine.fetcher.size_observers.append(self._object_resized)
 
     # -- inode bookkeeping ----------------------------------------------------------------------
     def _inode(self, path: str) -> int:
@@ -277,6 +281,35 @@ class DdaOperations(pyfuse3.Operations):
             except OSError:
                 pass   # never looked up by the kernel, or already forgotten
 
+    # -- integrity: pages and sizes of an object that failed verification -------------------------
+    def _inodes_of(self, oid: str) -> list[tuple[int, str]]:
+        files = self.engine.tree.files
+        return [(inode, path) for path, inode in self._inodes.items()
+                if path in files and files[path].oid == oid]
+
+    def _object_failed(self, oid: str) -> None:
+        """Bytes of `oid` given out unverified were wrong (or could not be verified): every
+        handle open on it fails its next read, and the kernel drops the pages it cached."""
+        error = HashMismatch(f"object {oid} failed verification after some of its bytes were read")
+        for handle in self._open.values():
+            if handle.entry.oid == oid:
+                handle.cursor.fail(error)
+        stale = [(inode, None, "") for inode, _ in self._inodes_of(oid)]
+        if stale:
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
+
+    def _object_resized(self, oid: str, size: int) -> None:
+        """A verified size replaced one learned from a remote: handles and the kernel's
+        attributes follow."""
+        for handle in self._open.values():
+            if handle.entry.oid == oid and handle.entry.size != size:
+                handle.entry = replace(handle.entry, size=size)
+        stale = [(inode, None, "") for inode, _ in self._inodes_of(oid)]
+        if stale:
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
+
     @_never_crash
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [XATTR_COMMIT, XATTR_STATUS] if inode == pyfuse3.ROOT_INODE else [XATTR_COMMIT]
@@ -306,7 +339,13 @@ class DdaOperations(pyfuse3.Operations):
         if offset >= size:
             return b""
         # The entry captured at open: a refresh never changes a file under its reader.
-        data = await self._guard(self.engine.read_entry(handle.entry, offset, length), handle.path)
+        data = await self._guard(self.engine.read_entry(handle.entry, offset, length, handle.cursor), handle.path)
+        if handle.entry.size != size:
+            # The size this reader was given came from a remote and proved wrong while reading:
+            # fail rather than hand out a file cut at the wrong length (the next open is right).
+            log.error("%s: its size changed from %d to %s while reading; failing this read", handle.path, size,
+                      handle.entry.size)
+            raise pyfuse3.FUSEError(errno.EIO)
         self.prefetcher.on_read(handle.path, handle.state, offset, len(data), size)
         return data
 

@@ -25,8 +25,27 @@ def check_status(resp: httpx.Response, where: str, path: str) -> None:
     if code in (401, 403):
         raise RemoteAuthError(f"{where}: access denied (HTTP {code}); check the credentials for this remote")
     if code >= 500 or code in (408, 429):
-        raise RemoteUnavailable(f"{where}: server error HTTP {code} for {path}")
+        err = RemoteUnavailable(f"{where}: server error HTTP {code} for {path}")
+        err.retry_after = _retry_after(resp.headers.get("retry-after"))
+        raise err
     raise RemoteError(f"{where}: unexpected HTTP {code} for {path}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    import datetime
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def range_from_response(resp: httpx.Response, body: bytes, start: int, end: int | None) -> Range:
@@ -42,9 +61,13 @@ def range_from_response(resp: httpx.Response, body: bytes, start: int, end: int 
         if first != start:
             raise RemoteUnavailable(f"server answered range starting at {first}, asked {start}")
         return Range(body, total)
-    # No Content-Range: the server sent the whole object.
+    # No Content-Range: the server sent the whole object. Its length is the object's size
+    # only when the answer said how long it is and that many bytes came (a close-delimited
+    # body cut short looks complete otherwise).
     stop = len(body) if end is None else min(end, len(body))
-    return Range(body[start:stop], len(body))
+    length = resp.headers.get("content-length")
+    total = len(body) if length is not None and length.isdigit() and int(length) == len(body) else None
+    return Range(body[start:stop], total)
 
 
 def transport_error(where: str, err: Exception) -> RemoteUnavailable:
