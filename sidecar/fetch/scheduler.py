@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable
+from ..errors import CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable
 from ..remotes import Remote
 from ..store import Store
 from ..store.identity import chunk_digest
@@ -421,7 +421,10 @@ class Fetcher:
                     return cached, False
             data, size = await self._download_chunk(ref, idx, size, digest)
             if self.store.chunk_count(size) == 1 or digest is not None:
-                await asyncio.to_thread(self.store.write, ref.oid, idx, data, size)
+                try:
+                    await asyncio.to_thread(self.store.write, ref.oid, idx, data, size)
+                except CacheFull as err:    # the bytes are verified: serve them, uncached
+                    log.warning("%s: not caching it: %s", ref.display, err)
         return data, True
 
     async def _download_chunk(self, ref: ObjectRef, idx: int, size: int | None,

@@ -18,10 +18,14 @@ class SharedBudget:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.own = budget
-        self.path = folder / f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.path = folder / name
+        # Locked before it appears under its name: a scan never takes it for a dead one.
+        hidden = folder / f".{name}"
+        self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT, 0o644)
         os.write(self._fd, str(budget).encode())
         fcntl.flock(self._fd, fcntl.LOCK_SH)
+        os.rename(hidden, self.path)
 
     def effective(self) -> int:
         """The smallest budget among the live processes sharing the directory (bytes)."""
@@ -31,7 +35,7 @@ class SharedBudget:
         except OSError:
             return smallest
         for entry in entries:
-            if entry.path == str(self.path):
+            if entry.path == str(self.path) or entry.name.startswith("."):
                 continue
             try:
                 fd = os.open(entry.path, os.O_RDWR)

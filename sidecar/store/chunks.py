@@ -227,6 +227,11 @@ class Store:
             object_size = idx * self.chunk_size + len(data)
         key = f"{oid}~{pending}" if pending else oid
         header = pack_header(oid, idx, self.chunk_size, object_size, data)
+        need = (len(data) + HEADER + 4095) // 4096 * 4096
+        if self._over_budget(need):     # make room first: the budget holds while we write too
+            if need > self.effective_budget() - self._overhead():
+                return                  # larger than the whole budget: served, never cached
+            self.evict(extra=need)
         path = self.chunk_file(key, idx)
         tmp = self.root / "tmp" / f"{oid}.{idx}.{os.getpid()}.{time.monotonic_ns()}"
         for attempt in (1, 2):
@@ -244,12 +249,14 @@ class Store:
                     pass
                 if err.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == 2:
                     raise self._os_error(err, "writing a chunk") from None
-                self.evict(target=0.5)      # make room, then try once more
-        self.index.add_chunk(key, idx, len(data))
+                self.evict(target=0.5, extra=need)      # make room, then try once more
+        try:
+            self.index.add_chunk(key, idx, len(data))
+        except CacheFull:
+            self._unlink(key, idx)      # a chunk the index does not know would escape the budget
+            raise
         self._used += len(data)
-        self._disk_est += (len(data) + HEADER + 4095) // 4096 * 4096
-        if self._over_budget():
-            self.evict()
+        self._disk_est += need
 
     def promote(self, oid: str, idx: int, tag: str) -> bool:
         """Make a pending chunk of a verified pass servable. False if it was evicted meanwhile."""
@@ -317,21 +324,21 @@ class Store:
 
     # budget ----------------------------------------------------------------------------------
     def effective_budget(self) -> int:
-        """The smallest budget of the processes sharing this directory (re-read every second)."""
+        """The smallest budget of the processes sharing this directory (re-read every 0.1 s)."""
         value, read_at = self._effective
         now = time.monotonic()
-        if now - read_at > 1.0:
+        if now - read_at > 0.1:
             value = self.shared_budget.effective()
             self._effective = (value, now)
         return value
 
-    def _over_budget(self) -> bool:
+    def _over_budget(self, extra: int = 0) -> bool:
         """Whether the directory's bytes on disk exceed the shared budget. The chunk total is
         re-read from the index (other processes write too) at most every second."""
         now = time.monotonic()
-        if now - self._disk_read > 1.0:
+        if now - self._disk_read > 0.0:     # exact and O(1): other processes write too
             self._disk_est, self._disk_read = self.index.disk_bytes(), now
-        return self._disk_est + self._overhead() > self.effective_budget()
+        return self._disk_est + self._overhead() + extra > self.effective_budget()
 
     def _overhead(self) -> int:
         """On-disk bytes besides the chunk files: the index, lock and budget files, temp
@@ -354,8 +361,10 @@ class Store:
         self._overhead_cached = (total, time.monotonic())
         return total
 
-    def evict(self, target: float | None = None) -> None:
-        budget = self.effective_budget() - self._overhead()
+    def evict(self, target: float | None = None, extra: int = 0) -> None:
+        """Remove least recently used chunks until the directory fits the shared budget with
+        `extra` bytes to spare (down to `target` of it, when given)."""
+        budget = self.effective_budget() - self._overhead() - extra
         self._disk_est, removed = evict_to_budget(self.index, max(0, budget), self._unlink, target)
         self._disk_read = time.monotonic()
         self._used = self.index.used_bytes()

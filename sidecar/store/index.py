@@ -23,6 +23,17 @@ CREATE TABLE IF NOT EXISTS chunks (oid TEXT NOT NULL, idx INTEGER NOT NULL, nbyt
 CREATE INDEX IF NOT EXISTS chunks_by_atime ON chunks (atime);
 CREATE TABLE IF NOT EXISTS sizes (oid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- The bytes the chunk files take on disk, kept by triggers: every writer of every process
+-- reads the exact total in O(1) before it writes (the budget holds across processes).
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), disk INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals (id, disk) VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS chunks_add AFTER INSERT ON chunks BEGIN
+  UPDATE totals SET disk = disk + ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_del AFTER DELETE ON chunks BEGIN
+  UPDATE totals SET disk = disk - ((old.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_upd AFTER UPDATE OF nbytes ON chunks BEGIN
+  UPDATE totals SET disk = disk - ((old.nbytes + 512 + 4095) / 4096) * 4096
+                              + ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
 """
 # Bytes a chunk file takes on disk: its 512-byte header plus data, in 4 KiB blocks.
 DISK_BYTES = "((nbytes + 512 + 4095) / 4096) * 4096"
@@ -58,6 +69,7 @@ class Index:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA recursive_triggers=ON")   # INSERT OR REPLACE fires the delete trigger
             # Keep the WAL small: its bytes count against the cache budget.
             db.execute("PRAGMA wal_autocheckpoint=64")
             db.execute("PRAGMA journal_size_limit=262144")
@@ -67,6 +79,7 @@ class Index:
             built = db.execute("SELECT value FROM meta WHERE key='built'").fetchone()
             if built is None:
                 db.execute("DELETE FROM chunks")
+                db.execute("UPDATE totals SET disk = 0")
                 self.rebuilt = True
         except BaseException:
             db.close()
@@ -136,7 +149,10 @@ class Index:
         """Record a use; written in batches because warm reads must stay cheap."""
         self._touched[(oid, idx)] = time.time()
         if time.monotonic() - self._last_flush > 5:
-            self.flush()
+            try:
+                self.flush()
+            except CacheFull:
+                pass    # use times are a hint for eviction: a full disk must not fail a read
 
     def flush(self) -> None:
         touched, self._touched = self._touched, {}
@@ -159,7 +175,7 @@ class Index:
 
     def disk_bytes(self) -> int:
         """What the chunk files take on disk (headers and block rounding included)."""
-        return self._run(f"SELECT COALESCE(SUM({DISK_BYTES}), 0) FROM chunks")[0][0]
+        return self._run("SELECT disk FROM totals WHERE id = 0")[0][0]
 
     def oldest(self, limit: int) -> list[tuple[str, int, int]]:
         """(oid, idx, bytes on disk) of the least recently used chunks."""
