@@ -83,7 +83,7 @@ class Repo:
                               timeout=timeout)
 
     def config(self, cache: Path, **kw) -> Config:
-        return Config(repo=str(self.path), cache_dir=cache, retries=3, **kw)
+        return Config(repo=str(self.path), cache_dir=cache, **{"retries": 3, **kw})
 
 
 @pytest.fixture()
@@ -445,3 +445,85 @@ def test_disk_full_ends_cleanly_and_leaves_no_temp_files(repo, tmp_path):
         assert proc.returncode == 0 and proc.stdout == repo.content["data/mid.bin"]
     finally:
         subprocess.run(["umount", "-l", str(cache)])
+
+
+# -- must work 6: many rounds of random faults, kills and budgets ------------------------------------
+FAULTS = [("wrong", {}), ("wrong", {"from_offset": 2 * MiB}), ("truncate", {}), ("truncate_nolen", {}),
+          ("bad_range", {}), ("range_total", {}), ("range_total", {"delta": -1}), ("reset", {}),
+          ("status", {"status": 503}), ("status", {"status": 429, "retry_after": 0.2}),
+          ("lie_length", {"method": "HEAD"}), ("trickle", {"delay": 0.001}), ("ignore_range", {})]
+
+
+def test_random_faults_kills_and_budgets(tmp_path):
+    import asyncio
+    import signal
+    import time
+
+    from sidecar.engine import Engine
+    from sidecar.errors import DDAError
+
+    rng = random.Random(int(os.environ.get("DDA_FUZZ_SEED", "1212")))
+    made = Repo(tmp_path, {"big.bin": rng.randbytes(6 * MiB + 17), "small.bin": rng.randbytes(70_000)},
+                {"a.bin": rng.randbytes(160_687), "mid.bin": rng.randbytes(2 * MiB + 5),
+                 "tiny.bin": rng.randbytes(10)})
+    names = sorted(made.content)
+    cache = tmp_path / "cache"
+    env = {"DDA_CHUNK_SIZE": "1M", "DDA_REQUEST_TIMEOUT": "2", "DDA_DEADLINE": "20", "DDA_RETRIES": "2"}
+
+    async def cache_serves_only_right_bytes() -> None:
+        # Every answer of the remote is wrong now: whatever is read comes from the cache or fails.
+        made.server.fault("wrong", times=None)
+        made.server.fault("status", method="HEAD", times=None, status=503)
+        config = made.config(cache, chunk_size=MiB, retries=0, deadline=10.0)
+        async with await Engine.open(config) as engine:
+            for name in names:
+                try:
+                    got = b"".join([piece async for piece in engine.iter_bytes(name)])
+                except DDAError:
+                    continue
+                assert got == made.content[name], f"the cache served wrong bytes of {name}"
+        made.server.clear()
+
+    deadline = time.monotonic() + 50
+    rounds = 0
+    outcomes: dict[str, int] = {}
+    try:
+        while time.monotonic() < deadline:
+            rounds += 1
+            made.server.clear()
+            for _ in range(rng.randint(0, 3)):
+                action, params = rng.choice(FAULTS)
+                target = made.object_path(rng.choice(names))
+                made.server.fault(action, path=target, times=rng.choice([1, 2, 3, None]), **params)
+            budget = rng.choice(["1M", "3M", "5M", "64M"])
+            if rng.random() < 0.1:
+                for p in (cache / "store-v2").glob("index.sqlite*"):
+                    p.unlink()
+            name = rng.choice(names)
+            full = {k: v for k, v in os.environ.items() if not k.startswith("DDA_REMOTE")}
+            full.update({"DDA_CACHE_DIR": str(cache), **env})
+            mode = rng.choice(["stream", "stream", "before-read"])
+            proc = subprocess.Popen([DDA, "cat", str(made.path), name, "--cache-size", budget, "--verify", mode],
+                                    env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            killed = False
+            if rng.random() < 0.3:
+                try:
+                    proc.wait(rng.uniform(0.2, 1.5))
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+            out, err = proc.communicate(timeout=90)
+            outcome = "killed" if killed else "ok" if proc.returncode == 0 else "failed"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            if not killed:
+                if proc.returncode == 0:
+                    assert out == made.content[name], f"round {rounds}: exit 0 with wrong bytes of {name}"
+                else:
+                    assert b"Traceback" not in err, err.decode()
+                    if mode == "before-read":
+                        assert made.content[name].startswith(out), f"round {rounds}: wrong bytes before the md5"
+            asyncio.run(cache_serves_only_right_bytes())
+    finally:
+        made.server.stop()
+    print(f"{rounds} rounds: {outcomes}", file=sys.stderr)
+    assert rounds >= 5
