@@ -96,6 +96,7 @@ class ObjectPass:
         self.failed: BaseException | None = None
         self.served_unverified = False
         self._moved = asyncio.Event()
+        self._ready = asyncio.Event()     # set once we hold the object's lock (or gave up waiting)
         self.task = asyncio.create_task(self._run())
 
     # -- readers ---------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ class ObjectPass:
 
     async def _download(self, idx: int, job: "_StreamJob") -> None:
         try:
+            await self._ready.wait()
             cached = self.store.read(self.ref.oid, idx)     # verified by another process meanwhile
             if cached is not None and len(cached) == job.length:
                 job.from_cache = True
@@ -143,6 +145,29 @@ class ObjectPass:
 
     # -- the pass --------------------------------------------------------------------------------
     async def _run(self) -> None:
+        # Across processes, one pass per object at a time: a second process waits for the
+        # first one's verdict and then finds the verified chunks in the store (one download).
+        # It waits a bounded time: a stuck or very slow holder must not stall it for good.
+        lock = self.store.object_lock(self.ref.oid)
+        mine = self.store.held_object_locks     # lock files this process holds (stripes are shared)
+        held = False
+        if lock.path not in mine:
+            try:
+                async with asyncio.timeout(max(1.0, self.fetcher.deadline / 2)):
+                    await lock.__aenter__()
+                    held = True
+                    mine.add(lock.path)
+            except TimeoutError:
+                log.info("%s: another process is still verifying it; downloading it here too", self.ref.display)
+        self._ready.set()
+        try:
+            await self._verify()
+        finally:
+            if held:
+                mine.discard(lock.path)
+                lock.release()
+
+    async def _verify(self) -> None:
         ref, store = self.ref, self.store
         verifier = ObjectVerifier(ref.oid, ref.legacy)
         written: list[int] = []

@@ -65,6 +65,7 @@ class Store:
         self.index = Index(self.root / "index.sqlite")
         self.evictions = 0
         self._pending_seq = 0
+        self.held_object_locks: set[Path] = set()
         self._effective = (budget, 0.0)
         self._disk_est, self._disk_read = 0, 0.0
         self._overhead_cached = (0, 0.0)
@@ -150,6 +151,11 @@ class Store:
     def lock(self, oid: str, idx: int) -> FileLock:
         stripe = zlib.crc32(f"{oid}.{idx}".encode()) % LOCK_STRIPES
         return FileLock(self.root / "locks" / f"{stripe:02x}.lock")
+
+    def object_lock(self, oid: str) -> FileLock:
+        """Held by the process running the verifying pass over `oid` (striped too)."""
+        stripe = zlib.crc32(oid.encode()) % LOCK_STRIPES
+        return FileLock(self.root / "locks" / f"object-{stripe:02x}.lock")
 
     def chunk_count(self, size: int) -> int:
         return max(1, -(-size // self.chunk_size))
