@@ -551,8 +551,12 @@ class Fetcher:
                 f"within {self.deadline:g}s") from None
 
 
-class _SizeChanged(Exception):
-    """The size we had for an object was contradicted: the read starts over and learns it."""
+class _SizeChanged(RemoteError):
+    """The size we had for an object was contradicted: the read starts over and learns it
+    (escaping elsewhere, e.g. to a prefetch, it is an ordinary one-line remote error)."""
+
+    def __init__(self, message: str = "the remote contradicted the size we had for this object") -> None:
+        super().__init__(message)
 
 
 class _StreamJob:
