@@ -236,6 +236,27 @@ def test_git_blobs_are_sha1_checked(tmp_path):
         made.server.stop()
 
 
+def test_two_processes_verify_one_large_object_with_one_download(repo, tmp_path):
+    """Pending chunks are private to a pass, so a second process waits for the first one's
+    verdict and then reads the verified chunks: the object crosses the wire once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = tmp_path / "cache"
+    assert repo.dda("ls", cache=cache).returncode == 0
+    mark = len(repo.server.requests)
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: repo.dda("cat", "big.bin", cache=cache), range(2)))
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+        assert hashlib.md5(proc.stdout).hexdigest() == repo.oid("big.bin")
+    asked = 0
+    for r in repo.server.requests[mark:]:
+        if r.path == repo.object_path("big.bin") and r.method == "GET":
+            a, _, b = r.range.removeprefix("bytes=").partition("-")
+            asked += int(b) + 1 - int(a)
+    assert asked == len(repo.content["big.bin"])
+
+
 # -- failing today 2: chunk identity ----------------------------------------------------------------
 def test_chunk_copied_over_another_name_is_refused(repo, tmp_path):
     cache = tmp_path / "cache"
