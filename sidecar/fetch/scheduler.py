@@ -78,6 +78,7 @@ class Fetcher:
         self._passes: dict[str, ObjectPass] = {}
         self._digests: dict[str, tuple[int, list[bytes]]] = {}
         self._sizes: dict[str, int] = {}
+        self._contradicted: set[str] = set()     # sizes forgotten after a contradiction
         self.strict = strict
         # Called with (oid) when bytes of an object that readers may hold failed verification
         # (the mount drops its pages), and with (oid, size) when a verified size replaced another.
@@ -102,10 +103,13 @@ class Fetcher:
     def _learned_size(self, oid: str, size: int, verified: bool = False) -> None:
         """Record a size from an answer we trust (a Content-Range total, the length of a
         complete answer, a HEAD) or from the verified object (`verified`)."""
-        if self._sizes.get(oid) != size:
+        old = self._sizes.get(oid)
+        if old != size:
             self._sizes[oid] = size
             self.store.index.record_sizes({oid: size})
-            if verified:
+            corrected = old is not None or oid in self._contradicted
+            if verified and corrected:    # a correction: whoever showed the old size follows
+                self._contradicted.discard(oid)
                 for observer in self.size_observers:
                     observer(oid, size)
 
@@ -115,6 +119,7 @@ class Fetcher:
         log.warning("%s: remote says %s has %d bytes, the cache index said %d; learning the size again",
                     ref.display, ref.path, answered, known)
         self._sizes.pop(ref.oid, None)
+        self._contradicted.add(ref.oid)
         self.store.index.forget_size(ref.oid)
         self.stats.errors["size_contradiction"] += 1
 
