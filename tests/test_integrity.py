@@ -429,7 +429,7 @@ def test_processes_sharing_a_cache_keep_the_smallest_budget(repo, tmp_path, mp):
 
 def test_small_files_budget_counts_what_the_disk_holds(tmp_path):
     rng = random.Random(5)
-    made = Repo(tmp_path, {}, {f"f{i:04d}.bin": rng.randbytes(1000) for i in range(1500)})
+    made = Repo(tmp_path, {}, {f"f{i:04d}.bin": rng.randbytes(1000) for i in range(600)})
     try:
         cache = tmp_path / "cache"
         with Sampler(cache / "store-v2") as sampler:
