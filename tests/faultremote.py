@@ -100,7 +100,10 @@ class FaultRemote:
             ready.set()
             self._loop.run_forever()
             self._server.close()
-            self._loop.run_until_complete(self._server.wait_closed())
+            pending = asyncio.all_tasks(self._loop)     # connections still open: end them
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
         self._thread = threading.Thread(target=main, daemon=True, name="fault-remote")

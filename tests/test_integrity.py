@@ -44,16 +44,20 @@ class Repo:
     """A git repository whose default DVC remote is the fault remote: `big.bin` (size in its
     .dvc file), and `data/` (a tracked directory: its files' sizes come from the remote)."""
 
-    def __init__(self, root: Path, files: dict[str, bytes], dir_files: dict[str, bytes]):
-        self.path, self.storage = root / "repo", root / "storage"
+    def __init__(self, root: Path, files: dict[str, bytes], dir_files: dict[str, bytes], shape: str = "http"):
+        # shape "s3": the same server seen as a path-style S3 endpoint (bucket/prefix folders)
+        self.path, served = root / "repo", root / "storage"
+        self.storage = served / "bucket" / "store" if shape == "s3" else served
+        self.prefix = "bucket/store/" if shape == "s3" else ""
         self.path.mkdir(parents=True)
         self.storage.mkdir(parents=True)
         self.content = {**files, **{f"data/{k}": v for k, v in dir_files.items()}}
-        self.server = FaultRemote(self.storage).start()
+        self.server = FaultRemote(served).start()
         _git(self.path, "init", "-q", "-b", "main")
         (self.path / ".dvc").mkdir()
-        (self.path / ".dvc" / "config").write_text(
-            f"[core]\n    remote = faulty\n['remote \"faulty\"']\n    url = {self.server.url}\n")
+        remote = f"    url = {self.server.url}\n" if shape == "http" else \
+            f"    url = s3://bucket/store\n    endpointurl = {self.server.url}\n"
+        (self.path / ".dvc" / "config").write_text(f"[core]\n    remote = faulty\n['remote \"faulty\"']\n{remote}")
         for name, data in files.items():
             md5 = _put(self.storage, data)
             (self.path / f"{name}.dvc").write_text(yaml.safe_dump(
@@ -73,12 +77,13 @@ class Repo:
 
     def object_path(self, name: str) -> str:
         oid = self.oid(name)
-        return f"files/md5/{oid[:2]}/{oid[2:]}"
+        return f"{self.prefix}files/md5/{oid[:2]}/{oid[2:]}"
 
     def dda(self, *args: str, cache: Path, env: dict | None = None, timeout: float = 120) \
             -> subprocess.CompletedProcess:
         full = {k: v for k, v in os.environ.items() if not k.startswith("DDA_REMOTE")}
-        full.update({"DDA_CACHE_DIR": str(cache), "DDA_RETRIES": "3", **(env or {})})
+        full.update({"DDA_CACHE_DIR": str(cache), "DDA_RETRIES": "3", "DDA_REMOTE_FAULTY_ACCESS_KEY_ID": "test",
+                     "DDA_REMOTE_FAULTY_SECRET_ACCESS_KEY": "test-secret", **(env or {})})
         return subprocess.run([DDA, args[0], str(self.path), *args[1:]], capture_output=True, env=full,
                               timeout=timeout)
 
@@ -86,11 +91,23 @@ class Repo:
         return Config(repo=str(self.path), cache_dir=cache, **{"retries": 3, **kw})
 
 
+def _made(tmp_path: Path, shape: str) -> Repo:
+    rng = random.Random(12)
+    return Repo(tmp_path, {"big.bin": rng.randbytes(30 * 1000 * 1000), "small.bin": rng.randbytes(160687)},
+                {"a.bin": rng.randbytes(160687), "mid.bin": rng.randbytes(3 * MiB + 5)}, shape)
+
+
 @pytest.fixture()
 def repo(tmp_path):
-    rng = random.Random(12)
-    made = Repo(tmp_path, {"big.bin": rng.randbytes(30 * 1000 * 1000), "small.bin": rng.randbytes(160687)},
-                {"a.bin": rng.randbytes(160687), "mid.bin": rng.randbytes(3 * MiB + 5)})
+    made = _made(tmp_path, "http")
+    yield made
+    made.server.stop()
+
+
+@pytest.fixture(params=["http", "s3"])
+def any_repo(tmp_path, request):
+    """The same checks against the HTTP and the S3 shape of the fault remote."""
+    made = _made(tmp_path, request.param)
     yield made
     made.server.stop()
 
@@ -110,9 +127,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 # -- failing today 1: large objects ---------------------------------------------------------------
 @pytest.mark.parametrize("budget", ["10M", "1G"])
-def test_large_object_served_wrong_fails_and_leaves_nothing(repo, tmp_path, budget):
+def test_large_object_served_wrong_fails_and_leaves_nothing(any_repo, tmp_path, budget):
     """Same-length wrong bytes for every ranged GET of a 30 MB object: `dda cat` must fail
     (never exit 0 with the wrong md5), whatever the cache budget, and keep nothing."""
+    repo = any_repo
     path = repo.object_path("big.bin")
     repo.server.fault("wrong", path=path, times=None)
     cache = tmp_path / "cache"
@@ -287,7 +305,8 @@ def test_chunk_index_swapped_within_an_object_is_refused(repo, tmp_path):
 @pytest.mark.parametrize("fault,params", [("lie_length", {"method": "HEAD"}),
                                           ("range_total", {}),
                                           ("truncate_nolen", {})])
-def test_one_bad_size_answer_does_not_poison_the_index(repo, tmp_path, fault, params):
+def test_one_bad_size_answer_does_not_poison_the_index(any_repo, tmp_path, fault, params):
+    repo = any_repo
     cache = tmp_path / "cache"
     repo.server.fault(fault, path=repo.object_path("data/a.bin"), **params)
     repo.dda("ls", "data", cache=cache)
@@ -346,7 +365,8 @@ def test_lost_or_damaged_index_is_rebuilt(repo, tmp_path, damage):
     ("trickle", {"delay": 0.001}), ("status", {"status": 503}), ("status", {"status": 429, "retry_after": 1}),
     ("wrong", {}),
 ])
-def test_single_faults_are_absorbed(repo, tmp_path, fault, params):
+def test_single_faults_are_absorbed(any_repo, tmp_path, fault, params):
+    repo = any_repo
     repo.server.fault(fault, path=repo.object_path("data/mid.bin"), **params)
     env = {"DDA_CHUNK_SIZE": "1M", "DDA_REQUEST_TIMEOUT": "2"}
     proc = repo.dda("cat", "data/mid.bin", cache=tmp_path / "cache", env=env)
