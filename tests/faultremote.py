@@ -94,6 +94,7 @@ class FaultRemote:
 
         def main() -> None:
             self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
             self._server = self._loop.run_until_complete(
                 asyncio.start_server(self._connection, "127.0.0.1", 0))
             self.port = self._server.sockets[0].getsockname()[1]
@@ -103,7 +104,8 @@ class FaultRemote:
             pending = asyncio.all_tasks(self._loop)     # connections still open: end them
             for task in pending:
                 task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
         self._thread = threading.Thread(target=main, daemon=True, name="fault-remote")
