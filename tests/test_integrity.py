@@ -466,7 +466,9 @@ def test_small_files_budget_counts_what_the_disk_holds(tmp_path):
 def test_disk_full_ends_cleanly_and_leaves_no_temp_files(repo, tmp_path):
     cache = tmp_path / "small-disk"
     cache.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(cache)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(cache)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         # git's clone lives in the cache too: fill most of what is left with a ballast file
         assert repo.dda("ls", cache=cache).returncode == 0
