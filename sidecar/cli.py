@@ -16,7 +16,7 @@ from .settings import Settings, add_arguments, flag_values, load_config
 
 Config = Settings      # older name, kept for importers
 ENGINE_FLAGS = ("revision", "cache_dir", "cache_size", "chunk_size", "jobs", "deadline", "request_timeout", "retries",
-                "ca_bundle")
+                "ca_bundle", "verify")
 
 ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE_SIZE, --rev -> DDA_REVISION,
 URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,

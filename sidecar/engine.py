@@ -6,6 +6,7 @@ more than the chunks a read touches, plus the .dir manifests of the snapshot.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, remote_settings_key
-from .errors import ConfigError, DDAError, NotFound, OutputUnavailable
+from .errors import ConfigError, DDAError, HashMismatch, NotFound, OutputUnavailable
 from .fetch import Fetcher, ObjectRef
+from .fetch.verify_stream import ReadCursor
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
 from .remotes.base import versioned_path
@@ -52,6 +54,10 @@ class Engine:
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
+        # Paths whose size came from a remote's answer, not from the repository: such a size
+        # is never handed to the fetcher as the truth, and is corrected when the object verifies.
+        self._looked_up: set[str] = set()
+        fetcher.size_observers.append(self._size_verified)
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -62,7 +68,8 @@ class Engine:
         git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
                         deadline=config.deadline, ca_bundle=config.ca_bundle)
         store = Store(config.cache_dir, config.cache_size, config.chunk_size)
-        fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline)
+        fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline,
+                          strict=config.verify == "before-read")
         engine = cls(config, git, store, fetcher)
         try:
             await engine._resolve(config.revision)
@@ -232,8 +239,8 @@ class Engine:
             root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
             key = entry.path[len(root) + 1:] if root else entry.path
             return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
-        return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, entry.size,
-                         entry.path)
+        size = None if entry.path in self._looked_up else entry.size   # a size learned from an answer: checked again
+        return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, size, entry.path)
 
     async def stat(self, path: str) -> Entry:
         return await self.sized(self.entry(path))
@@ -254,7 +261,16 @@ class Engine:
         sized = replace(entry, size=size)
         if self.tree.files.get(entry.path) is entry:
             self.tree.files[entry.path] = sized
+        if entry.kind == "dvc":
+            self._looked_up.add(entry.path)
         return sized
+
+    def _size_verified(self, oid: str, size: int) -> None:
+        """A verified object's size replaces one learned from a remote's answer."""
+        for path in self._looked_up:
+            entry = self.tree.files.get(path)
+            if entry is not None and entry.oid == oid and entry.size != size:
+                self.tree.files[path] = replace(entry, size=size)
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries, batched (one listing or bounded HEADs per remote)."""
@@ -270,11 +286,12 @@ class Engine:
                 result.append(self._sized(e, await self.git.blob_size(e.oid)))
         return result
 
-    async def read(self, path: str, offset: int, length: int) -> bytes:
-        return await self.read_entry(self.entry(path), offset, length)
+    async def read(self, path: str, offset: int, length: int, reader: ReadCursor | None = None) -> bytes:
+        return await self.read_entry(self.entry(path), offset, length, reader)
 
-    async def read_entry(self, entry: Entry, offset: int, length: int) -> bytes:
-        """Read what `entry` names, even after a refresh replaced the tree it came from."""
+    async def read_entry(self, entry: Entry, offset: int, length: int, reader: ReadCursor | None = None) -> bytes:
+        """Read what `entry` names, even after a refresh replaced the tree it came from.
+        `reader`: the cursor of one reader of this file (see Fetcher.read)."""
         if entry.kind == "broken":
             problem = self.tree.broken.get(entry.output or entry.path)
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
@@ -287,15 +304,16 @@ class Engine:
             data = blob[offset:offset + length]
             self.fetcher.stats.bytes_served += len(data)
             return data
-        return await self.fetcher.read(self.ref(entry), offset, length)
+        return await self.fetcher.read(self.ref(entry), offset, length, reader)
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
         """The whole file in pieces of one chunk (what `dda cat` and `dda get` stream)."""
         piece = piece or self.store.chunk_size
         entry = self.entry(path)
         offset = 0
+        reader = ReadCursor()
         while True:
-            data = await self.read(entry.path, offset, piece)
+            data = await self.read(entry.path, offset, piece, reader)
             if data:
                 yield data
             offset += len(data)
@@ -332,6 +350,8 @@ class Engine:
             self.fetcher.stats.cache_hits += 1
             return self._blobs[sha]
         blob = await self.git.read_blob(sha)
+        if len(sha) == 40 and hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() != sha:
+            raise HashMismatch(f"git blob {sha}: content does not match its sha1")
         self.fetcher.stats.cache_misses += 1
         self._blobs[sha] = blob
         self._blob_bytes += len(blob)

@@ -68,6 +68,7 @@ class RemoteUnavailable(RemoteError):
 
     retryable = True
     reason = "unavailable"
+    retry_after: float | None = None     # what the server asked for (Retry-After), in seconds
 
 
 class RetryAfter(RemoteUnavailable):
@@ -175,3 +176,12 @@ def errno_of(exc: BaseException) -> int:
 
 def reason_of(exc: BaseException) -> str:
     return describe(exc).reason
+
+class ObjectResized(DDAError):
+    """The size a reader was given came from a remote and the verified object proved it wrong."""
+
+    reason = "size_changed"
+
+
+class CacheFull(DDAError):
+    """The cache directory's filesystem is full (ENOSPC), even after evicting."""

@@ -259,6 +259,10 @@ class Settings(BaseSettings):
                                        flags=("--request-timeout",), shown="30")
     retries: Retries = setting(5, "retries of a failed request", group="engine", flags=("--retries",),
                                annotation=True, helm="sidecar.retries")
+    verify: Annotated[str, _v(_choice("stream", "before-read"))] = setting(
+        "stream", "objects larger than one chunk: stream = a reader takes bytes as they arrive and the read "
+        "that reaches the end fails if the md5 does not match; before-read = no byte before the md5 is known",
+        group="engine", flags=("--verify",))
     git_user: str | None = setting(None, "git user name (or in the URL; never a flag)", group="engine",
                                    shown="")
     git_token: str | None = setting(None, "git password or token (or in the URL; never a flag)",

@@ -30,7 +30,7 @@ SAMPLES = {
     "cache_dir": ("/tmp/dda-x", Path("/tmp/dda-x")), "cache_size": ("3G", 3 * 2**30),
     "chunk_size": ("4M", 4 * 2**20), "jobs": ("7", 7), "deadline": ("2m", 120.0), "request_timeout": ("500ms", 0.5),
     "retries": ("0", 0), "git_user": ("alice", "alice"), "git_token": ("tok", "tok"),
-    "ca_bundle": ("/etc/ssl/private-ca.pem", "/etc/ssl/private-ca.pem"),
+    "ca_bundle": ("/etc/ssl/private-ca.pem", "/etc/ssl/private-ca.pem"), "verify": ("before-read", "before-read"),
     "exit_with_app": ("true", True), "secret_dir": ("/secret", "/secret"), "ssh_key_file": ("/s/k", "/s/k"),
     "ssh_known_hosts_file": ("/s/kh", "/s/kh"),
     "mount": ("/mnt/x", "/mnt/x"), "subdir": ("data", "data"), "allow_non_empty": ("yes", True),

@@ -19,11 +19,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError, RemoteUnavailable, reason_of
+from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
+                      RemoteUnavailable, reason_of)
 from ..remotes import Remote
 from ..store import Store
-from ..store.verify import ObjectVerifier, md5_matches
+from ..store.identity import chunk_digest
+from ..store.verify import md5_matches
 from .priority import PriorityLimiter
+from .verify_stream import ObjectPass, ReadCursor
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class FetchStats:
 
 class Fetcher:
     def __init__(self, store: Store, *, jobs: int = 16, retries: int = 5, deadline: float = 60.0,
-                 backoff_base: float = 0.2, backoff_cap: float = 10.0):
+                 backoff_base: float = 0.2, backoff_cap: float = 10.0, strict: bool = False):
         self.store = store
         self.jobs = jobs
         self.retries = retries
@@ -74,11 +77,17 @@ class Fetcher:
         self.backoff_cap = backoff_cap
         self.stats = FetchStats()
         self._limits: dict[int, PriorityLimiter] = {}
-        self._inflight: dict[tuple[str, int], asyncio.Task[bytes]] = {}
-        self._verifying: dict[str, asyncio.Task[None]] = {}
-        self._streams: dict[tuple[str, int], _StreamJob] = {}
+        self._inflight: dict[tuple[str, int, bool], asyncio.Task[tuple[bytes, bool]]] = {}
         self._stream_tasks: set[asyncio.Task[None]] = set()
+        self._passes: dict[str, ObjectPass] = {}
+        self._digests: dict[str, tuple[int, list[bytes]]] = {}
         self._sizes: dict[str, int] = {}
+        self._contradicted: set[str] = set()     # sizes forgotten after a contradiction
+        self.strict = strict
+        # Called with (oid) when bytes of an object that readers may hold failed verification
+        # (the mount drops its pages), and with (oid, size) when a verified size replaced another.
+        self.mismatch_observers: list[Callable[[str], None]] = []
+        self.size_observers: list[Callable[[str, int], None]] = []
         # Observers for metrics (sidecar.metrics); None costs nothing. Called on the loop.
         self.on_request: Callable[[str, str, float], None] | None       # (op, status, seconds)
         self.on_read_wait: Callable[[float], None] | None               # a read blocked on the remote
@@ -95,13 +104,35 @@ class Fetcher:
             self._sizes[ref.oid] = size
         return size
 
-    def _learned_size(self, oid: str, size: int) -> None:
-        if self._sizes.get(oid) != size:
+    def _learned_size(self, oid: str, size: int, verified: bool = False) -> None:
+        """Record a size from an answer we trust (a Content-Range total, the length of a
+        complete answer, a HEAD) or from the verified object (`verified`)."""
+        old = self._sizes.get(oid)
+        if old != size:
             self._sizes[oid] = size
             self.store.index.record_sizes({oid: size})
+            corrected = old is not None or oid in self._contradicted
+            if verified and corrected:    # a correction: whoever showed the old size follows
+                self._contradicted.discard(oid)
+                for observer in self.size_observers:
+                    observer(oid, size)
+
+    def _size_contradicted(self, ref: ObjectRef, known: int, answered: int) -> None:
+        """An answer's size disagrees with the one we had: forget ours (it came from an
+        earlier answer, never from the repository) so the read learns it again."""
+        log.warning("%s: remote says %s has %d bytes, the cache index said %d; learning the size again",
+                    ref.display, ref.path, answered, known)
+        self._sizes.pop(ref.oid, None)
+        self._contradicted.add(ref.oid)
+        self.store.index.forget_size(ref.oid)
+        self.stats.errors["size_contradiction"] += 1
 
     async def size_of(self, ref: ObjectRef) -> int:
         size = self.known_size(ref)
+        if size is None:
+            size = self.store.object_size(ref.oid)
+            if size is not None:
+                self._learned_size(ref.oid, size)
         if size is None:
             self.stats.meta_misses += 1
             size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
@@ -163,39 +194,56 @@ class Fetcher:
         return learned
 
     # reading ---------------------------------------------------------------------------------
-    async def read(self, ref: ObjectRef, offset: int, length: int) -> bytes:
-        """Up to `length` bytes at `offset` (fewer at the end of the object)."""
-        return await self._with_deadline(self._read(ref, offset, length), ref)
+    async def read(self, ref: ObjectRef, offset: int, length: int, reader: ReadCursor | None = None) -> bytes:
+        """Up to `length` bytes at `offset` (fewer at the end of the object). `reader` is the
+        cursor of one reader of the object (a file handle): with it, and `verify: stream`,
+        bytes of a large object may be served before its md5 is known, and a later read
+        through the same cursor (at the latest the one that reaches the end) fails if they
+        were wrong. Without it every byte is verified before it is returned."""
+        return await self._with_deadline(self._read(ref, offset, length, reader=reader), ref)
 
     async def read_all(self, ref: ObjectRef) -> bytes:
         """A whole object as metadata (the .dir manifests): counted as a metadata lookup, not
         as bytes served to readers."""
         return await self._with_deadline(self._read(ref, 0, None, meta=True), ref)
 
-    async def _read(self, ref: ObjectRef, offset: int, length: int | None, meta: bool = False) -> bytes:
+    async def _read(self, ref: ObjectRef, offset: int, length: int | None, meta: bool = False,
+                    reader: ReadCursor | None = None) -> bytes:
         started = time.monotonic()
         waiting = [False]   # set while (and if) the read waits for the remote
         try:
-            return await self._read_body(ref, offset, length, meta, waiting)
+            for attempt in range(3):
+                try:
+                    return await self._read_body(ref, offset, length, meta, waiting, reader)
+                except _SizeChanged:
+                    if attempt == 2:
+                        raise RemoteError(f"{ref.display}: the remote keeps changing its answer about the size "
+                                          f"of {ref.path}") from None
+            raise AssertionError("unreachable")
         finally:
             if waiting[0] and not meta and self.on_read_wait is not None:
                 self.on_read_wait(time.monotonic() - started)
 
     async def _read_body(self, ref: ObjectRef, offset: int, length: int | None, meta: bool,
-                         waiting: list[bool]) -> bytes:
+                         waiting: list[bool], reader: ReadCursor | None) -> bytes:
         cs = self.store.chunk_size
+        if reader is not None:
+            reader.check()
         size = self.known_size(ref)
         missed = False
         if size is None:
+            size = self.store.object_size(ref.oid)     # a verified object in the store knows it
+            if size is not None:
+                self._learned_size(ref.oid, size, verified=True)
+        if size is None:
             # Learn the size from the first chunk's answer (Content-Range), not a separate HEAD.
             waiting[0] = True
-            first, hit = await self._chunk(ref, 0, None)
-            missed = waiting[0] = not hit
-            size = self.known_size(ref)
-            assert size is not None
+            size = await self._probe(ref)
+            missed = True
         end = size if length is None else min(size, offset + length)
         if offset >= end:
             return b""
+        large = self.store.chunk_count(size) > 1
         pieces: list[bytes] = []
         first_idx, last_idx = offset // cs, (end - 1) // cs
         for idx in range(first_idx, last_idx + 1):
@@ -203,14 +251,16 @@ class Fetcher:
             data = self.store.read(ref.oid, idx, lo, hi)
             if data is None:
                 waiting[0] = True
-                if self.store.chunk_count(size) > 1:
-                    data, hit = await self._streamed_range(ref, idx, size, lo, hi)
+                if large:
+                    data, hit = await self._large_range(ref, idx, size, lo, hi, reader)
                 else:
                     chunk, hit = await self._chunk(ref, idx, size)
                     data = chunk[lo:hi]
                 missed = missed or not hit
                 waiting[0] = missed
             pieces.append(data)
+        if large and reader is not None and end == size:
+            await reader.settle()       # the read that ends the object: every byte taken was right
         out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if meta:
             if missed:
@@ -225,6 +275,86 @@ class Fetcher:
         self.stats.bytes_served += len(out)
         return out
 
+    async def _probe(self, ref: ObjectRef) -> int:
+        """Learn an object's size from the answer for its first chunk. A one-chunk object is
+        verified and stored on the way; the first chunk of a larger one is not kept (it is
+        verified with the rest by the pass that reads it)."""
+        data, _ = await self._chunk(ref, 0, None)
+        size = self.known_size(ref)
+        if size is None:
+            raise _SizeChanged()
+        return size
+
+    def _sums(self, oid: str, size: int) -> list[bytes] | None:
+        """Per-chunk sha256 of a verified object (from a verified pass), or None."""
+        found = self._digests.get(oid)
+        if found is None:
+            stored = self.store.read_sums(oid)
+            if stored is None:
+                return None
+            found = self._digests[oid] = stored
+        if found[0] != size:
+            log.warning("object %s: verified size %d differs from the recorded %d; using the verified one",
+                        oid, found[0], size)
+            self._learned_size(oid, found[0], verified=True)
+            raise _SizeChanged()
+        return found[1]
+
+    async def _large_range(self, ref: ObjectRef, idx: int, size: int, lo: int, hi: int,
+                           reader: ReadCursor | None) -> tuple[bytes, bool]:
+        """Bytes [lo, hi) of chunk `idx` of a large object that is not in the cache."""
+        for attempt in range(2):
+            sums = self._sums(ref.oid, size)
+            if sums is not None:       # verified before: this chunk can be checked on its own
+                chunk, hit = await self._chunk(ref, idx, size, digest=sums[idx])
+                return chunk[lo:hi], hit
+            job_pass = self._pass(ref, size)
+            if reader is not None and not self.strict:
+                data = await job_pass.range(idx, lo, hi)
+                if data is not None:
+                    reader.took(job_pass)
+                    return data, False
+            try:
+                await job_pass.verdict()
+            except HashMismatch:
+                if attempt == 1 or (reader is not None and reader.passes):
+                    raise
+                continue    # this reader took no unverified byte yet: one more pass
+            data = self.store.read(ref.oid, idx, lo, hi)
+            if data is not None:
+                return data, False
+        raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} does not "
+                           f"match its md5 {ref.oid}")
+
+    def _pass(self, ref: ObjectRef, size: int) -> ObjectPass:
+        job_pass = self._passes.get(ref.oid)
+        if job_pass is None or job_pass.task.done():
+            job_pass = ObjectPass(self, ref, size)
+            self._passes[ref.oid] = job_pass
+            self._stream_tasks.add(job_pass.task)
+
+            def done(task: asyncio.Task[None], oid: str = ref.oid, p: ObjectPass = job_pass) -> None:
+                self._stream_tasks.discard(task)
+                if self._passes.get(oid) is p:
+                    del self._passes[oid]
+                if not task.cancelled():
+                    task.exception()    # retrieved: readers get it from verdict()
+            job_pass.task.add_done_callback(done)
+        return job_pass
+
+    def _mismatch(self, ref: ObjectRef, message: str) -> None:
+        self.stats.hash_mismatches += 1
+        self.stats.errors["hash_mismatch"] += 1
+        raise HashMismatch(message)
+
+    def _object_changed(self, oid: str) -> None:
+        """Bytes of `oid` that readers may hold (the kernel's page cache) were not verified."""
+        for observer in self.mismatch_observers:
+            try:
+                observer(oid)
+            except Exception:   # an observer must never break the read path
+                log.exception("mismatch observer failed")
+
     async def prefetch(self, ref: ObjectRef, offset: int = 0, length: int | None = None) -> None:
         """Bring chunks into the cache without serving them."""
         size = await self.size_of(ref)
@@ -232,7 +362,10 @@ class Fetcher:
         end = size if length is None else min(size, offset + length)
         for idx in range(offset // cs, max(offset // cs, (end - 1) // cs) + 1):
             if not self.store.has(ref.oid, idx):
-                await self._chunk(ref, idx, size)
+                if self.store.chunk_count(size) > 1:
+                    await self._large_range(ref, idx, size, 0, 0, None)
+                else:
+                    await self._chunk(ref, idx, size)
 
     def cached(self, ref: ObjectRef) -> bool:
         """Whether every chunk of the object is in the store (size must be known)."""
@@ -241,60 +374,19 @@ class Fetcher:
             return False
         return all(self.store.has(ref.oid, idx) for idx in range(self.store.chunk_count(size)))
 
-    async def _chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
-        """(chunk bytes, whether the cache had it), joining a download already in flight."""
-        if size is not None and self.store.chunk_count(size) > 1:
-            job = self._stream_job(ref, idx, size)
-            await job.wait(job.length, until_done=True)
-            return bytes(job.buf), job.from_cache
-        key = (ref.oid, idx)
+    async def _chunk(self, ref: ObjectRef, idx: int, size: int | None,
+                     digest: bytes | None = None) -> tuple[bytes, bool]:
+        """(chunk bytes, whether the cache had it), joining a download already in flight. The
+        chunk is verified before it is stored or returned: against the object's md5 (one-chunk
+        objects) or the chunk's sha256 from a verified pass (`digest`)."""
+        key = (ref.oid, idx, size is None)     # a probe (size unknown) never joins a verified load
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._load_chunk(ref, idx, size))
+            task = asyncio.create_task(self._load_chunk(ref, idx, size, digest))
             self._inflight[key] = task
             task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None), t.cancelled() or t.exception()))
         data, downloaded = await asyncio.shield(task)
         return data, not downloaded
-
-    # -- streamed chunks of large objects -------------------------------------------------------
-    def _stream_job(self, ref: ObjectRef, idx: int, size: int) -> "_StreamJob":
-        key = (ref.oid, idx)
-        job = self._streams.get(key)
-        if job is None:
-            cs = self.store.chunk_size
-            length = min(size, (idx + 1) * cs) - idx * cs
-            job = _StreamJob(length, last=(idx + 1) * cs >= size)
-            self._streams[key] = job
-            task = asyncio.create_task(self._run_stream(ref, idx, size, job))
-            self._stream_tasks.add(task)
-            task.add_done_callback(self._stream_tasks.discard)
-            task.add_done_callback(lambda t, k=key: (self._streams.pop(k, None),
-                                                     t.cancelled() or t.exception()))
-        return job
-
-    async def _streamed_range(self, ref: ObjectRef, idx: int, size: int, lo: int, hi: int) -> tuple[bytes, bool]:
-        """Bytes [lo, hi) of a chunk of a large object, served as soon as they arrive. The read
-        that ends the object waits for the whole-object md5 check."""
-        job = self._stream_job(ref, idx, size)
-        await job.wait(hi, until_done=job.last and hi == job.length)
-        return bytes(job.buf[lo:hi]), job.from_cache
-
-    async def _run_stream(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
-        try:
-            async with self.store.lock(ref.oid, idx):
-                cached = self.store.read(ref.oid, idx)   # another process may have just written it
-                if cached is not None:
-                    job.from_cache = True
-                    job.feed(cached)
-                else:
-                    await self._stream_download(ref, idx, size, job)
-                    await asyncio.to_thread(self.store.write, ref.oid, idx, bytes(job.buf))
-            if not job.from_cache:
-                await self._verify_when_complete(ref, size)
-            job.finish(None)
-        except BaseException as err:
-            job.finish(err)
-            raise
 
     async def _stream_download(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
         start = idx * self.store.chunk_size
@@ -311,8 +403,11 @@ class Fetcher:
                 total = await self._remote_call(
                     ref.remote, lambda: ref.remote.stream(ref.path, offset, start + job.length, sink), "read")
                 if total is not None and total != size:
-                    raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, expected {size}",
-                                      path=ref.display)
+                    if ref.size is not None:    # the repository's size: the answer is wrong
+                        raise RemoteUnavailable(f"{ref.display}: remote says {ref.path} has {total} bytes, "
+                                                f"the repository says {size}")
+                    self._size_contradicted(ref, size, total)
+                    raise _SizeChanged()
                 if job.received < job.length:
                     raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
                                             f"({job.received} of {job.length} bytes)", path=ref.display)
@@ -320,18 +415,29 @@ class Fetcher:
                 attempt += 1
                 await self._backoff(attempt, ref, err)
 
-    async def _load_chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, bool]:
+    async def _load_chunk(self, ref: ObjectRef, idx: int, size: int | None,
+                          digest: bytes | None) -> tuple[bytes, bool]:
         async with self.store.lock(ref.oid, idx):
-            cached = self.store.read(ref.oid, idx)   # another process may have just written it
-            if cached is not None:
-                return cached, False
-            data, size = await self._download_chunk(ref, idx, size)
-            await asyncio.to_thread(self.store.write, ref.oid, idx, data)
-        if self.store.chunk_count(size) > 1:
-            await self._verify_when_complete(ref, size)
+            header = self.store.header(ref.oid, idx)    # another process may have just written it
+            if header is not None and size is not None and header.object_size != size and ref.size is None:
+                self._size_contradicted(ref, size, header.object_size)
+                self._learned_size(ref.oid, header.object_size, verified=True)   # the chunk was verified
+                raise _SizeChanged()
+            if header is not None and (size is None or header.object_size == size):
+                cached = self.store.read(ref.oid, idx)
+                if cached is not None:
+                    self._learned_size(ref.oid, header.object_size, verified=True)
+                    return cached, False
+            data, size = await self._download_chunk(ref, idx, size, digest)
+            if self.store.chunk_count(size) == 1 or digest is not None:
+                try:
+                    await asyncio.to_thread(self.store.write, ref.oid, idx, data, size)
+                except CacheFull as err:    # the bytes are verified: serve them, uncached
+                    log.warning("%s: not caching it: %s", ref.display, err)
         return data, True
 
-    async def _download_chunk(self, ref: ObjectRef, idx: int, size: int | None) -> tuple[bytes, int]:
+    async def _download_chunk(self, ref: ObjectRef, idx: int, size: int | None,
+                              digest: bytes | None) -> tuple[bytes, int]:
         cs = self.store.chunk_size
         start = idx * cs
         end = start + cs if size is None else min(size, start + cs)
@@ -343,16 +449,29 @@ class Fetcher:
                 self.stats.bytes_fetched += len(got.data)
                 total = got.total if got.total is not None else size
                 if total is None:
-                    total = start + len(got.data)   # no size in the answer: a short read marks the end
+                    # No size in the answer: only a whole verified object can tell it.
+                    total = start + len(got.data)
+                    if len(got.data) >= cs:
+                        raise RemoteUnavailable(f"{ref.display}: the answer for {ref.path} gave no size")
                 if size is not None and total != size:
-                    raise RemoteError(f"{ref.display}: remote object {ref.path} has {total} bytes, "
-                                      f"expected {size}", path=ref.display)
+                    if ref.size is not None:
+                        raise RemoteUnavailable(f"{ref.display}: remote says {ref.path} has {total} bytes, "
+                                                f"the repository says {size}")
+                    self._size_contradicted(ref, size, total)
+                    raise _SizeChanged()
                 expected_len = min(total, start + cs) - start
                 if len(got.data) != expected_len:
                     raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
                                             f"({len(got.data)} of {expected_len} bytes)", path=ref.display)
-                self._learned_size(ref.oid, total)
-                if self.store.chunk_count(total) == 1 and not md5_matches(got.data, ref.oid, ref.legacy):
+                if self.store.chunk_count(total) == 1:
+                    ok = md5_matches(got.data, ref.oid, ref.legacy)
+                elif digest is not None:
+                    ok = chunk_digest(got.data) == digest
+                else:
+                    # First chunk of a large object read to learn its size: it is not kept.
+                    self._learned_size(ref.oid, total)
+                    return got.data, total
+                if not ok:
                     mismatches += 1
                     self.stats.hash_mismatches += 1
                     if mismatches > 1:
@@ -360,6 +479,7 @@ class Fetcher:
                         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} "
                                            f"does not match its md5 {ref.oid} (after {mismatches} downloads)")
                     continue
+                self._learned_size(ref.oid, total, verified=True)
                 return got.data, total
             except RemoteUnavailable as err:
                 attempt += 1
@@ -385,33 +505,6 @@ class Fetcher:
         self.stats.retries += 1
         log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
         await asyncio.sleep(delay)
-
-    async def _verify_when_complete(self, ref: ObjectRef, size: int) -> None:
-        count = self.store.chunk_count(size)
-        if self.store.index.is_complete(ref.oid) or len(self.store.index.present(ref.oid)) < count:
-            return
-        task = self._verifying.get(ref.oid)
-        if task is None:
-            task = asyncio.create_task(asyncio.to_thread(self._verify_object, ref, count))
-            self._verifying[ref.oid] = task
-            task.add_done_callback(lambda _t: self._verifying.pop(ref.oid, None))
-        await asyncio.shield(task)
-
-    def _verify_object(self, ref: ObjectRef, count: int) -> None:
-        verifier = ObjectVerifier(ref.oid, ref.legacy)
-        for idx in range(count):
-            data = self.store.read(ref.oid, idx)
-            if data is None:
-                return  # evicted or damaged meanwhile: the next full pass verifies
-            verifier.update(data)
-        if verifier.ok():
-            self.store.index.mark_complete(ref.oid)
-            return
-        self.store.drop_object(ref.oid, count)
-        self.stats.hash_mismatches += 1
-        self.stats.errors[HashMismatch.reason] += 1
-        raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} does not "
-                           f"match its md5 {ref.oid}; dropped it from the cache")
 
     async def drain(self, timeout: float) -> None:
         """Let downloads already under way land in the cache (a reader that took the first
@@ -471,6 +564,14 @@ class Fetcher:
                 f"within {self.deadline:g}s", path=ref.display) from None
         finally:
             _read_ends_at.reset(token)
+
+
+class _SizeChanged(RemoteError):
+    """The size we had for an object was contradicted: the read starts over and learns it
+    (escaping elsewhere, e.g. to a prefetch, it is an ordinary one-line remote error)."""
+
+    def __init__(self, message: str = "the remote contradicted the size we had for this object") -> None:
+        super().__init__(message)
 
 
 class _StreamJob:

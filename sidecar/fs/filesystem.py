@@ -19,12 +19,15 @@ import itertools
 import os
 import posixpath
 import stat as _st
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine import Engine
-from ..errors import (BadHandle, DDAError, IsADirectory, NotADirectory, NotASymlink, NotFound, OutputUnavailable,
+from ..errors import (BadHandle, DDAError, HashMismatch, IsADirectory, NotADirectory, NotASymlink, NotFound,
+                      ObjectResized,
+                      OutputUnavailable,
                       SymlinkLoop)
+from ..fetch.verify_stream import ReadCursor
 from ..snapshot.tree import Entry, Tree
 from .attr import Attr, DirEntry, Kind, dir_attr
 
@@ -32,14 +35,17 @@ MAX_SYMLINK_HOPS = 40          # as the kernel's ELOOP limit
 MAX_LINK_TARGET = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handle:
-    """An open file: the entry (object and size) it was opened on, whatever happens later."""
+    """An open file: the entry (object and size) it was opened on, whatever happens later
+    (a refresh never changes it; only a size proved wrong by the verified object does)."""
 
     id: int
     path: str
     entry: Entry         # sized
     commit: str | None
+    # what this reader took before its object was verified (sidecar.fetch.verify_stream)
+    cursor: ReadCursor = field(default_factory=ReadCursor)
 
     @property
     def size(self) -> int:
@@ -70,6 +76,22 @@ class FileSystem:
         self.engine = engine
         self._handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
+        engine.fetcher.mismatch_observers.append(self._object_failed)
+        engine.fetcher.size_observers.append(self._object_resized)
+
+    def _object_failed(self, oid: str) -> None:
+        """Bytes of `oid` given out unverified were wrong (or could not be verified): every
+        handle open on it fails its next read."""
+        error = HashMismatch(f"object {oid} failed verification after some of its bytes were read")
+        for handle in self._handles.values():
+            if handle.entry.oid == oid:
+                handle.cursor.fail(error)
+
+    def _object_resized(self, oid: str, size: int) -> None:
+        """A verified size replaced one learned from a remote: open handles follow."""
+        for handle in self._handles.values():
+            if handle.entry.oid == oid and handle.entry.size != size:
+                handle.entry = replace(handle.entry, size=size)
 
     # -- the snapshot ---------------------------------------------------------------------------
     @property
@@ -263,10 +285,19 @@ class FileSystem:
         return len(self._handles)
 
     async def read(self, handle: Handle, offset: int, length: int) -> bytes:
-        """Up to `length` bytes at `offset` of the handle's object (b"" at or past its end)."""
-        if offset >= handle.size or length <= 0:
+        """Up to `length` bytes at `offset` of the handle's object (b"" at or past its end).
+        Raises HashMismatch on a read after the object failed verification (its earlier
+        bytes were wrong), and ObjectResized when the size this reader was given proved wrong."""
+        size = handle.size
+        if offset >= size or length <= 0:
             return b""
-        return await self.engine.read_entry(handle.entry, offset, min(length, handle.size - offset))
+        data = await self.engine.read_entry(handle.entry, offset, min(length, size - offset), handle.cursor)
+        if handle.size != size:
+            # The size came from a remote's answer and the verified object says otherwise: fail
+            # rather than hand out a file cut at the wrong length (the next open is right).
+            raise ObjectResized(f"{handle.path}: its size changed from {size} to {handle.size} while reading",
+                                path=handle.path)
+        return data
 
     async def iter_bytes(self, handle: Handle, piece: int | None = None) -> AsyncIterator[bytes]:
         """The handle's whole object in pieces of one chunk (what `dda cat` and `get` stream)."""

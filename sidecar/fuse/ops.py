@@ -92,6 +92,8 @@ class DdaOperations(pyfuse3.Operations):
         self._inodes: dict[str, int] = {self.root: pyfuse3.ROOT_INODE}
         self._open: dict[int, _Open] = {}           # fh -> open file (metrics count these)
         self.status_extra: dict[str, object] = {}
+        engine.fetcher.mismatch_observers.append(self._object_failed)
+        engine.fetcher.size_observers.append(self._object_resized)
 
     # -- inode bookkeeping ----------------------------------------------------------------------
     def _inode(self, path: str) -> int:
@@ -232,6 +234,28 @@ class DdaOperations(pyfuse3.Operations):
                     pyfuse3.invalidate_entry_async(parent, os.fsencode(name))
             except OSError:
                 pass   # never looked up by the kernel, or already forgotten
+
+    # -- integrity: pages and sizes of an object that failed verification -------------------------
+    def _inodes_of(self, oid: str) -> list[tuple[int, str]]:
+        files = self.engine.tree.files
+        return [(inode, path) for path, inode in self._inodes.items()
+                if path in files and files[path].oid == oid]
+
+    def _object_failed(self, oid: str) -> None:
+        """Bytes of `oid` given out unverified were wrong (or could not be verified): the fs
+        layer fails the next read of every handle on it; here the kernel drops its pages."""
+        self._invalidate_object(oid)
+
+    def _object_resized(self, oid: str, size: int) -> None:
+        """A verified size replaced one learned from a remote: the kernel's attributes follow
+        (the fs layer updates the open handles)."""
+        self._invalidate_object(oid)
+
+    def _invalidate_object(self, oid: str) -> None:
+        stale = [(inode, None, "") for inode, _ in self._inodes_of(oid)]
+        if stale:
+            asyncio.get_running_loop().call_soon(
+                lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
 
     @_never_crash
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -97,9 +97,13 @@ def range_from_response(resp: httpx.Response, body: bytes, start: int, end: int 
         if first != start:
             raise RemoteUnavailable(f"server answered range starting at {first}, asked {start}")
         return Range(body, total)
-    # No Content-Range: the server sent the whole object.
+    # No Content-Range: the server sent the whole object. Its length is the object's size
+    # only when the answer said how long it is and that many bytes came (a close-delimited
+    # body cut short looks complete otherwise).
     stop = len(body) if end is None else min(end, len(body))
-    return Range(body[start:stop], len(body))
+    length = resp.headers.get("content-length")
+    total = len(body) if length is not None and length.isdigit() and int(length) == len(body) else None
+    return Range(body[start:stop], total)
 
 
 def transport_error(where: str, err: Exception) -> RemoteUnavailable:

@@ -1,38 +1,49 @@
-"""Chunk files: each holds one chunk of one object after a header with a CRC32 per 128 KiB block.
+"""Chunk files: each holds one chunk of one object after a header that says what it is (object
+id, chunk index, chunk size, object size) and a CRC32 per 128 KiB block (store/identity.py).
 
-A chunk file appears only by an atomic rename of a finished temp file, so a kill at any
-instant leaves either no chunk or a whole one; every block is checked against its CRC
-when read, so bytes damaged on disk are dropped and fetched again, never served.
+A chunk file appears under its name only by an atomic rename, and only with bytes that were
+verified: the whole object's md5 (a one-chunk object, or a whole in-order pass over a larger
+one), or the chunk's own sha256 learned from such a pass. Bytes of a pass still under way sit
+in pending files (`<name>.p<pid>-<n>`) that no reader opens; the pass renames them into place
+when the md5 matches and removes them when it does not. Every read checks the identity and
+the CRCs of the blocks it returns, so a damaged chunk, or one copied over another's name, is
+dropped and fetched again, never served.
 
-Layout: a fixed 512-byte header (magic, data length, block count, CRCs), then the data. A
-fixed header lets one pread fetch header and data together: a warm read of a small file
-is open + pread + close.
+Layout: a fixed 512-byte header, then the data. A fixed header lets one pread fetch header
+and data together: a warm read of a small file is open + pread + close.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import struct
 import time
 import zlib
 from pathlib import Path
 
+from ..errors import CacheFull
 from ..locks import FileLock
+from .budget import SharedBudget
 from .evict import evict_to_budget
+from .identity import BLOCK, HEADER, MAX_BLOCKS, BadChunk, ChunkHeader, pack_header, pack_sums, parse_header, \
+    parse_sums
 from .index import Index
 
-BLOCK = 128 * 1024
-_MAGIC = b"DDA2"
-_HEAD = struct.Struct("<4sII")   # magic, data length, block count
-HEADER = 512                     # room for the CRCs of 126 blocks (a 15.75 MiB chunk)
-MAX_BLOCKS = (HEADER - _HEAD.size) // 4
+__all__ = ["Store", "BLOCK", "HEADER", "MAX_BLOCKS"]
+
+LOCK_STRIPES = 64   # chunk locks share this many lock files: their number stays bounded
 
 log = logging.getLogger(__name__)
 
 
-def _crcs(data: bytes | memoryview) -> list[int]:
-    view = memoryview(data)
-    return [zlib.crc32(view[i:i + BLOCK]) for i in range(0, len(view), BLOCK)] or [zlib.crc32(b"")]
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Store:
@@ -45,39 +56,114 @@ class Store:
         self._chunks = str(self.root / "chunks")
         self.budget = budget
         self.chunk_size = chunk_size
-        for sub in ("chunks", "locks", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("chunks", "locks", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.shared_budget = SharedBudget(self.root / "budgets", budget)
+        except OSError as err:
+            raise self._os_error(err, "open") from None
         self.index = Index(self.root / "index.sqlite")
+        self.evictions = 0
+        self._pending_seq = 0
+        self.held_object_locks: set[Path] = set()
+        self._effective = (budget, 0.0)
+        self._disk_est, self._disk_read = 0, 0.0
+        self._overhead_cached = (0, 0.0)
+        self._clean_tmp()
+        if self.index.rebuilt:
+            self._rebuild_index()
+        else:
+            self._clean_pending()
         self._used = self.index.used_bytes()
         self._used_read = time.monotonic()
-        self.evictions = 0
-        self._clean_tmp()
 
+    # -- housekeeping ----------------------------------------------------------------------------
     def _clean_tmp(self) -> None:
+        """Remove temp files of processes that are gone (or older than an hour)."""
         cutoff = time.time() - 3600
         for entry in os.scandir(self.root / "tmp"):
             try:
-                if entry.stat().st_mtime < cutoff:
+                parts = entry.name.split(".")
+                pid = int(parts[2]) if len(parts) >= 4 else 0
+                if not _pid_alive(pid) or entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
-            except OSError:
+            except (OSError, ValueError):
                 pass
+
+    def _clean_pending(self) -> None:
+        for key, idx in self.index.pending():
+            tag = key.split("~", 1)[1]
+            if not _pid_alive(int(tag.split("-", 1)[0] or 0)):
+                self._unlink(key, idx)
+                self.index.forget_chunk(key, idx)
+
+    def _rebuild_index(self) -> None:
+        """Refill a new index from the chunk headers; drop what is not a valid chunk file."""
+        rows: list[tuple[str, int, int, float]] = []
+        kept = dropped = 0
+        for sub in os.scandir(self._chunks):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                name = entry.name
+                try:
+                    if name.endswith(".sums"):
+                        continue
+                    stem, _, idx_text = name.rpartition(".")
+                    if not idx_text.isdigit():      # a pending file: its pass cannot finish any more
+                        raise BadChunk("pending")
+                    oid, idx = sub.name + stem, int(idx_text)
+                    with open(entry.path, "rb") as f:
+                        header = parse_header(f.read(HEADER), oid, idx, self.chunk_size)
+                    if entry.stat().st_size != HEADER + header.length:
+                        raise BadChunk("truncated")
+                    rows.append((oid, idx, header.length, entry.stat().st_atime))
+                    kept += 1
+                except (BadChunk, OSError, ValueError):
+                    dropped += 1
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
+        self.index.add_chunks(rows)
+        self.index.mark_built()
+        if kept or dropped:
+            log.warning("cache: rebuilt the index from the chunk files (%d kept, %d dropped)", kept, dropped)
+
+    def _os_error(self, err: OSError, doing: str) -> Exception:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return CacheFull(f"cache directory {self.root.parent}: no space left on the device ({doing})")
+        return err
 
     # layout ----------------------------------------------------------------------------------
     def chunk_file(self, oid: str, idx: int) -> str:
+        if "~" in oid:      # pending file of a pass: `<oid>~<tag>`
+            oid, tag = oid.split("~", 1)
+            return f"{self._chunks}/{oid[:2]}/{oid[2:]}.{idx}.p{tag}"
         return f"{self._chunks}/{oid[:2]}/{oid[2:]}.{idx}"   # hot path: no Path objects
 
     def chunk_path(self, oid: str, idx: int) -> Path:
         return Path(self.chunk_file(oid, idx))
 
+    def sums_file(self, oid: str) -> str:
+        return f"{self._chunks}/{oid[:2]}/{oid[2:]}.sums"
+
     def lock(self, oid: str, idx: int) -> FileLock:
-        return FileLock(self.root / "locks" / f"{oid}.{idx}.lock")
+        stripe = zlib.crc32(f"{oid}.{idx}".encode()) % LOCK_STRIPES
+        return FileLock(self.root / "locks" / f"{stripe:02x}.lock")
+
+    def object_lock(self, oid: str) -> FileLock:
+        """Held by the process running the verifying pass over `oid` (striped too)."""
+        stripe = zlib.crc32(oid.encode()) % LOCK_STRIPES
+        return FileLock(self.root / "locks" / f"object-{stripe:02x}.lock")
 
     def chunk_count(self, size: int) -> int:
         return max(1, -(-size // self.chunk_size))
 
     # reading ---------------------------------------------------------------------------------
     def read(self, oid: str, idx: int, start: int = 0, end: int | None = None) -> bytes | None:
-        """Bytes [start, end) of chunk `idx`, or None if absent or damaged (then removed)."""
+        """Bytes [start, end) of chunk `idx`, or None if absent, damaged or not what its name
+        says (then removed)."""
         try:
             fd = os.open(self.chunk_file(oid, idx), os.O_RDONLY)
         except FileNotFoundError:
@@ -92,11 +178,11 @@ class Store:
             else:
                 head = os.pread(fd, HEADER, 0)
                 raw, body_at = None, 0
-            if len(head) < _HEAD.size:
-                return self._damaged(oid, idx, "truncated header")
-            magic, length, count = _HEAD.unpack_from(head)
-            if magic != _MAGIC or count != max(1, -(-length // BLOCK)) or count > MAX_BLOCKS:
-                return self._damaged(oid, idx, "bad header")
+            try:
+                header = parse_header(head, oid, idx, self.chunk_size)
+            except BadChunk as err:
+                return self._damaged(oid, idx, str(err))
+            length = header.length
             stop = length if end is None else min(end, length)
             if start >= stop:
                 return b""
@@ -108,15 +194,25 @@ class Store:
             view = memoryview(raw)[body_at:]
             if len(view) < want_to - first * BLOCK:
                 return self._damaged(oid, idx, "truncated data")
-            crcs = struct.unpack_from(f"<{count}I", head, _HEAD.size)
             for n, block in enumerate(range(first, last + 1)):
-                if zlib.crc32(view[n * BLOCK:(n + 1) * BLOCK]) != crcs[block]:
+                if zlib.crc32(view[n * BLOCK:(n + 1) * BLOCK]) != header.crcs[block]:
                     return self._damaged(oid, idx, f"block {block} checksum")
             self.index.touch(oid, idx)
             offset = first * BLOCK
             return bytes(view[start - offset:stop - offset])
         finally:
             os.close(fd)
+
+    def header(self, oid: str, idx: int) -> ChunkHeader | None:
+        """The checked header of a stored chunk (None if absent or bad)."""
+        try:
+            with open(self.chunk_file(oid, idx), "rb") as f:
+                return parse_header(f.read(HEADER), oid, idx, self.chunk_size)
+        except FileNotFoundError:
+            return None
+        except BadChunk as err:
+            self._damaged(oid, idx, str(err))
+            return None
 
     def _damaged(self, oid: str, idx: int, why: str) -> None:
         log.warning("cache: chunk %d of object %s is damaged (%s); dropping it", idx, oid, why)
@@ -128,28 +224,161 @@ class Store:
         return os.path.exists(self.chunk_file(oid, idx))
 
     # writing ---------------------------------------------------------------------------------
-    def write(self, oid: str, idx: int, data: bytes | memoryview) -> None:
-        crcs = _crcs(data)
-        path = self.chunk_path(oid, idx)
-        path.parent.mkdir(exist_ok=True)
+    def write(self, oid: str, idx: int, data: bytes | memoryview, object_size: int | None = None,
+              pending: str | None = None) -> None:
+        """Store verified chunk `idx` of `oid` (or, with `pending`, an unverified chunk of the
+        pass tagged so, which no reader sees until `promote`). `object_size` defaults to an
+        object that ends with this chunk. Raises CacheFull when the disk is full."""
+        if object_size is None:
+            object_size = idx * self.chunk_size + len(data)
+        key = f"{oid}~{pending}" if pending else oid
+        header = pack_header(oid, idx, self.chunk_size, object_size, data)
+        need = (len(data) + HEADER + 4095) // 4096 * 4096
+        if self._over_budget(need):     # make room first: the budget holds while we write too
+            if need > self.effective_budget() - self._overhead():
+                return                  # larger than the whole budget: served, never cached
+            self.evict(extra=need)
+        path = self.chunk_file(key, idx)
         tmp = self.root / "tmp" / f"{oid}.{idx}.{os.getpid()}.{time.monotonic_ns()}"
-        header = _HEAD.pack(_MAGIC, len(data), len(crcs)) + struct.pack(f"<{len(crcs)}I", *crcs)
-        with open(tmp, "wb") as f:
-            f.write(header.ljust(HEADER, b"\0"))
-            f.write(data)
-        os.replace(tmp, path)
-        self.index.add_chunk(oid, idx, len(data))
+        for attempt in (1, 2):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(tmp, "wb") as f:
+                    f.write(header)
+                    f.write(data)
+                os.replace(tmp, path)
+                break
+            except OSError as err:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == 2:
+                    raise self._os_error(err, "writing a chunk") from None
+                self.evict(target=0.5, extra=need)      # make room, then try once more
+        try:
+            self.index.add_chunk(key, idx, len(data))
+        except CacheFull:
+            self._unlink(key, idx)      # a chunk the index does not know would escape the budget
+            raise
         self._used += len(data)
-        if self._used > self.budget:
-            self.evict()
+        self._disk_est += need
 
-    def evict(self) -> None:
-        self._used, removed = evict_to_budget(self.index, self.budget, self._unlink)
+    def promote(self, oid: str, idx: int, tag: str) -> bool:
+        """Make a pending chunk of a verified pass servable. False if it was evicted meanwhile."""
+        try:
+            os.replace(self.chunk_file(f"{oid}~{tag}", idx), self.chunk_file(oid, idx))
+        except FileNotFoundError:
+            self.index.forget_chunk(f"{oid}~{tag}", idx)
+            return False
+        rows = self.index._run("SELECT nbytes FROM chunks WHERE oid=? AND idx=?", (f"{oid}~{tag}", idx))
+        self.index.forget_chunk(f"{oid}~{tag}", idx)
+        self.index.add_chunk(oid, idx, rows[0][0] if rows else self.chunk_size)
+        return True
+
+    def discard(self, oid: str, idx: int, tag: str | None = None) -> None:
+        """Remove a chunk (the pending one of pass `tag`, when given) from disk and index."""
+        key = f"{oid}~{tag}" if tag else oid
+        self._unlink(key, idx)
+        self.index.forget_chunk(key, idx)
+
+    def new_pending_tag(self) -> str:
+        self._pending_seq += 1
+        return f"{os.getpid()}-{self._pending_seq}"
+
+    # digests of verified objects -----------------------------------------------------------------
+    def read_sums(self, oid: str) -> tuple[int, list[bytes]] | None:
+        """(object size, sha256 per chunk) learned from a verified pass, or None."""
+        try:
+            with open(self.sums_file(oid), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return parse_sums(raw, oid, self.chunk_size)
+        except BadChunk as err:
+            log.warning("cache: digests of object %s are unusable (%s); dropping them", oid, err)
+            self.drop_sums(oid)
+            return None
+
+    def write_sums(self, oid: str, size: int, digests: list[bytes]) -> None:
+        tmp = self.root / "tmp" / f"{oid}.sums.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            os.makedirs(os.path.dirname(self.sums_file(oid)), exist_ok=True)
+            tmp.write_bytes(pack_sums(oid, size, self.chunk_size, digests))
+            os.replace(tmp, self.sums_file(oid))
+        except OSError as err:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._os_error(err, "writing chunk digests") from None
+
+    def drop_sums(self, oid: str) -> None:
+        try:
+            os.unlink(self.sums_file(oid))
+        except FileNotFoundError:
+            pass
+
+    def object_size(self, oid: str) -> int | None:
+        """The size of an object that was verified into this store, or None."""
+        sums = self.read_sums(oid)
+        if sums is not None:
+            return sums[0]
+        header = self.header(oid, 0)
+        return header.object_size if header is not None else None
+
+    # budget ----------------------------------------------------------------------------------
+    def effective_budget(self) -> int:
+        """The smallest budget of the processes sharing this directory (re-read every 0.1 s)."""
+        value, read_at = self._effective
+        now = time.monotonic()
+        if now - read_at > 0.1:
+            value = self.shared_budget.effective()
+            self._effective = (value, now)
+        return value
+
+    def _over_budget(self, extra: int = 0) -> bool:
+        """Whether the directory's bytes on disk exceed the shared budget. The chunk total is
+        re-read from the index (other processes write too) at most every second."""
+        now = time.monotonic()
+        if now - self._disk_read > 0.0:     # exact and O(1): other processes write too
+            self._disk_est, self._disk_read = self.index.disk_bytes(), now
+        return self._disk_est + self._overhead() + extra > self.effective_budget()
+
+    def _overhead(self) -> int:
+        """On-disk bytes besides the chunk files: the index, lock and budget files, temp
+        files (measured at most every second)."""
+        value, read_at = self._overhead_cached
+        if time.monotonic() - read_at < 1.0:
+            return value
+        total = 0
+        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+            try:
+                total += os.stat(self.root / name).st_blocks * 512
+            except OSError:
+                pass
+        for sub in ("tmp", "locks", "budgets"):
+            try:
+                for entry in os.scandir(self.root / sub):
+                    total += entry.stat().st_blocks * 512
+            except OSError:
+                pass
+        self._overhead_cached = (total, time.monotonic())
+        return total
+
+    def evict(self, target: float | None = None, extra: int = 0) -> None:
+        """Remove least recently used chunks until the directory fits the shared budget with
+        `extra` bytes to spare (down to `target` of it, when given)."""
+        budget = self.effective_budget() - self._overhead() - extra
+        self._disk_est, removed = evict_to_budget(self.index, max(0, budget), self._unlink, target)
+        self._disk_read = time.monotonic()
+        self._used = self.index.used_bytes()
         self.evictions += removed
 
     def _unlink(self, oid: str, idx: int) -> None:
         try:
-            os.unlink(self.chunk_path(oid, idx))
+            os.unlink(self.chunk_file(oid, idx))
         except FileNotFoundError:
             pass
 
@@ -157,6 +386,7 @@ class Store:
         for idx in range(chunks):
             self._unlink(oid, idx)
         self.index.forget_object(oid)
+        self.drop_sums(oid)
 
     def used_bytes(self) -> int:
         """Bytes in the store, as the shared index says (other processes may write too);
@@ -168,3 +398,4 @@ class Store:
 
     def close(self) -> None:
         self.index.close()
+        self.shared_budget.close()

@@ -9,16 +9,18 @@ from .index import Index
 LOW_WATER = 0.9
 
 
-def evict_to_budget(index: Index, budget: int, unlink: Callable[[str, int], None]) -> tuple[int, int]:
-    """Remove least recently used chunks until the store is under budget. Returns (bytes used
-    afterwards, chunks removed). Another process may hold a removed chunk open: unlinking
-    leaves its reads intact, and it will simply find the chunk missing next time."""
-    used = index.used_bytes()
-    if used <= budget:
+def evict_to_budget(index: Index, budget: int, unlink: Callable[[str, int], None],
+                    target: float | None = None) -> tuple[int, int]:
+    """Remove least recently used chunks until their bytes on disk are under budget (down to
+    `target` of it, default LOW_WATER). Returns (bytes on disk afterwards, chunks removed).
+    Another process may hold a removed chunk open: unlinking leaves its reads intact, and it
+    will simply find the chunk missing next time."""
+    used = index.disk_bytes()
+    goal = int(budget * (LOW_WATER if target is None else target))
+    if used <= budget and target is None:
         return used, 0
-    target = int(budget * LOW_WATER)
     removed = 0
-    while used > target:
+    while used > goal:
         batch = index.oldest(256)
         if not batch:
             break
@@ -27,6 +29,6 @@ def evict_to_budget(index: Index, budget: int, unlink: Callable[[str, int], None
             index.forget_chunk(oid, idx)
             used -= nbytes
             removed += 1
-            if used <= target:
+            if used <= goal:
                 break
     return used, removed

@@ -1,44 +1,119 @@
-"""The store's index in SQLite (WAL): which chunks exist and when they were last used, the
-md5 -> size index, and which objects verified whole. Safe for several processes."""
+"""The store's index in SQLite (WAL): which chunks exist and when they were last used, and the
+md5 -> size index. Safe for several processes.
+
+The index is a cache of the chunk files, not their master: a missing, truncated or garbage
+index is replaced by an empty one, which the store then fills again from the chunk headers.
+"""
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from ..errors import CacheFull
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (oid TEXT NOT NULL, idx INTEGER NOT NULL, nbytes INTEGER NOT NULL,
                                    atime REAL NOT NULL, PRIMARY KEY (oid, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_atime ON chunks (atime);
 CREATE TABLE IF NOT EXISTS sizes (oid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS complete (oid TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- The bytes the chunk files take on disk, kept by triggers: every writer of every process
+-- reads the exact total in O(1) before it writes (the budget holds across processes).
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), disk INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals (id, disk) VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS chunks_add AFTER INSERT ON chunks BEGIN
+  UPDATE totals SET disk = disk + ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_del AFTER DELETE ON chunks BEGIN
+  UPDATE totals SET disk = disk - ((old.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_upd AFTER UPDATE OF nbytes ON chunks BEGIN
+  UPDATE totals SET disk = disk - ((old.nbytes + 512 + 4095) / 4096) * 4096
+                              + ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
 """
+# Bytes a chunk file takes on disk: its 512-byte header plus data, in 4 KiB blocks.
+DISK_BYTES = "((nbytes + 512 + 4095) / 4096) * 4096"
+
+
+def _full(err: sqlite3.Error) -> bool:
+    text = str(err).lower()
+    return "full" in text or "cannot rollback" in text
 
 
 class Index:
     def __init__(self, path: Path):
-        self._db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self.path = path
+        self.rebuilt = False     # True when this open found no usable index (the store refills it)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as err:
+            if _full(err):
+                raise CacheFull(f"cache index {path}: no space left on the device") from None
+            log.warning("cache: index %s is unreadable (%s); starting a new one from the chunk files", path, err)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(f"{path}{suffix}")
+                except FileNotFoundError:
+                    pass
+            self._db = self._open()
         self._touched: dict[tuple[str, int], float] = {}
         self._last_flush = time.monotonic()
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA recursive_triggers=ON")   # INSERT OR REPLACE fires the delete trigger
+            # Keep the WAL small: its bytes count against the cache budget.
+            db.execute("PRAGMA wal_autocheckpoint=64")
+            db.execute("PRAGMA journal_size_limit=262144")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            db.executescript(_SCHEMA)
+            built = db.execute("SELECT value FROM meta WHERE key='built'").fetchone()
+            if built is None:
+                db.execute("DELETE FROM chunks")
+                db.execute("UPDATE totals SET disk = 0")
+                self.rebuilt = True
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def mark_built(self) -> None:
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('built', ?)", (str(time.time()),))
+
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as err:
+                if _full(err):
+                    raise CacheFull(f"cache index {self.path}: no space left on the device") from None
+                raise
 
     def _many(self, sql: str, rows: list[tuple]) -> None:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(sql, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(sql, rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass      # SQLite rolled back itself (a full disk does that)
+                    raise
+            except sqlite3.OperationalError as err:
+                if _full(err):
+                    raise CacheFull(f"cache index {self.path}: no space left on the device") from None
                 raise
 
     # sizes -----------------------------------------------------------------------------------
@@ -58,16 +133,26 @@ class Index:
         if sizes:
             self._many("INSERT OR REPLACE INTO sizes (oid, size) VALUES (?, ?)", list(sizes.items()))
 
+    def forget_size(self, oid: str) -> None:
+        self._run("DELETE FROM sizes WHERE oid=?", (oid,))
+
     # chunks ----------------------------------------------------------------------------------
-    def add_chunk(self, oid: str, idx: int, nbytes: int) -> None:
+    def add_chunk(self, oid: str, idx: int, nbytes: int, atime: float | None = None) -> None:
         self._run("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, atime) VALUES (?, ?, ?, ?)",
-                  (oid, idx, nbytes, time.time()))
+                  (oid, idx, nbytes, atime or time.time()))
+
+    def add_chunks(self, rows: list[tuple[str, int, int, float]]) -> None:
+        if rows:
+            self._many("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, atime) VALUES (?, ?, ?, ?)", rows)
 
     def touch(self, oid: str, idx: int) -> None:
         """Record a use; written in batches because warm reads must stay cheap."""
         self._touched[(oid, idx)] = time.time()
         if time.monotonic() - self._last_flush > 5:
-            self.flush()
+            try:
+                self.flush()
+            except CacheFull:
+                pass    # use times are a hint for eviction: a full disk must not fail a read
 
     def flush(self) -> None:
         touched, self._touched = self._touched, {}
@@ -81,27 +166,30 @@ class Index:
 
     def forget_chunk(self, oid: str, idx: int) -> None:
         self._run("DELETE FROM chunks WHERE oid=? AND idx=?", (oid, idx))
-        self._run("DELETE FROM complete WHERE oid=?", (oid,))
 
     def forget_object(self, oid: str) -> None:
         self._run("DELETE FROM chunks WHERE oid=?", (oid,))
-        self._run("DELETE FROM complete WHERE oid=?", (oid,))
 
     def used_bytes(self) -> int:
         return self._run("SELECT COALESCE(SUM(nbytes), 0) FROM chunks")[0][0]
 
+    def disk_bytes(self) -> int:
+        """What the chunk files take on disk (headers and block rounding included)."""
+        return self._run("SELECT disk FROM totals WHERE id = 0")[0][0]
+
     def oldest(self, limit: int) -> list[tuple[str, int, int]]:
+        """(oid, idx, bytes on disk) of the least recently used chunks."""
         self.flush()
-        return self._run("SELECT oid, idx, nbytes FROM chunks ORDER BY atime LIMIT ?", (limit,))
+        return self._run(f"SELECT oid, idx, {DISK_BYTES} FROM chunks ORDER BY atime LIMIT ?", (limit,))
 
-    # verification ----------------------------------------------------------------------------
-    def is_complete(self, oid: str) -> bool:
-        return bool(self._run("SELECT 1 FROM complete WHERE oid=?", (oid,)))
-
-    def mark_complete(self, oid: str) -> None:
-        self._run("INSERT OR IGNORE INTO complete (oid) VALUES (?)", (oid,))
+    def pending(self) -> list[tuple[str, int]]:
+        """Rows of unverified chunk files (their oid reads `<oid>~<tag>`)."""
+        return self._run("SELECT oid, idx FROM chunks WHERE oid LIKE '%~%'")
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except Exception:   # closing must not fail (a full disk, a vanished index)
+            pass
         with self._lock:
             self._db.close()
