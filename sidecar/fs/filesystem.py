@@ -82,10 +82,13 @@ class FileSystem:
     def _object_failed(self, oid: str) -> None:
         """Bytes of `oid` given out unverified were wrong (or could not be verified): every
         handle open on it fails its next read."""
-        error = HashMismatch(f"object {oid} failed verification after some of its bytes were read")
         for handle in self._handles.values():
-            if handle.entry.oid == oid:
-                handle.cursor.fail(error)
+            cursor = handle.cursor
+            if handle.entry.oid != oid or cursor.error is not None \
+                    or any(p.failed is not None for p in cursor.passes):
+                continue    # it already knows why (the pass it read from says so)
+            cursor.fail(HashMismatch(f"{handle.path}: object {oid} failed verification after some of its "
+                                     f"bytes were read", path=handle.path))
 
     def _object_resized(self, oid: str, size: int) -> None:
         """A verified size replaced one learned from a remote: open handles follow."""
