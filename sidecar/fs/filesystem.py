@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator
 
 from ..engine import Engine
-from ..errors import (BadHandle, DDAError, HashMismatch, IsADirectory, NotADirectory, NotASymlink, NotFound,
+from ..errors import (BadHandle, DDAError, IsADirectory, NotADirectory, NotASymlink, NotFound,
                       ObjectResized,
                       OutputUnavailable,
                       SymlinkLoop)
@@ -76,19 +76,7 @@ class FileSystem:
         self.engine = engine
         self._handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
-        engine.fetcher.mismatch_observers.append(self._object_failed)
         engine.fetcher.size_observers.append(self._object_resized)
-
-    def _object_failed(self, oid: str) -> None:
-        """Bytes of `oid` given out unverified were wrong (or could not be verified): every
-        handle open on it fails its next read."""
-        for handle in self._handles.values():
-            cursor = handle.cursor
-            if handle.entry.oid != oid or cursor.error is not None \
-                    or any(p.failed is not None for p in cursor.passes):
-                continue    # it already knows why (the pass it read from says so)
-            cursor.fail(HashMismatch(f"{handle.path}: object {oid} failed verification after some of its "
-                                     f"bytes were read", path=handle.path))
 
     def _object_resized(self, oid: str, size: int) -> None:
         """A verified size replaced one learned from a remote: open handles follow."""

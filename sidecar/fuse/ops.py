@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from ..engine import Engine
-from ..errors import DDAError, NotFound, describe
+from ..errors import DDAError, HashMismatch, NotFound, describe
 from ..fetch.prefetch import Prefetcher, ReadState
 from ..fs import Attr, FileSystem, Handle
 
@@ -242,8 +242,17 @@ class DdaOperations(pyfuse3.Operations):
                 if path in files and files[path].oid == oid]
 
     def _object_failed(self, oid: str) -> None:
-        """Bytes of `oid` given out unverified were wrong (or could not be verified): the fs
-        layer fails the next read of every handle on it; here the kernel drops its pages."""
+        """Bytes of `oid` given out unverified were wrong (or could not be verified): the kernel
+        drops its pages, and every handle open on it fails its next read - in stream mode a
+        reader may have been given, from the shared page cache, pages another handle took."""
+        if not self.engine.fetcher.strict:
+            for opened in self._open.values():
+                cursor = opened.handle.cursor
+                if opened.handle.entry.oid != oid or cursor.error is not None \
+                        or any(p.failed is not None for p in cursor.passes):
+                    continue    # it already knows why (the pass it read from says so)
+                cursor.fail(HashMismatch(f"{opened.path}: object {oid} failed verification after some of its "
+                                         f"bytes were read", path=opened.path))
         self._invalidate_object(oid)
 
     def _object_resized(self, oid: str, size: int) -> None:
