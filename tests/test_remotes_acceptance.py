@@ -167,8 +167,10 @@ def test_small_read_far_into_large_file_then_restart(big_repo, kind, tmp_cache, 
     assert got == want
     first = [r for r in server.requests_since(mark) if not r.uri.endswith(".dir")]   # manifests: snapshot
     sent = sum(r.bytes_sent for r in first)
-    assert 4096 <= sent <= chunk, first
-    assert len([r for r in first if r.method == "GET"]) == 1
+    # Nothing unverified is served (issue 12): a first read of a large object verifies it with one
+    # in-order pass, so the object crosses the wire once - not once per read, and not twice.
+    size = expected.stat().st_size
+    assert size <= sent <= size + chunk, first
 
     # a new process, the same cache: nothing crosses the wire
     mark = server.mark()
