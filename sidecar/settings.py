@@ -556,7 +556,10 @@ def _read_config_file(config_file: str | Path | None, env: Mapping[str, str]) ->
     path = config_file or env.get("DDA_CONFIG")
     if not path:
         candidate = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "dda" / "config.yaml"
-        path = candidate if candidate.is_file() else None
+        try:
+            path = candidate if candidate.is_file() else None
+        except OSError:   # a HOME this user may not search (setpriv keeps root's HOME): no default file
+            path = None
     if not path:
         return {}
     try:

@@ -295,3 +295,16 @@ def test_unpublish_before_the_sidecar_came(plugin):
     assert mounted(pod.target) and pod.socket.exists()
     plugin.call("Node", "NodeUnpublishVolume", pod.unpublish_request())
     assert not mounted(pod.target) and not pod.target.exists() and not pod.socket.exists()
+
+
+def test_csi_command_says_what_is_wrong_in_one_line(world):
+    """A bad endpoint, and a plugin started without root (e.g. root's HOME left in place)."""
+    proc = subprocess.run([DDA, "csi", "--csi-endpoint", "tcp://10.0.0.1:5"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "dda: error: CSI endpoint must be unix:///absolute/path, got 'tcp://10.0.0.1:5'"], proc.stderr
+    proc = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", DDA, "csi",
+                           "--csi-endpoint", f"unix://{world}/c.sock"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HOME": "/root"})
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "run it as root" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
