@@ -26,6 +26,7 @@ anyio==4.16.0
 attrs==26.1.0
 botocore==1.43.117
 certifi==2026.10.19.post1
+grpcio==1.85.3
 h11==0.16.0
 httpcore==1.0.9
 httpx==0.28.1
@@ -34,6 +35,7 @@ jmespath==1.1.0
 outcome==1.3.0.post0
 pathspec==1.1.1
 prometheus_client==0.26.0
+protobuf==7.36.2
 pydantic==2.14.4
 pydantic-settings==2.16.3
 pydantic_core==2.50.5
