@@ -110,7 +110,7 @@ class Fetcher:
         old = self._sizes.get(oid)
         if old != size:
             self._sizes[oid] = size
-            self.store.index.record_sizes({oid: size})
+            self.store.index_later(self.store.index.record_sizes, {oid: size})
             corrected = old is not None or oid in self._contradicted
             if verified and corrected:    # a correction: whoever showed the old size follows
                 self._contradicted.discard(oid)
@@ -124,7 +124,7 @@ class Fetcher:
                     ref.display, ref.path, answered, known)
         self._sizes.pop(ref.oid, None)
         self._contradicted.add(ref.oid)
-        self.store.index.forget_size(ref.oid)
+        self.store.index_later(self.store.index.forget_size, ref.oid)
         self.stats.errors["size_contradiction"] += 1
 
     async def size_of(self, ref: ObjectRef) -> int:
@@ -190,7 +190,7 @@ class Fetcher:
         if todo:
             await self._with_deadline(asyncio.gather(*(head(r) for r in todo)), todo[0])
         self._sizes.update(learned)
-        self.store.index.record_sizes(learned)
+        self.store.index_later(self.store.index.record_sizes, learned)
         return learned
 
     # reading ---------------------------------------------------------------------------------

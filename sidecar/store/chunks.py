@@ -17,9 +17,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from ..errors import CacheFull
 from ..locks import FileLock
@@ -32,6 +35,7 @@ from .index import Index
 __all__ = ["Store", "BLOCK", "HEADER", "MAX_BLOCKS"]
 
 LOCK_STRIPES = 64   # chunk locks share this many lock files: their number stays bounded
+FLUSH_SECONDS = 5.0  # how often recorded uses are written to the index (by a thread)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,33 @@ class Store:
             self._clean_pending()
         self._used = self.index.used_bytes()
         self._used_read = time.monotonic()
+        # Use times are written by this thread, never by a reader: a warm read must not wait
+        # for the index's write lock (another process may hold it).
+        self._stop_flusher = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_uses, name="store-index-flush", daemon=True)
+        self._flusher.start()
+        self._index_writer = ThreadPoolExecutor(1, thread_name_prefix="store-index-write")
+
+    def index_later(self, fn: Callable[..., object], *args: object) -> None:
+        """Run an index write on the store's writer thread, in order, without waiting for it:
+        the event loop must never wait for the index's write lock (another process may hold
+        it). Failures are logged; the index is a cache of the chunk files."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception as err:
+                log.warning("cache index: a change was not recorded: %s", err)
+        try:
+            self._index_writer.submit(run)
+        except RuntimeError:     # closed meanwhile
+            pass
+
+    def _flush_uses(self) -> None:
+        while not self._stop_flusher.wait(FLUSH_SECONDS):
+            try:
+                self.index.flush()
+            except Exception as err:    # use times are a hint for eviction: kept for the next try
+                log.debug("cache index: use times not written yet: %s", err)
 
     # -- housekeeping ----------------------------------------------------------------------------
     def _clean_tmp(self) -> None:
@@ -397,5 +428,8 @@ class Store:
         return self._used
 
     def close(self) -> None:
+        self._stop_flusher.set()
+        self._flusher.join()
+        self._index_writer.shutdown(wait=True)
         self.index.close()
         self.shared_budget.close()
