@@ -124,7 +124,7 @@ def test_stuck_downloads_end_at_the_deadline_free_their_slots_and_recover(tmp_pa
                 server.stuck = set()
                 got = await asyncio.gather(*(fetcher.read(r, 0, 1000) for r in refs[:4]))
                 assert got == [b[:1000] for b in blobs[:4]]
-                assert not fetcher._jobs and not any(t for t in fetcher._tasks if not t.done())
+                assert not fetcher._inflight and not any(t for t in fetcher._stream_tasks if not t.done())
             finally:
                 await fetcher.aclose()
                 await remote.aclose()

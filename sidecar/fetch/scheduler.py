@@ -38,6 +38,7 @@ fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] 
     contextvars.ContextVar("dda_fetch_observers", default=(None, None))
 # When the current read's deadline ends (loop time), set by _with_deadline: a Retry-After that
 # reaches past it fails at once with the server's reason instead of sleeping into the deadline.
+JOB_GRACE = 0.01   # a job is cancelled just after its last reader's deadline (that reader times out first)
 _read_ends_at: contextvars.ContextVar[float | None] = contextvars.ContextVar("dda_read_ends_at", default=None)
 
 
@@ -79,6 +80,7 @@ class Fetcher:
         self._limits: dict[int, PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int, bool], asyncio.Task[tuple[bytes, bool]]] = {}
         self._stream_tasks: set[asyncio.Task[None]] = set()
+        self._job_ends: dict[asyncio.Task[tuple[bytes, bool]], float] = {}   # when a shared download ends
         self._passes: dict[str, ObjectPass] = {}
         self._digests: dict[str, tuple[int, list[bytes]]] = {}
         self._sizes: dict[str, int] = {}
@@ -384,9 +386,49 @@ class Fetcher:
         if task is None:
             task = asyncio.create_task(self._load_chunk(ref, idx, size, digest))
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None), t.cancelled() or t.exception()))
-        data, downloaded = await asyncio.shield(task)
+            task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None) if self._inflight.get(k) is t
+                                                     else None, t.cancelled() or t.exception()))
+        self._job_deadline(key, task)
+        try:
+            data, downloaded = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # the job ended at its deadline (a reader's own deadline ends at the same time)
+                self.stats.errors[DeadlineExceeded.reason] += 1
+                raise DeadlineExceeded(
+                    f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
+                    f"within {self.deadline:g}s", path=ref.display) from None
+            raise
         return data, not downloaded
+
+    def _job_deadline(self, key: tuple[str, int, bool], task: "asyncio.Task[tuple[bytes, bool]]") -> None:
+        """A shared download ends at the latest deadline of the readers that joined it: one
+        stuck on a trickling server is cancelled then (its request slot freed) and leaves
+        `_inflight` at once, so the next reader starts afresh instead of joining a dead job."""
+        loop = asyncio.get_running_loop()
+        ends = _read_ends_at.get()
+        ends = loop.time() + self.deadline if ends is None else ends
+        if ends <= self._job_ends.get(task, 0.0):
+            return
+        first = task not in self._job_ends
+        self._job_ends[task] = ends
+
+        def check() -> None:
+            if task.done():
+                self._job_ends.pop(task, None)
+                return
+            due = self._job_ends[task]
+            if loop.time() < due:
+                loop.call_at(due + JOB_GRACE, check)
+                return
+            self._job_ends.pop(task, None)
+            if self._inflight.get(key) is task:
+                del self._inflight[key]     # never joined again
+            task.cancel()
+
+        if first:
+            loop.call_at(ends + JOB_GRACE, check)
 
     async def _stream_download(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
         start = idx * self.store.chunk_size
@@ -505,6 +547,10 @@ class Fetcher:
         self.stats.retries += 1
         log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
         await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        """Cancel every download in flight and wait for them to end."""
+        await self.drain(0)
 
     async def drain(self, timeout: float) -> None:
         """Let downloads already under way land in the cache (a reader that took the first

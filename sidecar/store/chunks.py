@@ -181,7 +181,8 @@ class Store:
 
     def lock(self, oid: str, idx: int) -> FileLock:
         stripe = zlib.crc32(f"{oid}.{idx}".encode()) % LOCK_STRIPES
-        return FileLock(self.root / "locks" / f"{stripe:02x}.lock")
+        # Removed on release: no lock file outlives its download (at most LOCK_STRIPES meanwhile).
+        return FileLock(self.root / "locks" / f"{stripe:02x}.lock", remove=True)
 
     def object_lock(self, oid: str) -> FileLock:
         """Held by the process running the verifying pass over `oid` (striped too)."""
