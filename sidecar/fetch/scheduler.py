@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
@@ -26,6 +25,7 @@ from ..store import Store
 from ..store.identity import chunk_digest
 from ..store.verify import md5_matches
 from .priority import PriorityLimiter
+from .retry import RetryPolicy
 from .verify_stream import ObjectPass, ReadCursor
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,8 @@ class Fetcher:
                  backoff_base: float = 0.2, backoff_cap: float = 10.0, strict: bool = False):
         self.store = store
         self.jobs = jobs
-        self.retries = retries
         self.deadline = deadline
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.retry = RetryPolicy(retries, backoff_base, backoff_cap)   # the one retry policy
         self.stats = FetchStats()
         self._limits: dict[int, PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int, bool], asyncio.Task[tuple[bytes, bool]]] = {}
@@ -95,12 +93,39 @@ class Fetcher:
         self.on_read_wait: Callable[[float], None] | None               # a read blocked on the remote
         self.on_request, self.on_read_wait = fetch_observers.get()
 
+    # the retry policy, by its old names (tests tune them on a live fetcher) --------------------
+    @property
+    def retries(self) -> int:
+        return self.retry.retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self.retry = replace(self.retry, retries=value)
+
+    @property
+    def backoff_base(self) -> float:
+        return self.retry.base
+
+    @backoff_base.setter
+    def backoff_base(self, value: float) -> None:
+        self.retry = replace(self.retry, base=value)
+
+    @property
+    def backoff_cap(self) -> float:
+        return self.retry.cap
+
+    @backoff_cap.setter
+    def backoff_cap(self, value: float) -> None:
+        self.retry = replace(self.retry, cap=value)
+
     # sizes -----------------------------------------------------------------------------------
     def known_size(self, ref: ObjectRef) -> int | None:
         if ref.size is not None:
             return ref.size
         if ref.oid in self._sizes:
             return self._sizes[ref.oid]
+        if ref.oid in self._contradicted:
+            return None     # forgotten: the index may still hold it (its change is queued)
         size = self.store.index.size(ref.oid)
         if size is not None:
             self._sizes[ref.oid] = size
@@ -157,7 +182,7 @@ class Fetcher:
             else:
                 missing.append(ref)
         if missing:
-            stored = self.store.index.sizes([r.oid for r in missing])
+            stored = self.store.index.sizes([r.oid for r in missing if r.oid not in self._contradicted])
             self._sizes.update(stored)
             result.update(stored)
             missing = [r for r in missing if r.oid not in stored]
@@ -529,10 +554,10 @@ class Fetcher:
 
     async def _backoff(self, attempt: int, ref: ObjectRef, err: RemoteUnavailable) -> None:
         """Sleep before retry `attempt` (exponential, full jitter), or give up with `err`."""
-        if attempt > self.retries:
+        if self.retry.gives_up(attempt):
             self.stats.errors[RemoteUnavailable.reason] += 1
             raise err
-        delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+        delay = self.retry.delay(attempt)
         asked = getattr(err, "retry_after", None)   # RetryAfter: the server said how long to wait
         if asked is not None:
             ends = _read_ends_at.get()
