@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
@@ -26,6 +25,7 @@ from ..store import Store
 from ..store.identity import chunk_digest
 from ..store.verify import md5_matches
 from .priority import PriorityLimiter
+from .retry import RetryPolicy
 from .verify_stream import ObjectPass, ReadCursor
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] 
     contextvars.ContextVar("dda_fetch_observers", default=(None, None))
 # When the current read's deadline ends (loop time), set by _with_deadline: a Retry-After that
 # reaches past it fails at once with the server's reason instead of sleeping into the deadline.
+JOB_GRACE = 0.01   # a job is cancelled just after its last reader's deadline (that reader times out first)
 _read_ends_at: contextvars.ContextVar[float | None] = contextvars.ContextVar("dda_read_ends_at", default=None)
 
 
@@ -71,14 +72,13 @@ class Fetcher:
                  backoff_base: float = 0.2, backoff_cap: float = 10.0, strict: bool = False):
         self.store = store
         self.jobs = jobs
-        self.retries = retries
         self.deadline = deadline
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.retry = RetryPolicy(retries, backoff_base, backoff_cap)   # the one retry policy
         self.stats = FetchStats()
         self._limits: dict[int, PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int, bool], asyncio.Task[tuple[bytes, bool]]] = {}
         self._stream_tasks: set[asyncio.Task[None]] = set()
+        self._job_ends: dict[asyncio.Task[tuple[bytes, bool]], float] = {}   # when a shared download ends
         self._passes: dict[str, ObjectPass] = {}
         self._digests: dict[str, tuple[int, list[bytes]]] = {}
         self._sizes: dict[str, int] = {}
@@ -93,12 +93,39 @@ class Fetcher:
         self.on_read_wait: Callable[[float], None] | None               # a read blocked on the remote
         self.on_request, self.on_read_wait = fetch_observers.get()
 
+    # the retry policy, by its old names (tests tune them on a live fetcher) --------------------
+    @property
+    def retries(self) -> int:
+        return self.retry.retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self.retry = replace(self.retry, retries=value)
+
+    @property
+    def backoff_base(self) -> float:
+        return self.retry.base
+
+    @backoff_base.setter
+    def backoff_base(self, value: float) -> None:
+        self.retry = replace(self.retry, base=value)
+
+    @property
+    def backoff_cap(self) -> float:
+        return self.retry.cap
+
+    @backoff_cap.setter
+    def backoff_cap(self, value: float) -> None:
+        self.retry = replace(self.retry, cap=value)
+
     # sizes -----------------------------------------------------------------------------------
     def known_size(self, ref: ObjectRef) -> int | None:
         if ref.size is not None:
             return ref.size
         if ref.oid in self._sizes:
             return self._sizes[ref.oid]
+        if ref.oid in self._contradicted:
+            return None     # forgotten: the index may still hold it (its change is queued)
         size = self.store.index.size(ref.oid)
         if size is not None:
             self._sizes[ref.oid] = size
@@ -110,7 +137,7 @@ class Fetcher:
         old = self._sizes.get(oid)
         if old != size:
             self._sizes[oid] = size
-            self.store.index.record_sizes({oid: size})
+            self.store.index_later(self.store.index.record_sizes, {oid: size})
             corrected = old is not None or oid in self._contradicted
             if verified and corrected:    # a correction: whoever showed the old size follows
                 self._contradicted.discard(oid)
@@ -124,7 +151,7 @@ class Fetcher:
                     ref.display, ref.path, answered, known)
         self._sizes.pop(ref.oid, None)
         self._contradicted.add(ref.oid)
-        self.store.index.forget_size(ref.oid)
+        self.store.index_later(self.store.index.forget_size, ref.oid)
         self.stats.errors["size_contradiction"] += 1
 
     async def size_of(self, ref: ObjectRef) -> int:
@@ -155,7 +182,7 @@ class Fetcher:
             else:
                 missing.append(ref)
         if missing:
-            stored = self.store.index.sizes([r.oid for r in missing])
+            stored = self.store.index.sizes([r.oid for r in missing if r.oid not in self._contradicted])
             self._sizes.update(stored)
             result.update(stored)
             missing = [r for r in missing if r.oid not in stored]
@@ -190,7 +217,7 @@ class Fetcher:
         if todo:
             await self._with_deadline(asyncio.gather(*(head(r) for r in todo)), todo[0])
         self._sizes.update(learned)
-        self.store.index.record_sizes(learned)
+        self.store.index_later(self.store.index.record_sizes, learned)
         return learned
 
     # reading ---------------------------------------------------------------------------------
@@ -384,9 +411,49 @@ class Fetcher:
         if task is None:
             task = asyncio.create_task(self._load_chunk(ref, idx, size, digest))
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None), t.cancelled() or t.exception()))
-        data, downloaded = await asyncio.shield(task)
+            task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None) if self._inflight.get(k) is t
+                                                     else None, t.cancelled() or t.exception()))
+        self._job_deadline(key, task)
+        try:
+            data, downloaded = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                # the job ended at its deadline (a reader's own deadline ends at the same time)
+                self.stats.errors[DeadlineExceeded.reason] += 1
+                raise DeadlineExceeded(
+                    f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
+                    f"within {self.deadline:g}s", path=ref.display) from None
+            raise
         return data, not downloaded
+
+    def _job_deadline(self, key: tuple[str, int, bool], task: "asyncio.Task[tuple[bytes, bool]]") -> None:
+        """A shared download ends at the latest deadline of the readers that joined it: one
+        stuck on a trickling server is cancelled then (its request slot freed) and leaves
+        `_inflight` at once, so the next reader starts afresh instead of joining a dead job."""
+        loop = asyncio.get_running_loop()
+        ends = _read_ends_at.get()
+        ends = loop.time() + self.deadline if ends is None else ends
+        if ends <= self._job_ends.get(task, 0.0):
+            return
+        first = task not in self._job_ends
+        self._job_ends[task] = ends
+
+        def check() -> None:
+            if task.done():
+                self._job_ends.pop(task, None)
+                return
+            due = self._job_ends[task]
+            if loop.time() < due:
+                loop.call_at(due + JOB_GRACE, check)
+                return
+            self._job_ends.pop(task, None)
+            if self._inflight.get(key) is task:
+                del self._inflight[key]     # never joined again
+            task.cancel()
+
+        if first:
+            loop.call_at(ends + JOB_GRACE, check)
 
     async def _stream_download(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
         start = idx * self.store.chunk_size
@@ -487,10 +554,10 @@ class Fetcher:
 
     async def _backoff(self, attempt: int, ref: ObjectRef, err: RemoteUnavailable) -> None:
         """Sleep before retry `attempt` (exponential, full jitter), or give up with `err`."""
-        if attempt > self.retries:
+        if self.retry.gives_up(attempt):
             self.stats.errors[RemoteUnavailable.reason] += 1
             raise err
-        delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+        delay = self.retry.delay(attempt)
         asked = getattr(err, "retry_after", None)   # RetryAfter: the server said how long to wait
         if asked is not None:
             ends = _read_ends_at.get()
@@ -505,6 +572,10 @@ class Fetcher:
         self.stats.retries += 1
         log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
         await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        """Cancel every download in flight and wait for them to end."""
+        await self.drain(0)
 
     async def drain(self, timeout: float) -> None:
         """Let downloads already under way land in the cache (a reader that took the first

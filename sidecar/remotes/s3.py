@@ -5,6 +5,7 @@ credential chain (env, profile, web identity, instance metadata) when no keys ar
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Callable
 import xml.etree.ElementTree as ET
@@ -16,6 +17,7 @@ import httpx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.exceptions import BotoCoreError
 from botocore.session import Session
 
 from ..errors import ConfigError, RemoteError
@@ -43,12 +45,16 @@ class S3Remote(Remote):
             self.base = f"{endpoint_url.rstrip('/')}/{self.bucket}"   # path-style: what S3-compatibles expect
         else:
             self.base = f"https://{self.bucket}.s3.{self.region}.amazonaws.com"
-        if access_key_id and secret_access_key:
-            self._static: Credentials | None = Credentials(access_key_id, secret_access_key, session_token)
-            self._chain = None
-        else:
-            self._static = None
-            self._chain = Session(profile=profile).get_credentials() if profile else Session().get_credentials()
+        # The standard chain may read files or ask the instance metadata service: it is
+        # resolved (and refreshed) on a thread, never on the event loop.
+        self._static: Credentials | None = \
+            Credentials(access_key_id, secret_access_key, session_token) if access_key_id and secret_access_key \
+            else None
+        self._profile = profile
+        self._chain: object | None = None
+        self._chain_loaded = False
+        self._frozen: object | None = None
+        self._credentials_lock = asyncio.Lock()
         self.client = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -60,20 +66,49 @@ class S3Remote(Remote):
     def _key(self, path: str) -> str:
         return f"{self.prefix}/{path}" if self.prefix else path
 
-    def _signed(self, method: str, key: str | None, query: dict[str, str] | None = None,
-                headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[str, dict[str, str]]:
+    def _load_chain(self) -> object | None:
+        try:
+            session = Session(profile=self._profile) if self._profile else Session()
+            return session.get_credentials()
+        except BotoCoreError as err:
+            raise ConfigError(f"remote {self.name!r}: cannot get AWS credentials: {err}") from None
+
+    async def _credentials(self) -> object | None:
+        """Static keys, or the chain's current credentials (looked up, and refreshed when
+        they near expiry, on a thread)."""
+        if self._static is not None:
+            return self._static
+        refresh = getattr(self._chain, "refresh_needed", None)
+        if self._chain_loaded and self._frozen is not None and not (refresh is not None and refresh()):
+            return self._frozen
+        async with self._credentials_lock:
+            if not self._chain_loaded:
+                self._chain = await asyncio.to_thread(self._load_chain)
+                self._chain_loaded = True
+            if self._chain is None:
+                return None
+            refresh = getattr(self._chain, "refresh_needed", None)
+            if self._frozen is None or (refresh is not None and refresh()):
+                try:
+                    self._frozen = await asyncio.to_thread(self._chain.get_frozen_credentials)  # type: ignore[attr-defined]
+                except BotoCoreError as err:
+                    raise ConfigError(f"remote {self.name!r}: cannot get AWS credentials: {err}") from None
+            return self._frozen
+
+    async def _signed(self, method: str, key: str | None, query: dict[str, str] | None = None,
+                      headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[str, dict[str, str]]:
         url = self.base + ("/" + quote(key, safe="/~-_.") if key is not None else "/")
         if query:
             url += "?" + urlencode(sorted(query.items()), quote_via=quote)
         request = AWSRequest(method=method, url=url, headers=dict(headers or {}), data=body)
-        credentials = self._static or (self._chain.get_frozen_credentials() if self._chain else None)
+        credentials = await self._credentials()
         if credentials is not None:
             S3SigV4Auth(credentials, "s3", self.region).add_auth(request)
         return url, {k: v for k, v in request.headers.items()}
 
     async def _send(self, method: str, key: str | None, path_for_errors: str, **kw: object) -> httpx.Response:
         body = kw.pop("body", b"")
-        url, headers = self._signed(method, key, body=body, **kw)  # type: ignore[arg-type]
+        url, headers = await self._signed(method, key, body=body, **kw)  # type: ignore[arg-type]
         try:
             resp = await self.client.request(method, url, headers=headers, content=body or None)
         except httpx.HTTPError as err:
@@ -95,7 +130,7 @@ class S3Remote(Remote):
 
     async def stream(self, path: str, start: int, end: int, sink: Callable[[bytes], None]) -> int | None:
         key, query, shown = self._target(path)
-        url, headers = self._signed("GET", key, query=query, headers={"Range": range_header(start, end)})
+        url, headers = await self._signed("GET", key, query=query, headers={"Range": range_header(start, end)})
         return await stream_get(self.client, url, headers, self._where(), shown, start, end, sink)
 
     async def size(self, path: str) -> int:

@@ -17,9 +17,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from ..errors import CacheFull
 from ..locks import FileLock
@@ -31,7 +34,8 @@ from .index import Index
 
 __all__ = ["Store", "BLOCK", "HEADER", "MAX_BLOCKS"]
 
-LOCK_STRIPES = 64   # chunk locks share this many lock files: their number stays bounded
+LOCK_STRIPES = 64   # object locks share this many lock files: their number stays bounded
+FLUSH_SECONDS = 5.0  # how often recorded uses are written to the index (by a thread)
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,40 @@ class Store:
         self._disk_est, self._disk_read = 0, 0.0
         self._overhead_cached = (0, 0.0)
         self._clean_tmp()
+        self._clean_locks()
         if self.index.rebuilt:
             self._rebuild_index()
         else:
             self._clean_pending()
         self._used = self.index.used_bytes()
         self._used_read = time.monotonic()
+        # Use times are written by this thread, never by a reader: a warm read must not wait
+        # for the index's write lock (another process may hold it).
+        self._stop_flusher = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_uses, name="store-index-flush", daemon=True)
+        self._flusher.start()
+        self._index_writer = ThreadPoolExecutor(1, thread_name_prefix="store-index-write")
+
+    def index_later(self, fn: Callable[..., object], *args: object) -> None:
+        """Run an index write on the store's writer thread, in order, without waiting for it:
+        the event loop must never wait for the index's write lock (another process may hold
+        it). Failures are logged; the index is a cache of the chunk files."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception as err:
+                log.warning("cache index: a change was not recorded: %s", err)
+        try:
+            self._index_writer.submit(run)
+        except RuntimeError:     # closed meanwhile
+            pass
+
+    def _flush_uses(self) -> None:
+        while not self._stop_flusher.wait(FLUSH_SECONDS):
+            try:
+                self.index.flush()
+            except Exception as err:    # use times are a hint for eviction: kept for the next try
+                log.debug("cache index: use times not written yet: %s", err)
 
     # -- housekeeping ----------------------------------------------------------------------------
     def _clean_tmp(self) -> None:
@@ -89,6 +121,17 @@ class Store:
                     os.unlink(entry.path)
             except (OSError, ValueError):
                 pass
+
+    def _clean_locks(self) -> None:
+        """Chunk lock files left by a killed process (a live holder's stay). Object locks are
+        striped, kept files: not touched."""
+        try:
+            entries = list(os.scandir(self.root / "locks"))
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.name.startswith("object-"):
+                FileLock(Path(entry.path), remove=True).remove_if_free()
 
     def _clean_pending(self) -> None:
         for key, idx in self.index.pending():
@@ -149,8 +192,9 @@ class Store:
         return f"{self._chunks}/{oid[:2]}/{oid[2:]}.sums"
 
     def lock(self, oid: str, idx: int) -> FileLock:
-        stripe = zlib.crc32(f"{oid}.{idx}".encode()) % LOCK_STRIPES
-        return FileLock(self.root / "locks" / f"{stripe:02x}.lock")
+        """The cross-process lock of one chunk's download. Its file is removed on release, so
+        lock files never outlive their downloads (as many as downloads under way, no more)."""
+        return FileLock(self.root / "locks" / f"{oid}.{idx}.lock", remove=True)
 
     def object_lock(self, oid: str) -> FileLock:
         """Held by the process running the verifying pass over `oid` (striped too)."""
@@ -225,7 +269,7 @@ class Store:
 
     # writing ---------------------------------------------------------------------------------
     def write(self, oid: str, idx: int, data: bytes | memoryview, object_size: int | None = None,
-              pending: str | None = None) -> None:
+              pending: str | None = None, index_later: bool = False) -> None:
         """Store verified chunk `idx` of `oid` (or, with `pending`, an unverified chunk of the
         pass tagged so, which no reader sees until `promote`). `object_size` defaults to an
         object that ends with this chunk. Raises CacheFull when the disk is full."""
@@ -256,13 +300,19 @@ class Store:
                 if err.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt == 2:
                     raise self._os_error(err, "writing a chunk") from None
                 self.evict(target=0.5, extra=need)      # make room, then try once more
+        if index_later:     # the async store: the file now, its index row from the writer thread
+            self.index_later(self._record_chunk, key, idx, len(data))
+        else:
+            self._record_chunk(key, idx, len(data))
+        self._used += len(data)
+        self._disk_est += need
+
+    def _record_chunk(self, key: str, idx: int, nbytes: int) -> None:
         try:
-            self.index.add_chunk(key, idx, len(data))
+            self.index.add_chunk(key, idx, nbytes)
         except CacheFull:
             self._unlink(key, idx)      # a chunk the index does not know would escape the budget
             raise
-        self._used += len(data)
-        self._disk_est += need
 
     def promote(self, oid: str, idx: int, tag: str) -> bool:
         """Make a pending chunk of a verified pass servable. False if it was evicted meanwhile."""
@@ -397,5 +447,8 @@ class Store:
         return self._used
 
     def close(self) -> None:
+        self._stop_flusher.set()
+        self._flusher.join()
+        self._index_writer.shutdown(wait=True)
         self.index.close()
         self.shared_budget.close()

@@ -37,6 +37,7 @@ CREATE TRIGGER IF NOT EXISTS chunks_upd AFTER UPDATE OF nbytes ON chunks BEGIN
 """
 # Bytes a chunk file takes on disk: its 512-byte header plus data, in 4 KiB blocks.
 DISK_BYTES = "((nbytes + 512 + 4095) / 4096) * 4096"
+READ_BUSY_SECONDS = 2.0     # a reader (WAL: almost never blocked) gives up after this
 
 
 def _full(err: sqlite3.Error) -> bool:
@@ -61,8 +62,13 @@ class Index:
                 except FileNotFoundError:
                     pass
             self._db = self._open()
+        # One read connection per thread (WAL: readers see the last commit and never wait on
+        # a writer, ours or another process's); the write connection is serialized by _lock.
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._touched: dict[tuple[str, int], float] = {}
-        self._last_flush = time.monotonic()
+        self._touch_lock = threading.Lock()
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
@@ -98,6 +104,26 @@ class Index:
                     raise CacheFull(f"cache index {self.path}: no space left on the device") from None
                 raise
 
+    def _reader(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=READ_BUSY_SECONDS, check_same_thread=False,
+                                 isolation_level=None)
+            db.execute("PRAGMA query_only=1")
+            self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """A query on this thread's read connection: never waits behind a writer."""
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.OperationalError as err:
+            if _full(err):
+                raise CacheFull(f"cache index {self.path}: no space left on the device") from None
+            raise
+
     def _many(self, sql: str, rows: list[tuple]) -> None:
         with self._lock:
             try:
@@ -118,7 +144,7 @@ class Index:
 
     # sizes -----------------------------------------------------------------------------------
     def size(self, oid: str) -> int | None:
-        rows = self._run("SELECT size FROM sizes WHERE oid=?", (oid,))
+        rows = self._read("SELECT size FROM sizes WHERE oid=?", (oid,))
         return rows[0][0] if rows else None
 
     def sizes(self, oids: list[str]) -> dict[str, int]:
@@ -126,7 +152,7 @@ class Index:
         for i in range(0, len(oids), 500):
             part = oids[i:i + 500]
             marks = ",".join("?" * len(part))
-            found.update(self._run(f"SELECT oid, size FROM sizes WHERE oid IN ({marks})", tuple(part)))
+            found.update(self._read(f"SELECT oid, size FROM sizes WHERE oid IN ({marks})", tuple(part)))
         return found
 
     def record_sizes(self, sizes: dict[str, int]) -> None:
@@ -146,23 +172,26 @@ class Index:
             self._many("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, atime) VALUES (?, ?, ?, ?)", rows)
 
     def touch(self, oid: str, idx: int) -> None:
-        """Record a use; written in batches because warm reads must stay cheap."""
-        self._touched[(oid, idx)] = time.time()
-        if time.monotonic() - self._last_flush > 5:
-            try:
-                self.flush()
-            except CacheFull:
-                pass    # use times are a hint for eviction: a full disk must not fail a read
+        """Record a use, in memory only: a warm read never waits on SQLite (another process
+        may hold the write lock). `flush` writes them (the store's flusher thread, eviction)."""
+        with self._touch_lock:
+            self._touched[(oid, idx)] = time.time()
 
     def flush(self) -> None:
-        touched, self._touched = self._touched, {}
-        self._last_flush = time.monotonic()
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
         if touched:
-            self._many("UPDATE chunks SET atime=? WHERE oid=? AND idx=?",
-                       [(t, oid, idx) for (oid, idx), t in touched.items()])
+            try:
+                self._many("UPDATE chunks SET atime=? WHERE oid=? AND idx=?",
+                           [(t, oid, idx) for (oid, idx), t in touched.items()])
+            except BaseException:
+                with self._touch_lock:    # kept for the next flush
+                    for key, t in touched.items():
+                        self._touched.setdefault(key, t)
+                raise
 
     def present(self, oid: str) -> set[int]:
-        return {row[0] for row in self._run("SELECT idx FROM chunks WHERE oid=?", (oid,))}
+        return {row[0] for row in self._read("SELECT idx FROM chunks WHERE oid=?", (oid,))}
 
     def forget_chunk(self, oid: str, idx: int) -> None:
         self._run("DELETE FROM chunks WHERE oid=? AND idx=?", (oid, idx))
@@ -171,20 +200,20 @@ class Index:
         self._run("DELETE FROM chunks WHERE oid=?", (oid,))
 
     def used_bytes(self) -> int:
-        return self._run("SELECT COALESCE(SUM(nbytes), 0) FROM chunks")[0][0]
+        return self._read("SELECT COALESCE(SUM(nbytes), 0) FROM chunks")[0][0]
 
     def disk_bytes(self) -> int:
         """What the chunk files take on disk (headers and block rounding included)."""
-        return self._run("SELECT disk FROM totals WHERE id = 0")[0][0]
+        return self._read("SELECT disk FROM totals WHERE id = 0")[0][0]
 
     def oldest(self, limit: int) -> list[tuple[str, int, int]]:
         """(oid, idx, bytes on disk) of the least recently used chunks."""
         self.flush()
-        return self._run(f"SELECT oid, idx, {DISK_BYTES} FROM chunks ORDER BY atime LIMIT ?", (limit,))
+        return self._read(f"SELECT oid, idx, {DISK_BYTES} FROM chunks ORDER BY atime LIMIT ?", (limit,))
 
     def pending(self) -> list[tuple[str, int]]:
         """Rows of unverified chunk files (their oid reads `<oid>~<tag>`)."""
-        return self._run("SELECT oid, idx FROM chunks WHERE oid LIKE '%~%'")
+        return self._read("SELECT oid, idx FROM chunks WHERE oid LIKE '%~%'")
 
     def close(self) -> None:
         try:
@@ -193,3 +222,7 @@ class Index:
             pass
         with self._lock:
             self._db.close()
+        with self._readers_lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
