@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--no-progress", action="store_true")
     _common(get)
 
+    sizes = sub.add_parser("sizes", help="publish a tracked directory's sizes to its remote (one read "
+                                         "instead of a request per file for every later client)")
+    sizes.add_argument("action", choices=["publish"])
+    sizes.add_argument("args", nargs="*", metavar="URL [PATH]")
+    _common(sizes)
+
     mount = sub.add_parser("mount", help="FUSE-mount a revision read-only (every file, fetched when read)")
     mount.add_argument("args", nargs="+", metavar="URL MOUNTPOINT")
     mount.add_argument("--daemon", "-d", action="store_true", help="run in the background once mounted")
@@ -157,23 +163,52 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
         kind = fs.kind(path)
         if kind is None:
             raise NotFound(f"{path}: not in revision {fs.revision}", path=path)
+        if kind == "dir" and ns.recursive:
+            # Streamed: sizes learned and rows printed a batch at a time, in path order, so a
+            # 1M-file tree needs memory for one batch, and what was sized stays sized.
+            batch: list[str] = []
+            for entry in fs.walk_files(path):
+                batch.append(entry.path)
+                if len(batch) >= LS_BATCH:
+                    await _print_rows(fs, batch, [], ns.json)
+                    batch = []
+            await _print_rows(fs, batch, [], ns.json)
+            return 0
         if kind != "dir":
             files, dirs = [path], []
-        elif ns.recursive:
-            files, dirs = [e.path for e in fs.walk_files(path)], []
         else:
             items = fs.listdir(path)
             files = [i.path for i in items if i.kind != "dir"]
             dirs = [i.path for i in items if i.kind == "dir"]
-        # `dda ls` shows sizes: learned in bulk (one listing per remote folder, or bounded HEADs).
-        rows = [(p, fs.entry(p).kind, attr.size) for p, attr in await fs.stat_many(files)]  # type: ignore[union-attr]
-        rows += [(d, "dir", None) for d in dirs]
-        for p, kind, size in sorted(rows):
-            if ns.json:
-                print(json.dumps({"path": p, "kind": kind, "size": size}, ensure_ascii=False))
-            else:
-                shown = p + "/" if kind == "dir" else p
-                print(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
+        await _print_rows(fs, files, dirs, ns.json)
+    return 0
+
+
+LS_BATCH = 4096
+
+
+async def _print_rows(fs, files: list[str], dirs: list[str], as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """Print `files` with their sizes (learned in bulk) and `dirs`, sorted."""
+    rows = [(p, fs.entry(p).kind, attr.size) for p, attr in await fs.stat_many(files)] if files else []
+    rows += [(d, "dir", None) for d in dirs]
+    lines = []
+    for p, kind, size in sorted(rows):
+        if as_json:
+            lines.append(json.dumps({"path": p, "kind": kind, "size": size}, ensure_ascii=False))
+        else:
+            shown = p + "/" if kind == "dir" else p
+            lines.append(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
+    if lines:
+        print("\n".join(lines))
+
+
+async def cmd_sizes(ns: argparse.Namespace) -> int:
+    """`dda sizes publish URL [PATH]`: write each tracked directory's size index next to its
+    manifest on the remote (see sidecar.sizeindex)."""
+    repo, path = _split_repo_args(ns.args, True, False, _default_repo(ns))
+    async with await _open(ns, repo) as engine:
+        for out_path, key, count in await engine.publish_sizes(path):
+            print(f"{out_path}: published {count} sizes to {key}")
     return 0
 
 
@@ -342,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             from .webhook.app import run as run_webhook
 
             return run_webhook(ns)
-        handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
+        handler = {"ls": cmd_ls, "sizes": cmd_sizes, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:
         info = describe(err)

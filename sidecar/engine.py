@@ -6,14 +6,17 @@ more than the chunks a read touches, plus the .dir manifests of the snapshot.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import Config, remote_settings_key
-from .errors import ConfigError, DDAError, NotFound
+from . import sizeindex
+from .errors import ConfigError, DDAError, NotFound, ObjectMissing, RemoteError
 from .fetch import Fetcher, ObjectRef
+from .fetch.sizing import size_all
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
 from .snapshot.build import DvcLayout, compose_tree, read_dvc_layout
@@ -21,6 +24,14 @@ from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
 from .snapshot.tree import Entry, Tree
 from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+
+def _loaded_marker(manifest_md5: str) -> str:
+    """Key in the persistent size index saying this manifest's published sizes are loaded."""
+    return f"{manifest_md5}.dir.sizes"
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class Engine:
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
+        self._dir_outputs: dict[str, DvcOut] = {}
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -74,6 +86,8 @@ class Engine:
         self._layout = await read_dvc_layout(entries, self.git.read_blob)
         manifests = await self._fetch_manifests(self._layout.outputs)
         self.tree = compose_tree(entries, self._layout.outputs, manifests)
+        self._dir_outputs = {o.path: o for o in self._layout.outputs if o.is_dir}
+        await self._load_size_indexes(manifests)
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
@@ -148,7 +162,8 @@ class Engine:
         return await self.sized(self.entry(path))
 
     async def sized(self, entry: Entry) -> Entry:
-        """`entry` with its true size (one request at most: a HEAD, or git's blob header)."""
+        """`entry` with its true size (one request at most: a HEAD, or git's blob header;
+        none when the persistent index or the directory's published size index knows it)."""
         if entry.size is not None:
             return entry
         if entry.kind == "git":
@@ -166,18 +181,81 @@ class Engine:
         return sized
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
-        """True sizes for many entries, batched (one listing or bounded HEADs per remote)."""
-        dvc = [e for e in entries if e.size is None and e.kind == "dvc"]
-        sizes = await self.fetcher.sizes_of([self.ref(e) for e in dvc]) if dvc else {}
-        result = []
-        for e in entries:
-            if e.size is not None:
-                result.append(e)
-            elif e.kind == "dvc":
-                result.append(self._sized(e, sizes[e.oid]))
-            else:
-                result.append(self._sized(e, await self.git.blob_size(e.oid)))
+        """True sizes for many entries: the persistent index, the directories' published size
+        indexes, then one request per object still unknown (bounded pool, each under its own
+        deadline, each size recorded as it lands: an error keeps what was learned before it)."""
+        result = list(entries)
+        for i, e in enumerate(result):
+            if e.size is None and e.kind == "git":
+                result[i] = self._sized(e, await self.git.blob_size(e.oid))
+
+        def learned(i: int, size: int) -> None:
+            result[i] = self._sized(result[i], size)
+
+        await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
+                       learned)
         return result
+
+    # -- the shared size index ------------------------------------------------------------------
+    async def _load_size_indexes(self, manifests: dict[str, list[ManifestEntry]]) -> None:
+        """Read the published size index of every directory output, with the snapshot (so no
+        stat ever waits for it): its sizes go into the persistent index, where every sizing
+        path looks first. One request per directory output, none for one already loaded on
+        this node (a marker in the index: a remount asks nothing)."""
+        todo = [o for o in self._dir_outputs.values() if self.store.index.size(_loaded_marker(o.md5)) is None]
+        unique = {o.md5: o for o in todo}
+        await asyncio.gather(*(self._load_size_index(o, {m.md5 for m in manifests[o.md5]})
+                               for o in unique.values()))
+
+    async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
+        remote = self.remote(out.remote, out.source)
+        key = sizeindex.index_path(out.md5, out.legacy)
+        where = f"{out.path}: size index {remote.display_url}/{key}"
+        try:
+            async with asyncio.timeout(self.fetcher.deadline):
+                got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
+            sizes = sizeindex.decode(got.data, out.md5, expected, where)
+        except ObjectMissing:
+            return                                  # none published: sized per file when asked
+        except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
+            log.warning("%s ignored: %s", where, err or "timed out")
+            return
+        self.store.index.record_sizes(sizes)
+        self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+        log.info("%s: %d sizes", where, len(sizes))
+
+    async def _manifest_md5s(self, out: DvcOut) -> set[str]:
+        remote = self.remote(out.remote, out.source)
+        ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
+                        f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+        data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
+        return {item.md5 for item in parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")}
+
+    async def publish_sizes(self, path: str) -> list[tuple[str, str, int]]:
+        """Publish the size index of every directory output at or below `path` (or the one
+        holding `path`): [(output path, remote key, files)]. Sizes are learned as `stat_many`
+        learns them (index, then one request per unknown file)."""
+        root = Tree.normalize(path)
+        outs = [o for o in self._dir_outputs.values()
+                if not root or o.path == root or o.path.startswith(root + "/") or root.startswith(o.path + "/")]
+        if not outs:
+            raise NotFound(f"{path or '.'}: no DVC-tracked directory at or below it", path=path)
+        done = []
+        for out in sorted(outs, key=lambda o: o.path):
+            entries = [e for e in self.tree.walk_files(out.path) if e.output == out.path]
+            sized = await self.stat_many(entries)
+            sizes = {e.oid: e.size for e in sized if e.size is not None}
+            expected = await self._manifest_md5s(out)
+            if sizes.keys() != expected:   # a git file shadowing part of the output, or a clash
+                raise DDAError(f"{out.path}: the snapshot holds {len(sizes)} of the manifest's "
+                               f"{len(expected)} objects; not publishing a partial size index")
+            remote = self.remote(out.remote, out.source)
+            key = sizeindex.index_path(out.md5, out.legacy)
+            await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
+                                            "write")
+            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            done.append((out.path, key, len(sizes)))
+        return done
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
         return await self.read_entry(self.entry(path), offset, length)
@@ -189,7 +267,24 @@ class Engine:
             data = blob[offset:offset + length]
             self.fetcher.stats.bytes_served += len(data)
             return data
-        return await self.fetcher.read(self.ref(entry), offset, length)
+        try:
+            return await self.fetcher.read(self.ref(entry), offset, length)
+        except RemoteError as err:
+            if type(err) is not RemoteError or entry.size is None:
+                raise
+            # The remote object's size contradicts the one we had (a published size index,
+            # or the persistent index): learn the true one, drop the wrong one, read again.
+            ref = self.ref(replace(entry, size=None))
+            true = await self.fetcher._remote_call(ref.remote, lambda: ref.remote.size(ref.path), "size")
+            if true == entry.size:
+                raise
+            log.warning("%s: size %d from the index contradicts the remote's %d; dropped it",
+                        entry.path, entry.size, true)
+            self.fetcher._learned_size(entry.oid, true)
+            fixed = replace(entry, size=true)
+            if self.tree.files.get(entry.path) is entry:
+                self.tree.files[entry.path] = fixed
+            return await self.fetcher.read(self.ref(fixed), offset, length)
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
         """The whole file in pieces of one chunk (what `dda cat` and `dda get` stream)."""

@@ -8,7 +8,7 @@ import httpx
 
 from ..errors import ConfigError
 from .base import Range, Remote
-from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
+from .httpcommon import HTTP2, check_status, range_from_response, range_header, stream_get, transport_error
 
 
 class HttpRemote(Remote):
@@ -37,6 +37,7 @@ class HttpRemote(Remote):
         elif auth:
             raise ConfigError(f"remote {name!r}: unknown auth {auth!r} (basic, digest, bearer, custom)")
         self.client = httpx.AsyncClient(
+            http2=HTTP2,   # multiplexed HEADs/GETs where the server offers h2 (ALPN)
             auth=client_auth, headers=headers, follow_redirects=True,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))
