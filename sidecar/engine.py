@@ -28,6 +28,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+SIZE_INDEX_SECONDS = 10.0   # the most a snapshot waits for a published size index
+
 
 def _loaded_marker(manifest_md5: str) -> str:
     """Key in the persistent size index saying this manifest's published sizes are loaded."""
@@ -176,8 +178,9 @@ class Engine:
         # Sizes of an object never change: remember them in the tree, but only in the tree the
         # entry came from (after a refresh, an old entry must not land in the new snapshot).
         sized = replace(entry, size=size)
-        if self.tree.files.get(entry.path) is entry:
-            self.tree.files[entry.path] = sized
+        current = self.tree.files.get(entry.path)
+        if current is not None and current.oid == entry.oid and current.kind == entry.kind:
+            self.tree.set_size(entry.path, size)
         return sized
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
@@ -212,7 +215,9 @@ class Engine:
         key = sizeindex.index_path(out.md5, out.legacy)
         where = f"{out.path}: size index {remote.display_url}/{key}"
         try:
-            async with asyncio.timeout(self.fetcher.deadline):
+            # Bounded apart from the deadline: an unresponsive remote must not hold the
+            # snapshot (the index is an optimisation; per-file sizing still works).
+            async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
                 got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
             sizes = sizeindex.decode(got.data, out.md5, expected, where)
         except ObjectMissing:
@@ -281,9 +286,7 @@ class Engine:
             log.warning("%s: size %d from the index contradicts the remote's %d; dropped it",
                         entry.path, entry.size, true)
             self.fetcher._learned_size(entry.oid, true)
-            fixed = replace(entry, size=true)
-            if self.tree.files.get(entry.path) is entry:
-                self.tree.files[entry.path] = fixed
+            fixed = self._sized(replace(entry, size=None), true)
             return await self.fetcher.read(self.ref(fixed), offset, length)
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]

@@ -236,3 +236,44 @@ def test_size_index_is_verified_and_contradicted_sizes_dropped(small_fake, tmp_p
             assert (await fs.stat(path)).size == sizes[victim["md5"]]
 
     run(contradicted())
+
+
+def test_tree_memory_per_file_is_bounded_and_build_is_linear():
+    """100,000 files in 100 folders: the built tree keeps < 100 bytes per file (interned
+    names, md5 as 16 bytes, sizes in an array; an Entry dict took ~500), and composing it with
+    100 outputs costs about what one output of the same files costs (not outputs x files)."""
+    import time
+    import tracemalloc
+
+    from sidecar.snapshot.build import compose_tree
+    from sidecar.snapshot.dvcfiles import DvcOut, ManifestEntry
+
+    def outputs(n_out: int, per: int):
+        outs, manifests = [], {}
+        for o in range(n_out):
+            md5 = hashlib.md5(f"out{o}".encode()).hexdigest()
+            outs.append(DvcOut(f"data/d{o:03d}", md5, True, None, per, False, None, f"d{o}.dvc"))
+            manifests[md5] = [ManifestEntry(f"f{i:06d}.bin", hashlib.md5(f"{o}/{i}".encode()).hexdigest(), None)
+                              for i in range(per)]
+        return outs, manifests
+
+    outs, manifests = outputs(100, 1000)
+    tracemalloc.start()
+    started = time.perf_counter()
+    tree = compose_tree([], outs, manifests)
+    many = time.perf_counter() - started
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(tree.files) == 100_000 and held / 100_000 < 100, held / 100_000
+    one_outs, one_manifests = outputs(1, 100_000)
+    started = time.perf_counter()
+    compose_tree([], one_outs, one_manifests)
+    single = time.perf_counter() - started
+    assert many < 3 * single + 0.5, (many, single)
+    entry = tree.files["data/d042/f000007.bin"]
+    assert entry.oid == hashlib.md5(b"42/7").hexdigest() and entry.size is None and entry.output == "data/d042"
+    assert tree.dirs["data"][:2] == ["d000", "d001"] and "data/d099" in tree.dirs
+    walked = [e.path for e in tree.walk_files("data/d001")]
+    assert walked == sorted(walked) and len(walked) == 1000
+    tree.set_size("data/d042/f000007.bin", 123)
+    assert tree.get("data/d042/f000007.bin").size == 123

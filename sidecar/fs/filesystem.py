@@ -20,7 +20,7 @@ import os
 import posixpath
 import stat as _st
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator, Mapping
 
 from ..engine import Engine
 from ..errors import BadHandle, IsADirectory, NotADirectory, NotASymlink, NotFound, SymlinkLoop
@@ -52,7 +52,7 @@ class Refreshed:
 
     old_commit: str
     new_commit: str
-    old_files: dict[str, Entry]
+    old_files: Mapping[str, Entry]   # the old snapshot's files (a view, not a copy)
     new_tree: Tree
 
     def changed(self, path: str) -> bool:
@@ -276,7 +276,7 @@ class FileSystem:
 
     async def refresh(self) -> Refreshed | None:
         """Move to the branch's new tip, if it moved. Open handles keep their entries."""
-        old_files = dict(self.tree.files)
+        old_files = self.tree.files       # the old tree is never changed but for sizes
         moved = await self.engine.refresh()
         if moved is None:
             return None

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 from ..errors import DDAError, DvcFileError
 from .dvcfiles import DvcConfig, DvcOut, ManifestEntry, parse_dvc_config, parse_dvc_file, parse_dvc_lock
 from .git import GitEntry
-from .tree import Entry, Tree
+from .tree import Tree, TreeBuilder
 
 FILE_MODE = stat.S_IFREG | 0o644
 
@@ -47,33 +47,38 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
 
 def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
                  manifests: dict[str, list[ManifestEntry]]) -> Tree:
-    """`manifests`: md5 of each directory output -> its entries."""
-    files: dict[str, Entry] = {}
+    """`manifests`: md5 of each directory output -> its entries.
+
+    Linear in the number of files (issue 11): each file looks up its own ancestors in a
+    dict of output paths once, instead of every output scanning every file; entries go
+    straight into the compact TreeBuilder (no Entry object per file is kept)."""
+    # A DVC output replaces whatever git (or an earlier output) has at or below its path
+    # (it is .gitignored in a real checkout): the last output declaring a path wins.
+    covered_by = {o.path: i for i, o in enumerate(outputs)}
+
+    def hidden(path: str, rank: int) -> bool:
+        while True:
+            owner = covered_by.get(path)
+            if owner is not None and owner > rank:
+                return True
+            if "/" not in path:
+                return False
+            path = path.rsplit("/", 1)[0]
+
+    builder = TreeBuilder()
     for e in git_entries:
         if e.kind != "blob":
             continue   # submodules show as nothing, as in a checkout without `--recursive`
+        if hidden(e.path, -1):
+            continue
         mode = e.mode if stat.S_ISLNK(e.mode) else (stat.S_IFREG | (0o755 if e.mode & 0o111 else 0o644))
-        files[e.path] = Entry(e.path, "git", mode, e.size, e.sha)
-    for out in outputs:
-        # A DVC output replaces whatever git has there (it is .gitignored in a real checkout).
-        prefix = out.path + "/"
-        for path in [p for p in files if p == out.path or p.startswith(prefix)]:
-            del files[path]
+        builder.add(e.path, "git", mode, e.size, e.sha)
+    for rank, out in enumerate(outputs):
         if out.is_dir:
             for item in manifests[out.md5]:
                 path = f"{out.path}/{item.relpath}"
-                files[path] = Entry(path, "dvc", FILE_MODE, item.size, item.md5, out.legacy, out.remote, out.path)
-        else:
-            files[out.path] = Entry(out.path, "dvc", FILE_MODE, out.size, out.md5, out.legacy, out.remote, out.path)
-    _check_no_file_dir_clash(files)
-    return Tree(files)
-
-
-def _check_no_file_dir_clash(files: dict[str, Entry]) -> None:
-    for path in files:
-        parent = posixpath.dirname(path)
-        while parent:
-            if parent in files:
-                where = files[parent].output or parent
-                raise DDAError(f"{where}: {parent!r} is a file, but {path!r} needs it to be a directory")
-            parent = posixpath.dirname(parent)
+                if not hidden(path, rank):
+                    builder.add(path, "dvc", FILE_MODE, item.size, item.md5, out.legacy, out.remote, out.path)
+        elif not hidden(out.path, rank):
+            builder.add(out.path, "dvc", FILE_MODE, out.size, out.md5, out.legacy, out.remote, out.path)
+    return builder.build()   # DDAError where a path is both a file and a directory
