@@ -28,7 +28,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
-SIZE_INDEX_SECONDS = 10.0   # the most a snapshot waits for a published size index
+SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
+SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
 
 
 def _loaded_marker(manifest_md5: str) -> str:
@@ -60,6 +61,9 @@ class Engine:
         self.follow_ref: str | None = None
         self._blob_bytes = 0
         self._dir_outputs: dict[str, DvcOut] = {}
+        self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
+        self._size_index_tried: set[str] = set()
+        self._size_index_loads: dict[str, asyncio.Task[None]] = {}
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -89,7 +93,7 @@ class Engine:
         manifests = await self._fetch_manifests(self._layout.outputs)
         self.tree = compose_tree(entries, self._layout.outputs, manifests)
         self._dir_outputs = {o.path: o for o in self._layout.outputs if o.is_dir}
-        await self._load_size_indexes(manifests)
+        self._output_files = {md5: len(items) for md5, items in manifests.items()}
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
@@ -171,7 +175,10 @@ class Engine:
         if entry.kind == "git":
             size = await self.git.blob_size(entry.oid)
         else:
-            size = await self.fetcher.size_of(self.ref(entry))
+            ref = self.ref(entry)
+            if self.fetcher.known_size(ref) is None:
+                await self._use_size_index(entry.output)
+            size = await self.fetcher.size_of(ref)
         return self._sized(entry, size)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
@@ -188,6 +195,8 @@ class Engine:
         indexes, then one request per object still unknown (bounded pool, each under its own
         deadline, each size recorded as it lands: an error keeps what was learned before it)."""
         result = list(entries)
+        for output in {e.output for e in entries if e.size is None and e.kind == "dvc"}:
+            await self._use_size_index(output)
         for i, e in enumerate(result):
             if e.size is None and e.kind == "git":
                 result[i] = self._sized(e, await self.git.blob_size(e.oid))
@@ -200,23 +209,35 @@ class Engine:
         return result
 
     # -- the shared size index ------------------------------------------------------------------
-    async def _load_size_indexes(self, manifests: dict[str, list[ManifestEntry]]) -> None:
-        """Read the published size index of every directory output, with the snapshot (so no
-        stat ever waits for it): its sizes go into the persistent index, where every sizing
-        path looks first. One request per directory output, none for one already loaded on
-        this node (a marker in the index: a remount asks nothing)."""
-        todo = [o for o in self._dir_outputs.values() if self.store.index.size(_loaded_marker(o.md5)) is None]
-        unique = {o.md5: o for o in todo}
-        await asyncio.gather(*(self._load_size_index(o, {m.md5 for m in manifests[o.md5]})
-                               for o in unique.values()))
+    async def _use_size_index(self, output: str | None) -> None:
+        """Before the first request that sizes a file of a big directory output (at least
+        SIZE_INDEX_MIN_FILES files), read that directory's published size index into the
+        persistent index, where every sizing path looks first: then `find -printf %s` costs
+        one request, not one per file. Once per output per engine; never again on this node
+        once loaded (a marker in the index: a remount asks nothing). Listing, reading and
+        small directories never cause this request."""
+        out = self._dir_outputs.get(output) if output else None
+        if out is None or out.md5 in self._size_index_tried:
+            return
+        if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
+                self.store.index.size(_loaded_marker(out.md5)) is not None:
+            self._size_index_tried.add(out.md5)
+            return
+        task = self._size_index_loads.get(out.md5)
+        if task is None:
+            task = asyncio.ensure_future(self._load_size_index(out, await self._manifest_md5s(out)))
+            self._size_index_loads[out.md5] = task
+        await asyncio.shield(task)
+        self._size_index_tried.add(out.md5)
+        self._size_index_loads.pop(out.md5, None)
 
     async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
         remote = self.remote(out.remote, out.source)
         key = sizeindex.index_path(out.md5, out.legacy)
         where = f"{out.path}: size index {remote.display_url}/{key}"
         try:
-            # Bounded apart from the deadline: an unresponsive remote must not hold the
-            # snapshot (the index is an optimisation; per-file sizing still works).
+            # Bounded apart from the deadline: an unresponsive remote must not hold a stat
+            # long (the index is an optimisation; per-file sizing still works).
             async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
                 got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
             sizes = sizeindex.decode(got.data, out.md5, expected, where)
