@@ -277,3 +277,37 @@ def test_tree_memory_per_file_is_bounded_and_build_is_linear():
     assert walked == sorted(walked) and len(walked) == 1000
     tree.set_size("data/d042/f000007.bin", 123)
     assert tree.get("data/d042/f000007.bin").size == 123
+
+
+def test_directory_prefetch_follows_the_reader_within_a_window(tmp_path):
+    """Issue 11 item 4: after a reader's 10 sequential opens in a 600-file folder, directory
+    prefetch fetches a bounded window ahead (not the other 590 files); each further open lets
+    it go one further; and a reader's own read does not wait behind it."""
+    from sidecar.fetch.prefetch import Prefetcher
+
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=600)
+
+    async def go():
+        async with await _engine(layout.repo, tmp_path / "cache", {}) as engine:
+            pf = Prefetcher(engine, dir_window_files=16)
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            for p in paths[:10]:
+                pf.on_open(p)
+                await engine.read(p, 0, 1 << 20)
+            await asyncio.wait_for(pf.wait_idle(), 60)
+            first = pf.stats.issued_files
+            assert 8 <= first <= 16 + 10, first          # the window, plus one per later open
+            for p in paths[10:20]:
+                pf.on_open(p)
+                await engine.read(p, 0, 1 << 20)
+            await asyncio.wait_for(pf.wait_idle(), 60)
+            assert first < pf.stats.issued_files <= first + 10 + 2
+            assert pf.stats.used_files >= 8
+            # a read far from the walk is served at once, not after the window drains
+            started = asyncio.get_running_loop().time()
+            await engine.read(paths[500], 0, 1 << 20)
+            assert asyncio.get_running_loop().time() - started < 2
+            await pf.aclose()
+
+    run(go())
