@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from .config import Config, remote_settings_key
 from . import sizeindex
 from .errors import ConfigError, DDAError, NotFound, ObjectMissing, RemoteError
 from .fetch import Fetcher, ObjectRef
+from .fetch.priority import PREFETCH, current_priority
 from .fetch.sizing import size_all
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
+STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
 SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
 
 
@@ -64,6 +67,9 @@ class Engine:
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
         self._size_index_tried: set[str] = set()
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
+        self._sizing: dict[str, asyncio.Future[int]] = {}      # oid -> its size request under way
+        self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
+        self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -167,9 +173,11 @@ class Engine:
     async def stat(self, path: str) -> Entry:
         return await self.sized(self.entry(path))
 
-    async def sized(self, entry: Entry) -> Entry:
+    async def sized(self, entry: Entry, *, stat_ahead: bool = False) -> Entry:
         """`entry` with its true size (one request at most: a HEAD, or git's blob header;
-        none when the persistent index or the directory's published size index knows it)."""
+        none when the persistent index or the directory's published size index knows it).
+        stat_ahead=True (a stat/lookup, not an open): a walker stat-ing its way through a
+        directory gets the rest of it sized in the background (see _size_missed)."""
         if entry.size is not None:
             return entry
         if entry.kind == "git":
@@ -178,8 +186,52 @@ class Engine:
             ref = self.ref(entry)
             if self.fetcher.known_size(ref) is None:
                 await self._use_size_index(entry.output)
-            size = await self.fetcher.size_of(ref)
+                if stat_ahead and self.fetcher.known_size(ref) is None:
+                    self._size_missed(entry.path)
+            size = await self._size_of(ref)
         return self._sized(entry, size)
+
+    async def _size_of(self, ref: ObjectRef) -> int:
+        """`fetcher.size_of`, one request per object however many ask at once (a stat and
+        the directory's stat-ahead)."""
+        task = self._sizing.get(ref.oid)
+        if task is None:
+            task = asyncio.ensure_future(self.fetcher.size_of(ref))
+            self._sizing[ref.oid] = task
+            task.add_done_callback(lambda _t: self._sizing.pop(ref.oid, None))
+        return await asyncio.shield(task)
+
+    def _size_missed(self, path: str) -> None:
+        """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
+        `find -printf %s`, `ls -l`, a scandir+stat loop), size the rest of that directory in
+        the background - bounded pool, background priority, each size recorded as it lands -
+        so the walker's next stats find their answers instead of one round trip each."""
+        parent = posixpath.dirname(path)
+        misses = self._size_misses.get(parent, 0) + 1
+        self._size_misses[parent] = misses
+        if misses < STAT_AHEAD_AFTER or parent in self._stat_ahead:
+            return
+        token = current_priority.set(PREFETCH)
+        try:
+            self._stat_ahead[parent] = asyncio.ensure_future(self._stat_ahead_dir(parent))
+        finally:
+            current_priority.reset(token)
+
+    async def _stat_ahead_dir(self, parent: str) -> None:
+        tree = self.tree
+        names = tree.dirs.get(parent) or []
+        prefix = parent + "/" if parent else ""
+
+        def todo():  # type: ignore[no-untyped-def]
+            for name in names:
+                entry = tree.files.get(prefix + name)
+                if entry is not None and entry.kind == "dvc" and entry.size is None:
+                    yield entry, self.ref(entry)
+
+        try:
+            await size_all(self.fetcher, todo(), self._sized, size_of=self._size_of)
+        except DDAError as err:   # a stat that needs the failed one reports it itself
+            log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
         # Sizes of an object never change: remember them in the tree, but only in the tree the
@@ -205,7 +257,7 @@ class Engine:
             result[i] = self._sized(result[i], size)
 
         await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
-                       learned)
+                       learned, size_of=self._size_of)
         return result
 
     # -- the shared size index ------------------------------------------------------------------
@@ -347,6 +399,9 @@ class Engine:
         await self.aclose(drain_seconds=30.0 if exc_type is None else 0.0)
 
     async def aclose(self, drain_seconds: float = 30.0) -> None:
+        for task in self._stat_ahead.values():
+            task.cancel()
+        await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.git.aclose()
         for remote in self._remotes.values():

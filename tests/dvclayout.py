@@ -34,11 +34,11 @@ def _git(repo: Path, *args: str) -> None:
 
 
 def write_layout(workdir: Path, *, folders: int, per_folder: int, remote_url: str | None = None,
-                 remote: Path | None = None, out: str = "data", seed: int = 0, min_size: int = 100, max_size: int = 1000) -> Layout:
+                 remote: Path | None = None, checkout: Path | None = None, out: str = "data", seed: int = 0, min_size: int = 100, max_size: int = 1000) -> Layout:
     """`folders` x `per_folder` files of `min_size`..`max_size` random bytes under `out/`
     (folders `d0000`..., files `f000000.bin`...; with folders=1 the files sit in `out/`).
     The remote is `remote` (default `workdir/remote`; its URL in .dvc/config: `remote_url` or
-    that path)."""
+    that path). `checkout`: also write the files there as `dvc pull` would (a baseline)."""
     rng = random.Random(seed)
     repo, remote = workdir / "repo", remote or workdir / "remote"
     repo.mkdir(parents=True)
@@ -58,6 +58,11 @@ def write_layout(workdir: Path, *, folders: int, per_folder: int, remote_url: st
                 sub.mkdir(parents=True, exist_ok=True)
                 made.add(md5[:2])
             (sub / md5[2:]).write_bytes(data)
+            if checkout is not None:
+                where = checkout / out / folder
+                if f == 0:
+                    where.mkdir(parents=True, exist_ok=True)
+                (where / f"f{f:06d}.bin").write_bytes(data)
     entries.sort(key=lambda e: e["relpath"])
     manifest = json.dumps(entries, sort_keys=True).encode("utf-8")
     mmd5 = hashlib.md5(manifest).hexdigest()

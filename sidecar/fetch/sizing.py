@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+from typing import Awaitable, Callable, Hashable, Iterable, Iterator, TypeVar
 
 from .scheduler import Fetcher, ObjectRef
 
@@ -24,12 +24,14 @@ K = TypeVar("K", bound=Hashable)
 INDEX_BATCH = 512
 
 
-async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_size: Callable[[K, int], None],
-                   *, workers: int | None = None) -> None:
+async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_size: Callable[[K, int], object],
+                   *, workers: int | None = None,
+                   size_of: Callable[[ObjectRef], Awaitable[int]] | None = None) -> None:
     """Learn the size of every `(key, ref)` in `items` and call `on_size(key, size)` for each
-    as soon as it is known. Raises the first error any request met (after the requests
+    as soon as it is known (`size_of`: one object's request, default `fetcher.size_of`). Raises the first error any request met (after the requests
     already under way finish and are recorded); sizes learned before it stay recorded."""
     workers = max(1, workers or fetcher.jobs)
+    ask = size_of or fetcher.size_of
     index = fetcher.store.index
     source = iter(items)
     pending: asyncio.Queue[tuple[K, ObjectRef] | None] = asyncio.Queue(maxsize=workers * 2)
@@ -60,7 +62,7 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
                 continue      # drain: the producer is stopping
             key, ref = item
             try:
-                on_size(key, await fetcher.size_of(ref))   # own deadline; recorded in the index at once
+                on_size(key, await ask(ref))   # own deadline; recorded in the index at once
             except Exception as err:   # noqa: BLE001 - the first error ends the batch, after the rest land
                 failed.append(err)
 

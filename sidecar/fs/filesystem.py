@@ -162,7 +162,7 @@ class FileSystem:
             if path in self.tree.dirs:
                 return dir_attr(self.mtime_ns)
             raise self._missing(path)
-        return self.attr_of(await self.engine.sized(entry))
+        return self.attr_of(await self.engine.sized(entry, stat_ahead=True))
 
     async def lookup(self, parent: str, name: str) -> tuple[str, Attr]:
         """The child `name` of directory `parent`: (its path, its attributes)."""
