@@ -134,10 +134,10 @@ def bench_one(n: int, kinds: list[str], ttfb_ms: int, work: Path, rows: list[lis
                 find = timed(f"find {mp} -type f | wc -l")[0]
                 req_names = len(srv.requests_since(mark)) if counted else 0
                 printf, out = timed(f"find {mp / biggest} -type f -printf '%s\\n' | wc -l")
+                req_cold = (len(srv.requests_since(mark)) if counted else 0) - req_names
                 rd = reads(mp, sample)
                 rss = m.rss_mb()
                 mount_s = m.seconds
-            req_cold = (len(srv.requests_since(mark)) if counted else 0) - req_names
             mark = srv.mark() if counted else 0
             with Mounted(layout.repo, mp, cache, env):
                 again = timed(f"find {mp / biggest} -type f -printf '%s\\n' | wc -l")[0]

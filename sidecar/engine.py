@@ -6,6 +6,7 @@ more than the chunks a read touches, plus the .dir manifests of the snapshot.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import posixpath
 import time
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
 STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
 SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
+
+
+def _give_back_memory() -> None:
+    """Hand the heap that parsing the manifests freed back to the OS. glibc keeps it
+    otherwise: a 1M-file manifest peaks near 900 MB while parsed, and the daemon would stay
+    at ~300 MB RSS for a tree that takes 50 MB."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
 
 
 def _loaded_marker(manifest_md5: str) -> str:
@@ -100,6 +111,8 @@ class Engine:
         self.tree = compose_tree(entries, self._layout.outputs, manifests)
         self._dir_outputs = {o.path: o for o in self._layout.outputs if o.is_dir}
         self._output_files = {md5: len(items) for md5, items in manifests.items()}
+        del manifests
+        _give_back_memory()
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
