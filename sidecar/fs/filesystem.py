@@ -119,17 +119,22 @@ class FileSystem:
 
     def listdir(self, path: str) -> list[DirEntry]:
         """Entries of directory `path` with their types (and sizes only where already known)."""
+        return list(self.iter_dir(path))
+
+    def iter_dir(self, path: str, start: int = 0) -> Iterator[DirEntry]:
+        """`listdir(path)[start:]`, made one entry at a time: a FUSE readdir answers a 100k
+        folder in many calls, each from its own offset, and must not rebuild it every time."""
         tree = self.tree
         prefix = path + "/" if path else ""
-        out = []
-        for name in self.names(path):
+        names = self.names(path)
+        for i in range(start, len(names)):
+            name = names[i]
             child = prefix + name
             entry = tree.files.get(child)
             if entry is None:
-                out.append(DirEntry(name, child, "dir", _st.S_IFDIR | 0o755, None))
+                yield DirEntry(name, child, "dir", _st.S_IFDIR | 0o755, None)
             else:
-                out.append(DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size))
-        return out
+                yield DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size)
 
     def walk_files(self, path: str) -> Iterator[Entry]:
         """Every file and symlink at or below `path`, in path order."""
