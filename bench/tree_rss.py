@@ -12,6 +12,7 @@ import asyncio
 import gc
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -71,7 +72,10 @@ def main() -> int:
                   f"(incl. the fake remote's {fake_bytes:.0f} MB manifest), after {now:.0f} MB, peak {peak:.0f} MB; "
                   f"tree structures {engine.tree.memory_bytes() / 1e6:.0f} MB")
 
-    asyncio.run(go())
+    try:
+        asyncio.run(go())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
