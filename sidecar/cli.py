@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .webhook.app import add_parser as add_webhook_parser  # `dda webhook` (Kubernetes admission)
     add_webhook_parser(sub)
+
+    from .csi.command import add_parser as add_csi_parser   # `dda csi` (CSI node plugin)
+    add_csi_parser(sub)
     return parser
 
 
@@ -410,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             from .webhook.app import run as run_webhook
 
             return run_webhook(ns)
+        if ns.command == "csi":
+            from .csi.command import run as run_csi
+
+            return run_csi(ns)
         handler = {"ls": cmd_ls, "sizes": cmd_sizes, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:

@@ -115,7 +115,7 @@ class Health:
     hung mount cannot block the event loop, with a timeout. One probe at a time: while one
     is stuck, the mount is reported unhealthy."""
 
-    def __init__(self, mountpoint: Path, timeout: float = 2.0):
+    def __init__(self, mountpoint: Path | None, timeout: float = 2.0):
         self.mountpoint = mountpoint
         self.timeout = timeout
         self.commit: str | None = None      # set once mounted
@@ -125,7 +125,11 @@ class Health:
         self._pending: threading.Thread | None = None
 
     def _probe(self) -> str | None:
-        """None when healthy, else why not (runs in a thread)."""
+        """None when healthy, else why not (runs in a thread). Without a mountpoint (CSI mode,
+        the volume not mounted in this container) the live FUSE session is all we can know:
+        the process exits when it ends."""
+        if self.mountpoint is None:
+            return None
         try:
             os.stat(self.mountpoint)
             got = os.getxattr(self.mountpoint, "user.dda.commit").decode()

@@ -14,18 +14,21 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ConfigError, DDAError
 from .redact import strip_userinfo
 from .settings import Settings, add_arguments, flag_values, load_config
+
+if TYPE_CHECKING:
+    from .fuse.mount import Mount
 
 log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 1.0        # in-flight FUSE requests may finish before the session is torn down
 
 
-SIDECAR_FLAGS = ("repo", "mount", "port", "bind", "subdir", "allow_non_empty")
+SIDECAR_FLAGS = ("repo", "mount", "port", "bind", "subdir", "allow_non_empty", "fuse_fd_socket")
 
 
 def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
@@ -61,16 +64,36 @@ def _env_with_secret(env: "os._Environ[str] | dict[str, str]") -> dict[str, str]
 def run(ns: argparse.Namespace) -> int:
     config = load_config(flag_values(ns), env=_env_with_secret(os.environ),
                          config_file=getattr(ns, "config_file", None))
-    if not config.mount:
+    if not config.mount and not config.fuse_fd_socket:
         raise ConfigError("no mountpoint given (pass --mount or set DDA_MOUNT)")
     if not config.repo:
         raise ConfigError("no repository given (pass --repo or set DDA_REPO)")
-    return asyncio.run(serve(config, Path(config.mount), port=config.port, bind=config.bind, subdir=config.subdir,
-                             allow_non_empty=config.allow_non_empty, exit_with_app=config.exit_with_app))
+    return asyncio.run(serve(config, Path(config.mount) if config.mount else None, port=config.port,
+                             bind=config.bind, subdir=config.subdir, allow_non_empty=config.allow_non_empty,
+                             exit_with_app=config.exit_with_app, fd_socket=config.fuse_fd_socket))
 
 
-async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir: str = "",
-                allow_non_empty: bool = False, exit_with_app: bool = False) -> int:
+async def _start_handed(config: Settings, fd_socket: str, subdir: str, seen_at: Path | None) -> "Mount":
+    """CSI mode: collect the FUSE descriptor the node plugin offers on `fd_socket` and serve it.
+    `seen_at`: where this container sees the volume (hints name paths under it), if it does."""
+    from .csi.handoff import receive
+    from .fuse.mount import Mount
+
+    fd, note = await asyncio.to_thread(receive, fd_socket)
+    try:
+        label = str(seen_at or note.get("target_path") or fd_socket)
+        log.info("received the FUSE descriptor of %s from the node plugin", label)
+        return await Mount.start_fd(config, fd, subdir, label)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def serve(config: Settings, mountpoint: Path | None, port: int, bind: str, subdir: str = "",
+                allow_non_empty: bool = False, exit_with_app: bool = False, fd_socket: str | None = None) -> int:
+    """Mount (or, with `fd_socket`, serve the descriptor the CSI node plugin mounted) and serve
+    HTTP until SIGTERM or the session ends. `mountpoint`: where the mount is seen, for /readyz
+    (None in CSI mode when this container does not mount the volume)."""
     import pyfuse3
 
     from .fetch.scheduler import fetch_observers
@@ -83,13 +106,15 @@ async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    try:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass   # a stale mount (ENOTCONN) or a read-only parent: Mount.start says what is wrong
-    mountpoint = mountpoint.resolve()
+    if mountpoint is not None and not fd_socket:
+        try:
+            mountpoint.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass   # a stale mount (ENOTCONN) or a read-only parent: Mount.start says what is wrong
+        mountpoint = mountpoint.resolve()
     health = Health(mountpoint)
-    metrics = Metrics(strip_userinfo(config.repo or "")[0], config.revision or "", str(mountpoint),
+    metrics = Metrics(strip_userinfo(config.repo or "")[0], config.revision or "",
+                      str(mountpoint) if mountpoint is not None else str(fd_socket),
                       mount_up=lambda: health.last_ok)
     server = LocalServer(metrics, health, bind, port)
     try:
@@ -104,7 +129,11 @@ async def serve(config: Settings, mountpoint: Path, port: int, bind: str, subdir
     code = 0
     try:
         fetch_observers.set(metrics.observers())   # the engine's fetcher reports from its first request
-        starting = asyncio.create_task(Mount.start(config, mountpoint, subdir, allow_non_empty))
+        if fd_socket:
+            starting = asyncio.create_task(_start_handed(config, fd_socket, subdir, mountpoint))
+        else:
+            assert mountpoint is not None
+            starting = asyncio.create_task(Mount.start(config, mountpoint, subdir, allow_non_empty))
         await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             log.warning("stopped before the mount was ready")

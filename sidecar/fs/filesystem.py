@@ -46,6 +46,13 @@ class Handle:
     commit: str | None
     # what this reader took before its object was verified (sidecar.fetch.verify_stream)
     cursor: ReadCursor = field(default_factory=ReadCursor)
+    # the size this reader was told at open (st_size): if the verified object proves it wrong,
+    # every later read of this handle fails - the reader's idea of the file's length is wrong
+    size_at_open: int = -1
+
+    def __post_init__(self) -> None:
+        if self.size_at_open < 0:
+            self.size_at_open = self.entry.size if self.entry.size is not None else -1
 
     @property
     def size(self) -> int:
@@ -284,16 +291,21 @@ class FileSystem:
         """Up to `length` bytes at `offset` of the handle's object (b"" at or past its end).
         Raises HashMismatch on a read after the object failed verification (its earlier
         bytes were wrong), and ObjectResized when the size this reader was given proved wrong."""
+        self._check_size(handle)
         size = handle.size
         if offset >= size or length <= 0:
             return b""
         data = await self.engine.read_entry(handle.entry, offset, min(length, size - offset), handle.cursor)
-        if handle.size != size:
-            # The size came from a remote's answer and the verified object says otherwise: fail
-            # rather than hand out a file cut at the wrong length (the next open is right).
-            raise ObjectResized(f"{handle.path}: its size changed from {size} to {handle.size} while reading",
-                                path=handle.path)
+        self._check_size(handle)
         return data
+
+    @staticmethod
+    def _check_size(handle: Handle) -> None:
+        # The size came from a remote's answer and the verified object says otherwise: fail
+        # rather than hand out a file cut at the wrong length (the next open is right).
+        if handle.size != handle.size_at_open:
+            raise ObjectResized(f"{handle.path}: its size changed from {handle.size_at_open} to {handle.size} "
+                                f"while open; open it again", path=handle.path)
 
     async def iter_bytes(self, handle: Handle, piece: int | None = None) -> AsyncIterator[bytes]:
         """The handle's whole object in pieces of one chunk (what `dda cat` and `get` stream)."""

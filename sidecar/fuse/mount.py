@@ -42,13 +42,16 @@ def _user_allow_other() -> bool:
 class Mount:
     """One live mount: the engine, the prefetcher and the FUSE session."""
 
-    def __init__(self, engine: Engine, ops: DdaOperations, prefetcher: Prefetcher, mountpoint: Path):
+    def __init__(self, engine: Engine, ops: DdaOperations, prefetcher: Prefetcher, mountpoint: Path,
+                 handed_fd: int | None = None):
         self.engine = engine
         self.ops = ops
         self.prefetcher = prefetcher
         self.mountpoint = mountpoint
+        self.handed_fd = handed_fd   # CSI mode: the node plugin mounted; we only serve this descriptor
         self._stop = asyncio.Event()
-        self.device = (mount_entry(mountpoint, resolve=False) or ("", ""))[0]   # "major:minor" of our FUSE connection
+        # "major:minor" of our FUSE connection; unknown in CSI mode (the mount is not ours to see)
+        self.device = "" if handed_fd is not None else (mount_entry(mountpoint, resolve=False) or ("", ""))[0]
         self.session_done = True   # False only when main() outlived the cancel of its workers
 
     @classmethod
@@ -71,6 +74,27 @@ class Mount:
             await engine.aclose()
             raise
         return cls(engine, ops, prefetcher, mountpoint)
+
+    @classmethod
+    async def start_fd(cls, config: Config, fd: int, subdir: str = "", label: str = "") -> "Mount":
+        """Serve a FUSE connection someone else mounted (the CSI node plugin handed us `fd`,
+        an open /dev/fuse): libfuse >= 3.3 takes /dev/fd/N as the mountpoint and mounts
+        nothing, so this needs no privileges. `label` names the mount in logs and metrics."""
+        engine = await Engine.open(config)
+        for problem in engine.problems:
+            log.error("%s", redact(problem.message()))
+        try:
+            prefetcher = Prefetcher(engine)
+            ops = DdaOperations(engine, prefetcher, subdir)
+            options = (set(pyfuse3.default_options) | {"fsname=dda", "subtype=dda", "ro"}) - {"default_permissions"}
+            try:
+                pyfuse3.init(ops, f"/dev/fd/{fd}", options)
+            except RuntimeError:
+                raise MountError(f"cannot serve the FUSE descriptor {fd} handed over by the node plugin") from None
+        except BaseException:
+            await engine.aclose()
+            raise
+        return cls(engine, ops, prefetcher, Path(label or f"/dev/fd/{fd}"), handed_fd=fd)
 
     async def serve(self, handle_signals: bool = True) -> None:
         """Until unmounted or terminated; always leaves the mountpoint clean. Returns
@@ -125,8 +149,11 @@ class Mount:
                 log.debug("close: %s", err)
         else:
             # Workers still hold the session: freeing it under them would crash libfuse. Detach
-            # the mount instead; the process exits right after and the kernel cleans up.
+            # the mount instead; the process exits right after and the kernel cleans up. In CSI
+            # mode the mount is the node plugin's: exiting closes our descriptor, which is enough.
             try:
+                if self.handed_fd is not None:
+                    raise MountError("not ours to unmount")
                 force_unmount(self.mountpoint)
             except MountError as err:
                 log.debug("close: %s", err)

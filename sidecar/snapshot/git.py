@@ -144,6 +144,7 @@ class GitSource:
                                       ("http.lowSpeedTime", "30")]
         if self._cainfo:
             config.append(("http.sslCAInfo", self._cainfo))
+            env["GIT_SSL_CAINFO"] = self._cainfo    # the variable would win over the config
         if self.token or self.user:
             if self.user:
                 raw = f"{self.user}:{self.token or ''}".encode()
