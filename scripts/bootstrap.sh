@@ -71,7 +71,7 @@ if [ "$mode" = test ]; then
     pv="$here/.venv-py$v"
     if [ ! -x "$pv/bin/python" ]; then
       "$interp" -m venv "$pv"
-      pip_install "$pv/bin/python" -m pip install -q httpx botocore PyYAML tqdm prometheus-client pydantic-settings ruamel.yaml pathspec tenacity pytest numpy pandas pillow
+      pip_install "$pv/bin/python" -m pip install -q httpx h2 botocore PyYAML tqdm prometheus-client pydantic-settings ruamel.yaml pathspec tenacity pytest numpy pandas pillow
     fi
     extra="$extra${extra:+:}$pv/bin/python"
   done

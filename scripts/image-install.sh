@@ -28,8 +28,11 @@ botocore==1.43.117
 certifi==2026.10.19.post1
 grpcio==1.85.3
 h11==0.16.0
+h2==4.4.1
+hpack==4.2.0
 httpcore==1.0.9
 httpx==0.28.1
+hyperframe==6.1.0
 idna==3.20
 jmespath==1.1.0
 outcome==1.3.0.post0

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--no-progress", action="store_true")
     _common(get)
 
+    sizes = sub.add_parser("sizes", help="publish a tracked directory's sizes to its remote (one read "
+                                         "instead of a request per file for every later client)")
+    sizes.add_argument("action", choices=["publish"])
+    sizes.add_argument("args", nargs="*", metavar="URL [PATH]")
+    _common(sizes)
+
     mount = sub.add_parser("mount", help="FUSE-mount a revision read-only (every file, fetched when read)")
     mount.add_argument("args", nargs="+", metavar="URL MOUNTPOINT")
     mount.add_argument("--daemon", "-d", action="store_true", help="run in the background once mounted")
@@ -169,36 +175,30 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
             if problem is not None:
                 raise OutputUnavailable(problem.message(), path=path)
             raise NotFound(f"{path}: not in revision {fs.revision}", path=path)
+        prefix = path + "/" if path else ""
         if kind != "dir":
-            files, dirs = [path], []
+            await _print_rows(fs, tree, [path], [], ns.json)
         elif ns.recursive:
-            files = [e.path for e in fs.walk_files(path)]
-            prefix = path + "/" if path else ""
-            # empty folders (a submodule, an empty tracked directory) and unavailable outputs
-            dirs = [d for d, names in tree.dirs.items() if d and (not names or d in tree.broken)
-                    and (not path or d == path or d.startswith(prefix))]
+            # Streamed: sizes learned and rows printed a batch at a time, in path order, so a
+            # 1M-file tree needs memory for one batch, and what was sized stays sized.
+            # Empty folders (a submodule, an empty tracked directory) and unavailable outputs
+            # are few; each goes out with the batch it sorts into.
+            dirs = sorted(d for d, names in tree.dirs.items() if d and (not names or d in tree.broken)
+                          and (not path or d == path or d.startswith(prefix)))
+            batch: list[str] = []
+            for entry in fs.walk_files(path):
+                batch.append(entry.path)
+                if len(batch) >= LS_BATCH:
+                    cut = 0
+                    while cut < len(dirs) and dirs[cut] < batch[-1]:
+                        cut += 1
+                    await _print_rows(fs, tree, batch, dirs[:cut], ns.json)
+                    batch, dirs = [], dirs[cut:]
+            await _print_rows(fs, tree, batch, dirs, ns.json)
         else:
             items = fs.listdir(path)
-            files = [i.path for i in items if i.kind != "dir"]
-            dirs = [i.path for i in items if i.kind == "dir"]
-        # `dda ls` shows sizes: learned in bulk (one listing per remote folder, or bounded HEADs).
-        rows: list[tuple[str, str, int | None, Any]] = []
-        for p, attr in await fs.stat_many(files):
-            e = fs.entry(p)
-            rows.append((p, e.kind, attr.size, e))  # type: ignore[union-attr]
-        rows += [(d, "broken" if d in tree.broken else "dir", None, None) for d in dirs]
-        for p, kind, size, e in sorted(rows, key=lambda r: r[0]):
-            if ns.json:
-                item: dict[str, Any] = {"path": p, "kind": kind, "size": size}
-                if e is not None:
-                    item["exec"] = bool(e.mode & 0o100)
-                    if e.is_symlink:
-                        item["target"] = e.target
-                print(json.dumps(item, ensure_ascii=False))
-            else:
-                shown = p + "/" if kind == "dir" or (kind == "broken" and p in tree.dirs) else p
-                print(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
-        prefix = path + "/" if path else ""
+            await _print_rows(fs, tree, [i.path for i in items if i.kind != "dir"],
+                              [i.path for i in items if i.kind == "dir"], ns.json)
         relevant = [pr for pr in engine.problems
                     if (pr.path is None and not path) or (pr.path is not None and (
                         not path or pr.path == path or pr.path.startswith(prefix) or path.startswith(pr.path + "/")))]
@@ -206,6 +206,44 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
         for problem in relevant:
             print(f"dda: error: {redact(problem.message())}", file=sys.stderr)
     return PARTIAL_EXIT if relevant else 0
+
+
+LS_BATCH = 4096
+
+
+async def _print_rows(fs, tree, files: list[str], dirs: list[str], as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """Print `files` with their sizes (learned in bulk: one listing per remote folder, or
+    bounded HEADs) and `dirs` (kind `broken` for an unavailable output), sorted by path."""
+    rows: list[tuple[str, str, int | None, Any]] = []
+    if files:
+        for p, attr in await fs.stat_many(files):
+            e = fs.entry(p)
+            rows.append((p, e.kind, attr.size, e))
+    rows += [(d, "broken" if d in tree.broken else "dir", None, None) for d in dirs]
+    lines = []
+    for p, kind, size, e in sorted(rows, key=lambda r: r[0]):
+        if as_json:
+            item: dict[str, Any] = {"path": p, "kind": kind, "size": size}
+            if e is not None:
+                item["exec"] = bool(e.mode & 0o100)
+                if e.is_symlink:
+                    item["target"] = e.target
+            lines.append(json.dumps(item, ensure_ascii=False))
+        else:
+            shown = p + "/" if kind == "dir" or (kind == "broken" and p in tree.dirs) else p
+            lines.append(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
+    if lines:
+        print("\n".join(lines))
+
+
+async def cmd_sizes(ns: argparse.Namespace) -> int:
+    """`dda sizes publish URL [PATH]`: write each tracked directory's size index next to its
+    manifest on the remote (see sidecar.sizeindex)."""
+    repo, path = _split_repo_args(ns.args, True, False, _default_repo(ns))
+    async with await _open(ns, repo) as engine:
+        for out_path, key, count in await engine.publish_sizes(path):
+            print(f"{out_path}: published {count} sizes to {key}")
+    return 0
 
 
 async def cmd_cat(ns: argparse.Namespace) -> int:
@@ -379,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             from .csi.command import run as run_csi
 
             return run_csi(ns)
-        handler = {"ls": cmd_ls, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
+        handler = {"ls": cmd_ls, "sizes": cmd_sizes, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
         return asyncio.run(handler(ns))
     except DDAError as err:
         info = describe(err)

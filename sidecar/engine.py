@@ -6,7 +6,10 @@ more than the chunks a read touches, plus the .dir manifests of the snapshot.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
+import logging
+import posixpath
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -14,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, remote_settings_key
-from .errors import ConfigError, DDAError, HashMismatch, NotFound, OutputUnavailable
+from . import sizeindex
+from .errors import ConfigError, DDAError, HashMismatch, NotFound, ObjectMissing, OutputUnavailable, RemoteError
 from .fetch import Fetcher, ObjectRef
+from .fetch.priority import PREFETCH, current_priority
+from .fetch.sizing import size_all
 from .fetch.verify_stream import ReadCursor
 from .redact import strip_userinfo
 from .remotes import Remote, build_remote, object_path
@@ -27,6 +33,27 @@ from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
 
 _IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
+log = logging.getLogger(__name__)
+
+
+SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
+STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
+SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
+
+
+def _give_back_memory() -> None:
+    """Hand the heap that parsing the manifests freed back to the OS. glibc keeps it
+    otherwise: a 1M-file manifest peaks near 900 MB while parsed, and the daemon would stay
+    at ~300 MB RSS for a tree that takes 50 MB."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
+
+
+def _loaded_marker(manifest_md5: str) -> str:
+    """Key in the persistent size index saying this manifest's published sizes are loaded."""
+    return f"{manifest_md5}.dir.sizes"
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,13 @@ class Engine:
         # is never handed to the fetcher as the truth, and is corrected when the object verifies.
         self._looked_up: set[str] = set()
         fetcher.size_observers.append(self._size_verified)
+        self._dir_outputs: dict[str, DvcOut] = {}
+        self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
+        self._size_index_tried: set[str] = set()
+        self._size_index_loads: dict[str, asyncio.Task[None]] = {}
+        self._sizing: dict[str, asyncio.Future[int]] = {}      # oid -> its size request under way
+        self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
+        self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -90,6 +124,10 @@ class Engine:
         manifests, problems = await self._fetch_manifests(outputs)
         self.tree = compose_tree(entries, outputs, manifests, self._layout.problems + import_problems + problems,
                                  self._layout.symlinks, self._layout.lfs)
+        self._dir_outputs = {o.path: o for o in outputs if o.is_dir and o.files is None}   # a manifest on the remote
+        self._output_files = {md5: len(items) for md5, items in manifests.items()}
+        del manifests
+        _give_back_memory()
         self.info = SnapshotInfo(self.git.display_url, label, commit, await self.git.commit_time(commit),
                                  len(self.tree.files), time.monotonic() - started)
 
@@ -245,15 +283,65 @@ class Engine:
     async def stat(self, path: str) -> Entry:
         return await self.sized(self.entry(path))
 
-    async def sized(self, entry: Entry) -> Entry:
-        """`entry` with its true size (one request at most: a HEAD, or git's blob header)."""
+    async def sized(self, entry: Entry, *, stat_ahead: bool = False) -> Entry:
+        """`entry` with its true size (one request at most: a HEAD, or git's blob header;
+        none when the persistent index or the directory's published size index knows it).
+        stat_ahead=True (a stat/lookup, not an open): a walker stat-ing its way through a
+        directory gets the rest of it sized in the background (see _size_missed)."""
         if entry.size is not None:
             return entry
         if entry.kind == "git":
             size = await self.git.blob_size(entry.oid)
         else:
-            size = await self.fetcher.size_of(self.ref(entry))
+            ref = self.ref(entry)
+            if self.fetcher.known_size(ref) is None:
+                await self._use_size_index(entry.output)
+                if stat_ahead and self.fetcher.known_size(ref) is None:
+                    self._size_missed(entry.path)
+            size = await self._size_of(ref)
         return self._sized(entry, size)
+
+    async def _size_of(self, ref: ObjectRef) -> int:
+        """`fetcher.size_of`, one request per object however many ask at once (a stat and
+        the directory's stat-ahead)."""
+        task = self._sizing.get(ref.oid)
+        if task is None:
+            task = asyncio.ensure_future(self.fetcher.size_of(ref))
+            self._sizing[ref.oid] = task
+            task.add_done_callback(lambda _t: self._sizing.pop(ref.oid, None))
+        return await asyncio.shield(task)
+
+    def _size_missed(self, path: str) -> None:
+        """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
+        `find -printf %s`, `ls -l`, a scandir+stat loop), size the rest of that directory in
+        the background - bounded pool, background priority, each size recorded as it lands -
+        so the walker's next stats find their answers instead of one round trip each."""
+        parent = posixpath.dirname(path)
+        misses = self._size_misses.get(parent, 0) + 1
+        self._size_misses[parent] = misses
+        if misses < STAT_AHEAD_AFTER or parent in self._stat_ahead:
+            return
+        token = current_priority.set(PREFETCH)
+        try:
+            self._stat_ahead[parent] = asyncio.ensure_future(self._stat_ahead_dir(parent))
+        finally:
+            current_priority.reset(token)
+
+    async def _stat_ahead_dir(self, parent: str) -> None:
+        tree = self.tree
+        names = tree.dirs.get(parent) or []
+        prefix = parent + "/" if parent else ""
+
+        def todo():  # type: ignore[no-untyped-def]
+            for name in names:
+                entry = tree.files.get(prefix + name)
+                if entry is not None and entry.kind == "dvc" and entry.size is None:
+                    yield entry, self.ref(entry)
+
+        try:
+            await size_all(self.fetcher, todo(), self._sized, size_of=self._size_of)
+        except DDAError as err:   # a stat that needs the failed one reports it itself
+            log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
         # Sizes of an object never change: remember them in the tree, but only in the tree the
@@ -273,18 +361,97 @@ class Engine:
                 self.tree.files[path] = replace(entry, size=size)
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
-        """True sizes for many entries, batched (one listing or bounded HEADs per remote)."""
-        dvc = [e for e in entries if e.size is None and e.kind == "dvc"]
-        sizes = await self.fetcher.sizes_of([self.ref(e) for e in dvc]) if dvc else {}
-        result = []
-        for e in entries:
-            if e.size is not None:
-                result.append(e)
-            elif e.kind == "dvc":
-                result.append(self._sized(e, sizes[e.oid]))
-            else:
-                result.append(self._sized(e, await self.git.blob_size(e.oid)))
+        """True sizes for many entries: the persistent index, the directories' published size
+        indexes, then one request per object still unknown (bounded pool, each under its own
+        deadline, each size recorded as it lands: an error keeps what was learned before it)."""
+        result = list(entries)
+        for output in {e.output for e in entries if e.size is None and e.kind == "dvc"}:
+            await self._use_size_index(output)
+        for i, e in enumerate(result):
+            if e.size is None and e.kind == "git":
+                result[i] = self._sized(e, await self.git.blob_size(e.oid))
+
+        def learned(i: int, size: int) -> None:
+            result[i] = self._sized(result[i], size)
+
+        await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
+                       learned, size_of=self._size_of)
         return result
+
+    # -- the shared size index ------------------------------------------------------------------
+    async def _use_size_index(self, output: str | None) -> None:
+        """Before the first request that sizes a file of a big directory output (at least
+        SIZE_INDEX_MIN_FILES files), read that directory's published size index into the
+        persistent index, where every sizing path looks first: then `find -printf %s` costs
+        one request, not one per file. Once per output per engine; never again on this node
+        once loaded (a marker in the index: a remount asks nothing). Listing, reading and
+        small directories never cause this request."""
+        out = self._dir_outputs.get(output) if output else None
+        if out is None or out.md5 in self._size_index_tried:
+            return
+        if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
+                self.store.index.size(_loaded_marker(out.md5)) is not None:
+            self._size_index_tried.add(out.md5)
+            return
+        task = self._size_index_loads.get(out.md5)
+        if task is None:
+            task = asyncio.ensure_future(self._load_size_index(out, await self._manifest_md5s(out)))
+            self._size_index_loads[out.md5] = task
+        await asyncio.shield(task)
+        self._size_index_tried.add(out.md5)
+        self._size_index_loads.pop(out.md5, None)
+
+    async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
+        remote = self.remote(out.remote, out.source, out.root)
+        key = sizeindex.index_path(out.md5, out.legacy)
+        where = f"{out.path}: size index {remote.display_url}/{key}"
+        try:
+            # Bounded apart from the deadline: an unresponsive remote must not hold a stat
+            # long (the index is an optimisation; per-file sizing still works).
+            async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
+                got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
+            sizes = sizeindex.decode(got.data, out.md5, expected, where)
+        except ObjectMissing:
+            return                                  # none published: sized per file when asked
+        except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
+            log.warning("%s ignored: %s", where, err or "timed out")
+            return
+        self.store.index.record_sizes(sizes)
+        self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+        log.info("%s: %d sizes", where, len(sizes))
+
+    async def _manifest_md5s(self, out: DvcOut) -> set[str]:
+        remote = self.remote(out.remote, out.source, out.root)
+        ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
+                        f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+        data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
+        return {item.md5 for item in parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")}
+
+    async def publish_sizes(self, path: str) -> list[tuple[str, str, int]]:
+        """Publish the size index of every directory output at or below `path` (or the one
+        holding `path`): [(output path, remote key, files)]. Sizes are learned as `stat_many`
+        learns them (index, then one request per unknown file)."""
+        root = Tree.normalize(path)
+        outs = [o for o in self._dir_outputs.values()
+                if not root or o.path == root or o.path.startswith(root + "/") or root.startswith(o.path + "/")]
+        if not outs:
+            raise NotFound(f"{path or '.'}: no DVC-tracked directory at or below it", path=path)
+        done = []
+        for out in sorted(outs, key=lambda o: o.path):
+            entries = [e for e in self.tree.walk_files(out.path) if e.output == out.path]
+            sized = await self.stat_many(entries)
+            sizes = {e.oid: e.size for e in sized if e.size is not None}
+            expected = await self._manifest_md5s(out)
+            if sizes.keys() != expected:   # a git file shadowing part of the output, or a clash
+                raise DDAError(f"{out.path}: the snapshot holds {len(sizes)} of the manifest's "
+                               f"{len(expected)} objects; not publishing a partial size index")
+            remote = self.remote(out.remote, out.source, out.root)
+            key = sizeindex.index_path(out.md5, out.legacy)
+            await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
+                                            "write")
+            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            done.append((out.path, key, len(sizes)))
+        return done
 
     async def read(self, path: str, offset: int, length: int, reader: ReadCursor | None = None) -> bytes:
         return await self.read_entry(self.entry(path), offset, length, reader)
@@ -368,6 +535,9 @@ class Engine:
         await self.aclose(drain_seconds=30.0 if exc_type is None else 0.0)
 
     async def aclose(self, drain_seconds: float = 30.0) -> None:
+        for task in self._stat_ahead.values():
+            task.cancel()
+        await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.git.aclose()
         for remote in self._remotes.values():

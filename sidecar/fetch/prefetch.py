@@ -46,6 +46,10 @@ class _DirWalk:
     streak: int = 0
     opened: set[str] = field(default_factory=set)
     planned: bool = False
+    # Following the reader's pace: files fetched ahead and not yet opened, and their bytes.
+    ahead: dict[str, int] = field(default_factory=dict)
+    ahead_bytes: int = 0
+    moved: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -59,10 +63,18 @@ class _Hints:
 
 class Prefetcher:
     def __init__(self, engine: "Engine", *, max_window: int = 64 * 1024 * 1024, dir_trigger: int = 8,
-                 concurrency: int | None = None, max_ahead_bytes: int | None = None):
+                 concurrency: int | None = None, max_ahead_bytes: int | None = None,
+                 dir_window_files: int = 32, dir_window_bytes: int = 32 * 1024 * 1024):
         self.engine = engine
         self.max_window = max_window
-        self.dir_trigger = dir_trigger   # distinct files opened in a directory before we fetch the rest
+        self.dir_trigger = dir_trigger   # distinct files opened in a directory before we fetch ahead
+        # A directory walk is fetched at most this far ahead of its reader (issue 11: after
+        # 8 opens the whole rest of a 100k folder was planned, and readers queued behind it).
+        self.dir_window_files = dir_window_files
+        self.dir_window_bytes = dir_window_bytes
+        # Directory prefetch runs few requests at once, so a reader's own reads (and the
+        # threads a local remote reads on) are never queued behind it.
+        self._dir_slots = asyncio.Semaphore(max(1, min(4, engine.config.jobs // 4)))
         self.stats = PrefetchStats()
         self._slots = asyncio.Semaphore(concurrency or engine.config.jobs * 2)
         self.max_ahead_bytes = max_ahead_bytes or max(64 * 1024 * 1024, engine.config.cache_size // 4)
@@ -74,6 +86,7 @@ class Prefetcher:
         self._hints: _Hints | None = None
         self._hint_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._followers: set[asyncio.Task[None]] = set()   # directory walks (may wait on their reader)
 
     # -- readers tell us what they do ---------------------------------------------------------
     def on_open(self, path: str) -> None:
@@ -82,6 +95,15 @@ class Prefetcher:
             self.stats.used_files += 1
             self._ahead_bytes -= size
             self._ahead_changed.set()
+        parent, name = posixpath.split(path)
+        walk = self._dirs.get(parent)
+        if walk is not None and walk.planned:
+            got = walk.ahead.pop(name, None)
+            if got is not None:
+                walk.ahead_bytes -= got
+            walk.opened.add(name)
+            walk.last_index = bisect.bisect_left(self.engine.tree.dirs.get(parent) or [], name)
+            walk.moved.set()
         if self._hints is None or path not in self._hints.members:
             self._follow_directory(path)   # the hints, when given, know the order better
 
@@ -122,14 +144,65 @@ class Prefetcher:
         if walk.streak < 2 and len(walk.opened) < self.dir_trigger:
             return
         walk.planned = True
-        # Listing order from just after the reader, wrapping round: right for a sequential
-        # walk, and as good as any for a shuffled one.
-        order = names[index + 1:] + names[:index]
+        token = current_priority.set(PREFETCH)
+        try:
+            follower = asyncio.create_task(self._follow_dir(parent, walk, index))
+        finally:
+            current_priority.reset(token)
+        self._followers.add(follower)
+        follower.add_done_callback(self._followers.discard)
+
+    async def _follow_dir(self, parent: str, walk: _DirWalk, start: int) -> None:
+        """Fetch the directory in listing order from just after the reader, wrapping round
+        (right for a sequential walk, as good as any for a shuffled one), never more than
+        dir_window_files / dir_window_bytes ahead: each file the reader opens lets one more
+        go. A sequential reader that overtakes the plan moves it to where the reader is."""
+        tree = self.engine.tree
+        names = tree.dirs.get(parent) or []
         prefix = parent + "/" if parent else ""
-        plan = [prefix + n for n in order if n not in walk.opened]
-        plan = [p for p in plan if (e := tree.files.get(p)) is not None and e.kind == "dvc"]
-        if plan:
-            self._spawn(self._follow_plan(plan, hints=None), PREFETCH)
+        done = 0
+        cursor = start + 1
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while done < len(names):
+                if walk.streak >= 2 and walk.last_index + 1 > cursor:
+                    done += walk.last_index + 1 - cursor    # the reader got there first
+                    cursor = walk.last_index + 1
+                    continue
+                name = names[cursor % len(names)]
+                cursor += 1
+                done += 1
+                if name in walk.opened or name in walk.ahead:
+                    continue
+                entry = tree.files.get(prefix + name)
+                if entry is None or entry.kind != "dvc":
+                    continue
+                while len(walk.ahead) >= self.dir_window_files or walk.ahead_bytes >= self.dir_window_bytes:
+                    walk.moved.clear()
+                    await walk.moved.wait()
+                walk.ahead[name] = 0
+                await self._dir_slots.acquire()
+                task = asyncio.create_task(self._dir_file(prefix + name, walk, name))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in pending:
+                task.cancel()
+            raise
+
+    async def _dir_file(self, path: str, walk: _DirWalk, name: str) -> None:
+        try:
+            await self._prefetch_file(path)
+            size = self._prefetched.get(path, 0)
+            if name in walk.ahead:
+                walk.ahead[name] = size
+                walk.ahead_bytes += size
+        finally:
+            self._dir_slots.release()
 
     # -- hints --------------------------------------------------------------------------------
     def hint(self, paths: list[str]) -> tuple[int, list[str]]:
@@ -175,13 +248,18 @@ class Prefetcher:
             raise
 
     async def wait_idle(self) -> None:
-        """Until every prefetch started so far has finished (tests, benchmarks, status)."""
-        while True:
+        """Until every fetch started so far has finished and nothing more starts without a
+        reader moving (a directory walk waiting for its reader counts as idle)."""
+        quiet = 0
+        while quiet < 3:
             tasks = list(self._tasks) + ([self._hint_task] if self._hint_task else [])
             tasks = [t for t in tasks if not t.done()]
-            if not tasks:
-                return
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:
+                quiet = 0
+                await asyncio.gather(*tasks, return_exceptions=True)
+            else:
+                quiet += 1
+                await asyncio.sleep(0.01)
 
     # -- the work -----------------------------------------------------------------------------
     def _spawn(self, coro, priority: int) -> None:  # type: ignore[no-untyped-def]
@@ -240,6 +318,7 @@ class Prefetcher:
     async def aclose(self) -> None:
         if self._hint_task is not None:
             self._hint_task.cancel()
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._followers]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *( [self._hint_task] if self._hint_task else []), return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._followers, *([self._hint_task] if self._hint_task else []),
+                             return_exceptions=True)

@@ -20,7 +20,7 @@ import os
 import posixpath
 import stat as _st
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator, Mapping
 
 from ..engine import Engine
 from ..errors import (BadHandle, DDAError, IsADirectory, NotADirectory, NotASymlink, NotFound,
@@ -66,7 +66,7 @@ class Refreshed:
 
     old_commit: str
     new_commit: str
-    old_files: dict[str, Entry]
+    old_files: Mapping[str, Entry]   # the old snapshot's files (a view, not a copy)
     new_tree: Tree
 
     def changed(self, path: str) -> bool:
@@ -150,17 +150,22 @@ class FileSystem:
 
     def listdir(self, path: str) -> list[DirEntry]:
         """Entries of directory `path` with their types (and sizes only where already known)."""
+        return list(self.iter_dir(path))
+
+    def iter_dir(self, path: str, start: int = 0) -> Iterator[DirEntry]:
+        """`listdir(path)[start:]`, made one entry at a time: a FUSE readdir answers a 100k
+        folder in many calls, each from its own offset, and must not rebuild it every time."""
         tree = self.tree
         prefix = path + "/" if path else ""
-        out = []
-        for name in self.names(path):
+        names = self.names(path)
+        for i in range(start, len(names)):
+            name = names[i]
             child = prefix + name
             entry = tree.files.get(child)
             if entry is None:
-                out.append(DirEntry(name, child, "dir", _st.S_IFDIR | 0o755, None))
+                yield DirEntry(name, child, "dir", _st.S_IFDIR | 0o755, None)
             else:
-                out.append(DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size))
-        return out
+                yield DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size)
 
     def walk_files(self, path: str) -> Iterator[Entry]:
         """Every file and symlink at or below `path`, in path order."""
@@ -193,7 +198,7 @@ class FileSystem:
             if path in self.tree.dirs:
                 return dir_attr(self.mtime_ns)
             raise self._missing(path)
-        return self.attr_of(await self.engine.sized(entry))
+        return self.attr_of(await self.engine.sized(entry, stat_ahead=True))
 
     async def lookup(self, parent: str, name: str) -> tuple[str, Attr]:
         """The child `name` of directory `parent`: (its path, its attributes)."""
@@ -322,7 +327,7 @@ class FileSystem:
 
     async def refresh(self) -> Refreshed | None:
         """Move to the branch's new tip, if it moved. Open handles keep their entries."""
-        old_files = dict(self.tree.files)
+        old_files = self.tree.files       # the old tree is never changed but for sizes
         moved = await self.engine.refresh()
         if moved is None:
             return None

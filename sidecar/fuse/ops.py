@@ -155,9 +155,7 @@ class DdaOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Names and types from the snapshot: no request, no sizing (a 100k-entry folder
         # answers at once). Sizes are learned when the kernel looks an entry up.
-        entries = self.fs.listdir(self._path(fh))
-        for index in range(start_id, len(entries)):
-            item = entries[index]
+        for index, item in enumerate(self.fs.iter_dir(self._path(fh), start_id), start_id):
             attr = self.fs.known_attr(item.path) if item.kind == "dir" or item.size is not None else None
             attrs = self._attrs(self._inode(item.path), attr, item.mode)
             if not pyfuse3.readdir_reply(token, os.fsencode(item.name), attrs, index + 1):

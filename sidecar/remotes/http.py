@@ -10,6 +10,7 @@ import httpx
 from ..errors import ConfigError, RemoteError
 from .base import Range, Remote
 from .httpcommon import (
+    HTTP2,
     check_status,
     credential_guard,
     range_from_response,
@@ -47,6 +48,7 @@ class HttpRemote(Remote):
         secret_headers = [custom_auth_header] if auth == "custom" and custom_auth_header else []
         self.client = httpx.AsyncClient(
             verify=verify,
+            http2=HTTP2,   # multiplexed HEADs/GETs where the server offers h2 (ALPN)
             auth=client_auth, headers=headers, follow_redirects=True,
             event_hooks={"request": [credential_guard(self.base, secret_headers)]},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),

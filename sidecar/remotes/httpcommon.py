@@ -12,6 +12,12 @@ import httpx
 from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable, RetryAfter
 from .base import Range
 
+try:    # httpx speaks HTTP/2 only with the `h2` package; without it, HTTP/1.1 as before
+    import h2  # noqa: F401
+    HTTP2 = True
+except ImportError:  # pragma: no cover - h2 is a declared dependency
+    HTTP2 = False
+
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 

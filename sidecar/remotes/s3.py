@@ -22,7 +22,7 @@ from botocore.session import Session
 
 from ..errors import ConfigError, RemoteError
 from .base import Range, Remote, split_version
-from .httpcommon import check_status, range_from_response, range_header, stream_get, transport_error
+from .httpcommon import HTTP2, check_status, range_from_response, range_header, stream_get, transport_error
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
@@ -57,6 +57,7 @@ class S3Remote(Remote):
         self._credentials_lock = asyncio.Lock()
         self.client = httpx.AsyncClient(
             verify=verify,
+            http2=HTTP2,   # multiplexed HEADs/GETs where the server offers h2 (ALPN)
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=jobs * 2, max_keepalive_connections=jobs * 2))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -159,6 +160,11 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
             mode = EXEC_MODE if e.mode & 0o111 else FILE_MODE
             files[e.path] = Entry(e.path, "git", mode, e.size, e.sha)
     broken = {p.path for p in problems if p.path}
+    # Files strictly below each folder: an output clears what lies under it only where
+    # something does, so composing stays linear in files (not outputs x files).
+    below: Counter[str] = Counter()
+    for path in files:
+        _count(below, path, 1)
     for out in outputs:
         if out.path in broken:
             continue
@@ -168,11 +174,12 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
                                                       f"which is a file; dvc checkout cannot place it"))
             continue
         # A DVC output replaces whatever git has there (it is .gitignored in a real checkout).
-        _clear(files, empty_dirs, out.path)
+        _clear(files, empty_dirs, out.path, below)
         if not out.is_dir:
             remote, version = _pick_version(out.remote, out.versions)
             files[out.path] = Entry(out.path, "dvc", EXEC_MODE if out.isexec else FILE_MODE, out.size, out.md5,
                                     out.legacy, remote, out.path, out.root, version=version)
+            _count(below, out.path, 1)
             continue
         items = list(out.files) if out.files is not None else manifests.get(out.md5)
         if items is None:
@@ -190,14 +197,17 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
         if not placed:
             empty_dirs.append(out.path)
         files.update(placed)
+        for path in placed:
+            _count(below, path, 1)
     for problem in problems:
         if problem.path is None or _file_above(problem.path, files, None):
             continue
-        _clear(files, empty_dirs, problem.path)
+        _clear(files, empty_dirs, problem.path, below)
         if problem.is_dir:
             empty_dirs.append(problem.path)
         else:
             files[problem.path] = Entry(problem.path, "broken", FILE_MODE, 0, "", output=problem.path)
+            _count(below, problem.path, 1)
     return Tree(files, empty_dirs, problems)
 
 
@@ -222,10 +232,21 @@ def _file_above(path: str, files: dict[str, Entry], out: DvcOut | None) -> str |
     return None
 
 
-def _clear(files: dict[str, Entry], empty_dirs: list[str], path: str) -> None:
+def _count(below: Counter[str], path: str, step: int) -> None:
+    parent = posixpath.dirname(path)
+    while parent:
+        below[parent] += step
+        parent = posixpath.dirname(parent)
+
+
+def _clear(files: dict[str, Entry], empty_dirs: list[str], path: str, below: Counter[str]) -> None:
+    """Remove what lies at or below `path` (files and empty folders). `below`: files under
+    each folder, kept current; a scan of all files happens only where some lie under `path`."""
     prefix = path + "/"
-    for p in [p for p in files if p == path or p.startswith(prefix)]:
-        del files[p]
+    if path in files or below[path] > 0:
+        for p in [p for p in files if p == path or p.startswith(prefix)]:
+            del files[p]
+            _count(below, p, -1)
     empty_dirs[:] = [d for d in empty_dirs if not (d == path or d.startswith(prefix))]
 
 

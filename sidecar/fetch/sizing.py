@@ -1,0 +1,99 @@
+"""Sizing many objects without throwing progress away (issue 11, item 2).
+
+- the persistent md5 -> size index first, asked in batches;
+- then a pool of `workers` coroutines pulling from one iterator (no task per object created
+  up front, so 1M objects cost `workers` tasks), each object asked on its own (HEAD, or a
+  stat for a local remote: cost per object asked, never a LIST of a whole `files/md5/XX/`
+  prefix), each request under its own deadline (`Fetcher.size_of`), each size recorded in
+  the index and handed to `on_size` the moment it is known - a deadline or error that ends
+  the batch keeps every size learned before it.
+
+The shared size index (`<md5>.dir.sizes` next to a manifest on the remote) is read by the
+engine before it gets here (`sidecar.sizeindex`); what it held is already in the index.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Awaitable, Callable, Hashable, Iterable, Iterator, TypeVar
+
+from .scheduler import Fetcher, ObjectRef
+
+K = TypeVar("K", bound=Hashable)
+
+INDEX_BATCH = 512
+
+
+async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_size: Callable[[K, int], object],
+                   *, workers: int | None = None,
+                   size_of: Callable[[ObjectRef], Awaitable[int]] | None = None) -> None:
+    """Learn the size of every `(key, ref)` in `items` and call `on_size(key, size)` for each
+    as soon as it is known (`size_of`: one object's request, default `fetcher.size_of`). Raises the first error any request met (after the requests
+    already under way finish and are recorded); sizes learned before it stay recorded."""
+    workers = max(1, workers or fetcher.jobs)
+    ask = size_of or fetcher.size_of
+    index = fetcher.store.index
+    source = iter(items)
+    pending: asyncio.Queue[tuple[K, ObjectRef] | None] = asyncio.Queue(maxsize=workers * 2)
+    failed: list[BaseException] = []
+
+    async def produce() -> None:
+        # Index lookups in batches; only what the index lacks reaches the pool.
+        for batch in _batches(source, INDEX_BATCH):
+            if failed:
+                break
+            unknown = _from_index(index, batch, on_size, fetcher)
+            for k, r in batch:
+                if r.size is not None:
+                    on_size(k, r.size)
+            for item in unknown:
+                if failed:
+                    break
+                await pending.put(item)
+        for _ in range(workers):
+            await pending.put(None)
+
+    async def work() -> None:
+        while True:
+            item = await pending.get()
+            if item is None:
+                return
+            if failed:
+                continue      # drain: the producer is stopping
+            key, ref = item
+            try:
+                on_size(key, await ask(ref))   # own deadline; recorded in the index at once
+            except Exception as err:   # noqa: BLE001 - the first error ends the batch, after the rest land
+                failed.append(err)
+
+    tasks = [asyncio.ensure_future(work()) for _ in range(workers)]
+    try:
+        await produce()
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    if failed:
+        raise failed[0]
+
+
+def _from_index(index, batch: list, on_size: Callable, fetcher: Fetcher) -> list:  # type: ignore[type-arg]
+    """Answer what the persistent index knows (one query per batch); return the rest."""
+    asked = [r.oid for _, r in batch if r.size is None]
+    stored = index.sizes(asked) if asked else {}
+    fetcher.stats.meta_hits += len(stored)
+    rest = []
+    for k, r in batch:
+        if r.size is not None:
+            continue
+        size = stored.get(r.oid)
+        if size is None:
+            rest.append((k, r))
+        else:
+            on_size(k, size)
+    return rest
+
+
+def _batches(source: Iterator[K], n: int) -> Iterator[list[K]]:
+    while batch := list(itertools.islice(source, n)):
+        yield batch
