@@ -121,12 +121,7 @@ def test_hooks_match_checkout(shape, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     got = json.loads(proc.stdout.decode().splitlines()[-1])
     expected = reference_listing(shape.reference)
-    # os.readlink is not hooked yet (sidecar/hooks.py): symlink targets are checked apart
-    links = {p for p, item in expected.items() if item["type"] == "symlink"}
-    assert {p: ({"type": "symlink"} if p in links else v) for p, v in got["listing"].items()} == \
-        {p: ({"type": "symlink"} if p in links else v) for p, v in expected.items()}
+    assert got["listing"] == expected      # symlink targets included (os.readlink is hooked)
     import hashlib
     assert got["digests"] == {p: hashlib.md5((shape.reference / p).read_bytes()).hexdigest()
                               for p, item in expected.items() if item["type"] == "file"}
-    if links and any(got["listing"][p] != expected[p] for p in links):
-        pytest.xfail("hooks: os.readlink of a repository symlink is not served yet")

@@ -267,6 +267,17 @@ class Hooks:
             return "file", entry
         return ("dir", None) if fs.kind(rel) == "dir" else None
 
+    def remote_readlink(self, rel: str, path: Any) -> str | None:
+        """The target of the repository symlink `rel`, as committed (None: nothing there;
+        OSError EINVAL: not a symlink, as os.readlink says)."""
+        fs = self.fs(path)
+        kind = fs.kind(rel)
+        if kind is None:
+            return None
+        if kind != "symlink":
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(os.fspath(path)))
+        return self.call(fs.readlink(rel), path)
+
     def dir_target(self, rel: str, path: Any) -> str:
         """The tree directory a (possibly symlinked) repository path resolves to."""
         fs = self.fs(path)

@@ -34,6 +34,7 @@ class _Originals:
         self.open = builtins.open
         self.stat = os.stat
         self.lstat = os.lstat
+        self.readlink = os.readlink
         self.access = os.access
         self.listdir = os.listdir
         self.scandir = os.scandir
@@ -111,6 +112,24 @@ def _lstat(path: Any, *, dir_fd: Any = None) -> os.stat_result:
         if result is None:
             raise
         return result
+
+
+def _readlink(path: Any, *, dir_fd: Any = None) -> Any:
+    h = core.current
+    if h is None or dir_fd is not None:
+        return orig.readlink(path, dir_fd=dir_fd)
+    rel = h.rel(path)
+    if rel is None:
+        return orig.readlink(path)
+    try:
+        return orig.readlink(path)
+    except FileNotFoundError:
+        if h.in_loop_thread():
+            raise
+        target = h.remote_readlink(rel, path)
+        if target is None:
+            raise
+        return os.fsencode(target) if isinstance(path, bytes) else target
 
 
 def _access(path: Any, mode: int, *, dir_fd: Any = None, effective_ids: bool = False,
@@ -255,7 +274,8 @@ def _listxattr(path: Any = None, *, follow_symlinks: bool = True) -> list[str]:
 def _patch_table() -> list[tuple[Any, str, Any]]:
     table: list[tuple[Any, str, Any]] = [
         (builtins, "open", _open), (io, "open", _open),
-        (os, "stat", _stat), (os, "lstat", _lstat), (os, "access", _access),
+        (os, "stat", _stat), (os, "lstat", _lstat), (os, "readlink", _readlink),
+        (os, "access", _access),
         (os, "listdir", _listdir), (os, "scandir", _scandir), (os, "mkdir", _mkdir), (os, "chdir", _chdir),
     ]
     if orig.listxattr is not None:
