@@ -199,13 +199,8 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
             items = fs.listdir(path)
             await _print_rows(fs, tree, [i.path for i in items if i.kind != "dir"],
                               [i.path for i in items if i.kind == "dir"], ns.json)
-        relevant = [pr for pr in engine.problems
-                    if (pr.path is None and not path) or (pr.path is not None and (
-                        not path or pr.path == path or pr.path.startswith(prefix) or path.startswith(pr.path + "/")))]
         sys.stdout.flush()
-        for problem in relevant:
-            print(f"dda: error: {redact(problem.message())}", file=sys.stderr)
-    return PARTIAL_EXIT if relevant else 0
+        return _report_problems(engine, path)
 
 
 LS_BATCH = 4096
@@ -246,6 +241,18 @@ async def cmd_sizes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report_problems(engine: Any, path: str) -> int:
+    """Name each unavailable output at, under or above `path` once on stderr; PARTIAL_EXIT (3)
+    if there was one (the rest was listed or written), else 0."""
+    prefix = path + "/" if path else ""
+    relevant = [pr for pr in engine.problems
+                if (pr.path is None and not path) or (pr.path is not None and (
+                    not path or pr.path == path or pr.path.startswith(prefix) or path.startswith(pr.path + "/")))]
+    for problem in relevant:
+        print(f"dda: error: {redact(problem.message())}", file=sys.stderr)
+    return PARTIAL_EXIT if relevant else 0
+
+
 async def cmd_cat(ns: argparse.Namespace) -> int:
     from .fs import FileSystem
 
@@ -270,9 +277,11 @@ async def cmd_get(ns: argparse.Namespace) -> int:
 
     repo, path = _split_repo_args(ns.args, True, True, _default_repo(ns))
     async with await _open(ns, repo) as engine:
-        await download(FileSystem(engine), path, Path(ns.out) if ns.out else None,
+        fs = FileSystem(engine)
+        await download(fs, path, Path(ns.out) if ns.out else None,
                        progress=not ns.no_progress and sys.stderr.isatty())
-    return 0
+        # everything else was written; outputs that cannot be shown are named (exit 3)
+        return _report_problems(engine, fs.normalize(path))
 
 
 def cmd_mount(ns: argparse.Namespace) -> int:

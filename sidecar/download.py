@@ -32,7 +32,10 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     dest = dest or Path(name)
     if single and dest.is_dir():
         dest = dest / name
-    paths = [e.path for e in fs.walk_files(path)]
+    # Outputs the snapshot cannot show are skipped here (the caller names them); a file asked
+    # for by name still fails with its cause.
+    paths = [e.path for e in fs.walk_files(path)
+             if single or (e.kind != "broken" and fs.tree.problem_at(e.path) is None)]
     # Every target is checked before anything is written: one hostile name fails the whole get.
     if single:
         if dest.name in ("", ".", ".."):

@@ -169,6 +169,13 @@ def test_missing_manifest_is_one_broken_output(sample, tmp_path):
     cat = dda("cat", str(repo), "data/images/cats/cat_00001.jpg", cache=cache)
     assert cat.returncode == 1 and b"data/images: unavailable" in cat.stderr and b"missing" in cat.stderr
     assert dda("cat", str(repo), "data/labels.csv", cache=cache).returncode == 0
+    # dda get of the whole revision writes everything else and names the broken output (exit 3)
+    out = tmp_path / "got"
+    got = dda("get", str(repo), ".", "-o", str(out), cache=cache)
+    assert got.returncode == PARTIAL, got.stderr
+    assert b"data/images: unavailable" in got.stderr and b"Traceback" not in got.stderr
+    assert (out / "data/labels.csv").is_file() and (out / "README.md").is_file()
+    assert not (out / "data/images").exists()
     # listing only a healthy folder says nothing about the broken one
     assert dda("ls", str(repo), "src" if (repo / "src").exists() else "data/labels.csv", cache=cache).returncode == 0
 
