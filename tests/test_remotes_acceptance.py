@@ -306,5 +306,10 @@ def test_git_credentials_work_and_stay_off_the_process_list(dvc3_repo, tmp_cache
     # the git processes we spawned got the credential through the environment only
     from sidecar.snapshot.git import GitSource
     source = GitSource(dvc3_repo.private_git_url, tmp_cache, user="u", token="tok-XYZ")
-    assert "tok-XYZ" not in source.url and all("tok-XYZ" not in v for k, v in source._env().items()
-                                                 if not k.startswith("GIT_CONFIG_VALUE"))
+    env = source._env()
+    assert "tok-XYZ" not in source.url and all("tok-XYZ" not in v for v in env.values())
+    # the credential sits in a 0600 file of ours, gone once the source is closed
+    cred = Path(env["GIT_CONFIG_GLOBAL"])
+    assert (cred.stat().st_mode & 0o777) == 0o600 and b"Basic" in cred.read_bytes()
+    run(source.aclose())
+    assert not cred.exists()

@@ -1,7 +1,8 @@
 """Git access through the git CLI: blob-less, shallow fetches into a per-URL bare cache repo.
 
-Credentials never reach the command line: they travel as an `http.extraHeader` in
-GIT_CONFIG_* environment variables, and every message we surface is redacted.
+Credentials never reach the command line or the environment: they travel as an
+`http.extraHeader` in a 0600 git config file of ours (GIT_CONFIG_GLOBAL), removed at close,
+and every message we surface is redacted.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -113,6 +116,7 @@ class GitSource:
         # git's sslCAInfo replaces the public CAs: give it both, in one file
         self._cainfo = str(combined_bundle(ca_bundle, Path(cache_dir))) if ca_bundle else None
         self._size_cache: dict[str, int] = {}
+        self._cred_path: str | None = None   # see _credential_file
         self.last_ref: str | None = None   # the ref the last resolve() followed (None: a commit)
         self.deadline = deadline            # seconds a blob read may wait
         self.lazy_timeout = max(600.0, deadline)   # a lazy blob fetch, however many readers gave up
@@ -146,17 +150,36 @@ class GitSource:
             config.append(("http.sslCAInfo", self._cainfo))
             env["GIT_SSL_CAINFO"] = self._cainfo    # the variable would win over the config
         if self.token or self.user:
-            if self.user:
-                raw = f"{self.user}:{self.token or ''}".encode()
-                header = "Authorization: Basic " + base64.b64encode(raw).decode()
-            else:
-                header = f"Authorization: Bearer {self.token}"
-            config.append(("http.extraHeader", header))
+            # The credential reaches git through a 0600 config file of ours (GIT_CONFIG_GLOBAL),
+            # never through the environment or argv that every child (and /proc) would show.
+            env["GIT_CONFIG_GLOBAL"] = self._credential_file()
         env["GIT_CONFIG_COUNT"] = str(len(config))
         for i, (key, value) in enumerate(config):
             env[f"GIT_CONFIG_KEY_{i}"] = key
             env[f"GIT_CONFIG_VALUE_{i}"] = value
         return env
+
+    def _credential_file(self) -> str:
+        """A git config file holding only the http.extraHeader of our credential, in a 0700
+        folder, mode 0600; written once, removed by aclose()."""
+        if self._cred_path is None or not os.path.exists(self._cred_path):
+            if self.user:
+                raw = f"{self.user}:{self.token or ''}".encode()
+                header = "Authorization: Basic " + base64.b64encode(raw).decode()
+            else:
+                header = f"Authorization: Bearer {self.token}"
+            folder = tempfile.mkdtemp(prefix="dda-git-")      # 0700
+            path = os.path.join(folder, "config")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write('[http]\n\textraHeader = "' + header.replace("\\", "\\\\").replace('"', '\\"') + '"\n')
+            self._cred_path = path
+        return self._cred_path
+
+    def _forget_credential_file(self) -> None:
+        if self._cred_path is not None:
+            shutil.rmtree(os.path.dirname(self._cred_path), ignore_errors=True)
+            self._cred_path = None
 
     def _secrets(self) -> list[str | None]:
         secrets = [self.token]
@@ -400,6 +423,7 @@ class GitSource:
         await asyncio.gather(*self._lazy.values(), return_exceptions=True)
         await self._local_pool.close()
         await self._lazy_pool.close()
+        self._forget_credential_file()
 
 
 class _BatchReader:
