@@ -334,9 +334,9 @@ class Settings(BaseSettings):
                                                flags=("--sidecar-pull-policy",), helm="image.pullPolicy")
     webhook_sidecar_resources: JsonObject = setting(
         None, "its resources (JSON)", group="webhook", flags=("--sidecar-resources",), helm="sidecar.resources",
-        # measured (tests/resources_probe.py): ~73 MiB peak RSS and ~0.6 cores over an epoch
-        default_factory=lambda: {"requests": {"cpu": "500m", "memory": "128Mi"}, "limits": {"memory": "2Gi"}},
-        shown="500m CPU, 128Mi-2Gi")
+        # measured (tests/resources_probe.py): ~176 MiB peak RSS (process tree) and ~0.6 cores over an epoch
+        default_factory=lambda: {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+        shown="500m CPU, 256Mi-2Gi")
     webhook_native_sidecar: Bool = setting(True, "native sidecar (Kubernetes >= 1.29) or the fallback",
                                            group="webhook", flags=("--native-sidecar",), helm="sidecar.nativeSidecar")
     webhook_on_invalid: Annotated[str, _v(_choice("deny", "warn"))] = setting(

@@ -137,13 +137,15 @@ def test_dvc_file_keys_missing_go_last_and_wdir_counts():
 
 POSITIONALS = {"ls": ["URL", "data"], "cat": ["URL", "data/a"], "get": ["URL", "data"], "mount": ["URL", "/mnt/x"],
                "status": ["/mnt/x"], "refresh": ["/mnt/x"], "unmount": ["/mnt/x"], "umount": ["/mnt/x"],
-               "upload": ["URL", "a.png", "b.png"], "sidecar": [], "demo": [], "webhook": []}
+               "upload": ["URL", "a.png", "b.png"], "sidecar": [], "demo": [], "webhook": [],
+               "sizes": ["publish", "URL", "data"], "csi": []}
 OPTIONS = {"ls": ["-R", "--json", "--rev", "v1"], "cat": ["--rev", "v1", "-j", "3"],
            "get": ["-o", "out", "--no-progress", "--rev", "v1"], "mount": ["--subdir", "s", "-d", "--rev", "v1"],
            "status": ["--json"], "refresh": [], "unmount": ["-l"], "umount": ["--lazy"],
            "upload": ["--to", "data/images", "-m", "msg", "--replace", "--rev", "main"],
            "sidecar": ["--repo", "URL", "--mount", "/m"], "demo": ["--workdir", "/tmp/w"],
-           "webhook": ["--listen", "127.0.0.1:1"]}
+           "webhook": ["--listen", "127.0.0.1:1"], "sizes": ["--rev", "v1", "-j", "2"],
+           "csi": ["--csi-endpoint", "unix:///tmp/c.sock", "--node-id", "n1"]}
 
 
 def test_every_subcommand_is_covered():
