@@ -58,20 +58,32 @@ def world(tmp_path):
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _serving(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class Plugin:
     """`dda csi` as a subprocess on a temporary endpoint and kubelet root."""
 
     def __init__(self, base: Path):
         self.kubelet = base / "kubelet"
-        self.kubelet.mkdir()
+        self.kubelet.mkdir(exist_ok=True)    # a restarted plugin finds the kubelet's state
         self.kubelet.chmod(0o755)
         self.endpoint = f"unix://{base}/plugin/csi.sock"
-        self.log = base / "plugin.log"
+        self.log = base / f"plugin-{free_port()}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen([DDA, "csi", "--csi-endpoint", self.endpoint, "--kubelet-dir",
                                       str(self.kubelet), "--node-id", "node-a"], stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        assert wait_until(lambda: self.proc.poll() is not None or Path(self.endpoint[7:]).exists(), 30), self.output()
+        # serving, not just a socket file (a crashed plugin leaves its file behind)
+        assert wait_until(lambda: self.proc.poll() is not None or _serving(Path(self.endpoint[7:])), 30), self.output()
         assert self.proc.poll() is None, self.output()
         from sidecar.csi.client import CsiClient
 
@@ -382,3 +394,26 @@ def test_the_webhooks_pod_meets_the_node_plugin(plugin, world, dvc3_repo, http_r
         assert "Traceback" not in sidecar.output(), sidecar.output()
     finally:
         sidecar.close()
+
+
+def test_unpublish_after_the_plugin_restarted_and_the_sidecar_never_came(world):
+    """The node plugin crashed (SIGKILL: its offer and descriptor gone, the FUSE connection
+    with no server) and came back; the kubelet then tears the volume down: the new plugin
+    unmounts from the mount table alone and removes the target."""
+    first = Plugin(world)
+    pod = Pod(first)
+    first.call("Node", "NodePublishVolume", pod.publish_request())
+    assert mounted(pod.target)
+    first.client.close()
+    first.proc.kill()
+    first.proc.wait(10)
+    first._log.close()
+    assert mounted(pod.target)
+    second = Plugin(world)
+    try:
+        second.call("Node", "NodeUnpublishVolume", pod.unpublish_request())
+        assert not mounted(pod.target) and not pod.target.exists()
+        second.call("Node", "NodeUnpublishVolume", pod.unpublish_request())   # idempotent
+    finally:
+        assert second.stop() == 0, second.output()
+    assert "Traceback" not in second.output(), second.output()
