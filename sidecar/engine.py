@@ -81,9 +81,9 @@ class Engine:
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
-        # Paths whose size came from a remote's answer, not from the repository: such a size
-        # is never handed to the fetcher as the truth, and is corrected when the object verifies.
-        self._looked_up: set[str] = set()
+        # Which sizes came from a remote's answer, not from the repository (a flag per file in
+        # the tree: Tree.looked_up): such a size is never handed to the fetcher as the truth,
+        # and is corrected when the object verifies.
         fetcher.size_observers.append(self._size_verified)
         self._dir_outputs: dict[str, DvcOut] = {}
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
@@ -277,7 +277,7 @@ class Engine:
             root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
             key = entry.path[len(root) + 1:] if root else entry.path
             return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
-        size = None if entry.path in self._looked_up else entry.size   # a size learned from an answer: checked again
+        size = None if self.tree.looked_up(entry.path) else entry.size   # a size learned from an answer: checked again
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, size, entry.path)
 
     async def stat(self, path: str) -> Entry:
@@ -347,18 +347,17 @@ class Engine:
         # Sizes of an object never change: remember them in the tree, but only in the tree the
         # entry came from (after a refresh, an old entry must not land in the new snapshot).
         sized = replace(entry, size=size)
-        if self.tree.files.get(entry.path) is entry:
-            self.tree.files[entry.path] = sized
-        if entry.kind == "dvc":
-            self._looked_up.add(entry.path)
+        current = self.tree.files.get(entry.path)
+        if current is not None and current.oid == entry.oid and current.kind == entry.kind and current.size is None:
+            self.tree.set_size(entry.path, size, looked_up=entry.kind == "dvc")
         return sized
 
     def _size_verified(self, oid: str, size: int) -> None:
         """A verified object's size replaces one learned from a remote's answer."""
-        for path in self._looked_up:
+        for path in list(self.tree.looked_up_paths()):
             entry = self.tree.files.get(path)
             if entry is not None and entry.oid == oid and entry.size != size:
-                self.tree.files[path] = replace(entry, size=size)
+                self.tree.set_size(path, size)
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
