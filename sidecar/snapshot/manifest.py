@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import sys
 from array import array
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import ijson
 
@@ -76,29 +76,70 @@ def parse_manifest(text: bytes, source: str) -> Manifest:
         _check_json(text, source)
         raise DvcFileError(f"{source}: a .dir manifest must be a JSON list")
     try:
-        for i, item in enumerate(ijson.items(io.BytesIO(text), "item", use_float=True)):
-            _add(manifest, item, f"{source}: entry {i}")
+        for i, item in enumerate(_items(text, source)):
+            _add(manifest, item, source, i)
     except (ijson.JSONError, UnicodeDecodeError) as err:
         raise DvcFileError(f"{source}: not a valid .dir manifest (JSON: {_first_line(err)})") from None
-    except RecursionError:
-        raise DvcFileError(f"{source}: not a valid .dir manifest (nested too deeply)") from None
     manifest._dir_ids = {}
     return manifest
 
 
-def _add(manifest: Manifest, item: object, where: str) -> None:
+MAX_DEPTH = 32   # containers inside the top-level list (an entry is one; DVC's are never deeper than 3)
+
+
+def _items(text: bytes, source: str) -> Iterator[object]:
+    """The values of the top-level JSON list, one at a time, from yajl's events (ijson's own
+    item builder keeps a prefix string per level: hostile nesting would cost depth^2)."""
+    events = ijson.basic_parse(io.BytesIO(text), use_float=True)
+    stack: list[Any] = []        # containers being built, innermost last
+    keys: list[Any] = []         # the pending key of each (None in a list)
+    next(events)                 # the top-level start_array (checked by the caller)
+    for event, value in events:
+        if event == "map_key":
+            keys[-1] = value
+            continue
+        if event == "start_map" or event == "start_array":
+            if len(stack) >= MAX_DEPTH:
+                raise DvcFileError(f"{source}: not a valid .dir manifest (nested too deeply)")
+            stack.append({} if event == "start_map" else [])
+            keys.append(None)
+            continue
+        if event == "end_map" or event == "end_array":
+            if not stack:
+                continue         # the end of the list; yajl raises on anything after it
+            value = stack.pop()
+            keys.pop()
+        if not stack:
+            yield value
+        elif keys[-1] is None and isinstance(stack[-1], list):
+            stack[-1].append(value)
+        else:
+            stack[-1][keys[-1]] = value
+
+
+def _add(manifest: Manifest, item: object, source: str, i: int) -> None:
     if not isinstance(item, dict):
-        raise DvcFileError(f"{where}: expected an object")
+        raise DvcFileError(f"{source}: entry {i}: expected an object")
     md5, relpath = item.get("md5"), item.get("relpath")
     if not isinstance(md5, str) or not _MD5.fullmatch(md5):
-        raise DvcFileError(f"{where}: 'md5' {md5!r} is not an md5 hash")
-    rel = join_inside("", relpath, where, "relpath")
-    if not rel:
-        raise DvcFileError(f"{where}: relpath {relpath!r} names the directory itself")
+        raise DvcFileError(f"{source}: entry {i}: 'md5' {md5!r} is not an md5 hash")
+    if isinstance(relpath, str) and _plain(relpath):
+        rel = relpath     # already what join_inside would return (checked in C, not per name)
+    else:
+        rel = join_inside("", relpath, f"{source}: entry {i}", "relpath")
+        if not rel:
+            raise DvcFileError(f"{source}: entry {i}: relpath {relpath!r} names the directory itself")
     size = item.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise DvcFileError(f"{where}: 'size' must be a non-negative integer")
+        raise DvcFileError(f"{source}: entry {i}: 'size' must be a non-negative integer")
     manifest.append(rel, md5, size, item.get("isexec") is True)
+
+
+def _plain(rel: str) -> bool:
+    """A relpath with nothing to normalize or refuse: no name starts with '.' (so no `.`,
+    `..`, `.git`), no empty name, not absolute, no drive letter, no NUL."""
+    return bool(rel) and rel[0] not in "./" and "/." not in rel and "//" not in rel and rel[-1] != "/" \
+        and "\0" not in rel and not (len(rel) > 1 and rel[1] == ":")
 
 
 def _check_json(text: bytes, source: str) -> None:
@@ -111,4 +152,7 @@ def _check_json(text: bytes, source: str) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    """yajl's message (bytes, several lines with a caret) as one short line."""
+    raw = err.args[0] if err.args else ""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
