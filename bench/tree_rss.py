@@ -43,10 +43,46 @@ def reset_peak() -> None:
         pass
 
 
+def ls_recursive(ns: argparse.Namespace, repo: Path, work: Path) -> None:
+    """`dda ls -R` (sidecar.cli.main, stdout to a file) once every size is in the cache's
+    persistent index (as after `dda sizes publish` or a remount): its peak RSS is the
+    snapshot plus one batch of rows, not the whole listing."""
+    import os
+
+    from sidecar.cli import main as dda
+    from sidecar.store import Store
+
+    store = Store(work / "cache", 1 << 30, 1 << 20)
+    for d in range(ns.folders):
+        store.index.record_sizes({hashlib.md5(f"{d}/{f}".encode()).hexdigest(): 100 + (d * ns.per + f) % 901
+                                  for f in range(ns.per)})
+    store.close()
+    gc.collect()
+    reset_peak()
+    before, _ = rss()
+    out = work / "ls.txt"
+    saved = os.dup(1)
+    with open(out, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            started = time.perf_counter()
+            code = dda(["ls", "-R", str(repo), "--rev", "main", "--cache-dir", str(work / "cache")])
+            sys.stdout.flush()
+        finally:
+            os.dup2(saved, 1)
+    took = time.perf_counter() - started
+    _, peak = rss()
+    with open(out, "rb") as f:
+        lines = sum(1 for _ in f)
+    print(f"dda ls -R: exit {code}, {lines:,} lines in {took:.1f}s; RSS before {before:.0f} MB, peak {peak:.0f} MB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folders", type=int, default=1000)
     parser.add_argument("--per", type=int, default=1000)
+    parser.add_argument("--ls", action="store_true", help="also `dda ls -R` of the whole tree, in this process "
+                                                          "(sizes from the persistent index: 0 requests)")
     ns = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dda-rss-"))
     # Exactly what json.dumps(sorted entries, sort_keys=True) gives, written without a
@@ -87,6 +123,8 @@ def main() -> int:
 
     try:
         asyncio.run(go())
+        if ns.ls:
+            ls_recursive(ns, repo, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -373,29 +373,3 @@ def test_compose_tree_is_linear_in_outputs_and_still_replaces_what_git_has():
     assert tree.files["data/keep.txt"].kind == "git"
     assert tree.files["data/d0007/f000003.bin"].oid == hashlib.md5(b"7/3").hexdigest()
 
-
-def test_fetcher_keeps_a_bounded_number_of_sizes_in_memory(tmp_path):
-    """Issue 11 item 3: the fetcher's in-memory sizes are bounded (the persistent index keeps
-    them all): an evicted size is still known, and a verified correction of one still
-    reaches the size observers (whoever showed the old size follows)."""
-    from sidecar.fetch.scheduler import SIZE_MEMO, Fetcher, ObjectRef
-    from sidecar.store import Store
-
-    store = Store(tmp_path / "cache", 1 << 30, 1 << 20)
-    try:
-        fetcher = Fetcher(store, jobs=2, retries=0, deadline=5)
-        assert fetcher._sizes.limit == SIZE_MEMO <= 1 << 17
-        fetcher._sizes.limit = 100
-        oids = [hashlib.md5(str(i).encode()).hexdigest() for i in range(250)]
-        for i, oid in enumerate(oids):
-            fetcher._learned_size(oid, i + 1)
-        store._index_writer.submit(lambda: None).result()   # the queued index writes landed
-        assert len(fetcher._sizes) == 100 and oids[0] not in fetcher._sizes
-        assert fetcher.known_size(ObjectRef(oids[0], None, "p", False, None, "x")) == 1   # type: ignore[arg-type]
-        fetcher._sizes.pop(oids[0])
-        corrected: list[tuple[str, int]] = []
-        fetcher.size_observers.append(lambda oid, size: corrected.append((oid, size)))
-        fetcher._learned_size(oids[0], 7, verified=True)
-        assert corrected == [(oids[0], 7)] and len(fetcher._sizes) == 100
-    finally:
-        store.close()

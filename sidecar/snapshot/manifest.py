@@ -2,14 +2,13 @@
 
 A 1M-entry manifest is ~80 MB of JSON; `json.loads` made 1M dicts and strings first (an
 873 MB peak). Here ijson (yajl, C) hands over one entry at a time and each is checked and
-stored at once: directory parts and names interned (a name repeated across folders is held
+stored at once: directory parts and names shared (a name repeated across folders is held
 once), md5 as 16 raw bytes, sizes in an array. `Manifest` still reads as a sequence of
 `ManifestEntry` for callers that want objects; the tree builder reads its arrays directly.
 """
 from __future__ import annotations
 
 import io
-import sys
 from array import array
 from typing import Any, Iterator, Sequence
 
@@ -22,16 +21,17 @@ from .paths import join_inside
 
 class Manifest(Sequence[ManifestEntry]):
     """The entries of one `.dir` object, in manifest order. Memory per entry: 16 B md5,
-    8 B size, 4 B folder index, 1 B exec flag, one pointer to an interned name."""
+    8 B size, 4 B folder index, 1 B exec flag, one pointer to a shared name."""
 
     def __init__(self) -> None:
         self.dirs: list[str] = []             # folder of each entry, relative ("" = the top)
         self.dir_of = array("I")              # entry -> index into dirs
-        self.names: list[str] = []            # entry -> its file name (interned)
+        self.names: list[str] = []            # entry -> its file name (one object per distinct name)
         self.md5 = bytearray()                # entry i: bytes [16 i, 16 i + 16)
         self.sizes = array("q")               # -1: the manifest does not say
         self.isexec = bytearray()             # 1: executable
         self._dir_ids: dict[str, int] = {}
+        self._seen: dict[str, str] = {}       # while parsing: one object per distinct name
 
     def append(self, relpath: str, md5: str, size: int | None, isexec: bool = False) -> None:
         """Add one entry (relpath already checked and normalized, md5 32 lowercase hex)."""
@@ -39,9 +39,9 @@ class Manifest(Sequence[ManifestEntry]):
         index = self._dir_ids.get(folder)
         if index is None:
             index = self._dir_ids[folder] = len(self.dirs)
-            self.dirs.append(sys.intern(folder))
+            self.dirs.append(folder)
         self.dir_of.append(index)
-        self.names.append(sys.intern(name))
+        self.names.append(self._seen.setdefault(name, name))
         self.md5 += bytes.fromhex(md5)
         self.sizes.append(-1 if size is None else size)
         self.isexec.append(1 if isexec else 0)
@@ -80,7 +80,7 @@ def parse_manifest(text: bytes, source: str) -> Manifest:
             _add(manifest, item, source, i)
     except (ijson.JSONError, UnicodeDecodeError) as err:
         raise DvcFileError(f"{source}: not a valid .dir manifest (JSON: {_first_line(err)})") from None
-    manifest._dir_ids = {}
+    manifest._dir_ids, manifest._seen = {}, {}
     return manifest
 
 

@@ -63,17 +63,24 @@ _MD5_LEN = 16
 
 
 class ManifestClash(ValueError):
-    """A manifest that cannot be laid out as a folder (a name twice, a file used as a folder)."""
+    """A manifest that cannot be laid out as a folder (a name twice, a file used as a folder):
+    args = (the repository path in question, one line saying why)."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1])
 
 
 class TreeBuilder:
     """Collects files (a later `add` of a path replacing an earlier one), empty folders and
     removals, and builds a Tree in O(n log k) for n files in folders of at most k entries.
-    While building, each folder is a dict name -> file id (or _DIR); no path string and no
-    Entry is kept per file."""
+    While building, each folder is a dict name -> file id (or _DIR); a folder filled from one
+    compact manifest in name order is kept "sealed" instead, as the sorted names and ids the
+    Tree will hold (no dict entry per file), and turned into a dict only if changed later.
+    No path string and no Entry is kept per file."""
 
     def __init__(self) -> None:
         self._dirs: dict[str, dict[str, int]] = {"": {}}
+        self._sealed: dict[str, tuple[list[str], array]] = {}   # folder -> its files (sorted), when sealed
         self._explicit: set[str] = set()          # folders kept even when empty
         self._oids = bytearray()                  # 16 bytes per file id
         self._sizes = array("q")
@@ -87,7 +94,20 @@ class TreeBuilder:
     def is_file(self, path: str) -> bool:
         parent, name = posixpath.split(path)
         kids = self._dirs.get(parent)
-        return kids is not None and kids.get(name, _DIR) != _DIR
+        return kids is not None and (kids.get(name, _DIR) != _DIR or self._in_sealed(parent, name))
+
+    def _in_sealed(self, folder: str, name: str) -> bool:
+        sealed = self._sealed.get(folder)
+        if sealed is None:
+            return False
+        i = bisect.bisect_left(sealed[0], name)
+        return i < len(sealed[0]) and sealed[0][i] == name
+
+    def _thaw(self, folder: str) -> None:
+        """A sealed folder about to change: its files go into its dict."""
+        sealed = self._sealed.pop(folder, None)
+        if sealed is not None:
+            self._dirs[folder].update(zip(*sealed))
 
     def file_above(self, path: str) -> str | None:
         """The nearest ancestor of `path` that is a file, if any."""
@@ -104,8 +124,8 @@ class TreeBuilder:
         if kids is None:
             parent, name = posixpath.split(path)
             above = self._dir(parent)
-            if above.get(name, _DIR) != _DIR:
-                raise ManifestClash(f"{path!r} is a file, but something below it needs it to be a directory")
+            if above.get(name, _DIR) != _DIR or self._in_sealed(parent, name):
+                raise ManifestClash(path, f"{path!r} is a file, but other entries need it to be a directory")
             kids = self._dirs[path] = {}
             above[sys.intern(name)] = _DIR
         return kids
@@ -124,6 +144,7 @@ class TreeBuilder:
         """Add (or replace) the file or symlink at repository path `path`."""
         parent, name = posixpath.split(path)
         kids = self._dir(parent)
+        self._thaw(parent)
         if kids.get(name) == _DIR:
             self.clear(path)
         fid = self._new(oid, size, self._group(kind, mode, legacy, remote, output, root))
@@ -153,10 +174,13 @@ class TreeBuilder:
         """Remove whatever lies at or below `path` (files, folders, empty folders)."""
         parent, name = posixpath.split(path)
         kids = self._dirs.get(parent)
+        if kids is not None and self._in_sealed(parent, name):
+            self._thaw(parent)
         if kids is not None and kids.pop(name, None) == _DIR:
             stack = [path]
             while stack:
                 folder = stack.pop()
+                self._sealed.pop(folder, None)
                 below = self._dirs.pop(folder, {})
                 stack.extend(f"{folder}/{n}" for n, fid in below.items() if fid == _DIR)
         prefix = path + "/"
@@ -177,8 +201,9 @@ class TreeBuilder:
                     path = f"{base}/{item.relpath}"
                     parent, name = posixpath.split(path)
                     kids = self._dir(parent)
+                    self._thaw(parent)
                     if name in kids:
-                        raise ManifestClash(_clash(item.relpath, kids[name]))
+                        raise ManifestClash(path, _clash(item.relpath, kids[name]))
                     fid = self._new(item.md5, item.size,
                                     self._group(kind, EXEC_MODE if item.isexec else FILE_MODE, legacy, where,
                                                 output, root))
@@ -186,8 +211,11 @@ class TreeBuilder:
                         self._versions[fid] = version
                     kids[sys.intern(name)] = fid
             self._dir(base)
-        except ManifestClash:
+        except ManifestClash as clash:
             self.clear(base)
+            path = clash.args[0]
+            if path.startswith(base + "/") and len(clash.args) == 2 and "is a file" in clash.args[1]:
+                raise ManifestClash(path, _clash(path[len(base) + 1:], _DIR)) from None
             raise
 
     def _add_compact(self, base: str, manifest: Any, kind: str, legacy: bool, remote: str | None, output: str,
@@ -203,12 +231,46 @@ class TreeBuilder:
         else:
             self._groups.extend(array("I", [plain]) * len(manifest))
         names, dir_of = manifest.names, manifest.dir_of
+        # Files of each folder, in manifest order; DVC writes manifests sorted, so each
+        # folder's names usually come sorted and the lists are what the Tree keeps.
+        listed: list[list[str]] = [[] for _ in folders]
+        fids: list[array] = [array("i") for _ in folders]
+        ordered = True
         for i in range(len(names)):
-            kids = folders[dir_of[i]]
-            name = names[i]
-            if name in kids:
-                raise ManifestClash(_clash(manifest.relpath(i), kids[name]))
-            kids[name] = start + i
+            d = dir_of[i]
+            here, name = listed[d], names[i]
+            if here and name <= here[-1]:
+                ordered = False
+                break
+            here.append(name)
+            fids[d].append(start + i)
+        if not ordered:
+            del listed, fids
+            for i in range(len(names)):
+                kids = folders[dir_of[i]]
+                name = names[i]
+                if name in kids:
+                    raise ManifestClash(f"{base}/{manifest.relpath(i)}", _clash(manifest.relpath(i), kids[name]))
+                kids[name] = start + i
+            return
+        paths = [f"{base}/{d}" if d else base for d in manifest.dirs]
+        for path, here, ids in zip(paths, listed, fids):
+            if here:
+                self._sealed[path] = (here, ids)
+        for path in self._dirs_under(base):   # a subfolder named like a file of its parent
+            parent, name = posixpath.split(path)
+            if self._in_sealed(parent, name):
+                raise ManifestClash(path, f"{path!r} is a file, but other entries need it to be a directory")
+
+    def _dirs_under(self, base: str) -> Iterator[str]:
+        stack = [base]
+        while stack:
+            folder = stack.pop()
+            for name, fid in self._dirs.get(folder, {}).items():
+                if fid == _DIR:
+                    path = f"{folder}/{name}"
+                    yield path
+                    stack.append(path)
 
     # -- the result -------------------------------------------------------------------------------
     def build(self, problems: Iterable["Problem"] = ()) -> "Tree":
@@ -217,7 +279,7 @@ class TreeBuilder:
         keep: dict[str, bool] = {}
         for path in sorted(self._dirs, key=lambda d: -d.count("/") if d else 1):   # deepest first
             kids = self._dirs[path]
-            keep[path] = path in self._explicit or any(
+            keep[path] = path in self._explicit or path in self._sealed or any(
                 fid != _DIR or keep.get(f"{path}/{n}" if path else n, False) for n, fid in kids.items())
         names: dict[str, list[str]] = {}
         ids: dict[str, array] = {}
@@ -225,6 +287,14 @@ class TreeBuilder:
             if not keep[path] and path:
                 continue
             prefix = path + "/" if path else ""
+            sealed = self._sealed.pop(path, None)
+            if sealed is not None:
+                subs = [n for n, fid in kids.items() if fid == _DIR and keep.get(prefix + n, False)]
+                if not subs:      # the common case: the manifest's own lists, no copy
+                    names[path], ids[path] = sealed
+                    continue
+                kids = dict(kids)
+                kids.update(zip(*sealed))
             listed = sorted(n for n, fid in kids.items() if fid != _DIR or keep.get(prefix + n, False))
             names[path] = listed
             ids[path] = array("i", map(kids.__getitem__, listed))
@@ -234,7 +304,7 @@ class TreeBuilder:
         tree = Tree.__new__(Tree)
         tree._init(names, ids, bytes(self._oids), self._sizes, self._groups, groups, self._odd, self._targets,
                    self._versions, problems)
-        self._dirs = {"": {}}
+        self._dirs, self._sealed = {"": {}}, {}
         return tree
 
 
