@@ -18,7 +18,7 @@ import stat
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal
 
 FILE_MODE = stat.S_IFREG | 0o644
@@ -38,6 +38,9 @@ class Entry:
     root: str = ""            # folder of the DVC (sub)repository the output belongs to
     target: str | None = None # a git symlink's target, as committed
     version: str | None = None  # cloud-versioned remote: the object's version id (key = path in its repo)
+    # The size came from a remote's answer, not the repository: never handed to the fetcher
+    # as the truth (checked again; corrected when the object verifies).
+    looked_up: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_symlink(self) -> bool:
@@ -427,7 +430,7 @@ class Tree:
             oid = self._oids[fid * _MD5_LEN:fid * _MD5_LEN + _MD5_LEN].hex()
         size = self._sizes[fid]
         return Entry(path, kind, mode, None if size < 0 else size, oid, legacy, remote, output, root,
-                     self._targets.get(fid), self._versions.get(fid))
+                     self._targets.get(fid), self._versions.get(fid), bool(self._looked) and self._looked[fid] == 1)
 
     def _entry(self, path: str) -> Entry | None:
         fid = self._file_id(path)
@@ -445,21 +448,26 @@ class Tree:
                 self._looked = bytearray(len(self._sizes))
             self._looked[fid] = 1 if looked_up else 0
 
-    def looked_up(self, path: str) -> bool:
-        """Whether the size of the file at `path` came from a remote's answer (not the repository)."""
+    def resize_object(self, oid: str, size: int) -> int:
+        """Set `size` on every file of object `oid` whose size came from a remote's answer
+        (a verified object corrected it); returns how many changed. A scan of the md5 bytes
+        in C, no path or Entry made: corrections are rare, trees are big."""
         if not self._looked:
-            return False
-        fid = self._file_id(path)
-        return fid is not None and self._looked[fid] == 1
-
-    def looked_up_paths(self) -> Iterator[str]:
-        """Paths whose size came from a remote's answer (a scan: for rare corrections)."""
-        if not self._looked or 1 not in self._looked:
-            return
-        for entry in self.walk_files(""):
-            fid = self._file_id(entry.path)
-            if fid is not None and self._looked[fid]:
-                yield entry.path
+            return 0
+        if len(oid) == 2 * _MD5_LEN and oid == oid.lower() and _is_hex(oid):
+            raw, fids, at = bytes.fromhex(oid), [], self._oids.find(bytes.fromhex(oid))
+            while at >= 0:
+                if at % _MD5_LEN == 0 and at // _MD5_LEN not in self._odd:
+                    fids.append(at // _MD5_LEN)
+                at = self._oids.find(raw, at + 1)
+        else:
+            fids = [fid for fid, other in self._odd.items() if other == oid]
+        changed = 0
+        for fid in fids:
+            if fid < len(self._looked) and self._looked[fid] and self._sizes[fid] != size:
+                self._sizes[fid] = size
+                changed += 1
+        return changed
 
     def memory_bytes(self) -> int:
         """Bytes the tree's own structures take (names counted once each), for benches."""
