@@ -77,12 +77,56 @@ def ls_recursive(ns: argparse.Namespace, repo: Path, work: Path) -> None:
     print(f"dda ls -R: exit {code}, {lines:,} lines in {took:.1f}s; RSS before {before:.0f} MB, peak {peak:.0f} MB")
 
 
+def mount_daemon(repo: Path, work: Path) -> None:
+    """`dda mount --daemon` of the 1M tree (local remote, fresh cache): the daemon's RSS after
+    the mount, its peak so far (VmHWM: the snapshot build), and after `find -type f` (names
+    only: no request, no size)."""
+    import os
+    import shutil
+    import subprocess
+
+    from mounting import daemon_pid
+
+    dda = shutil.which("dda") or str(Path(sys.executable).parent / "dda")
+    mp = work / "mnt"
+    mp.mkdir()
+    env = {**os.environ, "DDA_CACHE_DIR": str(work / "cache-mount"), "DDA_REMOTE_STORAGE_URL": str(work / "remote")}
+    started = time.perf_counter()
+    subprocess.run([dda, "mount", str(repo), str(mp), "--daemon"], check=True, env=env, timeout=3600,
+                   capture_output=True)
+    took = time.perf_counter() - started
+    pid = daemon_pid(mp)
+
+    def status() -> tuple[float, float]:
+        got = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                got[key] = int(value.split()[0]) / 1024
+        return got["VmRSS"], got["VmHWM"]
+
+    try:
+        after, peak = status()
+        started = time.perf_counter()
+        found = subprocess.run(f"find {mp} -type f | wc -l", shell=True, capture_output=True, text=True,
+                               timeout=3600).stdout.strip()
+        walked = time.perf_counter() - started
+        now, peak2 = status()
+        print(f"dda mount: {took:.1f}s; daemon RSS {after:.0f} MB (peak while building {peak:.0f} MB); "
+              f"find -type f: {found} files in {walked:.1f}s, RSS then {now:.0f} MB (peak {peak2:.0f} MB)")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        time.sleep(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folders", type=int, default=1000)
     parser.add_argument("--per", type=int, default=1000)
     parser.add_argument("--ls", action="store_true", help="also `dda ls -R` of the whole tree, in this process "
                                                           "(sizes from the persistent index: 0 requests)")
+    parser.add_argument("--mount", action="store_true", help="also `dda mount --daemon` with a local remote "
+                                                             "holding the manifest: daemon RSS, peak, find -type f")
     ns = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dda-rss-"))
     # Exactly what json.dumps(sorted entries, sort_keys=True) gives, written without a
@@ -93,6 +137,10 @@ def main() -> int:
     mmd5 = hashlib.md5(manifest).hexdigest()
     fake = FakeRemote.register("rss")
     fake.objects[f"files/md5/{mmd5[:2]}/{mmd5[2:]}.dir"] = manifest
+    if ns.mount:   # the same manifest in a local remote folder, for the daemon (no data objects needed)
+        local = work / "remote" / "files" / "md5" / mmd5[:2]
+        local.mkdir(parents=True)
+        (local / f"{mmd5[2:]}.dir").write_bytes(manifest)
     del manifest
     repo = work / "repo"
     (repo / ".dvc").mkdir(parents=True)
@@ -125,6 +173,8 @@ def main() -> int:
         asyncio.run(go())
         if ns.ls:
             ls_recursive(ns, repo, work)
+        if ns.mount:
+            mount_daemon(repo, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
