@@ -123,6 +123,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folders", type=int, default=1000)
     parser.add_argument("--per", type=int, default=1000)
+    parser.add_argument("--unique-names", action="store_true",
+                        help="file names unique across folders (ImageNet-like n0xxx_yyy.JPEG), not f000000.bin in each")
     parser.add_argument("--ls", action="store_true", help="also `dda ls -R` of the whole tree, in this process "
                                                           "(sizes from the persistent index: 0 requests)")
     parser.add_argument("--mount", action="store_true", help="also `dda mount --daemon` with a local remote "
@@ -132,7 +134,8 @@ def main() -> int:
     # Exactly what json.dumps(sorted entries, sort_keys=True) gives, written without a
     # list of 1M dicts (that list would be this process's peak, not the daemon's).
     manifest = ("[" + ", ".join(json.dumps({"md5": hashlib.md5(f"{d}/{f}".encode()).hexdigest(),
-                                            "relpath": f"d{d:04d}/f{f:06d}.bin"}, sort_keys=True)
+                                            "relpath": f"d{d:04d}/" + (f"n{d:08d}_{f:06d}.JPEG" if ns.unique_names
+                                                                        else f"f{f:06d}.bin")}, sort_keys=True)
                                 for d in range(ns.folders) for f in range(ns.per)) + "]").encode()
     mmd5 = hashlib.md5(manifest).hexdigest()
     fake = FakeRemote.register("rss")

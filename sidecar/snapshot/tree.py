@@ -277,8 +277,8 @@ class TreeBuilder:
 
     # -- the result -------------------------------------------------------------------------------
     def build(self, problems: Iterable["Problem"] = ()) -> "Tree":
-        """The Tree. Folders left with nothing below them (their content removed) vanish,
-        unless added with add_dir."""
+        """The Tree (call once: the builder hands its arrays over). Folders left with
+        nothing below them (their content removed) vanish, unless added with add_dir."""
         keep: dict[str, bool] = {}
         for path in sorted(self._dirs, key=lambda d: -d.count("/") if d else 1):   # deepest first
             kids = self._dirs[path]
@@ -305,7 +305,7 @@ class TreeBuilder:
         for group, gid in self._group_ids.items():
             groups[gid] = group
         tree = Tree.__new__(Tree)
-        tree._init(names, ids, bytes(self._oids), self._sizes, self._groups, groups, self._odd, self._targets,
+        tree._init(names, ids, self._oids, self._sizes, self._groups, groups, self._odd, self._targets,
                    self._versions, problems)
         self._dirs, self._sealed = {"": {}}, {}
         return tree
@@ -375,6 +375,9 @@ class _Dirs(Mapping[str, list[str]]):
 
 
 class Tree:
+    """One commit's checkout, compact (see the module docstring): `files` and `dirs` are
+    read-only views; `problems`/`broken` are the outputs shown as unavailable."""
+
     def __init__(self, files: Mapping[str, Entry], empty_dirs: Iterable[str] = (),
                  problems: Iterable[Problem] = ()):
         """A tree of `files` (path -> Entry) and `empty_dirs`; big trees are built with
@@ -391,7 +394,7 @@ class Tree:
         self.files = _Files(self)
         self.dirs = _Dirs(self)
 
-    def _init(self, names: dict[str, list[str]], ids: dict[str, array], oids: bytes, sizes: array,
+    def _init(self, names: dict[str, list[str]], ids: dict[str, array], oids: bytearray, sizes: array,
               groups: array, group_table: list[tuple], odd: dict[int, str], targets: dict[int, str],
               versions: dict[int, str], problems: Iterable[Problem]) -> None:
         self._names = names
