@@ -81,9 +81,9 @@ class Engine:
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
-        # Paths whose size came from a remote's answer, not from the repository: such a size
-        # is never handed to the fetcher as the truth, and is corrected when the object verifies.
-        self._looked_up: set[str] = set()
+        # Sizes that came from a remote's answer, not from the repository (a flag per file in
+        # the tree; Entry.looked_up on what it hands out) are never handed to the fetcher as
+        # the truth, and are corrected when the object verifies.
         fetcher.size_observers.append(self._size_verified)
         self._dir_outputs: dict[str, DvcOut] = {}
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
@@ -277,7 +277,7 @@ class Engine:
             root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
             key = entry.path[len(root) + 1:] if root else entry.path
             return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
-        size = None if entry.path in self._looked_up else entry.size   # a size learned from an answer: checked again
+        size = None if entry.looked_up else entry.size   # a size learned from an answer: checked again
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, size, entry.path)
 
     async def stat(self, path: str) -> Entry:
@@ -344,21 +344,17 @@ class Engine:
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
-        # Sizes of an object never change: remember them in the tree, but only in the tree the
-        # entry came from (after a refresh, an old entry must not land in the new snapshot).
-        sized = replace(entry, size=size)
-        if self.tree.files.get(entry.path) is entry:
-            self.tree.files[entry.path] = sized
-        if entry.kind == "dvc":
-            self._looked_up.add(entry.path)
+        # Sizes of an object never change: remember them in the current tree where it holds the
+        # same object at that path (an entry from before a refresh changes nothing else).
+        sized = replace(entry, size=size, looked_up=entry.kind == "dvc")
+        current = self.tree.files.get(entry.path)
+        if current is not None and current.oid == entry.oid and current.kind == entry.kind and current.size is None:
+            self.tree.set_size(entry.path, size, looked_up=entry.kind == "dvc")
         return sized
 
     def _size_verified(self, oid: str, size: int) -> None:
         """A verified object's size replaces one learned from a remote's answer."""
-        for path in self._looked_up:
-            entry = self.tree.files.get(path)
-            if entry is not None and entry.oid == oid and entry.size != size:
-                self.tree.files[path] = replace(entry, size=size)
+        self.tree.resize_object(oid, size)
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
@@ -395,13 +391,13 @@ class Engine:
             return
         task = self._size_index_loads.get(out.md5)
         if task is None:
-            task = asyncio.ensure_future(self._load_size_index(out, await self._manifest_md5s(out)))
+            task = asyncio.ensure_future(self._load_size_index(out))
             self._size_index_loads[out.md5] = task
         await asyncio.shield(task)
         self._size_index_tried.add(out.md5)
         self._size_index_loads.pop(out.md5, None)
 
-    async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
+    async def _load_size_index(self, out: DvcOut) -> None:
         remote = self.remote(out.remote, out.source, out.root)
         key = sizeindex.index_path(out.md5, out.legacy)
         where = f"{out.path}: size index {remote.display_url}/{key}"
@@ -410,7 +406,8 @@ class Engine:
             # long (the index is an optimisation; per-file sizing still works).
             async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
                 got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
-            sizes = sizeindex.decode(got.data, out.md5, expected, where)
+            # The manifest's md5s only once an index exists (a 1M-entry set is not free).
+            sizes = sizeindex.decode(got.data, out.md5, await self._manifest_md5s(out), where)
         except ObjectMissing:
             return                                  # none published: sized per file when asked
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
@@ -425,7 +422,8 @@ class Engine:
         ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
                         f"{out.path} (manifest {out.md5}.dir, from {out.source})")
         data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
-        return {item.md5 for item in parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")}
+        raw = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir").md5   # 16 bytes per entry
+        return {raw[i:i + 16].hex() for i in range(0, len(raw), 16)}
 
     async def publish_sizes(self, path: str) -> list[tuple[str, str, int]]:
         """Publish the size index of every directory output at or below `path` (or the one

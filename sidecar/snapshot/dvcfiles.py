@@ -5,15 +5,18 @@ Pure functions over bytes; every error names the file and the field.
 from __future__ import annotations
 
 import configparser
-import json
 import posixpath
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..errors import DvcFileError
 from .paths import join_inside
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -370,32 +373,12 @@ def parse_dvc_lock(text: bytes, source: str, stages: dict[str, StageDecl] | None
     return found
 
 
-def parse_manifest(text: bytes, source: str) -> list[ManifestEntry]:
-    """A `.dir` object: a JSON list of {md5, relpath[, size]}."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise DvcFileError(f"{source}: not a valid .dir manifest (nested too deeply)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DvcFileError(f"{source}: not a valid .dir manifest (JSON: {err})") from None
-    if not isinstance(data, list):
-        raise DvcFileError(f"{source}: a .dir manifest must be a JSON list")
-    entries: list[ManifestEntry] = []
-    for i, item in enumerate(data):
-        where = f"{source}: entry {i}"
-        if not isinstance(item, dict):
-            raise DvcFileError(f"{where}: expected an object")
-        md5, relpath = item.get("md5"), item.get("relpath")
-        if not isinstance(md5, str) or not _MD5.match(md5):
-            raise DvcFileError(f"{where}: 'md5' {md5!r} is not an md5 hash")
-        rel = join_inside("", relpath, where, "relpath")
-        if not rel:
-            raise DvcFileError(f"{where}: relpath {relpath!r} names the directory itself")
-        size = item.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise DvcFileError(f"{where}: 'size' must be a non-negative integer")
-        entries.append(ManifestEntry(rel, md5, size, item.get("isexec") is True))
-    return entries
+def parse_manifest(text: bytes, source: str) -> "Manifest":
+    """A `.dir` object: a JSON list of {md5, relpath[, size]}, parsed incrementally into a
+    compact `Manifest` (a sequence of ManifestEntry); see manifest.py."""
+    from .manifest import parse_manifest as parse
+
+    return parse(text, source)
 
 
 @dataclass(frozen=True)
