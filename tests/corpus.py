@@ -153,12 +153,64 @@ def shape_imports(work: Path, dvc, git, remotes: Path) -> None:
     git("add", "-A")
 
 
+_GEN = ("import os, sys\nfor p in sys.argv[1:]:\n    os.makedirs(os.path.dirname(p) or '.', exist_ok=True)\n"
+        "    open(p, 'w').write('made ' + p + '\\n')\n")
+
+
+def shape_templating(work: Path, dvc, git, remotes: Path) -> None:
+    """Must-work 1: `matrix` and `foreach` over params, `vars` (a file with selected keys, a
+    mapping, a stage's own file), `${item.x}`/`${key}`, and templated output flags: a
+    `cache: ${...}` false output (from git), a `remote: ${...}` output (on a second remote),
+    `persist`. Names and flags must come out as DVC's parser renders them."""
+    extra = remotes / "extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    dvc("remote", "add", "extra", str(extra))
+    _write(work / "gen.py", _GEN)
+    (work / "params.yaml").write_text("flags:\n  keep: false\nmodels:\n  small: {size: 3}\n  big: {size: 5}\n")
+    (work / "extra.yaml").write_text("sub:\n  dir: out\nunused: 1\n")
+    _write(work / "sub" / "stage.yaml", "names:\n  first: one\nmetric: score.json\n")
+    (work / "dvc.yaml").write_text(
+        "vars:\n"
+        "  - extra.yaml:sub\n"
+        "  - second: extra\n"
+        "    grid_dir: grid\n"
+        "stages:\n"
+        "  train:\n"
+        "    foreach: ${models}\n"
+        "    do:\n"
+        "      cmd: python3 gen.py ${sub.dir}/${key}.bin ${sub.dir}/${key}-${item.size}.log\n"
+        "      outs:\n"
+        "      - ${sub.dir}/${key}.bin\n"
+        "      - ${sub.dir}/${key}-${item.size}.log:\n"
+        "          cache: false\n"
+        "  grid:\n"
+        "    matrix:\n"
+        "      os: [linux, mac]\n"
+        "      n: [1, 2]\n"
+        "    cmd: python3 gen.py ${grid_dir}/${item.os}-${item.n}.txt ${grid_dir}/${key}.meta\n"
+        "    outs:\n"
+        "    - ${grid_dir}/${item.os}-${item.n}.txt:\n"
+        "        remote: ${second}\n"
+        "    - ${grid_dir}/${key}.meta:\n"
+        "        cache: false\n"
+        "        persist: true\n"
+        "  local:\n"
+        "    vars: [stage.yaml]\n"
+        "    wdir: sub\n"
+        "    cmd: python3 ../gen.py ${names.first}.txt ${metric}\n"
+        "    outs:\n    - ${names.first}.txt\n"
+        "    metrics:\n    - ${metric}:\n        cache: false\n")
+    dvc("repro", "-q")
+    git("add", "-A")
+
+
 SHAPES: dict[str, Author] = {
     "stage_wdir": shape_stage_wdir,
     "foreach": shape_foreach,
     "names": shape_names,
     "subrepos": shape_subrepos,
     "imports": shape_imports,
+    "templating": shape_templating,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
 DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)

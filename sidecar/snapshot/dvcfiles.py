@@ -9,11 +9,13 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import yaml
 
 from ..errors import DvcFileError
 from .paths import join_inside
+from .templating import resolve_stages
 
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -59,6 +61,7 @@ class OutFlags:
     """What dvc.yaml says about one output (dvc.lock does not repeat it)."""
     cache: bool = True
     remote: str | None = None
+    push: bool = True      # `push: false`: `dvc push` never uploads it (pulled only if there)
 
 
 @dataclass(frozen=True)
@@ -250,89 +253,38 @@ def _stage_outs(stage: dict, wdir: str, where: str, root: str) -> dict[str, OutF
                     raise DvcFileError(f"{where}: {section}[{i}]: options must be a mapping")
             else:
                 raise DvcFileError(f"{where}: {section}[{i}]: expected a path or {{path: options}}")
-            if not isinstance(raw, str) or "${" in raw:
-                continue   # templated (foreach/matrix/vars): matched by dvc.lock's rendered paths only
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+                raw = str(raw)   # `- ${item}` with a number: DVC takes it as a path
+            if not isinstance(raw, str):
+                raise DvcFileError(f"{where}: {section}[{i}]: path must be a string, got {raw!r}")
             cache = opts.get("cache", True)
             if not isinstance(cache, bool):
                 raise DvcFileError(f"{where}: {section}[{i}]: 'cache' must be true or false")
             remote = opts.get("remote")
+            if remote is not None and not isinstance(remote, str):
+                raise DvcFileError(f"{where}: {section}[{i}]: 'remote' must be a remote name")
+            push = opts.get("push", True)
+            if not isinstance(push, bool):
+                raise DvcFileError(f"{where}: {section}[{i}]: 'push' must be true or false")
             path = join_inside(wdir, raw, f"{where}: {section}[{i}]", "path", root)
-            flags[path] = OutFlags(cache=cache, remote=remote if isinstance(remote, str) else None)
+            flags[path] = OutFlags(cache=cache, remote=remote, push=push)
     return flags
 
 
-_TEMPLATE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*\}")
-
-
-def _render(value: object, context: dict[str, object]) -> object:
-    """`${item}`, `${key}`, `${item.a.b}` of a foreach stage, substituted in strings, lists
-    and mappings (keys too); anything else templated stays as it is (and is skipped)."""
-    def one(text: str) -> str:
-        def sub(match: re.Match[str]) -> str:
-            head, *rest = match.group(1).split(".")
-            if head not in context:
-                return match.group(0)
-            found = context[head]
-            for part in rest:
-                if not isinstance(found, dict) or part not in found:
-                    return match.group(0)
-                found = found[part]
-            return match.group(0) if isinstance(found, (dict, list)) else str(found)
-        return _TEMPLATE.sub(sub, text)
-
-    if isinstance(value, str):
-        return one(value)
-    if isinstance(value, list):
-        return [_render(v, context) for v in value]
-    if isinstance(value, dict):
-        return {(one(k) if isinstance(k, str) else k): _render(v, context) for k, v in value.items()}
-    return value
-
-
-def _foreach_items(foreach: object) -> list[tuple[str, object]]:
-    """(key, item) pairs as DVC names them: `name@<value>` for a list of scalars,
-    `name@<index>` for a list of mappings, `name@<key>` for a mapping."""
-    if isinstance(foreach, dict):
-        return [(str(k), v) for k, v in foreach.items()]
-    if isinstance(foreach, list):
-        return [(str(i) if isinstance(v, (dict, list)) else str(v), v) for i, v in enumerate(foreach)]
-    return []   # `${params}` and friends: resolved from params files, not supported here
-
-
-def _stage_decl(body: object, folder: str, where: str, root: str) -> StageDecl:
-    if not isinstance(body, dict):
-        raise DvcFileError(f"{where}: expected a mapping")
-    wdir_raw = body.get("wdir", ".")
-    if isinstance(wdir_raw, str) and "${" in wdir_raw:
-        raise DvcFileError(f"{where}: a templated 'wdir' ({wdir_raw!r}) is not supported")
-    wdir = folder if wdir_raw in (".", "") else join_inside(folder, wdir_raw, where, "wdir", root)
-    return StageDecl(wdir, _stage_outs(body, wdir, where, root))
-
-
-def parse_dvc_yaml(text: bytes, source: str, root: str = "") -> dict[str, StageDecl]:
+def parse_dvc_yaml(text: bytes, source: str, root: str = "",
+                   read: "Callable[[str], bytes | None] | None" = None) -> dict[str, StageDecl]:
     """Stages of a dvc.yaml: working directory and output flags, keyed by the stage names
-    dvc.lock uses (a `foreach` stage's items as `name@key`, templates rendered)."""
+    dvc.lock uses (`foreach`/`matrix` items as `name@key`), rendered as DVC's parser renders
+    them (`vars`, params.yaml, `${...}`; see templating.py). `read(path)`: the bytes of a
+    repository file (params files), None when absent."""
     data = _load_yaml(text, source)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise DvcFileError(f"{source}: expected a mapping")
-    stages = data.get("stages") or {}
-    if not isinstance(stages, dict):
-        raise DvcFileError(f"{source}: 'stages' must be a mapping")
-    folder = posixpath.dirname(source)
-    found: dict[str, StageDecl] = {}
-    for name, stage in stages.items():
-        where = f"{source}: stage {name!r}"
-        if not isinstance(stage, dict):
-            raise DvcFileError(f"{where}: expected a mapping")
-        if "foreach" in stage:
-            for key, item in _foreach_items(stage.get("foreach")):
-                body = _render(stage.get("do"), {"item": item, "key": key})
-                found[f"{name}@{key}"] = _stage_decl(body, folder, f"{where} ({key})", root)
-            continue
-        found[str(name)] = _stage_decl(stage, folder, where, root)
-    return found
+    stages = resolve_stages(data, source, read or (lambda _p: None), root)
+    return {name: StageDecl(wdir, _stage_outs(body, wdir, f"{source}: stage {name!r}", root))
+            for name, (wdir, body) in stages.items()}
 
 
 def parse_dvc_lock(text: bytes, source: str, stages: dict[str, StageDecl] | None = None,
