@@ -505,7 +505,7 @@ class Engine:
                                   f"(.lfsconfig lfs.url) nor is it on http(s)")
             clean, url_user, url_token = strip_userinfo(url)
             same = _same_origin(clean, self.git.url)
-            self._lfs = LfsClient(clean, self.config.cache_dir, user=url_user or (self.git.user if same else None),
+            self._lfs = LfsClient(clean, self.store, user=url_user or (self.git.user if same else None),
                                   token=url_token or (self.git.token if same else None),
                                   verify=verify_for("lfs", None, self.config.ca_bundle),
                                   timeout=self.config.request_timeout)
