@@ -33,6 +33,7 @@ from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
 
 _IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
+_SOURCE = "\0source"   # Entry.root of import-url outputs read from their source: "\0source<index>"
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +79,7 @@ class Engine:
         self._layout: DvcLayout | None = None
         self._lfs: Any = None
         self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
+        self._sources: list[Remote] = []                 # import-url sources (see _url_import)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
@@ -140,6 +142,13 @@ class Engine:
         problems: list[Problem] = []
         cache: dict[tuple[str, str, str], object] = {}
         for out in outputs:
+            if out.unavailable is not None:
+                problems.append(Problem(out.path, out.source, out.unavailable, out.is_dir))
+                continue
+            if out.url_source is not None:
+                found = await self._url_import(out)
+                (resolved if isinstance(found, DvcOut) else problems).append(found)  # type: ignore[arg-type]
+                continue
             if out.imported is None:
                 resolved.append(out)
                 continue
@@ -161,6 +170,34 @@ class Engine:
             resolved.append(replace(out, remote=origin.out.remote, root=f"{_IMPORT}{index}:{origin.out.root}",
                                     legacy=origin.out.legacy if out.md5 == origin.out.md5 else out.legacy))
         return resolved, problems
+
+    async def _url_import(self, out: DvcOut) -> DvcOut | Problem:
+        """A `dvc import-url` output: from the repository's remote when it holds the object
+        (where `dvc pull` gets it), else from its recorded source, verified against the md5
+        the .dvc file records; else it is reported unavailable. See remotes/source.py."""
+        from .remotes.source import build_source
+
+        src = out.url_source
+        assert src is not None
+        if await self._on_own_remote(out):
+            return out
+        why = "not on the DVC remote"
+        if out.is_dir:
+            return Problem(out.path, out.source, f"{out.source}: {why}, and a directory is not read from its "
+                                                 f"import-url source ({strip_userinfo(src.url)[0]})", True)
+        try:
+            base = self.git.local_path / src.base if self.git.local_path is not None else None
+            remote = build_source(src.url, base, version_id=src.version_id, jobs=self.config.jobs,
+                                  timeout=self.config.request_timeout, ca_bundle=self.config.ca_bundle)
+            if await remote.exists(""):
+                index = len(self._sources)
+                self._sources.append(remote)
+                return replace(out, root=f"{_SOURCE}{index}")
+            await remote.aclose()
+            cause = f"missing at its source {remote.display_url}"
+        except DDAError as err:
+            cause = f"its source cannot be read: {err}"
+        return Problem(out.path, out.source, f"{out.source}: import-url output {why}, and {cause}", False)
 
     async def _on_own_remote(self, out: DvcOut) -> bool:
         try:
@@ -223,6 +260,8 @@ class Engine:
         """The remote `name` (None: the default) of the DVC (sub)repository at folder `root`,
         as its .dvc/config declares it, with our overrides applied."""
         assert self._layout is not None
+        if root.startswith(_SOURCE):   # an import-url output read from its recorded source
+            return self._sources[int(root[len(_SOURCE):])]
         layout, repo_dir, identity = self._layout, self.git.local_path, root
         if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
             index, _, root = root[len(_IMPORT):].partition(":")
@@ -278,6 +317,8 @@ class Engine:
             key = entry.path[len(root) + 1:] if root else entry.path
             return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
         size = None if entry.path in self._looked_up else entry.size   # a size learned from an answer: checked again
+        if entry.root.startswith(_SOURCE):   # the one object of an import-url source (errors name it)
+            return ObjectRef(entry.oid, remote, remote.display_url, entry.legacy, size, entry.path)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, size, entry.path)
 
     async def stat(self, path: str) -> Entry:
@@ -540,7 +581,7 @@ class Engine:
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.git.aclose()
-        for remote in self._remotes.values():
+        for remote in [*self._remotes.values(), *self._sources]:
             await remote.aclose()
         if self._lfs is not None:
             await self._lfs.aclose()

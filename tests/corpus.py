@@ -204,6 +204,25 @@ def shape_templating(work: Path, dvc, git, remotes: Path) -> None:
     git("add", "-A")
 
 
+def shape_import_url(work: Path, dvc, git, remotes: Path) -> None:
+    """13.3 / must-work 1: `dvc import-url` of local files and a directory (its source beside
+    the repository, `../src`, the same from the reference clone), as pushed by `dvc push`,
+    with `--to-remote`, and with `--no-download` (a file: `dvc pull` reads it from the source)."""
+    src = work.parent / "src"
+    _write(src / "table.csv", "a,b\n1,2\n")
+    _write(src / "raw" / "x.txt", "x\n")
+    _write(src / "raw" / "deep" / "y.bin", os.urandom(300))
+    _write(src / "lazy.txt", "read at pull time\n")
+    _write(src / "direct.txt", "straight to the remote\n")
+    dvc("import-url", "-q", "../src/table.csv", "table.csv")
+    (work / "data").mkdir()
+    dvc("import-url", "-q", "../../src/raw", "data/raw")
+    if dvc.bin == DVC3_BIN:   # DVC 2's pull rewrites such a .dvc file (records the md5): not a checkout
+        dvc("import-url", "-q", "--no-download", "../src/lazy.txt", "lazy.txt")
+    dvc("import-url", "-q", "--to-remote", "../src/direct.txt", "direct.txt")
+    git("add", "-A")
+
+
 SHAPES: dict[str, Author] = {
     "stage_wdir": shape_stage_wdir,
     "foreach": shape_foreach,
@@ -211,9 +230,10 @@ SHAPES: dict[str, Author] = {
     "subrepos": shape_subrepos,
     "imports": shape_imports,
     "templating": shape_templating,
+    "import_url": shape_import_url,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
-DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
+DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos", "import_url")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
 
 
 class _Dvc:

@@ -37,6 +37,21 @@ class DvcOut:
     # directory output's files (it has no .dir manifest then; md5 is "").
     versions: tuple[tuple[str, str], ...] = ()
     files: "tuple[ManifestEntry, ...] | None" = None
+    url_source: "UrlSource | None" = None      # `dvc import-url`: the recorded source
+    unavailable: str | None = None             # why it cannot be shown (reported at its path)
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    """`deps[0]` of a `dvc import-url` output: where the data came from, and what was
+    recorded about it then (an md5 for local sources; an etag for http and s3)."""
+    url: str                  # as recorded: a URL, or a path relative to the .dvc file's folder
+    base: str                 # the .dvc file's folder (or its wdir), repository path
+    md5: str | None           # without ".dir"
+    etag: str | None
+    size: int | None
+    version_id: str | None    # a version-aware S3 source
+    legacy: bool = False      # the dep's md5 is DVC 2's (no `hash: md5`)
 
 
 @dataclass(frozen=True)
@@ -187,9 +202,62 @@ def parse_dvc_file(text: bytes, source: str, root: str = "") -> list[DvcOut]:
     wdir = data.get("wdir")
     if wdir is not None and wdir not in ("", "."):
         base = join_inside(base, wdir, source, "wdir", root)
+    url_source = _url_source(data, base, source)
+    if url_source is not None:
+        return [_url_import(outs[0], url_source, base, source, root)]
     parsed = [_parse_out(raw, base, source, f"{source}: outs[{i}]", root) for i, raw in enumerate(outs)]
     imported = _import_source(data.get("deps"), source)
     return [replace(o, imported=imported) if imported else o for o in parsed if o is not None]
+
+
+def _url_source(data: dict, base: str, source: str) -> UrlSource | None:
+    """The source of a `dvc import-url` file, as DVC tells one (`Stage.is_import`: no `cmd`,
+    one dep, one out; a dep with `repo` or `db` is another kind of import)."""
+    deps, outs = data.get("deps"), data.get("outs")
+    if data.get("cmd") or not isinstance(deps, list) or len(deps) != 1 or len(outs) != 1:
+        return None
+    dep = deps[0]
+    if not isinstance(dep, dict) or "repo" in dep or "db" in dep:
+        return None
+    where = f"{source}: deps[0]"
+    url = dep.get("path")
+    if not isinstance(url, str) or not url:
+        raise DvcFileError(f"{where}: 'path' must name the imported URL or file")
+    md5 = dep.get("md5") if isinstance(dep.get("md5"), str) else None
+    etag = dep.get("etag") if isinstance(dep.get("etag"), str) else None
+    size = dep.get("size") if isinstance(dep.get("size"), int) and not isinstance(dep.get("size"), bool) else None
+    version = dep.get("version_id") if isinstance(dep.get("version_id"), str) else None
+    return UrlSource(url, base, md5, etag, size, version, dep.get("hash") is None)
+
+
+def _url_import(raw: object, src: UrlSource, base: str, source: str, root: str) -> DvcOut:
+    """The output of an import-url file. With `--no-download` it records no md5: DVC 3's
+    `dvc pull` then reads the source and takes the dep's hash; we can verify that only when it
+    is an md5 of a file (a local source). Anything else is reported unavailable."""
+    where = f"{source}: outs[0]"
+    out = _parse_out(raw, base, source, where, root)
+    if out is None and isinstance(raw, dict) and raw.get("cache") is not False and raw.get("md5") is None:
+        path = join_inside(base, raw.get("path"), where, "path", root)
+        dep_md5 = src.md5 or ""
+        is_dir = dep_md5.endswith(".dir")
+        partial = DvcOut(path=path, md5="", is_dir=is_dir, size=src.size, nfiles=None, legacy=False,
+                         remote=None, source=source, root=root)
+        if is_dir:
+            why = "a directory imported with --no-download: its files are on no remote, and its source " \
+                  "lists no md5 per file to verify them against (dvc pull 3.67 checks out no file of it)"
+        elif not _MD5.match(dep_md5):
+            why = f"imported with --no-download from {_display(src.url)}, which records no md5 to verify it against"
+        else:
+            return replace(partial, md5=dep_md5, legacy=src.legacy, url_source=src)
+        return replace(partial, unavailable=f"{source}: {why}")
+    if out is None:
+        raise DvcFileError(f"{where}: an import-url output must be cached")
+    return replace(out, url_source=src)
+
+
+def _display(url: str) -> str:
+    from ..redact import strip_userinfo
+    return strip_userinfo(url)[0]
 
 
 def _import_source(deps: object, source: str) -> ImportSource | None:
