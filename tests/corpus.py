@@ -223,6 +223,58 @@ def shape_import_url(work: Path, dvc, git, remotes: Path) -> None:
     git("add", "-A")
 
 
+def shape_fields(work: Path, dvc, git, remotes: Path) -> None:
+    """Must-work 1, the other fields DVC writes: a CRLF text file (DVC 2 hashes it with
+    md5-dos2unix), `desc`/`type`/`labels`/`meta` on .dvc and dvc.yaml outputs, a frozen and an
+    always-changed stage, params, cached metrics and plots (with plot props), `persist`,
+    `push: false` (on the remote from an earlier push), top-level params/metrics/plots, and
+    with DVC 3 `artifacts` and `datasets`. None of them changes what `dvc pull` checks out."""
+    v3 = dvc.bin == DVC3_BIN
+    _write(work / "crlf.txt", b"line one\r\nline two\r\n")
+    _write(work / "blob.bin", b"\x00\x01\r\n\xff" * 50)
+    dvc("add", "-q", "crlf.txt", "blob.bin")
+    described = (work / "blob.bin.dvc").read_text().replace(
+        "  path: blob.bin\n",
+        "  path: blob.bin\n  desc: raw bytes\n  meta:\n    owner: data-team\n"
+        + ("  type: raw\n  labels: [a, b]\n" if v3 else ""))
+    (work / "blob.bin.dvc").write_text("desc: a described file\nmeta: {source: tests}\n" + described)
+    (work / "params.yaml").write_text("seed: 7\nsplit: {ratio: 0.5}\n")
+    _write(work / "gen.py", _GEN)
+    (work / "dvc.yaml").write_text(
+        "stages:\n"
+        "  prepare:\n"
+        "    desc: writes the model\n"
+        "    meta: {note: free-form}\n"
+        "    cmd: python3 gen.py model.bin metrics.json plot.csv log.txt\n"
+        "    params: [seed, split.ratio]\n"
+        "    deps: [gen.py]\n"
+        "    outs:\n"
+        "    - model.bin:\n"
+        "        desc: the model\n"
+        + ("        type: model\n        labels: [prod]\n        meta: {framework: none}\n" if v3 else "")
+        + "    - log.txt:\n        persist: true\n"
+        "    metrics:\n    - metrics.json\n"
+        "    plots:\n    - plot.csv:\n        x: a\n        y: b\n"
+        "  again:\n"
+        "    cmd: python3 gen.py always/out.txt\n"
+        "    always_changed: true\n"
+        "    outs: [always]\n"
+        "params: [params.yaml]\n"
+        "metrics: [metrics.json]\n"
+        "plots:\n- plot.csv:\n    x: a\n"
+        + ("artifacts:\n  model:\n    path: model.bin\n    type: model\n    desc: registered\n"
+           "    labels: [prod]\n"
+           "datasets:\n- name: ds\n  type: dvc\n  url: https://example.com/ds.git\n  path: data\n" if v3 else ""))
+    dvc("repro", "-q")
+    dvc("freeze", "-q", "again")
+    dvc("push", "-q")
+    # `push: false` set after the data was pushed: `dvc pull` still reads it from there.
+    text = (work / "dvc.yaml").read_text().replace("    - log.txt:\n        persist: true\n",
+                                                    "    - log.txt:\n        persist: true\n        push: false\n")
+    (work / "dvc.yaml").write_text(text)
+    git("add", "-A")
+
+
 SHAPES: dict[str, Author] = {
     "stage_wdir": shape_stage_wdir,
     "foreach": shape_foreach,
@@ -231,9 +283,10 @@ SHAPES: dict[str, Author] = {
     "imports": shape_imports,
     "templating": shape_templating,
     "import_url": shape_import_url,
+    "fields": shape_fields,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
-DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos", "import_url")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
+DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos", "import_url", "fields")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
 
 
 class _Dvc:
