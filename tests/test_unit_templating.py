@@ -43,6 +43,12 @@ stages:
   b:
     foreach: [{n: p}, {n: q}]
     do: {cmd: echo, outs: ["b/${item.n}"]}
+  c:
+    foreach: ["${flag}", "${num}", false]
+    do: {cmd: echo, outs: ["c/${item}"]}
+  d:
+    foreach: ${list}
+    do: {cmd: echo, outs: ["d/${item}-${list[0]}"]}
 """,
     "matrix": """
 vars:
@@ -57,6 +63,15 @@ stages:
     outs:
     - ${grid}/${item.os}-${item.n}-${item.cfg.x}.txt: {remote: r, persist: true}
     - ${grid}/${key}.meta: {cache: false}
+""",
+    "matrix_from_params": """
+stages:
+  m:
+    matrix:
+      l: ${list}
+      f: ["${flag}", "${num}", "x${num}"]
+    cmd: echo
+    outs: ["mp/${item.l}-${item.f}-${key}"]
 """,
     "vars_files_and_keys": """
 vars:
@@ -140,6 +155,7 @@ def test_flags_of_templated_outputs_reach_the_declarations(dvc_repo):
     ("vars: [{other: 3}, extra.yaml]\nstages: {}\n", "cannot redefine 'other'"),
     ("vars: ['../x.yaml']\nstages: {}\n", "outside the repository"),
     ("stages:\n  s:\n    foreach: 3\n    do: {cmd: e}\n", "expected list/dictionary"),
+    ("stages:\n  s:\n    foreach: ${flag}\n    do: {cmd: e}\n", "expected list/dictionary, got bool"),
     ("stages:\n  s:\n    cmd: e\n    outs: ['${models}']\n", "cannot interpolate data of type 'dict'"),
 ])
 def test_template_errors_name_the_file_and_stage(dvc_repo, text, needle):

@@ -55,7 +55,38 @@ def _select(context: dict[str, Any], expr: str, where: str) -> Any:
     return found
 
 
-def render_str(text: str, context: dict[str, Any], where: str, key: str | None = None) -> Any:
+class _Picked:
+    """A scalar that `foreach`/`matrix` data took from the context: DVC names a stage after
+    it with Python's str() (its Value node), not with its rendering (`True`, not `true`)."""
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _pick(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _pick(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pick(v) for v in value]
+    return _Picked(value)
+
+
+def _unpick(value: Any) -> Any:
+    if isinstance(value, _Picked):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _unpick(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpick(v) for v in value]
+    return value
+
+
+def _name(value: Any) -> str:
+    return str(value.value) if isinstance(value, _Picked) else _to_str(value)
+
+
+def render_str(text: str, context: dict[str, Any], where: str, key: str | None = None, pick: bool = False) -> Any:
     """`${a.b}` / `${a[0]}` substituted; an exact `${x}` keeps x's type (a bool stays a bool)."""
     matches = list(_KEY.finditer(text))
     if not matches:
@@ -63,7 +94,7 @@ def render_str(text: str, context: dict[str, Any], where: str, key: str | None =
     if len(matches) == 1 and matches[0].group(0) == text:
         value = _select(context, matches[0]["inner"], where)
         _check_primitive(value, key, where)
-        return value
+        return _pick(value) if pick else value
     out, at = "", 0
     for match in matches:
         value = _select(context, match["inner"], where)
@@ -74,18 +105,20 @@ def render_str(text: str, context: dict[str, Any], where: str, key: str | None =
 
 
 def _check_primitive(value: Any, key: str | None, where: str) -> None:
-    if value is not None and not isinstance(value, _PRIMITIVE) and not (key and "foreach" in key):
+    if value is not None and not isinstance(value, _PRIMITIVE) and key is not None and "foreach" not in key:
         raise DvcFileError(f"{where}: cannot interpolate data of type '{type(value).__name__}'")
 
 
-def render(value: Any, context: dict[str, Any], where: str, key: str | None = None) -> Any:
-    """Strings, lists and mapping keys and values rendered (DVC's `recurse`)."""
+def render(value: Any, context: dict[str, Any], where: str, key: str | None = None, pick: bool = False) -> Any:
+    """Strings, lists and mapping keys and values rendered (DVC's `recurse`). `pick`: mark
+    what exact `${x}` took from the context (foreach/matrix data, see _Picked)."""
     if isinstance(value, str):
-        return render_str(value, context, where, key)
+        return render_str(value, context, where, key, pick)
     if isinstance(value, (list, tuple)):
-        return [render(v, context, where, key) for v in value]
+        return [render(v, context, where, key, pick) for v in value]
     if isinstance(value, dict):
-        return {render(k, context, where, key): render(v, context, where, key) for k, v in value.items()}
+        return {_unpick(render(k, context, where, key)): render(v, context, where, key, pick)
+                for k, v in value.items()}
     return value
 
 
@@ -187,27 +220,27 @@ def _strings(value: Any) -> Iterator[Any]:
 def _foreach_items(data: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
     """(name suffix, {item[, key]}) as DVC's ForeachDefinition normalizes them."""
     if isinstance(data, dict):
-        return [(_to_str(k), {"item": v, "key": _to_str(k)}) for k, v in data.items()]
+        return [(_to_str(k), {"item": _unpick(v), "key": _to_str(k)}) for k, v in data.items()]
     if isinstance(data, list):
         composite = any(isinstance(v, (dict, list)) for v in data)
-        return [(_to_str(i) if composite else _to_str(v), {"item": v}) for i, v in enumerate(data)]
-    raise DvcFileError(f"{where}: 'foreach' expected list/dictionary, got {type(data).__name__}")
+        return [(_to_str(i) if composite else _name(v), {"item": _unpick(v)}) for i, v in enumerate(data)]
+    raise DvcFileError(f"{where}: 'foreach' expected list/dictionary, got {type(_unpick(data)).__name__}")
 
 
 def _matrix_items(data: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
     """DVC's MatrixDefinition: the product of every key's list; the name suffix joins each
     value (`k<index>` for a composite value) with '-'; `item` maps each key to its value."""
     if not isinstance(data, dict):
-        raise DvcFileError(f"{where}: 'matrix' expected a dictionary, got {type(data).__name__}")
+        raise DvcFileError(f"{where}: 'matrix' expected a dictionary, got {type(_unpick(data)).__name__}")
     for k, v in data.items():
         if not isinstance(v, list):
-            raise DvcFileError(f"{where}: matrix.{k}: expected a list, got {type(v).__name__}")
+            raise DvcFileError(f"{where}: matrix.{k}: expected a list, got {type(_unpick(v)).__name__}")
     found = []
     for combination in product(*(list(enumerate(v)) for v in data.values())):
         item, fragments = {}, []
         for k, (i, v) in zip(data.keys(), combination):
-            item[k] = v
-            fragments.append(f"{k}{i}" if isinstance(v, (dict, list)) else _to_str(v))
+            item[k] = _unpick(v)
+            fragments.append(f"{k}{i}" if isinstance(v, (dict, list)) else _name(v))
         key = "-".join(fragments)
         found.append((key, {"item": item, "key": key}))
     return found
@@ -232,12 +265,12 @@ def resolve_stages(data: dict[str, Any], source: str, read: ReadFile,
             raise DvcFileError(f"{where}: expected a mapping")
         if "matrix" in stage:
             template = {k: v for k, v in stage.items() if k != "matrix"}
-            items = _matrix_items(render(stage["matrix"], context, where, "matrix"), where)
+            items = _matrix_items(render(stage["matrix"], context, where, pick=True), where)   # any type, as DVC
         elif "foreach" in stage:
             template = stage.get("do")
             if not isinstance(template, dict):
                 raise DvcFileError(f"{where}: 'do' must be a mapping")
-            items = _foreach_items(render(stage["foreach"], context, where, "foreach"), where)
+            items = _foreach_items(render(stage["foreach"], context, where, pick=True), where)
         else:
             found[str(name)] = _entry(stage, context, files, folder, where, root)
             continue
