@@ -44,7 +44,7 @@ class DvcOut:
 @dataclass(frozen=True)
 class UrlSource:
     """`deps[0]` of a `dvc import-url` output: where the data came from, and what was
-    recorded about it then (an md5 for local sources; an etag for http and s3)."""
+    recorded about it then (an md5 for local sources; an etag or `checksum` for http and s3)."""
     url: str                  # as recorded: a URL, or a path relative to the .dvc file's folder
     base: str                 # the .dvc file's folder (or its wdir), repository path
     md5: str | None           # without ".dir"
