@@ -166,6 +166,15 @@ class Engine:
                 else:
                     problems.append(Problem(out.path, out.source, f"{out.source}: {err}", out.is_dir))
                 continue
+            if not out.md5:   # `dvc import --no-download`: what the source's output records
+                if origin.out.path != out.imported.path:
+                    problems.append(Problem(out.path, out.source, f"{out.source}: imported with --no-download from "
+                                            f"inside the directory output {origin.out.path!r} of the source; only "
+                                            f"a whole output is resolved without a recorded md5", False))
+                    continue
+                o = origin.out
+                out = replace(out, md5=o.md5, is_dir=o.is_dir, size=o.size, nfiles=o.nfiles, isexec=o.isexec,
+                              files=o.files, versions=o.versions, legacy=o.legacy)
             index = self._imports.setdefault(origin.url + "@" + key[1], (len(self._imports), origin))[0]
             resolved.append(replace(out, remote=origin.out.remote, root=f"{_IMPORT}{index}:{origin.out.root}",
                                     legacy=origin.out.legacy if out.md5 == origin.out.md5 else out.legacy))

@@ -178,3 +178,35 @@ def test_import_url_read_from_its_source_when_the_remote_lacks_it(tmp_path_facto
     assert gone.returncode == 3 and b"table.csv: unavailable" in gone.stderr and b"missing at its source" in gone.stderr
     assert dda("cat", str(shape.repo), "direct.txt", cache=tmp_path / "cache3").stdout == b"straight to the remote\n"
     shutil.rmtree(root / "src")
+
+
+def test_repo_import_no_download_read_from_the_source_repository(tmp_path_factory, tmp_path):
+    """`dvc import --no-download` records no md5; DVC 3.67's `dvc pull` crashes on it
+    ("unexpected error"), so the reference is the same source path imported normally in the
+    `imports` shape: dda takes the md5 from the source repository's output at `rev_lock`."""
+    from repos import DVC3_BIN, _env, _run
+
+    shape = build_shape("imports", tmp_path_factory.mktemp("corpus"))
+    env = _env(shape.repo.parent)
+    source = shape.repo.parent / "source"
+    _run([DVC3_BIN, "import", "-q", "--no-download", str(source), "datasets/cats", "-o", "lazy_cats"], shape.repo, env)
+    _run([DVC3_BIN, "import", "-q", "--no-download", str(source), "datasets/one.txt", "-o", "lazy_one.txt"],
+         shape.repo, env)
+    _run([DVC3_BIN, "import", "-q", "--no-download", str(source), "datasets/cats/a.txt", "-o", "part.txt"],
+         shape.repo, env)
+    _run(["git", "add", "-A"], shape.repo, env)
+    _run(["git", "commit", "-q", "-m", "lazy imports"], shape.repo, env)
+    assert "md5:" not in (shape.repo / "lazy_one.txt.dvc").read_text().split("outs:")[1]
+    cache = tmp_path / "cache"
+    proc = dda("ls", str(shape.repo), "-R", "--json", cache=cache, check=False)
+    assert proc.returncode == 3 and b"part.txt: unavailable" in proc.stderr   # inside a directory output
+    listing = {json.loads(line)["path"]: json.loads(line) for line in proc.stdout.decode().splitlines()}
+    expected = reference_listing(shape.reference)
+    for rel, item in expected.items():
+        if rel.startswith("cats/") and item["type"] == "file":
+            got = listing["lazy_" + rel]
+            assert (got["size"], got["exec"]) == (item["size"], item["exec"])
+            data = dda("cat", str(shape.repo), "lazy_" + rel, cache=cache).stdout
+            assert data == (shape.reference / rel).read_bytes()
+    assert dda("cat", str(shape.repo), "lazy_one.txt", cache=cache).stdout == \
+        (shape.reference / "inputs" / "one.txt").read_bytes()

@@ -126,3 +126,9 @@ def test_a_stage_file_with_a_command_is_not_an_import():
     out, = parse_dvc_file(f"cmd: python x.py\ndeps:\n- md5: {MD5}\n  path: x.py\nouts:\n- md5: {MD5}\n"
                           f"  path: y\n".encode(), "y.dvc")
     assert out.url_source is None
+
+
+def test_repo_import_without_md5_is_kept_for_the_source_to_fill():
+    out, = parse_dvc_file(b"frozen: true\ndeps:\n- path: datasets/cats\n  repo:\n    url: https://g/src.git\n"
+                          b"    rev_lock: abc\nouts:\n- hash: md5\n  path: cats\n", "cats.dvc")
+    assert out.md5 == "" and out.imported is not None and out.imported.path == "datasets/cats"

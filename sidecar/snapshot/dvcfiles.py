@@ -207,6 +207,12 @@ def parse_dvc_file(text: bytes, source: str, root: str = "") -> list[DvcOut]:
         return [_url_import(outs[0], url_source, base, source, root)]
     parsed = [_parse_out(raw, base, source, f"{source}: outs[{i}]", root) for i, raw in enumerate(outs)]
     imported = _import_source(data.get("deps"), source)
+    if imported is not None and len(outs) == 1 and parsed[0] is None and isinstance(outs[0], dict) \
+            and outs[0].get("md5") is None and outs[0].get("cache", True) is not False:
+        # `dvc import --no-download`: no md5 yet; the source repository's output says what it is.
+        path = join_inside(base, outs[0].get("path"), f"{source}: outs[0]", "path", root)
+        return [DvcOut(path=path, md5="", is_dir=False, size=None, nfiles=None, legacy=False, remote=None,
+                       source=source, root=root, imported=imported)]
     return [replace(o, imported=imported) if imported else o for o in parsed if o is not None]
 
 
