@@ -167,3 +167,15 @@ def test_template_errors_name_the_file_and_stage(dvc_repo, text, needle):
 def test_files_needed_lists_params_and_vars_files():
     data = yaml.safe_load("vars: [a.yaml:k, c/b.json]\nstages:\n  s:\n    wdir: w\n    vars: [s.yaml]\n    cmd: e\n")
     assert files_needed(data, "d/dvc.yaml") == {"d/params.yaml", "d/a.yaml", "d/c/b.json", "d/w/s.yaml"}
+
+
+def test_hostile_templates_fail_with_one_line():
+    """Bounds DVC does not have: a matrix that multiplies out (50**8 stages), a string that
+    grows by repetition."""
+    matrix = "stages:\n  m:\n    matrix:\n" + "".join(f"      k{i}: [{', '.join(map(str, range(50)))}]\n"
+                                                      for i in range(8)) + "    cmd: e\n"
+    with pytest.raises(DvcFileError, match="makes .* stages"):
+        parse_dvc_yaml(matrix.encode(), "dvc.yaml")
+    big = "vars:\n  - s: " + "x" * 60000 + "\nstages:\n  a:\n    cmd: e\n    outs: ['${s}${s}']\n"
+    with pytest.raises(DvcFileError, match="longer than"):
+        parse_dvc_yaml(big.encode(), "dvc.yaml")

@@ -356,7 +356,10 @@ def parse_dvc_yaml(text: bytes, source: str, root: str = "",
         return {}
     if not isinstance(data, dict):
         raise DvcFileError(f"{source}: expected a mapping")
-    stages = resolve_stages(data, source, read or (lambda _p: None), root)
+    try:
+        stages = resolve_stages(data, source, read or (lambda _p: None), root)
+    except RecursionError:
+        raise DvcFileError(f"{source}: nested too deeply") from None
     return {name: StageDecl(wdir, _stage_outs(body, wdir, f"{source}: stage {name!r}", root))
             for name, (wdir, body) in stages.items()}
 

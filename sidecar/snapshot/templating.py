@@ -27,6 +27,10 @@ _KEY = re.compile(r"(?<!\\)\$\{(?P<inner>.*?)\}")
 _EXPR = re.compile(r"^[^.\[\]]+(?:\.[^.\[\]]+|\[[^.\[\]]+\])*$")
 _PRIMITIVE = (int, float, str, bytes, bool)
 RENDERED = ("wdir", "outs", "metrics", "plots")
+# Bounds against hostile files (DVC itself has none): stages one dvc.yaml may generate, and
+# the length of one rendered string (a path is far shorter).
+MAX_GENERATED = 100_000
+MAX_RENDERED = 65_536
 
 ReadFile = Callable[[str], "bytes | None"]
 
@@ -101,6 +105,8 @@ def render_str(text: str, context: dict[str, Any], where: str, key: str | None =
         _check_primitive(value, key, where)
         out += text[at:match.start()] + _to_str(value)
         at = match.end()
+        if len(out) > MAX_RENDERED:
+            raise DvcFileError(f"{where}: a rendered value is longer than {MAX_RENDERED} characters")
     return (out + text[at:]).replace(r"\${", "${")
 
 
@@ -235,6 +241,11 @@ def _matrix_items(data: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
     for k, v in data.items():
         if not isinstance(v, list):
             raise DvcFileError(f"{where}: matrix.{k}: expected a list, got {type(_unpick(v)).__name__}")
+    count = 1
+    for v in data.values():
+        count *= len(v)
+    if count > MAX_GENERATED:
+        raise DvcFileError(f"{where}: 'matrix' makes {count} stages (at most {MAX_GENERATED} are read)")
     found = []
     for combination in product(*(list(enumerate(v)) for v in data.values())):
         item, fragments = {}, []
@@ -259,6 +270,15 @@ def resolve_stages(data: dict[str, Any], source: str, read: ReadFile,
     if not isinstance(stages, dict):
         raise DvcFileError(f"{source}: 'stages' must be a mapping")
     found: dict[str, tuple[str, dict[str, Any]]] = {}
+    try:
+        _resolve_all(stages, context, files, folder, source, root, found)
+    except RecursionError:
+        raise DvcFileError(f"{source}: nested too deeply") from None
+    return found
+
+
+def _resolve_all(stages: dict[str, Any], context: dict[str, Any], files: "_Vars", folder: str, source: str,
+                 root: str, found: dict[str, tuple[str, dict[str, Any]]]) -> None:
     for name, stage in stages.items():
         where = f"{source}: stage {name!r}"
         if not isinstance(stage, dict):
@@ -279,7 +299,8 @@ def resolve_stages(data: dict[str, Any], source: str, read: ReadFile,
             local.update(extra)
             generated = f"{name}@{suffix}"
             found[generated] = _entry(template, local, files, folder, f"{source}: stage {generated!r}", root)
-    return found
+            if len(found) > MAX_GENERATED:
+                raise DvcFileError(f"{source}: more than {MAX_GENERATED} stages")
 
 
 def _entry(stage: dict[str, Any], context: dict[str, Any], files: _Vars, folder: str, where: str,
