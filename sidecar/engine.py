@@ -141,12 +141,15 @@ class Engine:
         resolved: list[DvcOut] = []
         problems: list[Problem] = []
         cache: dict[tuple[str, str, str], object] = {}
+        # import-url outputs: one existence check each, all at once
+        url_outs = [o for o in outputs if o.url_source is not None and o.unavailable is None]
+        url_found = iter(await asyncio.gather(*(self._url_import(o) for o in url_outs)))
         for out in outputs:
             if out.unavailable is not None:
                 problems.append(Problem(out.path, out.source, out.unavailable, out.is_dir))
                 continue
             if out.url_source is not None:
-                found = await self._url_import(out)
+                found = next(url_found)
                 (resolved if isinstance(found, DvcOut) else problems).append(found)  # type: ignore[arg-type]
                 continue
             if out.imported is None:
