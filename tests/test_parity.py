@@ -177,6 +177,10 @@ def test_import_url_read_from_its_source_when_the_remote_lacks_it(tmp_path_facto
     gone = dda("ls", str(shape.repo), cache=tmp_path / "cache3", check=False)
     assert gone.returncode == 3 and b"table.csv: unavailable" in gone.stderr and b"missing at its source" in gone.stderr
     assert dda("cat", str(shape.repo), "direct.txt", cache=tmp_path / "cache3").stdout == b"straight to the remote\n"
+    # dda upload never adds to an import-url output (dvc add would refuse it too).
+    (tmp_path / "new.txt").write_text("new\n")
+    up = dda("upload", str(shape.repo), str(tmp_path / "new.txt"), "--to", "data/raw", cache=cache, check=False)
+    assert up.returncode != 0 and b"imported from a URL" in up.stderr
     shutil.rmtree(root / "src")
 
 
