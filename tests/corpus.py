@@ -183,18 +183,28 @@ def shape_templating(work: Path, dvc, git, remotes: Path) -> None:
         "      - ${sub.dir}/${key}.bin\n"
         "      - ${sub.dir}/${key}-${item.size}.log:\n"
         "          cache: false\n"
-        "  grid:\n"
-        "    matrix:\n"
-        "      os: [linux, mac]\n"
-        "      n: [1, 2]\n"
-        "    cmd: python3 gen.py ${grid_dir}/${item.os}-${item.n}.txt ${grid_dir}/${key}.meta\n"
-        "    outs:\n"
-        "    - ${grid_dir}/${item.os}-${item.n}.txt:\n"
-        "        remote: ${second}\n"
-        "    - ${grid_dir}/${key}.meta:\n"
-        "        cache: false\n"
-        "        persist: true\n"
-        "  local:\n"
+        + ("  grid:\n"   # `matrix` came with DVC 3
+           "    matrix:\n"
+           "      os: [linux, mac]\n"
+           "      n: [1, 2]\n"
+           "    cmd: python3 gen.py ${grid_dir}/${item.os}-${item.n}.txt ${grid_dir}/${key}.meta\n"
+           "    outs:\n"
+           "    - ${grid_dir}/${item.os}-${item.n}.txt:\n"
+           "        remote: ${second}\n"
+           "    - ${grid_dir}/${key}.meta:\n"
+           "        cache: false\n"
+           "        persist: true\n" if dvc.bin == DVC3_BIN else
+           "  grid:\n"
+           "    foreach: [linux, mac]\n"
+           "    do:\n"
+           "      cmd: python3 gen.py ${grid_dir}/${item}.txt ${grid_dir}/${item}.meta\n"
+           "      outs:\n"
+           "      - ${grid_dir}/${item}.txt:\n"
+           "          remote: ${second}\n"
+           "      - ${grid_dir}/${item}.meta:\n"
+           "          cache: false\n"
+           "          persist: true\n")
+        + "  local:\n"
         "    vars: [stage.yaml]\n"
         "    wdir: sub\n"
         "    cmd: python3 ../gen.py ${names.first}.txt ${metric}\n"
@@ -286,7 +296,7 @@ SHAPES: dict[str, Author] = {
     "fields": shape_fields,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
-DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos", "import_url", "fields")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
+DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos", "import_url", "fields", "templating")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
 
 
 class _Dvc:
