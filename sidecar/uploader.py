@@ -288,10 +288,13 @@ class Uploader:
                 if not out.is_dir:
                     raise UploadError(f"--to {self.target}: {out.path} is a single tracked file "
                                       f"({out.source}), not a directory")
-                if out.imported is not None or out.files is not None:
+                if out.imported is not None or out.files is not None or out.url_source is not None \
+                        or out.unavailable is not None:
                     raise UploadError(f"--to {self.target}: {out.path} is "
                                       + ("imported from another repository" if out.imported else
-                                         "on a cloud-versioned remote") + f" ({out.source}); dda upload cannot add to it")
+                                         "imported from a URL (dvc import-url)" if out.url_source or out.unavailable
+                                         else "on a cloud-versioned remote")
+                                      + f" ({out.source}); dda upload cannot add to it")
                 return out
             if out.path.startswith(self.target + "/"):
                 raise UploadError(f"--to {self.target}: contains the tracked output {out.path} ({out.source}); "

@@ -11,6 +11,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, Sequence
 
+import yaml
+
 from ..errors import DvcFileError
 from .dvcfiles import (DvcConfig, DvcOut, ManifestEntry, StageDecl, guess_output_paths, parse_dvc_config,
                        parse_dvc_file, parse_dvc_lock, parse_dvc_yaml)
@@ -18,6 +20,7 @@ from .git import GitEntry
 from .lfs import POINTER_MAX, LfsPointer, is_lfs_path, lfs_patterns, lfs_url_from_config, parse_pointer
 from .paths import check_name
 from .tree import EXEC_MODE, FILE_MODE, ManifestClash, Problem, Tree, TreeBuilder
+from .templating import files_needed
 
 @dataclass(frozen=True)
 class DvcLayout:
@@ -79,6 +82,7 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
     symlinks = {e.path: t.decode("utf-8", "surrogateescape") for e, t in zip(links, texts[len(wanted):])}
     meta = {e.path: t for e, t in zip(lfs_meta, texts[len(wanted) + len(links):])}
     lfs, lfs_url = await _lfs_pointers(blobs_by_path, meta, read_blob)
+    params = await _params_files(by_path, blobs_by_path, read_blob)
     outputs: list[DvcOut] = []
     problems: list[Problem] = []
     for path in sorted(by_path):
@@ -91,7 +95,7 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
                 stages: dict[str, StageDecl] = {}
                 yaml_path = posixpath.join(posixpath.dirname(path), "dvc.yaml")
                 if yaml_path in by_path:
-                    stages = parse_dvc_yaml(by_path[yaml_path], yaml_path, root)
+                    stages = parse_dvc_yaml(by_path[yaml_path], yaml_path, root, params.get)
                 outputs.extend(parse_dvc_lock(by_path[path], path, stages, root))
             else:
                 outputs.extend(parse_dvc_file(by_path[path], path, root))
@@ -111,6 +115,21 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
         seen[out.path] = out.source
         kept.append(out)
     return DvcLayout(configs, kept, problems, symlinks, lfs, lfs_url)
+
+
+async def _params_files(texts: dict[str, bytes], blobs: dict[str, GitEntry],
+                        read_blob: Callable[[str], Awaitable[bytes]]) -> dict[str, bytes]:
+    """The params files (`params.yaml`, `vars` files) the commit's dvc.yaml files template from."""
+    wanted: set[str] = set()
+    for path, text in texts.items():
+        if posixpath.basename(path) == "dvc.yaml":
+            try:
+                wanted |= files_needed(yaml.safe_load(text.decode("utf-8")), path)
+            except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+                continue   # reported when the stages are parsed
+    found = [blobs[p] for p in sorted(wanted) if p in blobs and not stat.S_ISLNK(blobs[p].mode)]
+    got = await asyncio.gather(*(read_blob(e.sha) for e in found))
+    return {e.path: t for e, t in zip(found, got)}
 
 
 async def _lfs_pointers(blobs: dict[str, GitEntry], meta: dict[str, bytes],
