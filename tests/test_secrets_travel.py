@@ -221,6 +221,13 @@ class World:
         self.tmp = root / "tmp"
         self.tmp.mkdir(mode=0o700)
 
+    def reset(self) -> None:
+        """Between tests: healthy remotes, nothing recorded."""
+        self.modes("ok")
+        self.other.seen.clear()
+        for p in self.gitlog.iterdir():
+            p.unlink()
+
     def modes(self, mode: str) -> None:
         for store in self.stores.values():
             store.mode = mode
@@ -257,10 +264,17 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, git_server, s3_remote):
+def shared_world(tmp_path_factory, git_server, s3_remote):
     w = World(tmp_path_factory.mktemp("secrets-travel"), git_server, s3_remote)
     yield w
     w.close()
+
+
+@pytest.fixture()
+def world(shared_world):
+    shared_world.reset()
+    yield shared_world
+    shared_world.modes("ok")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,4 +647,77 @@ def test_webhook_never_inlines_a_credential():
     response = mutate(review, WebhookConfig.load(env={}, image="registry.example.com/dda-sidecar:0.1.0"))["response"]
     patch = json.dumps(decode_patch(response))
     assert "dataset-creds" in patch and "envFrom" not in patch and "secretKeyRef" not in patch
+    assert not leaks, leaks
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile servers and URLs that push a credential into what we print: redaction is the defence
+
+
+class EchoGitServer:
+    """A git smart-HTTP server that answers every request with an ERR packet echoing the
+    request's Authorization header and the password in it (a hostile or careless server)."""
+
+    def __init__(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                auth = self.headers.get("Authorization", "")
+                if not auth:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="x"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                scheme, _, value = auth.partition(" ")
+                decoded = base64.b64decode(value).decode(errors="replace") if scheme == "Basic" else value
+
+                def pkt(text: str) -> bytes:
+                    data = text.encode()
+                    return f"{len(data) + 4:04x}".encode() + data
+
+                body = pkt("# service=git-upload-pack\n") + b"0000" + pkt(f"ERR seen {auth} = {decoded}\n")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_server_echoing_the_credential_and_malformed_urls_leak_nothing(world, tmp_path):
+    """A git server whose error echoes the credential it was sent, and URLs a user may mistype
+    with a token in them (scp-like with a password, unparsable IPv6): one line each, no token."""
+    echo = EchoGitServer()
+    leaks: list[str] = []
+    echoed = 0
+    try:
+        cases = [(f"http://{GIT_USER}:{GIT_PASSWORD}@127.0.0.1:{echo.port}/o/r.git", {}),
+                 (f"http://127.0.0.1:{echo.port}/o/r.git", {"DDA_GIT_USER": GIT_USER, "DDA_GIT_TOKEN": GIT_PASSWORD}),
+                 (f"http://127.0.0.1:{echo.port}/o/r.git", {"DDA_GIT_TOKEN": BEARER}),
+                 (f"{GIT_USER}:{GIT_PASSWORD}@127.0.0.1:o/r.git", {}),
+                 (f"http://{GIT_USER}:{GIT_PASSWORD}@[::1/o/r.git", {}),
+                 (f"http://{GIT_USER}:{GIT_PASSWORD}@127.0.0.1:99999/o/r.git", {})]
+        for url, env in cases:
+            for args in (("ls", url), ("get", url, ".", "-o", str(tmp_path / "out"))):
+                proc = world.dda(*args, cache=tmp_path / "cache", env=env, timeout=60)
+                err = proc.stderr.decode()
+                lines = [line for line in err.splitlines() if line.strip()]
+                assert proc.returncode != 0 and "Traceback" not in err and len(lines) == 1, (url, err)
+                leaks += found(proc.stdout + proc.stderr, f"dda {args[0]} {url.split('@')[-1]}")
+                echoed += "remote error: seen" in err
+        assert echoed >= 6, "the echoing server's message never came through"
+    finally:
+        echo.close()
+    leaks += world.git_leaks()
     assert not leaks, leaks
