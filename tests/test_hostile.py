@@ -85,6 +85,17 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
+def tree_state(root: Path) -> dict[str, bytes | str]:
+    """`snapshot` plus every folder (an empty folder made outside is a write outside too)."""
+    out = snapshot(root)
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                out[str(p.relative_to(root)) + "/"] = "dir"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # dda get: never writes outside its destination (issue 14, items 1 and 2)
 
@@ -1056,3 +1067,112 @@ def test_get_slash_look_alikes_are_plain_names(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert sorted(p.name for p in ds.iterdir() if p.name != ".dvc") == sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds", "src"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the hooks (install_hooks() in a subprocess): the same corpus, read and walked, plus the hooks'
+# own local writes (folders made for os.chdir / os.mkdir)
+
+HOOKS_CORPUS_SCRIPT = r'''
+import json, os, sys, time
+from sidecar.hooks import install_hooks
+
+repo, root, cache, names = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+install_hooks(repo, root=root, cache_dir=cache, deadline=10)
+out = {}
+
+def attempt(what, fn):
+    started = time.monotonic()
+    try:
+        result = fn()
+        out[what] = ["ok", repr(result)[:200]]
+    except OSError as err:
+        out[what] = ["OSError", f"{err.errno} {err.strerror}"]
+    except BaseException as err:   # anything else is a bug: the test names it
+        out[what] = [type(err).__name__, str(err)[:300]]
+    out[what].append(round(time.monotonic() - started, 2))
+
+attempt("listdir", lambda: sorted(os.listdir(root)))
+attempt("walk", lambda: sum(len(f) + len(d) for _, d, f in os.walk(root)))
+for name in names:
+    p = os.path.join(root, name)
+    attempt(f"stat {name}", lambda: os.stat(p).st_mode)
+    attempt(f"lstat {name}", lambda: os.lstat(p).st_mode)
+    attempt(f"readlink {name}", lambda: os.readlink(p))
+    attempt(f"open {name}", lambda: open(p, "rb").read(64))
+    attempt(f"listdir {name}", lambda: len(os.listdir(p)))
+    here = os.getcwd()
+    attempt(f"chdir {name}", lambda: (os.chdir(p), os.getcwd())[1])
+    os.chdir(here)
+    attempt(f"mkdir {name}/new", lambda: os.mkdir(os.path.join(p, "new")))
+print(json.dumps(out))
+'''
+
+
+def test_hooks_hostile_corpus(tmp_path):
+    """Repository entries an attacker can plant - symlink chains out of the root and loops,
+    `..` and absolute link targets, '/'-look-alike names (U+2215, U+FF0F, U+2044), 150 nested
+    folders, a manifest with escaping paths, an escaping wdir, a 20,000-entry manifest - and a
+    local symlink over a repository-only folder: install_hooks() in a subprocess stats, reads,
+    lists, walks, chdirs into and mkdirs below each. Only OSErrors, nothing hangs, and nothing
+    outside the root and the cache is written (the canaries are byte-identical)."""
+    outside, canary = tmp_path / "outside", tmp_path / "canary"
+    for d in (outside, canary):
+        d.mkdir()
+        (d / "keep.txt").write_text("keep\n")
+    h = HostileRepo(tmp_path / "src")
+    (h.repo / "link2").symlink_to(outside)
+    (h.repo / "link1").symlink_to("link2")
+    (h.repo / "loop1").symlink_to("loop2")
+    (h.repo / "loop2").symlink_to("loop1")
+    (h.repo / "up").symlink_to("../../..")
+    (h.repo / "etc").symlink_to("/etc")
+    look_alikes = ["a\u2215..\u2215b.txt", "\uff0fetc\uff0fpasswd", "\u2044x", "..\u2215..\u2215c"]
+    for n in look_alikes[:3]:
+        h.write(n, "plain\n")
+    h.write(look_alikes[3] + "/inner.txt", "in a look-alike folder\n")
+    deep = "deep/" + "/".join(["d"] * 150)
+    h.write(deep + "/leaf.txt", "deep\n")
+    h.write("sub/inner/file.txt", "sub\n")        # locally, `sub` will be a symlink to the canary
+    h.write("data.dvc", yaml.safe_dump({"outs": [{**h.dir_output({"../escape.txt": b"e\n", "ok.txt": b"ok\n",
+                                                                  "/abs/escape.txt": b"a\n"}), "path": "data"}]}))
+    h.write("evil.dvc", yaml.safe_dump({"wdir": "..", "outs": [{**h.dir_output({"victim.txt": b"x\n"}),
+                                                                "path": "."}]}))
+    huge = [{"md5": hashlib.md5(str(i).encode()).hexdigest(), "relpath": f"h{i // 1000}/f{i}.bin"}
+            for i in range(20_000)]
+    raw = json.dumps(huge, separators=(", ", ": ")).encode()
+    h.write("huge.dvc", yaml.safe_dump({"outs": [{"md5": h.put(raw, is_dir=True) + ".dir", "nfiles": len(huge),
+                                                  "path": "huge", "hash": "md5"}]}))
+    h.commit()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "sub").symlink_to(canary)               # a local symlink over a repository folder
+    names = ["link1", "link1/x", "link2", "loop1", "up", "up/etc", "etc", "etc/passwd", *look_alikes,
+             look_alikes[3] + "/inner.txt", deep, deep + "/leaf.txt", "sub/inner", "sub/inner/file.txt", "data",
+             "data/ok.txt", "data/../escape.txt", "escape.txt", "victim.txt", "huge", "huge/h3/f3000.bin", ".git",
+             ".dvc/config"]
+    before = {"outside": tree_state(outside), "canary": tree_state(canary), "src": tree_state(h.repo)}
+    script = tmp_path / "corpus.py"
+    script.write_text(HOOKS_CORPUS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
+    proc = subprocess.run([sys.executable, str(script), str(h.repo), str(root), str(tmp_path / "cache"),
+                           json.dumps(names)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    print("\n".join(f"{k}: {v}" for k, v in out.items()))
+    assert {k: v for k, v in out.items() if v[0] not in ("ok", "OSError")} == {}
+    assert max(v[2] for v in out.values()) < 30, out
+    after = {"outside": tree_state(outside), "canary": tree_state(canary), "src": tree_state(h.repo)}
+    assert after == before
+    # nothing beside the root, the cache and what the test made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "canary", "corpus.py", "outside", "root", "src"]
+    assert not Path("/abs/escape.txt").exists()
+    # the root holds only folders the hooks made for chdir/mkdir, plus the test's own symlink
+    for dirpath, dirnames, filenames in os.walk(root):
+        assert [f for f in filenames if f != "sub"] == [] or dirpath != str(root), (dirpath, filenames)
+    assert out["open " + deep + "/leaf.txt"][0] == "ok" and out["chdir " + deep][0] == "ok"
+    assert out["open " + look_alikes[3] + "/inner.txt"][0] == "ok" and (root / look_alikes[3]).is_dir()
+    assert out["chdir sub/inner"][0] == "OSError" and out["mkdir sub/inner/new"][0] == "OSError"
+    assert out["stat link1"][0] == "OSError" and out["stat loop1"][1].startswith("40 ")
+    assert out["readlink link1"] == ["ok", "'link2'", out["readlink link1"][2]]
+    assert out["open escape.txt"][0] == "OSError" and out["open victim.txt"][0] == "OSError"
