@@ -1176,3 +1176,99 @@ def test_hooks_hostile_corpus(tmp_path):
     assert out["stat link1"][0] == "OSError" and out["stat loop1"][1].startswith("40 ")
     assert out["readlink link1"] == ["ok", "'link2'", out["readlink link1"][2]]
     assert out["open escape.txt"][0] == "OSError" and out["open victim.txt"][0] == "OSError"
+
+
+# ---------------------------------------------------------------------------------------------
+# upload: the hostile corpus as targets and sources
+
+
+def _upload_world(tmp_path: Path) -> tuple[HostileRepo, Path, Path]:
+    """A repository with a git symlink `lnk` to a canary folder outside and a file `README`, its
+    bare clone, and the canary."""
+    canary = tmp_path / "canary"
+    (canary / "sub").mkdir(parents=True)
+    (canary / "keep.txt").write_text("keep\n")
+    h = HostileRepo(tmp_path / "src")
+    h.write("README", "x\n")
+    (h.repo / "lnk").symlink_to(canary)
+    (h.repo / "rel").symlink_to("../../..")
+    h.commit()
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(h.repo), str(bare)], check=True)
+    return h, bare, canary
+
+
+def _tip(bare: Path) -> str:
+    return git(bare, "rev-parse", "main")
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.decode()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("dda: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("to", ["../x", "/abs/x", "a/../../x", "data/..", "./.git", "data//x", "lnk", "lnk/sub",
+                                "rel/x", "README/x", ".git/hooks"])
+def test_upload_hostile_targets_are_refused(tmp_path, to):
+    """`--to` with `..`, absolute, empty parts, reserved names, or below a git symlink (which
+    DVC refuses: 'beyond a symbolic link') or a file: one line, no commit, nothing written."""
+    h, bare, canary = _upload_world(tmp_path)
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "a.txt").write_text("a\n")
+    before = (tree_state(canary), tree_state(h.remote), _tip(bare))
+    proc = dda("upload", str(bare), str(data), "--to", to, "--no-progress", cache=tmp_path / "cache", timeout=120)
+    line = _one_line_error(proc)
+    assert repr(to) in line or to in line, line
+    assert (tree_state(canary), tree_state(h.remote), _tip(bare)) == before
+    assert not Path("/abs/x").exists()
+
+
+def test_upload_hostile_sources(tmp_path):
+    """Sources: a FIFO (would block a reader forever), symlinks out (file, folder, a chain), a
+    loop - each refused in one line without a hang and with nothing published. Then a folder of
+    '/'-look-alike names, 120 nested folders and 3,000 files uploads into a look-alike target,
+    stays inside the repository's tree, and `dda get` writes it back inside its destination."""
+    h, bare, canary = _upload_world(tmp_path)
+    data = tmp_path / "dataset"
+    deep = "/".join(["n"] * 120)
+    (data / deep).mkdir(parents=True)
+    (data / deep / "leaf.txt").write_text("leaf\n")
+    for name in ("a\u2215..\u2215..\u2215b.txt", "\uff0fetc\uff0fpasswd", "\u2044x", "..\u2215c"):
+        (data / name).write_text("look-alike\n")
+    many = data / "many"
+    many.mkdir()
+    for i in range(3000):
+        (many / f"f{i:04}.txt").write_text(f"{i}\n")
+    before = (tree_state(canary), tree_state(h.remote), _tip(bare))
+    hostile = [("fifo", lambda p: os.mkfifo(p)), ("key", lambda p: p.symlink_to(canary / "keep.txt")),
+               ("dir", lambda p: p.symlink_to(canary)), ("chain", lambda p: p.symlink_to(data / "chain2")),
+               ("loop", lambda p: p.symlink_to(data / "loop"))]
+    for name, make in hostile:
+        if name == "chain":
+            (data / "chain2").symlink_to(canary / "keep.txt")
+        make(data / name)
+        proc = dda("upload", str(bare), str(data), "--to", "data", "--no-progress", cache=tmp_path / "cache",
+                   timeout=120)
+        line = _one_line_error(proc)
+        assert name in line, line
+        assert (tree_state(canary), tree_state(h.remote), _tip(bare)) == before
+        (data / name).unlink()
+        if name == "chain":
+            (data / "chain2").unlink()
+    to = "sets\u2215..\u2215..\u2215x"
+    proc = dda("upload", str(bare), str(data), "--to", to, "--no-progress", cache=tmp_path / "cache", timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert tree_state(canary) == before[0]
+    paths = git(bare, "ls-tree", "-r", "--name-only", "-z", "main").split("\0")
+    assert f"{to}.dvc" in paths and all(".." not in p.split("/") for p in paths), paths
+    out = tmp_path / "got"
+    proc = dda("get", str(bare), to, "-o", str(out), cache=tmp_path / "cache2", timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (out / deep / "leaf.txt").read_text() == "leaf\n" and (out / "\u2044x").read_text() == "look-alike\n"
+    assert len(list((out / "many").iterdir())) == 3000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "canary", "dataset", "got",
+                                                         "origin.git", "src"]
