@@ -125,6 +125,15 @@ class AuthStore:
             def do_HEAD(self):  # noqa: N802
                 self._answer(False)
 
+            def do_PUT(self):  # noqa: N802  (dda upload)
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if store.mode != "ok" or self.headers.get(header) != value or ".." in self.path:
+                    return self._send(401 if store.mode == "ok" else 500, json.dumps(dict(self.headers)).encode())
+                target = root / self.path.removeprefix("/store/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                self._send(201, b"")
+
             def log_message(self, *args):
                 pass
 
@@ -184,7 +193,7 @@ class World:
         s3_url = s3_remote.prefix_url(prefix)
         (h.repo / ".dvc/config").write_text(
             "[core]\n    remote = basic\n"
-            f"['remote \"basic\"']\n    url = {self.stores['basic'].url}\n    auth = basic\n"
+            f"['remote \"basic\"']\n    url = {self.stores['basic'].url}\n    auth = basic\n    method = PUT\n"
             f"['remote \"bearer\"']\n    url = {self.stores['bearer'].url}\n    auth = bearer\n"
             f"['remote \"custom\"']\n    url = {self.stores['custom'].url}\n    auth = custom\n"
             "    custom_auth_header = X-Api-Key\n"
@@ -382,6 +391,8 @@ def test_cli_with_every_credential_leaks_nothing(world, tmp_path, git_creds):
     runs = [("ls", "-R", "-v", url), ("cat", "-v", url, "basic0.bin"), ("cat", url, "bearer0.bin"),
             ("cat", url, "custom0.bin"), ("cat", url, "s30.bin"),
             ("get", "-v", url, ".", "-o", str(tmp_path / "out"))]
+    (tmp_path / "up.txt").write_text(f"uploaded by {git_creds}\n")
+    runs.append(("upload", "-v", url, str(tmp_path / "up.txt"), "--to", f"up-{git_creds}", "--no-progress"))
     for args in runs:
         proc = world.dda(*args, cache=cache, env=env)
         assert proc.returncode == 0, (args, proc.stderr.decode())
@@ -413,6 +424,9 @@ def test_cli_failures_leak_nothing(world, tmp_path, fault):
     try:
         runs = [("cat", *limits, world.token_url, f"{r}1.bin") for r in ("basic", "bearer", "custom")]
         runs += [("get", *limits, world.token_url, "data", "-o", str(tmp_path / "out"))]
+        (tmp_path / "up.txt").write_text("never lands\n")
+        runs += [("upload", *limits, "--retry-for", "0", world.token_url, str(tmp_path / "up.txt"),
+                  "--to", f"up-{fault}", "--no-progress")]
         if fault == "wrong":
             runs += [("cat", *limits, world.token_url, "s31.bin"), ("ls", world.wrong_url),
                      ("get", world.wrong_url, ".", "-o", str(tmp_path / "out2")),
