@@ -1272,3 +1272,52 @@ def test_upload_hostile_sources(tmp_path):
     assert len(list((out / "many").iterdir())) == 3000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "canary", "dataset", "got",
                                                          "origin.git", "src"]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14 item 3 as a user meets it: an absolute wdir through `dda mount --daemon` and `dda sidecar`
+
+
+def _abs_wdir_repo(tmp_path: Path) -> tuple[HostileRepo, bytes]:
+    h = HostileRepo(tmp_path / "src")
+    data = b"fine\n" * 100
+    h.write("good.bin.dvc", yaml.safe_dump({"outs": [{"md5": h.put(data), "size": len(data), "hash": "md5",
+                                                      "path": "good.bin"}]}))
+    h.write("evil.dvc", yaml.safe_dump({"wdir": "/some/abs/path", "outs": [{"md5": "0" * 32, "path": "x"}]}))
+    h.commit()
+    return h, data
+
+
+@needs_fuse
+def test_absolute_wdir_mount_daemon_and_sidecar_stay_live(tmp_path, mp):
+    """`dda mount --daemon` and `dda sidecar` on a revision with `wdir: /some/abs/path`: they come
+    up at once, serve the rest, answer /healthz, report the bad file in `dda status`, and SIGTERM
+    ends the sidecar promptly (it used to spin at 100% CPU and ignore SIGTERM)."""
+    import errno
+    import signal
+    import time
+
+    from mounting import mounted, wait_until
+    from sidecar_util import Sidecar
+
+    h, data = _abs_wdir_repo(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "DDA_REPO"}
+    started = time.monotonic()
+    proc = subprocess.run([DDA, "mount", str(h.repo), str(mp), "--daemon"], capture_output=True, text=True,
+                          timeout=60, env={**env, "DDA_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        assert proc.returncode == 0 and time.monotonic() - started < 30, proc.stderr
+        assert (mp / "good.bin").read_bytes() == data
+        with pytest.raises(OSError) as err:
+            (mp / "evil").read_bytes()          # the bad output's place: EIO, as a broken output
+        assert err.value.errno == errno.EIO
+        status = subprocess.run([DDA, "status", str(mp)], capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "evil.dvc" in status.stdout and "wdir" in status.stdout, status.stdout
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        wait_until(lambda: not mounted(mp), 10)
+    with Sidecar(str(h.repo), mp, tmp_path / "cache2") as sc:
+        assert sc.get("/healthz", timeout=5) == (200, b"ok\n")
+        assert (mp / "good.bin").read_bytes() == data
+        rc, took = sc.stop(signal.SIGTERM, timeout=20)
+        assert rc == 0 and took < 10, (rc, took, sc.output()[-2000:])
