@@ -24,7 +24,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
