@@ -294,9 +294,9 @@ class Engine:
             size = await self.git.blob_size(entry.oid)
         else:
             ref = self.ref(entry)
-            if self.fetcher.known_size(ref) is None:
+            if await self.fetcher.indexed_size(ref) is None:
                 await self._use_size_index(entry.output)
-                if stat_ahead and self.fetcher.known_size(ref) is None:
+                if stat_ahead and await self.fetcher.indexed_size(ref) is None:
                     self._size_missed(entry.path)
             size = await self._size_of(ref)
         return self._sized(entry, size)

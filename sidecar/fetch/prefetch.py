@@ -284,7 +284,7 @@ class Prefetcher:
             if entry.kind != "dvc":
                 return
             ref = self.engine.ref(entry)
-            if not self.engine.fetcher.cached(ref):
+            if not await self.engine.fetcher.cached(ref):
                 await self.engine.fetcher.prefetch(ref)
                 self.stats.issued_files += 1
                 self.stats.issued_bytes += entry.size or 0
@@ -307,7 +307,7 @@ class Prefetcher:
             chunk = self.engine.store.chunk_size
             jobs = []
             for idx in range(first, last + 1):
-                if not self.engine.store.has(ref.oid, idx):
+                if not await self.engine.fetcher.astore.has(ref.oid, idx):
                     jobs.append(self.engine.fetcher.prefetch(ref, idx * chunk, chunk))
                     self.stats.readahead_chunks += 1
             await asyncio.gather(*jobs)
