@@ -53,6 +53,7 @@ class ChunkJob:
         self.error: BaseException | None = None
         self.from_cache = False
         self.progressed_at = now
+        self.queued = False             # waiting its turn (a request slot, a lock, a backoff): not stalled
         self.ended_by: str | None = None   # "deadline" or "superseded" when cancelled for that
         self.task: asyncio.Task[None] | None = None
         self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
@@ -66,7 +67,9 @@ class ChunkJob:
         self.progressed_at = asyncio.get_running_loop().time()
 
     def stalled(self, now: float, after: float) -> bool:
-        return not self.done and now - self.progressed_at > after
+        """Whether the job has been waiting on the remote with nothing arriving for `after`
+        seconds (waiting its turn does not count)."""
+        return not self.done and not self.queued and now - self.progressed_at > after
 
     def feed(self, piece: bytes) -> None:
         end = self.received + len(piece)

@@ -462,7 +462,7 @@ class Fetcher:
         while True:
             job = self._job(ref, idx, size, kind, digest, gate)
             try:
-                await job.wait(need, until_done)
+                await self._watch(job, need, until_done)
                 return job
             except Superseded:
                 continue
@@ -471,6 +471,24 @@ class Fetcher:
                 raise DeadlineExceeded(
                     f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                     f"within {self.deadline:g}s", path=ref.display) from None
+
+    async def _watch(self, job: ChunkJob, need: int, until_done: bool) -> None:
+        """`job.wait(need, until_done)`, superseding the job if it stalls meanwhile (the remote
+        may have recovered since it started: a fresh request gets an answer). Raises
+        Superseded then: the caller takes the fresh job."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self.stall_after if job.queued else job.progressed_at + self.stall_after - loop.time()
+            try:
+                async with asyncio.timeout(max(left, 0.0) + JOB_GRACE):
+                    await job.wait(need, until_done)
+                return
+            except TimeoutError:
+                if job.stalled(loop.time(), self.stall_after):
+                    log.info("%s: chunk %d made no progress for %.1fs; starting a fresh download",
+                             job.ref.display, job.idx, loop.time() - job.progressed_at)
+                    self._end_job(job, "superseded")
+                    raise Superseded() from None
 
     def _end_job(self, job: ChunkJob, why: str) -> None:
         """Cancel a job (at its deadline, or superseded) and never join it again."""
@@ -510,9 +528,9 @@ class Fetcher:
         ref, idx = job.ref, job.idx
         try:
             if job.kind == "pass":
-                if job.gate is not None:
+                if job.gate is not None and not job.gate.is_set():
+                    job.queued = True
                     await job.gate.wait()       # the pass holds the object's lock (or gave up waiting)
-                    job.progress()
                 cached = await self.astore.read(ref.oid, idx)     # verified by another process meanwhile
                 if cached is not None and len(cached) == len(job.buf):
                     job.from_cache = True
@@ -520,7 +538,10 @@ class Fetcher:
                 else:
                     await self._download(job)
             else:
+                job.queued = True   # another process may be downloading it
                 async with self.store.lock(ref.oid, idx):
+                    job.queued = False
+                    job.progress()
                     if not await self._second_look(job):
                         await self._download(job)
             job.finish(None)
@@ -575,12 +596,17 @@ class Fetcher:
             self.stats.bytes_fetched += len(piece)
             job.feed(piece)
 
+        async def request(offset: int) -> int | None:
+            job.queued = False      # it has its request slot: from now on it must make progress
+            job.progress()
+            return await ref.remote.stream(ref.path, offset, end, sink)
+
         while True:
             try:
                 offset = start + job.received
                 if offset < end:
-                    answer = await self._remote_call(
-                        ref.remote, lambda: ref.remote.stream(ref.path, offset, end, sink), "read")
+                    job.queued = True
+                    answer = await self._remote_call(ref.remote, lambda: request(offset), "read")
                     job.progress()
                     if answer is not None:
                         if told is not None and answer != told:   # the object changed under a resumed read
@@ -633,7 +659,9 @@ class Fetcher:
                 self._learned_size(ref.oid, total, verified=True)
                 return
             except RemoteUnavailable as err:
+                job.progress()      # an answer, if an unwelcome one
                 attempt += 1
+                job.queued = True   # a backoff is not a stall
                 await self._backoff(attempt, ref, err)
 
     def _check_and_store(self, job: ChunkJob, total: int, one_chunk: bool) -> bool:

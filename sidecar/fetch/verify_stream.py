@@ -132,7 +132,7 @@ class ObjectPass:
         while True:
             job = self.job(idx)
             try:
-                await job.wait(need, until_done)
+                await self.fetcher._watch(job, need, until_done)
                 return job
             except Superseded:      # it made no progress: a fresh job took over
                 continue
