@@ -101,7 +101,8 @@ class Engine:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
                         deadline=config.deadline, ca_bundle=config.ca_bundle)
-        store = Store(config.cache_dir, config.cache_size, config.chunk_size)
+        # opening scans and may rebuild the index: on a thread, like every later store step
+        store = await asyncio.to_thread(Store, config.cache_dir, config.cache_size, config.chunk_size)
         fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline,
                           strict=config.verify == "before-read")
         engine = cls(config, git, store, fetcher)
@@ -390,7 +391,7 @@ class Engine:
         if out is None or out.md5 in self._size_index_tried:
             return
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
-                self.store.index.size(_loaded_marker(out.md5)) is not None:
+                await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None:
             self._size_index_tried.add(out.md5)
             return
         task = self._size_index_loads.get(out.md5)
@@ -416,8 +417,9 @@ class Engine:
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
             log.warning("%s ignored: %s", where, err or "timed out")
             return
-        self.store.index.record_sizes(sizes)
-        self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+        # on a store thread; the marker after the sizes it vouches for
+        await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
+        await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
@@ -449,7 +451,7 @@ class Engine:
             key = sizeindex.index_path(out.md5, out.legacy)
             await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
                                             "write")
-            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
             done.append((out.path, key, len(sizes)))
         return done
 
@@ -517,7 +519,7 @@ class Engine:
             self.fetcher.stats.cache_hits += 1
             return self._blobs[sha]
         blob = await self.git.read_blob(sha)
-        if len(sha) == 40 and hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() != sha:
+        if len(sha) == 40 and not await asyncio.to_thread(_blob_matches, blob, sha):
             raise HashMismatch(f"git blob {sha}: content does not match its sha1")
         self.fetcher.stats.cache_misses += 1
         self._blobs[sha] = blob
@@ -544,4 +546,10 @@ class Engine:
             await remote.aclose()
         if self._lfs is not None:
             await self._lfs.aclose()
-        self.store.close()
+        await self.fetcher.aclose()
+        await asyncio.to_thread(self.store.close)
+
+
+def _blob_matches(blob: bytes, sha: str) -> bool:
+    """Whether `blob` is the git blob `sha` (hashed on a thread: blobs may be large)."""
+    return hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() == sha
