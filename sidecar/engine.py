@@ -466,12 +466,12 @@ class Engine:
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
         if entry.kind == "lfs":
             data = await self._lfs_client(entry.path).read(entry.oid, entry.size or 0, offset, length, entry.path)
-            self.fetcher.stats.bytes_served += len(data)
+            self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             data = blob[offset:offset + length]
-            self.fetcher.stats.bytes_served += len(data)
+            self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         return await self.fetcher.read(self.ref(entry), offset, length, reader)
 
@@ -516,12 +516,12 @@ class Engine:
     async def _blob(self, sha: str) -> bytes:
         if sha in self._blobs:
             self._blobs.move_to_end(sha)
-            self.fetcher.stats.cache_hits += 1
+            self.fetcher.counters.add("dda_cache_reads", 1, "data", "hit")
             return self._blobs[sha]
         blob = await self.git.read_blob(sha)
         if len(sha) == 40 and not await asyncio.to_thread(_blob_matches, blob, sha):
             raise HashMismatch(f"git blob {sha}: content does not match its sha1")
-        self.fetcher.stats.cache_misses += 1
+        self.fetcher.counters.add("dda_cache_reads", 1, "data", "miss")
         self._blobs[sha] = blob
         self._blob_bytes += len(blob)
         while self._blob_bytes > 64 * 1024 * 1024 and len(self._blobs) > 1:

@@ -20,9 +20,10 @@ import contextvars
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..counters import Counters, FetchStats
 from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
                       RemoteUnavailable, reason_of)
 from ..remotes import Remote
@@ -59,21 +60,6 @@ class ObjectRef:
     display: str        # what users call it (repository path)
 
 
-@dataclass
-class FetchStats:
-    requests: int = 0
-    bytes_fetched: int = 0
-    bytes_served: int = 0
-    cache_hits: int = 0         # reads answered from the cache alone
-    cache_misses: int = 0       # reads that needed the remote
-    retries: int = 0
-    hash_mismatches: int = 0
-    size_lookups: int = 0
-    meta_hits: int = 0          # size lookups and .dir manifests answered from the cache/index
-    meta_misses: int = 0        # ... that needed the remote
-    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-
 class Fetcher:
     def __init__(self, store: Store, *, jobs: int = 16, retries: int = 5, deadline: float = 60.0,
                  backoff_base: float = 0.2, backoff_cap: float = 10.0, strict: bool = False):
@@ -82,7 +68,8 @@ class Fetcher:
         self.jobs = jobs
         self.deadline = deadline
         self.retry = RetryPolicy(retries, backoff_base, backoff_cap)   # the one retry policy
-        self.stats = FetchStats()
+        self.counters = Counters()      # counted where the event happens (sidecar/counters.py)
+        self.stats = FetchStats(self.counters)   # a read-only view by field names
         self._limits: dict[int, PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int, str], ChunkJob] = {}    # (oid, idx, kind): the job in flight
         self._stream_tasks: set[asyncio.Task[None]] = set()            # verified passes under way
@@ -168,7 +155,7 @@ class Fetcher:
         self._sizes.pop(ref.oid, None)
         self._contradicted.add(ref.oid)
         self.store.index_later(self.store.index.forget_size, ref.oid)
-        self.stats.errors["size_contradiction"] += 1
+        self.counters.add("dda_errors", 1, "size_contradiction")
 
     async def size_of(self, ref: ObjectRef) -> int:
         size = await self.indexed_size(ref)
@@ -177,13 +164,13 @@ class Fetcher:
             if size is not None:
                 self._learned_size(ref.oid, size)
         if size is None:
-            self.stats.meta_misses += 1
+            self.counters.add("dda_cache_reads", 1, "metadata", "miss")
             size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
                                                                "size"), ref)
-            self.stats.size_lookups += 1
+            self.counters.add("dda_remote_size_lookups")
             self._learned_size(ref.oid, size)
         else:
-            self.stats.meta_hits += 1
+            self.counters.add("dda_cache_reads", 1, "metadata", "hit")
         return size
 
     async def sizes_of(self, refs: list[ObjectRef]) -> dict[str, int]:
@@ -202,8 +189,8 @@ class Fetcher:
             self._sizes.update(stored)
             result.update(stored)
             missing = [r for r in missing if r.oid not in stored]
-        self.stats.meta_hits += len(refs) - len(missing)
-        self.stats.meta_misses += len(missing)
+        self.counters.add("dda_cache_reads", len(refs) - len(missing), "metadata", "hit")
+        self.counters.add("dda_cache_reads", len(missing), "metadata", "miss")
         by_remote: dict[int, list[ObjectRef]] = defaultdict(list)
         for ref in missing:
             by_remote[id(ref.remote)].append(ref)
@@ -220,7 +207,7 @@ class Fetcher:
                                               for f in folders))
             if all(listing is not None for listing in listings):
                 by_path = {path: size for listing in listings for path, size in listing.items()}  # type: ignore[union-attr]
-                self.stats.size_lookups += len(folders)
+                self.counters.add("dda_remote_size_lookups", len(folders))
                 for ref in refs:
                     if ref.path in by_path:
                         learned[ref.oid] = by_path[ref.path]
@@ -228,7 +215,7 @@ class Fetcher:
 
         async def head(ref: ObjectRef) -> None:
             learned[ref.oid] = await self._remote_call(remote, lambda: remote.size(ref.path), "size")
-            self.stats.size_lookups += 1
+            self.counters.add("dda_remote_size_lookups")
 
         if todo:
             await self._with_deadline(asyncio.gather(*(head(r) for r in todo)), todo[0])
@@ -320,15 +307,15 @@ class Fetcher:
             out = b"".join(pieces)
         if meta:
             if missed:
-                self.stats.meta_misses += 1
+                self.counters.add("dda_cache_reads", 1, "metadata", "miss")
             else:
-                self.stats.meta_hits += 1
+                self.counters.add("dda_cache_reads", 1, "metadata", "hit")
             return out
         if missed:
-            self.stats.cache_misses += 1
+            self.counters.add("dda_cache_reads", 1, "data", "miss")
         else:
-            self.stats.cache_hits += 1
-        self.stats.bytes_served += len(out)
+            self.counters.add("dda_cache_reads", 1, "data", "hit")
+        self.counters.add("dda_served_bytes", len(out))
         return out
 
     async def _sums(self, oid: str, size: int) -> list[bytes] | None:
@@ -395,8 +382,8 @@ class Fetcher:
         return job_pass
 
     def _mismatch(self, ref: ObjectRef, message: str) -> None:
-        self.stats.hash_mismatches += 1
-        self.stats.errors["hash_mismatch"] += 1
+        self.counters.add("dda_hash_mismatches")
+        self.counters.add("dda_errors", 1, "hash_mismatch")
         raise HashMismatch(message)
 
     def _object_changed(self, oid: str) -> None:
@@ -467,7 +454,7 @@ class Fetcher:
             except Superseded:
                 continue
             except DeadlineExceeded:
-                self.stats.errors[DeadlineExceeded.reason] += 1
+                self.counters.add("dda_errors", 1, DeadlineExceeded.reason)
                 raise DeadlineExceeded(
                     f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                     f"within {self.deadline:g}s", path=ref.display) from None
@@ -593,7 +580,7 @@ class Fetcher:
         told: int | None = None
 
         def sink(piece: bytes) -> None:
-            self.stats.bytes_fetched += len(piece)
+            self.counters.add("dda_remote_bytes", len(piece))
             job.feed(piece)
 
         async def request(offset: int) -> int | None:
@@ -648,9 +635,9 @@ class Fetcher:
                 # index lock, and must not take a thread that cached reads need)
                 if not await asyncio.to_thread(self._check_and_store, job, total, one_chunk):
                     mismatches += 1
-                    self.stats.hash_mismatches += 1
+                    self.counters.add("dda_hash_mismatches")
                     if mismatches > 1:
-                        self.stats.errors[HashMismatch.reason] += 1
+                        self.counters.add("dda_errors", 1, HashMismatch.reason)
                         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} "
                                            f"does not match its md5 {ref.oid} (after {mismatches} downloads)")
                     job.restart()
@@ -679,7 +666,7 @@ class Fetcher:
     async def _backoff(self, attempt: int, ref: ObjectRef, err: RemoteUnavailable) -> None:
         """Sleep before retry `attempt` (exponential, full jitter), or give up with `err`."""
         if self.retry.gives_up(attempt):
-            self.stats.errors[RemoteUnavailable.reason] += 1
+            self.counters.add("dda_errors", 1, RemoteUnavailable.reason)
             raise err
         delay = self.retry.delay(attempt)
         asked = getattr(err, "retry_after", None)   # RetryAfter: the server said how long to wait
@@ -687,13 +674,13 @@ class Fetcher:
             ends = _read_ends_at.get()
             left = self.deadline if ends is None else ends - asyncio.get_running_loop().time()
             if asked >= left:
-                self.stats.errors["unavailable"] += 1
+                self.counters.add("dda_errors", 1, "unavailable")
                 raise err
             delay = max(delay, asked)
             status = getattr(err, "status", 429)
             words = {429: "rate limited", 503: "service unavailable"}.get(status, "server error")
             log.warning("%s: %s (HTTP %s), retrying after %g s", ref.display, words, status, round(delay, 1))
-        self.stats.retries += 1
+        self.counters.add("dda_remote_retries")
         log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
         await asyncio.sleep(delay)
 
@@ -724,7 +711,7 @@ class Fetcher:
     async def _remote_call(self, remote: Remote, call, op: str):  # type: ignore[no-untyped-def]
         """One request (`op`: read, size or list) within the remote's concurrency limit."""
         async with self._limit(remote).slot():
-            self.stats.requests += 1
+            self.counters.add("dda_remote_requests")
             if self.on_request is None:
                 return await call()
             started, status = time.monotonic(), "error"
@@ -744,7 +731,7 @@ class Fetcher:
             async with asyncio.timeout(self.deadline):
                 return await coro
         except ObjectMissing:
-            self.stats.errors[ObjectMissing.reason] += 1
+            self.counters.add("dda_errors", 1, ObjectMissing.reason)
             raise ObjectMissing(f"{ref.display}: object md5 {ref.oid} is missing on remote {ref.remote.name!r} "
                                 f"({ref.remote.display_url}/{ref.path})", path=ref.display) from None
         except RemoteError as err:
@@ -755,7 +742,7 @@ class Fetcher:
             err.path = ref.display
             raise err from None
         except TimeoutError:
-            self.stats.errors[DeadlineExceeded.reason] += 1
+            self.counters.add("dda_errors", 1, DeadlineExceeded.reason)
             raise DeadlineExceeded(
                 f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                 f"within {self.deadline:g}s", path=ref.display) from None

@@ -81,7 +81,7 @@ async def _from_index(fetcher: Fetcher, batch: list, on_size: Callable) -> list:
     return the rest."""
     asked = [r.oid for _, r in batch if r.size is None]
     stored = await fetcher.astore.sizes(asked) if asked else {}
-    fetcher.stats.meta_hits += len(stored)
+    fetcher.counters.add("dda_cache_reads", len(stored), "metadata", "hit")
     rest = []
     for k, r in batch:
         if r.size is not None:
