@@ -83,6 +83,8 @@ def test_hooks_reads_never_touch_the_store_on_the_loop(tmp_path, on_loop):
     finally:
         del os.environ["DDA_CHUNK_SIZE"]
     try:
+        import sidecar.hooks
+        assert sidecar.hooks._state.runtime.engine.store.chunk_size == 128 * 1024
         first = {p: p.read_bytes() for p in files_under(view)}
         again = {p: p.read_bytes() for p in files_under(view)}
     finally:

@@ -26,6 +26,7 @@ from typing import Callable
 from ..counters import Counters, FetchStats
 from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
                       RemoteUnavailable, reason_of)
+from ..locks import FileLock
 from ..remotes import Remote
 from ..store import AsyncStore, Store
 from ..store.identity import ChunkHeader, chunk_digest, expected_length
@@ -286,6 +287,8 @@ class Fetcher:
             lo, hi = max(offset, idx * cs) - idx * cs, min(end, (idx + 1) * cs) - idx * cs
             if first is not None and idx == 0:
                 data: bytes | None = await first.copy(lo, hi, self.astore.run)   # verified bytes of the probe
+            elif not large and (ref.oid, idx, "whole") in self._inflight:
+                data = None     # being downloaded: join the job (it holds the bytes), no store trip
             else:
                 data = await self.astore.read(ref.oid, idx, lo, hi)
             if data is None:
@@ -526,11 +529,15 @@ class Fetcher:
                     await self._download(job)
             else:
                 job.queued = True   # another process may be downloading it
-                async with self.store.lock(ref.oid, idx):
+                lock = self.store.lock(ref.oid, idx)
+                header, cached = await self._lock_and_look(lock, ref.oid, idx)
+                try:
                     job.queued = False
                     job.progress()
-                    if not await self._second_look(job):
+                    if not self._second_look(job, header, cached):
                         await self._download(job)
+                finally:
+                    lock.release()
             job.finish(None)
         except asyncio.CancelledError:
             if job.ended_by == "superseded":
@@ -543,16 +550,44 @@ class Fetcher:
         except BaseException as err:    # handed to whoever waits for the chunk
             job.finish(err)
 
-    async def _second_look(self, job: ChunkJob) -> bool:
+    async def _lock_and_look(self, lock: FileLock, oid: str, idx: int) -> tuple[ChunkHeader | None, bytes | None]:
+        """Take the chunk's cross-process lock and look in the store again (another process may
+        have stored the chunk meanwhile): one trip to a store thread when the lock is free, else
+        wait for it on the loop (polling: cancellable) and then look. Returns (header, bytes)."""
+        def look() -> tuple[ChunkHeader | None, bytes | None]:
+            header = self.store.header(oid, idx)
+            return header, (self.store.read(oid, idx) if header is not None else None)
+
+        def try_and_look() -> tuple[bool, ChunkHeader | None, bytes | None]:
+            lock.path.parent.mkdir(parents=True, exist_ok=True)
+            if not lock.try_acquire():
+                return False, None, None
+            try:
+                return (True, *look())
+            except BaseException:
+                lock.release()
+                raise
+
+        trip = asyncio.ensure_future(self.astore.run(try_and_look))
+        try:
+            got, header, cached = await asyncio.shield(trip)
+        except asyncio.CancelledError:     # the thread may still take the lock: let go of it then
+            trip.add_done_callback(lambda t: lock.release() if not t.cancelled() and t.exception() is None
+                                   and t.result()[0] else None)
+            raise
+        if got:
+            return header, cached
+        await lock.__aenter__()
+        try:
+            return await self.astore.run(look)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _second_look(self, job: ChunkJob, header: ChunkHeader | None, cached: bytes | None) -> bool:
         """Whether another process stored the chunk while we waited for its lock (then the job
         holds its bytes)."""
-        ref, idx, size = job.ref, job.idx, job.size
-
-        def look() -> tuple[ChunkHeader | None, bytes | None]:
-            header = self.store.header(ref.oid, idx)
-            return header, (self.store.read(ref.oid, idx) if header is not None else None)
-
-        header, cached = await self.astore.run(look)
+        ref, size = job.ref, job.size
         if header is None:
             return False
         if size is not None and header.object_size != size and ref.size is None:
