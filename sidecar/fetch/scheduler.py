@@ -135,9 +135,10 @@ class Fetcher:
                 self._sizes[ref.oid] = size
         return size
 
-    def _learned_size(self, oid: str, size: int, verified: bool = False) -> None:
+    def _learned_size(self, oid: str, size: int, verified: bool = False) -> bool:
         """Record a size from an answer we trust (a Content-Range total, the length of a
-        complete answer, a HEAD) or from the verified object (`verified`)."""
+        complete answer, a HEAD) or from the verified object (`verified`). True when it
+        corrected a size that was contradicted (see _index_settled)."""
         old = self._sizes.get(oid)
         if old != size:
             self._sizes[oid] = size
@@ -147,6 +148,14 @@ class Fetcher:
                 self._contradicted.discard(oid)
                 for observer in self.size_observers:
                     observer(oid, size)
+                return True
+        return False
+
+    async def _index_settled(self) -> None:
+        """Wait (bounded) until the index writer has applied what is queued: after a size
+        correction, so the read that learned the true size returns with the index saying it
+        too (other processes and a remount look there)."""
+        await asyncio.to_thread(self.store.index_settled, 2.0)
 
     def _size_contradicted(self, ref: ObjectRef, known: int, answered: int) -> None:
         """An answer's size disagrees with the one we had: forget ours (it came from an
@@ -678,7 +687,8 @@ class Fetcher:
                     job.restart()
                     told = None
                     continue
-                self._learned_size(ref.oid, total, verified=True)
+                if self._learned_size(ref.oid, total, verified=True):
+                    await self._index_settled()
                 return
             except RemoteUnavailable as err:
                 job.progress()      # an answer, if an unwelcome one
