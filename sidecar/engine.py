@@ -294,10 +294,13 @@ class Engine:
             size = await self.git.blob_size(entry.oid)
         else:
             ref = self.ref(entry)
-            if self.fetcher.known_size(ref) is None:
-                await self._use_size_index(entry.output)
-                if stat_ahead and self.fetcher.known_size(ref) is None:
-                    self._size_missed(entry.path)
+            size = self.fetcher.known_size(ref)
+            if size is not None:          # the common case of a walker: no task, no await
+                self.fetcher.stats.meta_hits += 1
+                return self._sized(entry, size)
+            await self._use_size_index(entry.output)
+            if stat_ahead and self.fetcher.known_size(ref) is None:
+                self._size_missed(entry.path)
             size = await self._size_of(ref)
         return self._sized(entry, size)
 
@@ -360,6 +363,24 @@ class Engine:
             if entry is not None and entry.oid == oid and entry.size != size:
                 self.tree.files[path] = replace(entry, size=size)
 
+    def known_sizes(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with the sizes this node already knows filled in - the fetcher's memory,
+        then the persistent index in one query (a published size index, once loaded, is
+        there) - and recorded in the tree. Never a request: what a listing may do (a FUSE
+        readdirplus hands these sizes to the kernel, so a `find -printf %s` needs no lookups)."""
+        want = [e for e in entries if e.size is None and e.kind == "dvc"]
+        if not want:
+            return entries
+        fetcher = self.fetcher
+        known = {e.oid: fetcher._sizes[e.oid] for e in want if e.oid in fetcher._sizes}
+        rest = [e.oid for e in want if e.oid not in known and e.oid not in fetcher._contradicted]
+        if rest:
+            known.update(self.store.index.sizes(rest))
+        if not known:
+            return entries
+        return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
+                for e in entries]
+
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
         indexes, then one request per object still unknown (bounded pool, each under its own
@@ -418,6 +439,10 @@ class Engine:
             return
         self.store.index.record_sizes(sizes)
         self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+        # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
+        todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
+        for e in todo:
+            self._sized(e, sizes[e.oid])
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:

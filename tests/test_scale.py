@@ -374,3 +374,46 @@ def test_compose_tree_is_linear_in_outputs_and_still_replaces_what_git_has():
     assert len(tree.files) == 100_001 and "data/d0007/stale.txt" not in tree.files
     assert tree.files["data/keep.txt"].kind == "git"
     assert tree.files["data/d0007/f000003.bin"].oid == hashlib.md5(b"7/3").hexdigest()
+
+
+def _count_file_lookups(ops, folder: str) -> list[str]:
+    """Patch the mount's FUSE lookup to record the names looked up in `folder` (a repository
+    path); pyfuse3 finds the handler on the instance at every request."""
+    seen: list[str] = []
+    real = ops.lookup
+
+    async def lookup(parent_inode, name, ctx):
+        if ops._path(parent_inode) == folder:
+            seen.append(os.fsdecode(name))
+        return await real(parent_inode, name, ctx)
+
+    ops.lookup = lookup
+    return seen
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_readdir_carries_the_sizes_this_node_knows_so_a_walk_needs_no_lookups(small_fake, tmp_path, mp):
+    """`find -printf %s` after a remount (or once a folder's sizes are known): readdir hands
+    the kernel each known size with its name (readdirplus, long timeouts), so stat-ing every
+    file asks neither the remote nor the daemon; a folder whose sizes are unknown still goes
+    out without sizes and each stat is a lookup with the true size."""
+    layout, fake, env = small_fake
+    fake.objects.pop(index_path(layout.manifest_md5, False), None)     # per-file sizing only
+    config = Config(repo=str(layout.repo), cache_dir=tmp_path / "c", remotes={"default": {"url": env["DDA_REMOTE_STORAGE_URL"]}})
+    manifest = json.loads((layout.remote_root / "files/md5" / layout.manifest_md5[:2] /
+                           (layout.manifest_md5[2:] + ".dir")).read_bytes())
+    true = {m["relpath"]: (layout.remote_root / "files/md5" / m["md5"][:2] / m["md5"][2:]).stat().st_size
+            for m in manifest}
+    with MountThread(config, mp):
+        first = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0000")}
+    assert len(first) == 1000 and all(first[n] == true[f"d0000/{n}"] for n in first)
+    with MountThread(config, mp) as m:
+        fake.calls.clear()
+        looked = _count_file_lookups(m.mount.ops, "data/d0000")
+        again = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0000")}
+        assert again == first
+        assert looked == [] and fake.calls == []
+        looked_other = _count_file_lookups(m.mount.ops, "data/d0001")
+        other = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0001")}
+        assert "f000000.bin" in looked_other and len(other) == 1000   # unknown: looked up (then sized ahead)
+        assert all(other[n] == true[f"d0001/{n}"] for n in other)
