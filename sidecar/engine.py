@@ -295,11 +295,12 @@ class Engine:
         else:
             ref = self.ref(entry)
             size = self.fetcher.known_size(ref)
+            if size is None and await self._use_size_index(entry.output):
+                size = self.fetcher.known_size(ref)
             if size is not None:          # the common case of a walker: no task, no await
                 self.fetcher.stats.meta_hits += 1
                 return self._sized(entry, size)
-            await self._use_size_index(entry.output)
-            if stat_ahead and self.fetcher.known_size(ref) is None:
+            if stat_ahead:
                 self._size_missed(entry.path)
             size = await self._size_of(ref)
         return self._sized(entry, size)
@@ -309,7 +310,7 @@ class Engine:
         the directory's stat-ahead)."""
         task = self._sizing.get(ref.oid)
         if task is None:
-            task = asyncio.ensure_future(self.fetcher.size_of(ref))
+            task = asyncio.ensure_future(self.fetcher.size_of(ref, index_asked=True))   # callers asked it
             self._sizing[ref.oid] = task
             task.add_done_callback(lambda _t: self._sizing.pop(ref.oid, None))
         return await asyncio.shield(task)
@@ -400,20 +401,21 @@ class Engine:
         return result
 
     # -- the shared size index ------------------------------------------------------------------
-    async def _use_size_index(self, output: str | None) -> None:
+    async def _use_size_index(self, output: str | None) -> bool:
         """Before the first request that sizes a file of a big directory output (at least
         SIZE_INDEX_MIN_FILES files), read that directory's published size index into the
         persistent index, where every sizing path looks first: then `find -printf %s` costs
         one request, not one per file. Once per output per engine; never again on this node
         once loaded (a marker in the index: a remount asks nothing). Listing, reading and
-        small directories never cause this request."""
+        small directories never cause this request. True when it waited for a load (the
+        persistent index may know more now)."""
         out = self._dir_outputs.get(output) if output else None
         if out is None or out.md5 in self._size_index_tried:
-            return
+            return False
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
                 self.store.index.size(_loaded_marker(out.md5)) is not None:
             self._size_index_tried.add(out.md5)
-            return
+            return False
         task = self._size_index_loads.get(out.md5)
         if task is None:
             task = asyncio.ensure_future(self._load_size_index(out, await self._manifest_md5s(out)))
@@ -421,6 +423,7 @@ class Engine:
         await asyncio.shield(task)
         self._size_index_tried.add(out.md5)
         self._size_index_loads.pop(out.md5, None)
+        return True
 
     async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
         remote = self.remote(out.remote, out.source, out.root)

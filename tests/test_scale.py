@@ -417,3 +417,86 @@ def test_readdir_carries_the_sizes_this_node_knows_so_a_walk_needs_no_lookups(sm
         other = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0001")}
         assert "f000000.bin" in looked_other and len(other) == 1000   # unknown: looked up (then sized ahead)
         assert all(other[n] == true[f"d0001/{n}"] for n in other)
+
+
+class _HeadServer:
+    """A real HTTP server on 127.0.0.1 answering HEAD/GET by path: `routes` maps a path to
+    (status, headers); every request's (method, path, headers) is recorded."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str]]]):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self, body: bool) -> None:
+                seen.append((self.command, self.path, dict(self.headers)))
+                status, headers = routes.get(self.path, (404, {"Content-Length": "0"}))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v.replace("{path}", self.path))
+                self.end_headers()
+                if body and status == 200:
+                    self.wfile.write(b"x" * int(headers.get("Content-Length", "0")))
+
+            def do_HEAD(self):  # noqa: N802
+                self._answer(False)
+
+            def do_GET(self):  # noqa: N802
+                self._answer(True)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("auth", ["custom", "bearer", "basic"])
+def test_head_sizes_keep_credentials_at_their_origin_and_map_statuses(auth):
+    """Sizes go through the lean HEAD client (aiohttp): it sends the credentials to the remote,
+    leaves a redirect to the httpx path (which drops them for another origin), maps 404/401
+    as every request does."""
+    from sidecar.errors import ObjectMissing, RemoteAuthError
+    from sidecar.remotes.http import HttpRemote
+
+    secret = "s3cr3t-TOKEN-4711"
+    other = _HeadServer({"/store/moved": (200, {"Content-Length": "12"})})
+    origin = _HeadServer({
+        "/store/ok": (200, {"Content-Length": "1234"}),
+        "/store/moved": (302, {"Location": other.url + "{path}", "Content-Length": "0"}),
+        "/store/denied": (401, {"Content-Length": "0"}),
+    })
+    kwargs = {"custom": dict(auth="custom", custom_auth_header="X-Api-Key", password=secret),
+              "bearer": dict(auth="bearer", token=secret),
+              "basic": dict(auth="basic", user="u", password=secret)}[auth]
+    remote = HttpRemote("r", origin.url + "/store", **kwargs)
+    try:
+        async def go():
+            try:
+                assert await remote.size("ok") == 1234
+                assert await remote.size("moved") == 12
+                with pytest.raises(ObjectMissing):
+                    await remote.size("missing")
+                with pytest.raises(RemoteAuthError):
+                    await remote.size("denied")
+            finally:
+                await remote.aclose()
+
+        asyncio.run(go())
+        assert remote.size_concurrency == 128
+        carries = lambda h: any(secret in v or "dTpzM2NyM3Q" in v for v in h.values())  # noqa: E731
+        assert all(carries(h) for _, _, h in origin.seen), origin.seen
+        assert other.seen and not any(carries(h) for _, _, h in other.seen), other.seen
+        assert [m for m, p, _ in origin.seen if p == "/store/ok"] == ["HEAD"]
+    finally:
+        origin.close()
+        other.close()
