@@ -83,6 +83,7 @@ class FileSystem:
         self.engine = engine
         self._handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
+        self._index_helps: dict[str, bool] = {}    # folder -> its last pass found sizes in the index
         engine.fetcher.size_observers.append(self._object_resized)
 
     def _object_resized(self, oid: str, size: int) -> None:
@@ -173,12 +174,20 @@ class FileSystem:
         readdir hands these to the kernel with the names, so a walker's stat needs no lookup."""
         items = self.iter_dir(path, start)
         files = self.tree.files
+        # A pass over a folder (from offset 0) probes the index with its first batch; when the
+        # index knew none of those, the rest of the pass does not ask (a cold `ls` of 100k
+        # names costs no queries), and a missed size is only a lookup, never a wrong one.
+        ask = start == 0 or self._index_helps.get(path, True)
+        first = start == 0
         while chunk := list(itertools.islice(items, batch)):
             unknown = [files[i.path] for i in chunk if i.size is None and i.kind != "dir"]
-            if unknown:
+            if unknown and ask:
                 sized = {e.path: e.size for e in self.engine.known_sizes(unknown) if e.size is not None}
+                if first:
+                    self._index_helps[path] = ask = bool(sized)
                 if sized:
                     chunk = [replace(i, size=sized[i.path]) if i.path in sized else i for i in chunk]
+            first = False
             yield from chunk
 
     def walk_files(self, path: str) -> Iterator[Entry]:
