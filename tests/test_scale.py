@@ -500,3 +500,35 @@ def test_head_sizes_keep_credentials_at_their_origin_and_map_statuses(auth):
     finally:
         origin.close()
         other.close()
+
+
+def test_listing_fills_known_sizes_from_the_index_and_a_cold_listing_asks_it_once(small_fake, tmp_path):
+    """`FileSystem.iter_dir_known` (what a FUSE readdir answers from): with an empty index a
+    pass over 1,000 names asks the index once (its first batch) and the remote never; once
+    the sizes are in the persistent index (another engine learned them), a new engine's pass
+    hands every size with its name, still without a request."""
+    layout, fake, env = small_fake
+    fake.objects.pop(index_path(layout.manifest_md5, False), None)
+    cache = tmp_path / "c"
+
+    async def listing(engine):
+        asked = []
+        real = engine.store.index.sizes
+        engine.store.index.sizes = lambda oids: asked.append(len(oids)) or real(oids)
+        fake.calls.clear()
+        items = list(FileSystem(engine).iter_dir_known("data/d0000"))
+        return items, asked, list(fake.calls)
+
+    async def go():
+        async with await _engine(layout.repo, cache, env) as engine:
+            items, asked, calls = await listing(engine)
+            assert len(items) == 1000 and all(i.size is None for i in items)
+            assert len(asked) == 1 and calls == []
+            await FileSystem(engine).stat_many([i.path for i in items])
+        async with await _engine(layout.repo, cache, env) as engine:
+            items, asked, calls = await listing(engine)
+            true = _true_sizes(layout.remote_root, [engine.tree.files[i.path] for i in items])
+            assert [i.size for i in items] == [true[engine.tree.files[i.path].oid] for i in items]
+            assert calls == [] and 1 < len(asked) <= 1000 // 32 + 1
+
+    run(go())
