@@ -174,9 +174,11 @@ class FileSystem:
         readdir hands these to the kernel with the names, so a walker's stat needs no lookup."""
         items = self.iter_dir(path, start)
         files = self.tree.files
-        # A pass over a folder (from offset 0) probes the index with its first batch; when the
-        # index knew none of those, the rest of the pass does not ask (a cold `ls` of 100k
-        # names costs no queries), and a missed size is only a lookup, never a wrong one.
+        # A pass over a folder (from offset 0) probes the index with its first batch. When the
+        # index knew some of those, the whole folder's known sizes go into the tree at once (a
+        # query per 500 names, not one per readdir call); when it knew none, the rest of the
+        # pass does not ask (a cold `ls` of 100k names costs one query). A size missed either
+        # way is only a lookup, never a wrong size.
         ask = start == 0 or self._index_helps.get(path, True)
         first = start == 0
         while chunk := list(itertools.islice(items, batch)):
@@ -185,10 +187,22 @@ class FileSystem:
                 sized = {e.path: e.size for e in self.engine.known_sizes(unknown) if e.size is not None}
                 if first:
                     self._index_helps[path] = ask = bool(sized)
+                    if sized:
+                        self._fill_known_sizes(path)
+                        self._index_helps[path] = ask = False   # what the index knows is in the tree now
                 if sized:
                     chunk = [replace(i, size=sized[i.path]) if i.path in sized else i for i in chunk]
             first = False
             yield from chunk
+
+    def _fill_known_sizes(self, path: str) -> None:
+        """Every size of folder `path` the index knows, into the tree (no request)."""
+        files = self.tree.files
+        prefix = path + "/" if path else ""
+        todo = [e for e in (files.get(prefix + n) for n in self.tree.dirs.get(path, ()))
+                if e is not None and e.size is None]
+        for i in range(0, len(todo), 500):
+            self.engine.known_sizes(todo[i:i + 500])
 
     def walk_files(self, path: str) -> Iterator[Entry]:
         """Every file and symlink at or below `path`, in path order."""
