@@ -20,16 +20,25 @@ log = logging.getLogger(__name__)
 ENV = "DDA_EXIT_WITH_APP"
 
 
+OTHER_USER = -1   # a process we may not inspect
+
+
 def _mnt_ns(pid: str) -> int | None:
+    """The mount namespace's inode; OTHER_USER when the process belongs to another user (an
+    unprivileged sidecar may not look into it); None when it is gone."""
     try:
         return os.stat(f"/proc/{pid}/ns/mnt").st_ino
-    except OSError:   # gone, or not ours to inspect
+    except PermissionError:
+        return OTHER_USER
+    except OSError:
         return None
 
 
 def app_processes(proc: str = "/proc") -> list[int]:
     """PIDs of processes in another mount namespace than ours (other containers of the pod),
-    PID 1 (the pause process) excepted."""
+    PID 1 (the pause process) excepted. An unprivileged sidecar (csi mode) cannot read the
+    namespace of another user's process; every process of its own container runs as its own
+    user, so such a process is another container's."""
     mine = _mnt_ns("self")
     found = []
     for entry in os.listdir(proc):

@@ -13,12 +13,11 @@ import posixpath
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from .config import Config, remote_settings_key
 from . import sizeindex
-from .errors import ConfigError, DDAError, HashMismatch, NotFound, ObjectMissing, OutputUnavailable, RemoteError
+from .errors import ConfigError, DDAError, HashMismatch, NotFound, ObjectMissing, OutputUnavailable
 from .fetch import Fetcher, ObjectRef
 from .fetch.priority import PREFETCH, current_priority
 from .fetch.sizing import size_all
@@ -33,6 +32,7 @@ from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
 
 _IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
+_SOURCE = "\0source"   # Entry.root of import-url outputs read from their source: "\0source<index>"
 log = logging.getLogger(__name__)
 
 
@@ -78,12 +78,13 @@ class Engine:
         self._layout: DvcLayout | None = None
         self._lfs: Any = None
         self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
+        self._sources: list[Remote] = []                 # import-url sources (see _url_import)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
-        # Paths whose size came from a remote's answer, not from the repository: such a size
-        # is never handed to the fetcher as the truth, and is corrected when the object verifies.
-        self._looked_up: set[str] = set()
+        # Sizes that came from a remote's answer, not from the repository (a flag per file in
+        # the tree; Entry.looked_up on what it hands out) are never handed to the fetcher as
+        # the truth, and are corrected when the object verifies.
         fetcher.size_observers.append(self._size_verified)
         self._dir_outputs: dict[str, DvcOut] = {}
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
@@ -139,7 +140,17 @@ class Engine:
         resolved: list[DvcOut] = []
         problems: list[Problem] = []
         cache: dict[tuple[str, str, str], object] = {}
+        # import-url outputs: one existence check each, all at once
+        url_outs = [o for o in outputs if o.url_source is not None and o.unavailable is None]
+        url_found = iter(await asyncio.gather(*(self._url_import(o) for o in url_outs)))
         for out in outputs:
+            if out.unavailable is not None:
+                problems.append(Problem(out.path, out.source, out.unavailable, out.is_dir))
+                continue
+            if out.url_source is not None:
+                found = next(url_found)
+                (resolved if isinstance(found, DvcOut) else problems).append(found)  # type: ignore[arg-type]
+                continue
             if out.imported is None:
                 resolved.append(out)
                 continue
@@ -157,10 +168,47 @@ class Engine:
                 else:
                     problems.append(Problem(out.path, out.source, f"{out.source}: {err}", out.is_dir))
                 continue
+            if not out.md5:   # `dvc import --no-download`: what the source's output records
+                if origin.out.path != out.imported.path:
+                    problems.append(Problem(out.path, out.source, f"{out.source}: imported with --no-download from "
+                                            f"inside the directory output {origin.out.path!r} of the source; only "
+                                            f"a whole output is resolved without a recorded md5", False))
+                    continue
+                o = origin.out
+                out = replace(out, md5=o.md5, is_dir=o.is_dir, size=o.size, nfiles=o.nfiles, isexec=o.isexec,
+                              files=o.files, versions=o.versions, legacy=o.legacy)
             index = self._imports.setdefault(origin.url + "@" + key[1], (len(self._imports), origin))[0]
             resolved.append(replace(out, remote=origin.out.remote, root=f"{_IMPORT}{index}:{origin.out.root}",
                                     legacy=origin.out.legacy if out.md5 == origin.out.md5 else out.legacy))
         return resolved, problems
+
+    async def _url_import(self, out: DvcOut) -> DvcOut | Problem:
+        """A `dvc import-url` output: from the repository's remote when it holds the object
+        (where `dvc pull` gets it), else from its recorded source, verified against the md5
+        the .dvc file records; else it is reported unavailable. See remotes/source.py."""
+        from .remotes.source import build_source
+
+        src = out.url_source
+        assert src is not None
+        if await self._on_own_remote(out):
+            return out
+        why = "not on the DVC remote"
+        if out.is_dir:
+            return Problem(out.path, out.source, f"{out.source}: {why}, and a directory is not read from its "
+                                                 f"import-url source ({strip_userinfo(src.url)[0]})", True)
+        try:
+            base = self.git.local_path / src.base if self.git.local_path is not None else None
+            remote = build_source(src.url, base, version_id=src.version_id, jobs=self.config.jobs,
+                                  timeout=self.config.request_timeout, ca_bundle=self.config.ca_bundle)
+            if await remote.exists(""):
+                index = len(self._sources)
+                self._sources.append(remote)
+                return replace(out, root=f"{_SOURCE}{index}")
+            await remote.aclose()
+            cause = f"missing at its source {remote.display_url}"
+        except DDAError as err:
+            cause = f"its source cannot be read: {err}"
+        return Problem(out.path, out.source, f"{out.source}: import-url output {why}, and {cause}", False)
 
     async def _on_own_remote(self, out: DvcOut) -> bool:
         try:
@@ -223,6 +271,8 @@ class Engine:
         """The remote `name` (None: the default) of the DVC (sub)repository at folder `root`,
         as its .dvc/config declares it, with our overrides applied."""
         assert self._layout is not None
+        if root.startswith(_SOURCE):   # an import-url output read from its recorded source
+            return self._sources[int(root[len(_SOURCE):])]
         layout, repo_dir, identity = self._layout, self.git.local_path, root
         if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
             index, _, root = root[len(_IMPORT):].partition(":")
@@ -277,7 +327,9 @@ class Engine:
             root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
             key = entry.path[len(root) + 1:] if root else entry.path
             return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
-        size = None if entry.path in self._looked_up else entry.size   # a size learned from an answer: checked again
+        size = None if entry.looked_up else entry.size   # a size learned from an answer: checked again
+        if entry.root.startswith(_SOURCE):   # the one object of an import-url source (errors name it)
+            return ObjectRef(entry.oid, remote, remote.display_url, entry.legacy, size, entry.path)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, size, entry.path)
 
     async def stat(self, path: str) -> Entry:
@@ -348,21 +400,17 @@ class Engine:
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
-        # Sizes of an object never change: remember them in the tree, but only in the tree the
-        # entry came from (after a refresh, an old entry must not land in the new snapshot).
-        sized = replace(entry, size=size)
-        if self.tree.files.get(entry.path) is entry:
-            self.tree.files[entry.path] = sized
-        if entry.kind == "dvc":
-            self._looked_up.add(entry.path)
+        # Sizes of an object never change: remember them in the current tree where it holds the
+        # same object at that path (an entry from before a refresh changes nothing else).
+        sized = replace(entry, size=size, looked_up=entry.kind == "dvc")
+        current = self.tree.files.get(entry.path)
+        if current is not None and current.oid == entry.oid and current.kind == entry.kind and current.size is None:
+            self.tree.set_size(entry.path, size, looked_up=entry.kind == "dvc")
         return sized
 
     def _size_verified(self, oid: str, size: int) -> None:
         """A verified object's size replaces one learned from a remote's answer."""
-        for path in self._looked_up:
-            entry = self.tree.files.get(path)
-            if entry is not None and entry.oid == oid and entry.size != size:
-                self.tree.files[path] = replace(entry, size=size)
+        self.tree.resize_object(oid, size)
 
     def known_sizes(self, entries: list[Entry]) -> list[Entry]:
         """`entries` with the sizes this node already knows filled in - the fetcher's memory,
@@ -418,14 +466,14 @@ class Engine:
             return False
         task = self._size_index_loads.get(out.md5)
         if task is None:
-            task = asyncio.ensure_future(self._load_size_index(out, await self._manifest_md5s(out)))
+            task = asyncio.ensure_future(self._load_size_index(out))
             self._size_index_loads[out.md5] = task
         await asyncio.shield(task)
         self._size_index_tried.add(out.md5)
         self._size_index_loads.pop(out.md5, None)
         return True
 
-    async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
+    async def _load_size_index(self, out: DvcOut) -> None:
         remote = self.remote(out.remote, out.source, out.root)
         key = sizeindex.index_path(out.md5, out.legacy)
         where = f"{out.path}: size index {remote.display_url}/{key}"
@@ -434,7 +482,8 @@ class Engine:
             # long (the index is an optimisation; per-file sizing still works).
             async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
                 got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
-            sizes = sizeindex.decode(got.data, out.md5, expected, where)
+            # The manifest's md5s only once an index exists (a 1M-entry set is not free).
+            sizes = sizeindex.decode(got.data, out.md5, await self._manifest_md5s(out), where)
         except ObjectMissing:
             return                                  # none published: sized per file when asked
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
@@ -453,7 +502,8 @@ class Engine:
         ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
                         f"{out.path} (manifest {out.md5}.dir, from {out.source})")
         data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
-        return {item.md5 for item in parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")}
+        raw = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir").md5   # 16 bytes per entry
+        return {raw[i:i + 16].hex() for i in range(0, len(raw), 16)}
 
     async def publish_sizes(self, path: str) -> list[tuple[str, str, int]]:
         """Publish the size index of every directory output at or below `path` (or the one
@@ -533,7 +583,7 @@ class Engine:
                                   f"(.lfsconfig lfs.url) nor is it on http(s)")
             clean, url_user, url_token = strip_userinfo(url)
             same = _same_origin(clean, self.git.url)
-            self._lfs = LfsClient(clean, self.config.cache_dir, user=url_user or (self.git.user if same else None),
+            self._lfs = LfsClient(clean, self.store, user=url_user or (self.git.user if same else None),
                                   token=url_token or (self.git.token if same else None),
                                   verify=verify_for("lfs", None, self.config.ca_bundle),
                                   timeout=self.config.request_timeout)
@@ -568,7 +618,7 @@ class Engine:
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.git.aclose()
-        for remote in self._remotes.values():
+        for remote in [*self._remotes.values(), *self._sources]:
             await remote.aclose()
         if self._lfs is not None:
             await self._lfs.aclose()

@@ -299,8 +299,8 @@ class Settings(BaseSettings):
                                                group="sidecar", shown="")
     fuse_fd_socket: str | None = setting(None, "CSI mode: unix socket on which the node plugin hands over the FUSE "
                                          "descriptor; the sidecar then mounts nothing and needs no privileges "
-                                         "(`mount` becomes optional: where this container sees the volume, for "
-                                         "/readyz) (set by the webhook)", group="sidecar", flags=("--fuse-fd-socket",))
+                                         "(`mount` becomes optional: where the app containers see the volume, "
+                                         "for hinted paths) (set by the webhook)", group="sidecar", flags=("--fuse-fd-socket",))
 
     # CSI node plugin (`dda csi`)
     csi_endpoint: str = setting("unix:///csi/csi.sock", "gRPC endpoint the kubelet calls (a unix socket)",
@@ -339,6 +339,13 @@ class Settings(BaseSettings):
         shown="500m CPU, 256Mi-2Gi")
     webhook_native_sidecar: Bool = setting(True, "native sidecar (Kubernetes >= 1.29) or the fallback",
                                            group="webhook", flags=("--native-sidecar",), helm="sidecar.nativeSidecar")
+    webhook_mode: Annotated[str, _v(_choice("csi", "privileged"))] = setting(
+        "csi", "how injected sidecars get FUSE: csi (the node plugin `dda csi` mounts /dev/fuse and hands it to "
+        "an unprivileged sidecar; the pod passes Pod Security \"restricted\") or privileged (the sidecar mounts "
+        "FUSE itself as a privileged root container)", group="webhook", flags=("--mode",), helm="sidecar.mode")
+    webhook_csi_driver: str = setting("csi.dda-sidecar.io", "CSI driver of the injected data volumes (csi mode; "
+                                      "the node plugin's `csi_driver_name`)", group="webhook",
+                                      flags=("--csi-driver",), helm="csi.driverName")
     webhook_on_invalid: Annotated[str, _v(_choice("deny", "warn"))] = setting(
         "deny", "invalid annotations: deny the pod, or admit it uninjected with a warning", group="webhook",
         flags=("--on-invalid",), helm="webhook.onInvalidAnnotation")

@@ -75,7 +75,7 @@ def run(ns: argparse.Namespace) -> int:
 
 async def _start_handed(config: Settings, fd_socket: str, subdir: str, seen_at: Path | None) -> "Mount":
     """CSI mode: collect the FUSE descriptor the node plugin offers on `fd_socket` and serve it.
-    `seen_at`: where this container sees the volume (hints name paths under it), if it does."""
+    `seen_at`: where the app containers see the volume (hints name paths under it), if known."""
     from .csi.handoff import receive
     from .fuse.mount import Mount
 
@@ -92,8 +92,8 @@ async def _start_handed(config: Settings, fd_socket: str, subdir: str, seen_at: 
 async def serve(config: Settings, mountpoint: Path | None, port: int, bind: str, subdir: str = "",
                 allow_non_empty: bool = False, exit_with_app: bool = False, fd_socket: str | None = None) -> int:
     """Mount (or, with `fd_socket`, serve the descriptor the CSI node plugin mounted) and serve
-    HTTP until SIGTERM or the session ends. `mountpoint`: where the mount is seen, for /readyz
-    (None in CSI mode when this container does not mount the volume)."""
+    HTTP until SIGTERM or the session ends. `mountpoint`: where the mount is seen, probed by
+    /readyz; in CSI mode where the app containers see it (for hints; never probed), or None."""
     import pyfuse3
 
     from .fetch.scheduler import fetch_observers
@@ -112,7 +112,10 @@ async def serve(config: Settings, mountpoint: Path | None, port: int, bind: str,
         except OSError:
             pass   # a stale mount (ENOTCONN) or a read-only parent: Mount.start says what is wrong
         mountpoint = mountpoint.resolve()
-    health = Health(mountpoint)
+    # CSI mode: `mountpoint` is where the app containers see the volume (hinted paths name it);
+    # this container does not mount it, so the live FUSE session is the health (it exits when
+    # the session ends).
+    health = Health(None if fd_socket else mountpoint)
     metrics = Metrics(strip_userinfo(config.repo or "")[0], config.revision or "",
                       str(mountpoint) if mountpoint is not None else str(fd_socket),
                       mount_up=lambda: health.last_ok)

@@ -58,20 +58,32 @@ def world(tmp_path):
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _serving(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class Plugin:
     """`dda csi` as a subprocess on a temporary endpoint and kubelet root."""
 
     def __init__(self, base: Path):
         self.kubelet = base / "kubelet"
-        self.kubelet.mkdir()
+        self.kubelet.mkdir(exist_ok=True)    # a restarted plugin finds the kubelet's state
         self.kubelet.chmod(0o755)
         self.endpoint = f"unix://{base}/plugin/csi.sock"
-        self.log = base / "plugin.log"
+        self.log = base / f"plugin-{free_port()}.log"
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen([DDA, "csi", "--csi-endpoint", self.endpoint, "--kubelet-dir",
                                       str(self.kubelet), "--node-id", "node-a"], stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        assert wait_until(lambda: self.proc.poll() is not None or Path(self.endpoint[7:]).exists(), 30), self.output()
+        # serving, not just a socket file (a crashed plugin leaves its file behind)
+        assert wait_until(lambda: self.proc.poll() is not None or _serving(Path(self.endpoint[7:])), 30), self.output()
         assert self.proc.poll() is None, self.output()
         from sidecar.csi.client import CsiClient
 
@@ -141,21 +153,25 @@ class UnprivilegedSidecar:
     """`dda sidecar --fuse-fd-socket` as uid/gid 65534, no groups, no capabilities at all
     (bounding set emptied, no_new_privs), as the pod's sidecar container runs."""
 
-    def __init__(self, base: Path, socket: Path, repo, http_remote):
+    def __init__(self, base: Path, socket: Path, repo, http_remote, pod_env: dict[str, str] | None = None,
+                 user: tuple[int, int] = (NOBODY, NOBODY)):
+        """`pod_env`: the container's environment from a pod spec (paths already mapped to
+        the node), instead of this test's own; the repository and port are the test's."""
         self.home = base / f"sidecar-{free_port()}"
         self.home.mkdir()
         self.home.chmod(0o700)
-        os.chown(self.home, NOBODY, NOBODY)
+        os.chown(self.home, *user)
         self.port = free_port()
         self.log = base / f"{self.home.name}.log"
-        env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "HOME": str(self.home),
-               "DDA_REPO": repo.git_url, "DDA_REVISION": repo.branches["http"],
-               "DDA_CACHE_DIR": str(self.home / "cache"), "DDA_PORT": str(self.port), "DDA_BIND": "127.0.0.1",
-               "DDA_FUSE_FD_SOCKET": str(socket),
-               "DDA_REMOTE_HTTP_USER": http_remote.user, "DDA_REMOTE_HTTP_PASSWORD": http_remote.password}
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "HOME": str(self.home)}
+        env.update(pod_env if pod_env is not None else
+                   {"DDA_CACHE_DIR": str(self.home / "cache"), "DDA_FUSE_FD_SOCKET": str(socket)})
+        env.update({"DDA_REPO": repo.git_url, "DDA_REVISION": repo.branches["http"],
+                    "DDA_PORT": str(self.port), "DDA_BIND": "127.0.0.1",
+                    "DDA_REMOTE_HTTP_USER": http_remote.user, "DDA_REMOTE_HTTP_PASSWORD": http_remote.password})
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+            ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", "--inh-caps=-all",
              "--bounding-set=-all", "--no-new-privs", DDA, "sidecar"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.home)
 
@@ -224,6 +240,8 @@ def test_bad_requests_get_one_line_and_mount_nothing(plugin, world):
         (pod.publish_request(target_path=str(pod.target.parent / ".." / ".." / ".." / ".." / ".." / "x")),
          "is not under"),
         (pod.publish_request(volume_context={"socketVolume": "dda-csi"}), "podInfoOnMount"),
+        (pod.publish_request(volume_context={**pod.context, "csi.storage.k8s.io/pod.uid": str(uuid.uuid4())}),
+         "is not a volume of pod"),
         (pod.publish_request(volume_context={**pod.context, "socketVolume": "../../etc"}), "not a volume name"),
         (pod.publish_request(volume_context={**pod.context, "uid": "0"}), "root is refused"),
         (pod.publish_request(volume_id=""), "volume_id is empty"),
@@ -308,3 +326,94 @@ def test_csi_command_says_what_is_wrong_in_one_line(world):
                           env={**os.environ, "HOME": "/root"})
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "run it as root" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_webhooks_pod_meets_the_node_plugin(plugin, world, dvc3_repo, http_remote):
+    """The kubelet's part played from the webhook's own csi-mode patch: the CSI volume's
+    attributes plus the pod info are the volume context of NodePublishVolume; the sidecar runs
+    with the container's environment, user and (no) capabilities from the patch, its paths on
+    the pod's emptyDirs; the app's mount path is only a name to it (DDA_MOUNT, for hints), and
+    /readyz turns ready without it. Every byte is read through the published target; then the
+    kubelet tears the volume down under the live sidecar, which exits."""
+    import copy
+    import sys
+
+    import jsonpatch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from k8s_tools import decode_patch, load_review
+
+    from sidecar.webhook.mutate import WebhookConfig, mutate
+
+    review = load_review("job_single_repo.json")
+    response = mutate(copy.deepcopy(review), WebhookConfig.load(env={}))["response"]
+    spec = jsonpatch.apply_patch(review["request"]["object"], decode_patch(response))["spec"]
+    side = spec["initContainers"][0]
+    volume = next(v for v in spec["volumes"] if "csi" in v)
+    assert volume["csi"]["driver"] == "csi.dda-sidecar.io"   # the driver name the plugin answers to
+
+    pod = Pod(plugin, volume["name"])
+    pod.context = {**volume["csi"]["volumeAttributes"], **{k: v for k, v in pod.context.items()
+                                                          if k.startswith("csi.storage.k8s.io/")}}
+    empty_dirs = pod.target.parents[2] / "kubernetes.io~empty-dir"
+    mounts = {m["mountPath"]: m["name"] for m in side["volumeMounts"]}
+    for v in spec["volumes"]:
+        if "emptyDir" in v and v["name"] in mounts.values():   # the kubelet sets them up 0777
+            (empty_dirs / v["name"]).mkdir(parents=True)
+            (empty_dirs / v["name"]).chmod(0o777)
+
+    def on_node(path: str) -> str:
+        for at in sorted(mounts, key=len, reverse=True):
+            if path == at or path.startswith(at + "/"):
+                return str(empty_dirs / mounts[at] / path[len(at):].lstrip("/"))
+        raise AssertionError(f"{path}: on no volume of the sidecar")
+
+    env = {e["name"]: e["value"] for e in side["env"]}
+    assert env["DDA_MOUNT"] == "/data" and not Path("/data/README.md").exists()
+    env.update(DDA_FUSE_FD_SOCKET=on_node(env["DDA_FUSE_FD_SOCKET"]), DDA_CACHE_DIR=on_node(env["DDA_CACHE_DIR"]),
+               TMPDIR=on_node("/tmp"), HOME=on_node("/tmp"))
+    assert env["DDA_FUSE_FD_SOCKET"] == str(pod.socket)
+
+    plugin.call("Node", "NodePublishVolume", pod.publish_request(readonly=volume["csi"]["readOnly"]))
+    assert mounted(pod.target) and pod.socket.exists()
+    security = side["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["allowPrivilegeEscalation"] is False
+    sidecar = UnprivilegedSidecar(world, pod.socket, dvc3_repo, http_remote, pod_env=env,
+                                  user=(security["runAsUser"], security["runAsGroup"]))
+    try:
+        sidecar.wait_ready()
+        uid, caps, nnp = sidecar.credentials()
+        assert (int(uid), int(caps, 16), nnp) == (security["runAsUser"], 0, "1")
+        expected = {rel: p for rel, p in dvc3_repo.expected_files().items()
+                    if rel not in (".dvc/config", "models/model.bin")}
+        _read_all(pod.target, expected)
+        assert any((empty_dirs / mounts["/dda-cache"]).iterdir()), "the cache emptyDir stayed empty"
+        plugin.call("Node", "NodeUnpublishVolume", pod.unpublish_request())
+        assert not mounted(pod.target) and not pod.target.exists()
+        assert sidecar.proc.wait(30) is not None, sidecar.output()
+        assert "Traceback" not in sidecar.output(), sidecar.output()
+    finally:
+        sidecar.close()
+
+
+def test_unpublish_after_the_plugin_restarted_and_the_sidecar_never_came(world):
+    """The node plugin crashed (SIGKILL: its offer and descriptor gone, the FUSE connection
+    with no server) and came back; the kubelet then tears the volume down: the new plugin
+    unmounts from the mount table alone and removes the target."""
+    first = Plugin(world)
+    pod = Pod(first)
+    first.call("Node", "NodePublishVolume", pod.publish_request())
+    assert mounted(pod.target)
+    first.client.close()
+    first.proc.kill()
+    first.proc.wait(10)
+    first._log.close()
+    assert mounted(pod.target)
+    second = Plugin(world)
+    try:
+        second.call("Node", "NodeUnpublishVolume", pod.unpublish_request())
+        assert not mounted(pod.target) and not pod.target.exists()
+        second.call("Node", "NodeUnpublishVolume", pod.unpublish_request())   # idempotent
+    finally:
+        assert second.stop() == 0, second.output()
+    assert "Traceback" not in second.output(), second.output()

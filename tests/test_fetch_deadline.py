@@ -175,3 +175,54 @@ def test_mounted_reads_get_etimedout_then_recover_with_the_remote(tmp_path, mp):
             assert [len(d) if isinstance(d, bytes) else d for d in again] == [sizes[n] for n in names[:4]]
             for n, data in zip(names[:4], again):
                 assert hashlib.md5(data).hexdigest() == oids[n]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_cli_mount_daemon_stuck_downloads_outlive_no_fault(tmp_path, mp):
+    """Issue 14 item 5 as a user meets it: `dda mount --daemon --jobs 2 --deadline D` against a
+    remote trickling headers for four files: they answer ETIMEDOUT, a healthy file reads
+    meanwhile, and once the remote is healthy the four read (no download outlives its fault)."""
+    import json
+    import subprocess
+
+    from mounting import DDA, mounted, wait_until
+    from sidecar.sample import make_sample_repo
+
+    repo, remote_dir = make_sample_repo(tmp_path / "sample")
+    objects = {str(p.relative_to(remote_dir)): p.read_bytes() for p in Path(remote_dir).rglob("*") if p.is_file()}
+    md5_of = {}                        # "dogs/<name>" -> object path, from the manifests
+    for path, data in objects.items():
+        if path.endswith(".dir"):
+            for entry in json.loads(data):
+                md5_of[entry["relpath"]] = f"files/md5/{entry['md5'][:2]}/{entry['md5'][2:]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
+    with TrickleServer(objects) as server:
+        proc = subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", "--jobs", "2", "--deadline",
+                               str(DEADLINE), "--request-timeout", "5"], capture_output=True, text=True, timeout=60,
+                              env={**env, "DDA_CACHE_DIR": str(tmp_path / "cache"),
+                                   "DDA_REMOTE_DEFAULT_URL": f"http://127.0.0.1:{server.port}"})
+        assert proc.returncode == 0, proc.stderr
+        try:
+            folder = mp / "data/images/dogs"
+            names = sorted(os.listdir(folder))
+            sizes = {n: os.stat(folder / n).st_size for n in names}
+            server.stuck = {md5_of[f"dogs/{n}"] for n in names[:4]}
+
+            def read(name: str) -> bytes | int:
+                try:
+                    return (folder / name).read_bytes()
+                except OSError as err:
+                    return err.errno
+
+            with ThreadPoolExecutor(4) as pool:
+                stuck = list(pool.map(read, names[:4]))
+            assert stuck == [errno.ETIMEDOUT] * 4
+            healthy = read(names[4])
+            assert isinstance(healthy, bytes) and len(healthy) == sizes[names[4]]
+            server.stuck = set()
+            time.sleep(DEADLINE + 1.0)       # a prefetch started while stuck ends at its own deadline
+            again = [read(n) for n in names[:4]]
+            assert [len(d) if isinstance(d, bytes) else d for d in again] == [sizes[n] for n in names[:4]]
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+            wait_until(lambda: not mounted(mp), 10)

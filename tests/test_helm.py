@@ -119,13 +119,14 @@ def test_every_rendered_manifest_validates(helm, values, kube):
     kinds = {d["kind"] for d in docs}
     assert {"ServiceAccount", "Service", "Deployment", "MutatingWebhookConfiguration"} <= kinds
     for d in docs:
-        if d["kind"] not in ("MutatingWebhookConfiguration",):
+        if d["kind"] not in ("MutatingWebhookConfiguration", "CSIDriver"):   # cluster-scoped
             assert d["metadata"].get("namespace") == NAMESPACE or d["kind"] == "ConfigMap", d["kind"]
     assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}   # the webhook needs no API access
 
 
 def test_defaults(helm):
-    docs = render(helm)
+    """The privileged mode renders what the chart rendered before the csi mode existed."""
+    docs = render(helm, None, "--set", "sidecar.mode=privileged")
     kinds = by_kind(docs)
     assert sorted(kinds) == ["Deployment", "MutatingWebhookConfiguration", "Pod", "PodDisruptionBudget", "Secret",
                              "Service", "ServiceAccount"]
@@ -330,3 +331,94 @@ def test_chart_engine_settings_reach_the_sidecar(helm):
                                                              defaults.chunk_size)
     assert "sidecar/jobs" in render_error(helm, "--set", "sidecar.jobs=0")
     assert "sidecar/chunkSize" in render_error(helm, "--set", "sidecar.chunkSize=lots")
+
+
+def test_defaults_csi_node_plugin_registrar_and_driver(helm):
+    """The default chart: the webhook injects in csi mode; the node plugin DaemonSet serves
+    `dda csi` on the socket the registrar registers with the kubelet; the CSIDriver is
+    node-only, Ephemeral, podInfoOnMount. One driver name everywhere."""
+    from sidecar.cli import build_parser
+    from sidecar.settings import Settings, flag_values
+
+    kinds = by_kind(render(helm))
+    assert sorted(kinds) == ["CSIDriver", "DaemonSet", "Deployment", "MutatingWebhookConfiguration", "Pod",
+                             "PodDisruptionBudget", "Secret", "Service", "ServiceAccount"]
+    env = deployment_env(render(helm))
+    assert env["DDA_WEBHOOK_MODE"] == "csi" and env["DDA_WEBHOOK_CSI_DRIVER"] == "csi.dda-sidecar.io"
+    driver = kinds["CSIDriver"][0]
+    assert driver["metadata"]["name"] == "csi.dda-sidecar.io" and "namespace" not in driver["metadata"]
+    assert driver["spec"] == {"attachRequired": False, "podInfoOnMount": True, "requiresRepublish": False,
+                              "storageCapacity": False, "fsGroupPolicy": "None", "volumeLifecycleModes": ["Ephemeral"]}
+    ds = kinds["DaemonSet"][0]
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    assert ds["spec"]["template"]["metadata"]["labels"]["dda-sidecar.io/inject"] == "false"
+    assert pod["automountServiceAccountToken"] is False and pod["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    volumes = {v["name"]: v["hostPath"] for v in pod["volumes"]}
+    assert volumes == {"kubelet-dir": {"path": "/var/lib/kubelet", "type": "Directory"},
+                       "plugin-dir": {"path": "/var/lib/kubelet/plugins/csi.dda-sidecar.io/", "type": "DirectoryOrCreate"},
+                       "registration-dir": {"path": "/var/lib/kubelet/plugins_registry/", "type": "Directory"},
+                       "dev": {"path": "/dev", "type": "Directory"}}
+    node, registrar = pod["containers"]
+    assert node["securityContext"]["privileged"] is True and node["securityContext"]["runAsUser"] == 0
+    mounts = {m["name"]: m for m in node["volumeMounts"]}
+    assert mounts["kubelet-dir"] == {"name": "kubelet-dir", "mountPath": "/var/lib/kubelet",
+                                     "mountPropagation": "Bidirectional"}
+    assert mounts["plugin-dir"]["mountPath"] == "/csi" and mounts["dev"]["mountPath"] == "/dev"
+    assert node["image"] == "ghcr.io/dda-sidecar/dda-sidecar:0.1.0"
+    # the node container's args are a `dda csi` command line, and say what the registrar says
+    ns = build_parser().parse_args(node["args"])
+    settings = Settings.load(flag_values(ns), env={})
+    assert ns.command == "csi" and settings.csi_endpoint == "unix:///csi/csi.sock"
+    assert settings.csi_kubelet_dir == "/var/lib/kubelet" and settings.csi_driver_name == driver["metadata"]["name"]
+    assert {"name": "KUBE_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in node["env"]
+    assert registrar["image"].startswith("registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.")
+    assert "--csi-address=/csi/csi.sock" in registrar["args"]
+    assert "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.dda-sidecar.io/csi.sock" in registrar["args"]
+    assert {m["mountPath"]: m["name"] for m in registrar["volumeMounts"]} == {"/csi": "plugin-dir",
+                                                                              "/registration": "registration-dir"}
+    assert registrar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in registrar["securityContext"]
+
+
+def test_csi_values_driver_name_kubelet_dir_images_and_switches(helm):
+    docs = render(helm, None, "--set", "csi.driverName=dda.corp.example", "--set", "csi.kubeletDir=/data/kubelet",
+                  "--set", "csi.registrar.image.repository=mirror.example/registrar",
+                  "--set", "csi.registrar.image.tag=v2.99.0", "--set", "csi.image.repository=mirror.example/dda",
+                  "--set", "csi.logLevel=debug")
+    kinds = by_kind(docs)
+    assert kinds["CSIDriver"][0]["metadata"]["name"] == "dda.corp.example"
+    assert deployment_env(docs)["DDA_WEBHOOK_CSI_DRIVER"] == "dda.corp.example"
+    pod = kinds["DaemonSet"][0]["spec"]["template"]["spec"]
+    node, registrar = pod["containers"]
+    assert node["image"] == "mirror.example/dda:0.1.0" and "--verbose" in node["args"]
+    assert node["args"][node["args"].index("--driver-name") + 1] == "dda.corp.example"
+    assert node["args"][node["args"].index("--kubelet-dir") + 1] == "/data/kubelet"
+    assert registrar["image"] == "mirror.example/registrar:v2.99.0"
+    assert "--kubelet-registration-path=/data/kubelet/plugins/dda.corp.example/csi.sock" in registrar["args"]
+    assert {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}["registration-dir"] == \
+        "/data/kubelet/plugins_registry/"
+    for d in docs:
+        validate_k8s(d)
+    # installed elsewhere: no node plugin, no CSIDriver; the webhook still injects csi volumes
+    docs = render(helm, None, "--set", "csi.enabled=false")
+    assert not {"DaemonSet", "CSIDriver"} & set(by_kind(docs)) and deployment_env(docs)["DDA_WEBHOOK_MODE"] == "csi"
+    # privileged mode: neither either
+    docs = render(helm, CHART / "ci" / "privileged-values.yaml")
+    assert not {"DaemonSet", "CSIDriver"} & set(by_kind(docs))
+    assert deployment_env(docs)["DDA_WEBHOOK_MODE"] == "privileged"
+    assert "sidecar/mode" in render_error(helm, "--set", "sidecar.mode=root")
+    assert "csi/driverName" in render_error(helm, "--set", "csi.driverName=Not_A_Name")
+
+
+def test_csi_mode_node_shared_cache_is_prepared_for_the_sidecars_user(helm):
+    """hostPath cache in csi mode: the sidecar (uid 65534) cannot create it, so the node
+    plugin's init container does, owned by 65534, mode 0700."""
+    kinds = by_kind(render(helm, CHART / "ci" / "fallback-hostpath-values.yaml", kube="1.25.0"))
+    pod = kinds["DaemonSet"][0]["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["command"][-1] == "mkdir -p /cache && chown 65534:65534 /cache && chmod 0700 /cache"
+    assert {v["name"]: v for v in pod["volumes"]}["cache-dir"]["hostPath"] == {
+        "path": "/mnt/nvme/dda-cache", "type": "DirectoryOrCreate"}
+    assert "initContainers" not in by_kind(render(helm))["DaemonSet"][0]["spec"]["template"]["spec"]

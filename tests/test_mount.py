@@ -368,3 +368,72 @@ def test_unmount_while_a_directory_is_being_sized_ends_the_daemon(tmp_path, mp):
             lister.kill()
         if mounted(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)])
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (git cat-file readers, ...)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def test_unmount_during_a_directory_prefetch_ends_the_daemon(tmp_path, mp):
+    """Issue 16, must-work 4: a reader opens files of a folder one after another, so the
+    directory is fetched ahead, from a remote that never answers; `dda unmount` (nothing is
+    open: a plain unmount) must end the daemon within seconds, its children (git cat-file
+    readers) with it. It once stayed alive over 2 minutes holding /dev/fuse, waiting in
+    pyfuse3.main()."""
+    import socket
+
+    repo, remote = make_sample_repo(tmp_path / "s", images=40)
+    cats = mp / "data" / "images" / "cats"
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"), "DDA_REMOTE_STORAGE_URL": str(remote)}
+    # a first mount learns every size (kept in the cache), so the second lists without the remote
+    subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon"], env=env, check=True, capture_output=True)
+    names = sorted(os.listdir(cats))
+    assert len(names) >= 12 and all(os.stat(cats / n).st_size > 0 for n in names)
+    subprocess.run([DDA, "unmount", str(mp)], check=True)
+    assert wait_until(lambda: not mounted(mp), 10)
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    silent.settimeout(20)
+    env["DDA_REMOTE_STORAGE_URL"] = f"http://127.0.0.1:{silent.getsockname()[1]}/nowhere"
+    proc = subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", "--deadline", "300"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = daemon_pid(mp)
+    held = []
+    try:
+        assert (mp / "README.md").read_bytes()          # a git blob: a cat-file reader starts
+        for name in names[:8]:                          # in listing order: the walk is followed
+            os.close(os.open(cats / name, os.O_RDONLY))
+        conn, _ = silent.accept()                       # the prefetch reached the remote ...
+        held.append(conn)
+        time.sleep(0.5)                                 # ... and waits there
+        children = _children(pid)
+        assert any(b"cat-file" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children), children
+        started = time.monotonic()
+        done = subprocess.run([DDA, "unmount", str(mp)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert not mounted(mp)
+        assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), 15), "daemon still alive after unmount"
+        assert time.monotonic() - started < 10
+        assert wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 10), children
+        assert "Traceback" not in (tmp_path / "cache" / "logs" / "mount.log").read_text()
+    finally:
+        for conn in held:
+            conn.close()
+        silent.close()
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+        if mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)])

@@ -84,7 +84,8 @@ def test_dda_sidecar_with_the_env_the_webhook_injects(tmp_path):
 
     review = load_review("job_single_repo.json")
     review["request"]["object"]["metadata"]["annotations"]["dda-sidecar.io/revision"] = "v1"   # the sample's tag
-    response = mutate(review, WebhookConfig.load(env={}))["response"]
+    # this emulation is the privileged mode's (propagation); the csi mode's: tests/test_csi.py
+    response = mutate(review, WebhookConfig.load(env={}, mode="privileged"))["response"]
     sidecar = next(op["value"][0] for op in decode_patch(response) if op["path"] == "/spec/initContainers")
     assert sidecar["args"] == ["sidecar"]
     env = {e["name"]: e["value"] for e in sidecar["env"]}

@@ -44,6 +44,7 @@ SAMPLES = {
     "webhook_sidecar_pull_policy": ("Always", "Always"),
     "webhook_sidecar_resources": ('{"limits": {"memory": "1Gi"}}', {"limits": {"memory": "1Gi"}}),
     "webhook_native_sidecar": ("false", False), "webhook_on_invalid": ("warn", "warn"),
+    "webhook_mode": ("privileged", "privileged"), "webhook_csi_driver": ("fuse.example.com", "fuse.example.com"),
     "webhook_cache_mode": ("hostPath", "hostPath"), "webhook_cache_size": ("1Gi", "1Gi"),
     "webhook_cache_host_path": ("/var/x", "/var/x"), "webhook_cache_fraction": ("0.5", 0.5),
     "webhook_metrics_port": ("9500", 9500), "webhook_default_mount_path": ("/dataset", "/dataset"),

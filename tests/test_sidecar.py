@@ -5,6 +5,7 @@ mount, with every PromQL expression of the Grafana dashboard evaluated."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -318,3 +319,24 @@ echo sidecar-rc=$?
     assert out.read_bytes() == b"# sample"
     assert "the app containers have exited; stopping" in log.read_text()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_unprivileged_sidecar_sees_the_app_processes_of_other_users():
+    """csi mode: the sidecar runs as 65534 with no capabilities and may not read another
+    user's /proc/<pid>/ns/mnt; such a process (an app container's) still counts as an app."""
+    app = subprocess.Popen(["unshare", "--mount", "sleep", "60"])
+    try:
+        assert wait_until(lambda: os.readlink(f"/proc/{app.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"), 5)
+        code = ("import json, os; from sidecar.appwatch import app_processes; "
+                "print(json.dumps([os.getpid(), app_processes()]))")
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                               "--bounding-set=-all", "--no-new-privs", sys.executable, "-c", code],
+                              capture_output=True, text=True, timeout=60, cwd="/",
+                              env={"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+        assert proc.returncode == 0, proc.stderr
+        me, apps = json.loads(proc.stdout)
+        assert app.pid in apps and me not in apps
+    finally:
+        app.kill()
+        app.wait(10)

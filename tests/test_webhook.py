@@ -31,7 +31,8 @@ from sidecar.webhook.mutate import (  # noqa: E402
     repo_problem,
 )
 
-CONFIG = WebhookConfig.load(env={}, image="registry.example.com/dda-sidecar:0.1.0")
+# The tests written for the privileged mode keep it explicitly (the default is csi, tested below).
+CONFIG = WebhookConfig.load(env={}, image="registry.example.com/dda-sidecar:0.1.0", mode="privileged")
 FIXTURES = sorted(p.name for p in ADMISSION.glob("*.json"))
 
 
@@ -169,7 +170,8 @@ def test_idempotent_under_reinvocation(name):
     again = copy.deepcopy(review)
     again["request"]["object"] = pod
     assert "patch" not in run(again) and run(again)["allowed"]
-    for mode in ({"native_sidecar": "false"}, {"cache_mode": "hostPath"}):
+    for mode in ({"native_sidecar": "false"}, {"cache_mode": "hostPath"}, {"mode": "privileged"},
+                 {"mode": "privileged", "native_sidecar": "false"}):
         config = WebhookConfig.load(env={}, **mode)
         pod, _ = apply(review, config)
         again["request"]["object"] = pod
@@ -487,7 +489,8 @@ def test_dda_webhook_command(tls):
     dda = str(Path(sys.executable).parent / "dda")
     environment = {**os.environ, "DDA_WEBHOOK_TLS_CERT": str(d / "tls.crt"), "DDA_WEBHOOK_TLS_KEY": str(d / "tls.key"),
                    "DDA_WEBHOOK_ON_INVALID": "warn"}
-    proc = subprocess.Popen([dda, "webhook", "--listen", f"127.0.0.1:{port}", "--sidecar-image", "img:1"],
+    proc = subprocess.Popen([dda, "webhook", "--listen", f"127.0.0.1:{port}", "--sidecar-image", "img:1",
+                             "--mode", "privileged"],
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -580,3 +583,130 @@ def test_fallback_mode_shares_the_process_namespace_so_the_sidecar_can_exit():
     review["request"]["object"]["spec"]["shareProcessNamespace"] = False
     pod, _ = apply(review, fallback)
     assert pod["spec"]["shareProcessNamespace"] is False and "DDA_EXIT_WITH_APP" not in env(pod["spec"]["containers"][0])
+
+
+# ------------------------------------------------------------------ csi mode (the default)
+
+CSI = WebhookConfig.load(env={}, image="registry.example.com/dda-sidecar:0.1.0")
+RESTRICTED_CONTAINER = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _host_path(pod: dict, c: dict, path: str, kubelet: Path, uid: str) -> Path:
+    """Where `path` inside container `c` lies on the node, for emptyDir volumes (the kubelet's
+    layout: <root>/pods/<uid>/volumes/kubernetes.io~empty-dir/<volume>/...)."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for m in sorted(c.get("volumeMounts", []), key=lambda m: -len(m["mountPath"])):
+        if path == m["mountPath"] or path.startswith(m["mountPath"] + "/"):
+            assert "emptyDir" in volumes[m["name"]], m
+            rest = path[len(m["mountPath"]):].lstrip("/")
+            return kubelet / "pods" / uid / "volumes" / "kubernetes.io~empty-dir" / m["name"] / rest
+    raise AssertionError(f"{path} is on no volume of {c['name']}")
+
+
+def test_csi_mode_is_the_default():
+    assert WebhookConfig.load(env={}).mode == "csi" and CSI.csi_driver == "csi.dda-sidecar.io"
+    with pytest.raises(ValueError, match="mode"):
+        WebhookConfig.load(env={"DDA_WEBHOOK_MODE": "root"})
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "fallback"])
+def test_csi_mode_volume_sidecar_and_the_node_plugins_socket(native, tmp_path):
+    """Each repository is a CSI ephemeral volume of our driver that the app containers mount
+    read-only; its sidecar runs unprivileged and does not mount it; the socket the sidecar
+    waits on is where the node plugin, given the kubelet's target path and volume context,
+    offers the descriptor."""
+    from sidecar.csi.node import POD_UID, NodePlugin
+
+    config = CSI if native else WebhookConfig.load(env={}, native_sidecar="false")
+    review = load_review("deployment_multi_repo.json")
+    pod, _ = apply(review, config)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    kubelet = tmp_path / "kubelet"
+    plugin = NodePlugin("node-a", kubelet)
+    uid = "7d3c2c4e-0b8a-4c57-9a43-5c1f1f0f3a11"
+    sockets = set()
+    for name, path, repo in (("images", "/data/images", "https://dagshub.com/acme/images.git"),
+                             ("labels", "/workspace/labels", "git@github.com:acme/labels.git")):
+        vol = volumes[f"dda-data-{name}"]
+        assert set(vol) == {"name", "csi"} and vol["csi"]["driver"] == "csi.dda-sidecar.io"
+        assert vol["csi"]["readOnly"] is True
+        attributes = vol["csi"]["volumeAttributes"]
+        assert attributes["repo"] == repo and attributes["socketVolume"] == "dda-csi"
+        assert (attributes["uid"], attributes["gid"]) == ("65534", "65534")
+        assert all(isinstance(v, str) for v in attributes.values())
+        # never a credential, nor the Secret: only the sidecar reads it
+        assert not {k.lower() for k in attributes} & {"secret", "token", "password", "user"}
+        assert "dagshub-creds" not in json.dumps(attributes)
+        side = container(pod, f"dda-sidecar-{name}")
+        assert side["securityContext"] == {**RESTRICTED_CONTAINER, "runAsUser": 65534, "runAsGroup": 65534,
+                                           "privileged": False, "readOnlyRootFilesystem": True}
+        assert f"dda-data-{name}" not in {m["name"] for m in side["volumeMounts"]}   # no self-deadlock
+        assert {m["mountPath"] for m in side["volumeMounts"]} >= {"/dda-csi", "/dda-cache", "/tmp"}
+        e = env(side)
+        assert e["DDA_MOUNT"] == path and e["DDA_CACHE_DIR"] == "/dda-cache"
+        # the kubelet's call: target path of this volume and the volume context it builds
+        target = kubelet / "pods" / uid / "volumes" / "kubernetes.io~csi" / f"dda-data-{name}" / "mount"
+        offered = plugin._socket_path(target, {**attributes, POD_UID: uid})
+        assert _host_path(pod, side, e["DDA_FUSE_FD_SOCKET"], kubelet, uid) == offered
+        sockets.add(offered)
+        for app in ("trainer", "tensorboard", "log-shipper"):
+            mounts = {m["name"]: m for m in container(pod, app)["volumeMounts"]}
+            assert mounts[f"dda-data-{name}"] == {"name": f"dda-data-{name}", "mountPath": path, "readOnly": True}
+    assert len(sockets) == 2
+    # the socket folder is disk-backed (a tmpfs mounted later would hide the plugin's socket)
+    assert volumes["dda-csi"]["emptyDir"].get("medium", "") == ""
+    assert volumes["dda-cache"]["emptyDir"]["sizeLimit"] == "50Gi"
+    # the pod's own security context is left alone
+    assert pod["spec"]["securityContext"] == review["request"]["object"]["spec"]["securityContext"]
+
+
+def test_csi_mode_reinvocation_adds_plain_mounts():
+    review = load_review("job_single_repo.json")
+    pod, _ = apply(review, CSI)
+    pod["spec"]["containers"].append({"name": "istio-proxy", "image": "istio/proxyv2:1.23.2"})
+    again = copy.deepcopy(review)
+    again["request"]["object"] = pod
+    pod2, ops = apply(again, CSI)
+    assert ops == [{"op": "add", "path": "/spec/containers/1/volumeMounts", "value": [
+        {"name": "dda-data", "mountPath": "/data", "readOnly": True}]}]
+    again["request"]["object"] = pod2
+    assert "patch" not in run(again, CSI)
+
+
+def test_csi_driver_name_reaches_the_volume():
+    pod, _ = apply(load_review("job_single_repo.json"), WebhookConfig.load(env={"DDA_WEBHOOK_CSI_DRIVER": "dda.corp.io"}))
+    volume = {v["name"]: v for v in pod["spec"]["volumes"]}["dda-data"]
+    assert volume["csi"]["driver"] == "dda.corp.io"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files owned by root, read as 65534)")
+def test_csi_mode_sidecar_can_read_its_secret():
+    """The kubelet writes a Secret volume's files as root with its defaultMode; the csi-mode
+    sidecar (uid 65534, no capabilities) must read the documented keys and the ssh key, and
+    only its own container mounts the volume."""
+    pod, _ = apply(load_review("deployment_multi_repo.json"), CSI)
+    side = container(pod, "dda-sidecar-images")
+    secret = secret_volume(pod, side)
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="dda-secret-", dir="/tmp"))   # pytest's tmp_path is root's alone
+    base.chmod(0o755)
+    folder = base / "secret"
+    folder.mkdir()
+    for name, value in (("DDA_GIT_TOKEN", "tok"), ("ssh-privatekey", "KEY")):
+        (folder / name).write_text(value)
+        os.chmod(folder / name, secret["defaultMode"])
+    code = ("import sys; from sidecar.secretfiles import read_secret_dir; "
+            "print(read_secret_dir(sys.argv[1]), open(sys.argv[1] + '/ssh-privatekey').read())")
+    security = side["securityContext"]
+    proc = subprocess.run(["setpriv", f"--reuid={security['runAsUser']}", f"--regid={security['runAsGroup']}",
+                           "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code,
+                           str(folder)], capture_output=True, text=True, timeout=60, cwd="/",
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    shutil.rmtree(base)
+    assert proc.returncode == 0 and proc.stdout.strip() == "{'DDA_GIT_TOKEN': 'tok'} KEY", proc.stdout + proc.stderr
+    mounting = [c["name"] for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+                if any(m["name"] == "dda-secret-images" for m in c.get("volumeMounts", []))]
+    assert mounting == ["dda-sidecar-images"]

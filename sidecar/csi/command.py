@@ -21,6 +21,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "pod's sidecar (`dda sidecar --fuse-fd-socket`); NodeUnpublishVolume unmounts.")
     add_arguments(p, CSI_FLAGS)
     p.add_argument("--config", dest="config_file", help="YAML config file [DDA_CONFIG]")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every call (info level)")
     return p
 
 

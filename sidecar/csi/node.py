@@ -122,6 +122,11 @@ class NodePlugin:
         uid = ctx.get(POD_UID, "")
         if not _UID.match(uid):
             raise Invalid(f"volume_context has no valid {POD_UID} (is podInfoOnMount set on the CSIDriver?)")
+        # kubelet: <root>/pods/<pod uid>/volumes/...: the pod info must name the pod whose
+        # volume this is, so a descriptor is never offered in another pod's emptyDir
+        parts = target.relative_to(self.kubelet_dir / "pods").parts
+        if not parts or parts[0] != uid:
+            raise Invalid(f"target_path is not a volume of pod {uid} ({POD_UID})")
         volume = ctx.get(SOCKET_VOLUME, DEFAULT_SOCKET_VOLUME)
         if not _LABEL.match(volume):
             raise Invalid(f"volume_context {SOCKET_VOLUME}: not a volume name: {volume[:80]!r}")

@@ -15,7 +15,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -37,6 +37,25 @@ log = logging.getLogger(__name__)
 fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] | None,
                                               Callable[[float], None] | None]] = \
     contextvars.ContextVar("dda_fetch_observers", default=(None, None))
+
+SIZE_MEMO = 65536   # sizes kept in memory (the persistent index keeps them all): a bound, not one per size learned
+
+
+class SizeMemo(OrderedDict[str, int]):
+    """oid -> size, the most recently stored `limit` of them (older ones are read again
+    from the persistent index when asked)."""
+
+    def __init__(self, limit: int = SIZE_MEMO):
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, oid: str, size: int) -> None:
+        super().__setitem__(oid, size)
+        self.move_to_end(oid)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
 # When the current read's deadline ends (loop time), set by _with_deadline: a Retry-After that
 # reaches past it fails at once with the server's reason instead of sleeping into the deadline.
 JOB_GRACE = 0.01   # a job is cancelled just after its last reader's deadline (that reader times out first)
@@ -82,7 +101,7 @@ class Fetcher:
         self._job_ends: dict[asyncio.Task[tuple[bytes, bool]], float] = {}   # when a shared download ends
         self._passes: dict[str, ObjectPass] = {}
         self._digests: dict[str, tuple[int, list[bytes]]] = {}
-        self._sizes: dict[str, int] = {}
+        self._sizes = SizeMemo()
         self._unrecorded: dict[str, int] = {}    # sizes learned, not yet in the persistent index
         self._unrecorded_lock = threading.Lock()
         self._record_queued = False
@@ -139,6 +158,8 @@ class Fetcher:
         """Record a size from an answer we trust (a Content-Range total, the length of a
         complete answer, a HEAD) or from the verified object (`verified`)."""
         old = self._sizes.get(oid)
+        if old is None and verified and oid not in self._contradicted:
+            old = self.store.index.size(oid)   # known once, since dropped from the bounded memo
         if old != size:
             self._sizes[oid] = size
             self._record_size(oid, size)

@@ -247,8 +247,10 @@ def run(ns: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    log.warning("dda webhook serving https://%s:%d/mutate (sidecar image %s, %s, on invalid: %s)", host or "0.0.0.0",
-                server.port, config.image, "native sidecar" if config.native_sidecar else "fallback", config.on_invalid)
+    mode = f"csi mode, driver {config.csi_driver}" if config.mode == "csi" else "privileged mode"
+    log.warning("dda webhook serving https://%s:%d/mutate (sidecar image %s, %s, %s, on invalid: %s)",
+                host or "0.0.0.0", server.port, config.image, mode,
+                "native sidecar" if config.native_sidecar else "fallback", config.on_invalid)
     stop.wait()
     server.stop()
     return 0

@@ -16,6 +16,17 @@ For each repository one sidecar container (`dda sidecar`) is injected: a native 
 init container with restartPolicy Always, Kubernetes >= 1.29) by default, or, in fallback
 mode, the first regular container with a postStart hook that holds the app containers until
 the mount is ready. Everything here is deterministic and side-effect free.
+
+Two ways to FUSE (`webhook_mode`):
+- csi (default): each repository is a CSI ephemeral inline volume of our driver; the node
+  plugin (`dda csi`, a privileged DaemonSet) mounts /dev/fuse at the volume and hands the
+  descriptor over a unix socket in the pod's emptyDir `dda-csi` to the sidecar, which serves it
+  as uid 65534 with no capabilities, no privilege escalation, a read-only root and the
+  RuntimeDefault seccomp profile: the pod passes Pod Security "restricted". The sidecar does
+  not mount the data volume itself: the runtime's stat of a FUSE mount nobody serves yet would
+  hang its own start.
+- privileged: the sidecar mounts FUSE itself (privileged, root) on an emptyDir that reaches
+  the app containers through Bidirectional/HostToContainer mount propagation.
 """
 from __future__ import annotations
 
@@ -50,6 +61,11 @@ DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 CONTAINER = "dda-sidecar"          # + "-<name>" for named repositories
 DATA_VOLUME = "dda-data"           # + "-<name>"
 CACHE_VOLUME = "dda-cache"
+SOCKET_VOLUME = "dda-csi"          # csi mode: the emptyDir where the node plugin offers the descriptors
+SOCKET_PATH = "/dda-csi"           # inside the sidecars only
+TMP_VOLUME = "dda-tmp"             # csi mode: a writable /tmp under the read-only root
+TMP_SIZE = "256Mi"
+NOBODY = 65534                     # csi mode: the sidecar's user and group
 CACHE_PATH = "/dda-cache"          # inside the sidecar only
 SECRET_VOLUME = "dda-secret"       # + "-<name>": the repository's Secret, files in its sidecar only
 SECRET_PATH = "/etc/dda-sidecar/secret"
@@ -92,6 +108,8 @@ class WebhookConfig:
     startup_timeout: int                 # seconds the startupProbe waits for /readyz
     # engine settings given to every injected sidecar (None: the sidecar's own default)
     sidecar_settings: Mapping[str, Any] = field(default_factory=dict)
+    mode: str = "csi"                    # csi | privileged
+    csi_driver: str = "csi.dda-sidecar.io"
 
     # field here -> setting in sidecar.settings
     SETTINGS = {
@@ -100,7 +118,7 @@ class WebhookConfig:
         "on_invalid": "webhook_on_invalid", "cache_mode": "webhook_cache_mode", "cache_size": "webhook_cache_size",
         "cache_host_path": "webhook_cache_host_path", "cache_fraction": "webhook_cache_fraction",
         "metrics_port": "webhook_metrics_port", "default_mount_path": "webhook_default_mount_path",
-        "startup_timeout": "webhook_startup_timeout",
+        "startup_timeout": "webhook_startup_timeout", "mode": "webhook_mode", "csi_driver": "webhook_csi_driver",
     }
     ENV = {name: env_name(setting) for name, setting in SETTINGS.items()}
 
@@ -150,6 +168,12 @@ class RepoSpec:
     @property
     def secret_volume(self) -> str:
         return f"{SECRET_VOLUME}-{self.name}" if self.name else SECRET_VOLUME
+
+    @property
+    def socket(self) -> str:
+        """csi mode: where the sidecar collects the descriptor. The node plugin offers it at
+        <pod's emptyDir SOCKET_VOLUME>/<CSI volume name>.sock (sidecar.csi.node)."""
+        return f"{SOCKET_PATH}/{self.volume}.sock"
 
 
 # ---------------------------------------------------------------- validation of values
@@ -406,6 +430,8 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
         env += [{"name": "DDA_SECRET_DIR", "value": SECRET_PATH},
                 {"name": "DDA_SSH_KEY_FILE", "value": f"{SECRET_PATH}/ssh-privatekey"},
                 {"name": "DDA_SSH_KNOWN_HOSTS_FILE", "value": f"{SECRET_PATH}/known_hosts"}]
+    if config.mode == "csi":
+        env.append({"name": "DDA_FUSE_FD_SOCKET", "value": spec.socket})
     if exit_with_app:
         # Fallback mode: the sidecar sees the pod's processes (shareProcessNamespace) and stops
         # once the app containers' processes have exited, so a Job's pod completes.
@@ -433,13 +459,8 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": port}, "periodSeconds": 10,
                           "timeoutSeconds": 5, "failureThreshold": 3},
         "resources": resources,
-        # FUSE needs /dev/fuse and CAP_SYS_ADMIN; Bidirectional propagation needs privileged.
-        "securityContext": {"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0,
-                            "runAsGroup": 0, "runAsNonRoot": False, "readOnlyRootFilesystem": False},
-        "volumeMounts": [
-            {"name": spec.volume, "mountPath": spec.mount_path, "mountPropagation": "Bidirectional"},
-            {"name": CACHE_VOLUME, "mountPath": CACHE_PATH},
-        ],
+        "securityContext": _security_context(config.mode),
+        "volumeMounts": _sidecar_mounts(spec, config.mode),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.secret:
@@ -455,6 +476,47 @@ def _sidecar(spec: RepoSpec, index: int, port: int, config: WebhookConfig, budge
     return container
 
 
+def _security_context(mode: str) -> dict:
+    if mode == "csi":
+        # The node plugin mounted FUSE; serving a descriptor needs no privilege at all. Every
+        # field Pod Security "restricted" asks of a container is set here, so the pod's own
+        # securityContext (or its absence) does not matter.
+        return {"runAsUser": NOBODY, "runAsGroup": NOBODY, "runAsNonRoot": True, "privileged": False,
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    # FUSE needs /dev/fuse and CAP_SYS_ADMIN; Bidirectional propagation needs privileged.
+    return {"privileged": True, "allowPrivilegeEscalation": True, "runAsUser": 0,
+            "runAsGroup": 0, "runAsNonRoot": False, "readOnlyRootFilesystem": False}
+
+
+def _sidecar_mounts(spec: RepoSpec, mode: str) -> list[dict]:
+    if mode == "csi":
+        # No data volume here: the runtime stats a mount while setting up a container, and this
+        # one answers only once this very container serves it.
+        return [{"name": SOCKET_VOLUME, "mountPath": SOCKET_PATH},
+                {"name": CACHE_VOLUME, "mountPath": CACHE_PATH},
+                {"name": TMP_VOLUME, "mountPath": "/tmp"}]
+    return [{"name": spec.volume, "mountPath": spec.mount_path, "mountPropagation": "Bidirectional"},
+            {"name": CACHE_VOLUME, "mountPath": CACHE_PATH}]
+
+
+def _data_volume(spec: RepoSpec, config: WebhookConfig) -> dict:
+    """The volume the app containers mount. csi: an ephemeral inline volume of our driver; its
+    attributes say which repository (never a credential: the Secret stays with the sidecar)
+    and where the node plugin offers the descriptor (sidecar.csi.node reads socketVolume, uid
+    and gid; the kubelet adds the pod's uid). privileged: an emptyDir the sidecar mounts over."""
+    if config.mode != "csi":
+        return {"name": spec.volume, "emptyDir": {}}
+    attributes = {"repo": spec.repo}
+    if spec.revision:
+        attributes["revision"] = spec.revision
+    if spec.subdir:
+        attributes["subdir"] = spec.subdir
+    attributes.update({"socketVolume": SOCKET_VOLUME, "uid": str(NOBODY), "gid": str(NOBODY)})
+    return {"name": spec.volume, "csi": {"driver": config.csi_driver, "readOnly": True,
+                                         "volumeAttributes": attributes}}
+
+
 def _used_ports(spec: dict) -> set[int]:
     ports = set()
     for c in _list(spec.get("containers")) + _list(spec.get("initContainers")):
@@ -464,7 +526,9 @@ def _used_ports(spec: dict) -> set[int]:
     return ports
 
 
-def _app_mount(spec: RepoSpec) -> dict:
+def _app_mount(spec: RepoSpec, mode: str) -> dict:
+    if mode == "csi":   # the volume is the mount itself: no propagation needed
+        return {"name": spec.volume, "mountPath": spec.mount_path, "readOnly": True}
     return {"name": spec.volume, "mountPath": spec.mount_path, "mountPropagation": "HostToContainer",
             "readOnly": True}
 
@@ -488,14 +552,15 @@ def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list
     # 1. app containers (and, with native sidecars, the pod's own init containers, which start
     #    after ours) see every repository read-only, HostToContainer. Indices are those of the
     #    original lists: these ops run before the sidecars are inserted.
-    mounts = [_app_mount(s) for s in specs]
+    mounts = [_app_mount(s, config.mode) for s in specs]
     if config.native_sidecar:
         for i, c in enumerate(_list(spec.get("initContainers"))):
             _add_mounts(ops, "initContainers", i, _dict(c), mounts)
     for i, c in enumerate(_list(spec.get("containers"))):
         _add_mounts(ops, "containers", i, _dict(c), mounts)
 
-    # 2. volumes: one emptyDir per repository (the mount propagates through it), one cache.
+    # 2. volumes: one per repository (csi: the CSI volume; privileged: an emptyDir the mount
+    #    propagates through), one cache; csi: the socket emptyDir and a /tmp.
     if config.cache_mode == "emptyDir":
         size = annotations.get(CACHE_SIZE) if isinstance(annotations.get(CACHE_SIZE), str) else None
         size = (size or config.cache_size).strip()
@@ -504,8 +569,17 @@ def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list
     else:
         cache_volume = {"name": CACHE_VOLUME, "hostPath": {"path": config.cache_host_path, "type": "DirectoryOrCreate"}}
         budget = parse_quantity(config.cache_size)
-    volumes = [{"name": s.volume, "emptyDir": {}} for s in specs] + [cache_volume]
-    volumes += [{"name": s.secret_volume, "secret": {"secretName": s.secret, "defaultMode": 0o400}}
+    volumes = [_data_volume(s, config) for s in specs]
+    if config.mode == "csi":
+        # Disk-backed (never medium: Memory): a tmpfs mounted by the kubelet after the node
+        # plugin created a socket in the folder would hide it.
+        volumes += [{"name": SOCKET_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}},
+                    {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE}}]
+    volumes.append(cache_volume)
+    # The kubelet writes a Secret's files as root: the unprivileged sidecar (csi mode) can read
+    # them only if everyone may; only that sidecar mounts the volume.
+    mode = 0o444 if config.mode == "csi" else 0o400
+    volumes += [{"name": s.secret_volume, "secret": {"secretName": s.secret, "defaultMode": mode}}
                 for s in specs if s.secret]
     if isinstance(spec.get("volumes"), list):
         ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
@@ -554,17 +628,24 @@ def reinvocation_patch(pod: dict) -> list[dict]:
     """An already-injected pod: add our data mounts only to app containers that lack them (a
     later webhook may have added a container). Usually empty."""
     spec = _dict(pod.get("spec"))
-    wanted: list[dict] = []
-    for c in _list(spec.get("initContainers")) + _list(spec.get("containers")):
-        if not _is_ours(c):
-            continue
-        for m in _list(_dict(c).get("volumeMounts")):
-            m = _dict(m)
-            if str(m.get("name", "")).startswith(DATA_VOLUME) and isinstance(m.get("mountPath"), str):
-                wanted.append({"name": m["name"], "mountPath": m["mountPath"],
-                               "mountPropagation": "HostToContainer", "readOnly": True})
+    found: dict[str, dict] = {}
+    everyone = _list(spec.get("initContainers")) + _list(spec.get("containers"))
+    # privileged mode: the sidecar mounts its data volume (the app side is HostToContainer);
+    # csi mode: only the app containers do, so the first one that has it shows the mount
+    for ours in (True, False):
+        for c in everyone:
+            if _is_ours(c) != ours:
+                continue
+            for m in _list(_dict(c).get("volumeMounts")):
+                m = _dict(m)
+                name = m.get("name")
+                if isinstance(name, str) and name.startswith(DATA_VOLUME) and isinstance(m.get("mountPath"), str):
+                    mount = {"name": name, "mountPath": m["mountPath"]}
+                    if ours or "mountPropagation" in m:
+                        mount["mountPropagation"] = "HostToContainer"
+                    found.setdefault(name, {**mount, "readOnly": True})
     volumes = {_dict(v).get("name") for v in _list(spec.get("volumes"))}
-    wanted = [m for m in wanted if m["name"] in volumes]
+    wanted = [m for name, m in found.items() if name in volumes]
     ops: list[dict] = []
     for kind in ("containers",):
         for i, c in enumerate(_list(spec.get(kind))):

@@ -66,3 +66,33 @@ app.kubernetes.io/component: webhook
 {{- define "dda.serviceHost" -}}
 {{- printf "%s.%s.svc" (include "dda.fullname" .) .Release.Namespace -}}
 {{- end -}}
+
+{{- define "dda.csiImage" -}}{{ include "dda.imageRef" (list . .Values.csi.image) }}{{- end -}}
+
+{{- define "dda.registrarImage" -}}
+{{- $img := .Values.csi.registrar.image -}}
+{{- if $img.digest -}}
+{{- printf "%s:%s@%s" $img.repository $img.tag $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository $img.tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The node plugin and the CSIDriver are rendered in csi mode unless installed elsewhere. */}}
+{{- define "dda.csiNode" -}}
+{{- if and (eq .Values.sidecar.mode "csi") .Values.csi.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "dda.csiSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "dda.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: csi-node
+{{- end -}}
+
+{{/* The node plugin pod's labels as one map (see dda.podLabels). */}}
+{{- define "dda.csiPodLabels" -}}
+{{- $selector := include "dda.csiSelectorLabels" . | fromYaml -}}
+{{- $common := include "dda.labels" . | fromYaml -}}
+{{- $optOut := dict "dda-sidecar.io/inject" "false" -}}
+{{- toYaml (merge $selector $optOut (deepCopy (default dict .Values.csi.podLabels)) $common) -}}
+{{- end -}}
