@@ -63,8 +63,11 @@ def slow_nginx(srv: HttpRemoteServer, ttfb_ms: int) -> None:
 class Shaped:
     """A network namespace holding the remote, reached over a veth pair shaped by tbf."""
 
+    made = 0
+
     def __init__(self, rate: str):
-        tag = os.getpid() % 100000
+        Shaped.made += 1
+        tag = f"{os.getpid() % 10000}{Shaped.made}"
         self.rate, self.ns = rate, f"ddascale{tag}"
         self.host_if, self.ns_if = f"dsh{tag}", f"dsp{tag}"
         self.host_ip, self.ns_ip = "10.231.77.1", "10.231.77.2"
@@ -91,7 +94,8 @@ class Shaped:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)   # takes the veth pair along
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)   # the pair goes with it
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
 
 class ShapedRemoteServer(HttpRemoteServer):
