@@ -102,7 +102,8 @@ class Engine:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
                         deadline=config.deadline, ca_bundle=config.ca_bundle)
-        store = Store(config.cache_dir, config.cache_size, config.chunk_size)
+        # opening scans and may rebuild the index: on a thread, like every later store step
+        store = await asyncio.to_thread(Store, config.cache_dir, config.cache_size, config.chunk_size)
         fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline,
                           strict=config.verify == "before-read")
         engine = cls(config, git, store, fetcher)
@@ -346,11 +347,11 @@ class Engine:
             size = await self.git.blob_size(entry.oid)
         else:
             ref = self.ref(entry)
-            size = self.fetcher.known_size(ref)
+            size = await self.fetcher.indexed_size(ref)
             if size is None and await self._use_size_index(entry.output):
-                size = self.fetcher.known_size(ref)
-            if size is not None:          # the common case of a walker: no task, no await
-                self.fetcher.stats.meta_hits += 1
+                size = await self.fetcher.indexed_size(ref)
+            if size is not None:          # the common case of a walker: no task
+                self.fetcher.counters.add("dda_cache_reads", 1, "metadata", "hit")
                 return self._sized(entry, size)
             if stat_ahead:
                 self._size_missed(entry.path)
@@ -412,10 +413,10 @@ class Engine:
         """A verified object's size replaces one learned from a remote's answer."""
         self.tree.resize_object(oid, size)
 
-    def known_sizes(self, entries: list[Entry]) -> list[Entry]:
+    async def known_sizes(self, entries: list[Entry]) -> list[Entry]:
         """`entries` with the sizes this node already knows filled in - the fetcher's memory,
         then the persistent index in one query (a published size index, once loaded, is
-        there) - and recorded in the tree. Never a request: what a listing may do (a FUSE
+        there; read on a store thread) - and recorded in the tree. Never a request: what a listing may do (a FUSE
         readdirplus hands these sizes to the kernel, so a `find -printf %s` needs no lookups)."""
         want = [e for e in entries if e.size is None and e.kind == "dvc"]
         if not want:
@@ -424,7 +425,7 @@ class Engine:
         known = {e.oid: fetcher._sizes[e.oid] for e in want if e.oid in fetcher._sizes}
         rest = [e.oid for e in want if e.oid not in known and e.oid not in fetcher._contradicted]
         if rest:
-            known.update(self.store.index.sizes(rest))
+            known.update(await fetcher.astore.sizes(rest))    # on a store thread
         if not known:
             return entries
         return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
@@ -461,7 +462,7 @@ class Engine:
         if out is None or out.md5 in self._size_index_tried:
             return False
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
-                self.store.index.size(_loaded_marker(out.md5)) is not None:
+                await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None:
             self._size_index_tried.add(out.md5)
             return False
         task = self._size_index_loads.get(out.md5)
@@ -489,8 +490,9 @@ class Engine:
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
             log.warning("%s ignored: %s", where, err or "timed out")
             return
-        self.store.index.record_sizes(sizes)
-        self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+        # on a store thread; the marker after the sizes it vouches for
+        await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
+        await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
         # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
         todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
         for e in todo:
@@ -527,7 +529,7 @@ class Engine:
             key = sizeindex.index_path(out.md5, out.legacy)
             await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
                                             "write")
-            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
             done.append((out.path, key, len(sizes)))
         return done
 
@@ -542,12 +544,12 @@ class Engine:
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
         if entry.kind == "lfs":
             data = await self._lfs_client(entry.path).read(entry.oid, entry.size or 0, offset, length, entry.path)
-            self.fetcher.stats.bytes_served += len(data)
+            self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             data = blob[offset:offset + length]
-            self.fetcher.stats.bytes_served += len(data)
+            self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         return await self.fetcher.read(self.ref(entry), offset, length, reader)
 
@@ -592,12 +594,12 @@ class Engine:
     async def _blob(self, sha: str) -> bytes:
         if sha in self._blobs:
             self._blobs.move_to_end(sha)
-            self.fetcher.stats.cache_hits += 1
+            self.fetcher.counters.add("dda_cache_reads", 1, "data", "hit")
             return self._blobs[sha]
         blob = await self.git.read_blob(sha)
-        if len(sha) == 40 and hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() != sha:
+        if len(sha) == 40 and not await asyncio.to_thread(_blob_matches, blob, sha):
             raise HashMismatch(f"git blob {sha}: content does not match its sha1")
-        self.fetcher.stats.cache_misses += 1
+        self.fetcher.counters.add("dda_cache_reads", 1, "data", "miss")
         self._blobs[sha] = blob
         self._blob_bytes += len(blob)
         while self._blob_bytes > 64 * 1024 * 1024 and len(self._blobs) > 1:
@@ -622,4 +624,10 @@ class Engine:
             await remote.aclose()
         if self._lfs is not None:
             await self._lfs.aclose()
-        self.store.close()
+        await self.fetcher.aclose()
+        await asyncio.to_thread(self.store.close)
+
+
+def _blob_matches(blob: bytes, sha: str) -> bool:
+    """Whether `blob` is the git blob `sha` (hashed on a thread: blobs may be large)."""
+    return hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() == sha

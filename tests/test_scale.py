@@ -501,10 +501,10 @@ def test_head_sizes_keep_credentials_at_their_origin_and_map_statuses(auth):
 
 
 def test_listing_fills_known_sizes_from_the_index_and_a_cold_listing_asks_it_once(small_fake, tmp_path):
-    """`FileSystem.iter_dir_known` (what a FUSE readdir answers from): with an empty index a
-    pass over 1,000 names asks the index once (its first batch) and the remote never; once
-    the sizes are in the persistent index (another engine learned them), a new engine's pass
-    hands every size with its name, still without a request."""
+    """`FileSystem.fill_known_sizes` (what a FUSE readdir pass starts with): with an empty
+    index, 1,000 names cost one index query (the probe) and no request; once the sizes are in
+    the persistent index (another engine learned them), a new engine's listing carries every
+    size with its name, in a few queries and still without a request."""
     layout, fake, env = small_fake
     fake.objects.pop(index_path(layout.manifest_md5, False), None)
     cache = tmp_path / "c"
@@ -514,8 +514,9 @@ def test_listing_fills_known_sizes_from_the_index_and_a_cold_listing_asks_it_onc
         real = engine.store.index.sizes
         engine.store.index.sizes = lambda oids: asked.append(len(oids)) or real(oids)
         fake.calls.clear()
-        items = list(FileSystem(engine).iter_dir_known("data/d0000"))
-        return items, asked, list(fake.calls)
+        fs = FileSystem(engine)
+        await fs.fill_known_sizes("data/d0000")
+        return fs.listdir("data/d0000"), asked, list(fake.calls)
 
     async def go():
         async with await _engine(layout.repo, cache, env) as engine:
@@ -527,6 +528,6 @@ def test_listing_fills_known_sizes_from_the_index_and_a_cold_listing_asks_it_onc
             items, asked, calls = await listing(engine)
             true = _true_sizes(layout.remote_root, [engine.tree.files[i.path] for i in items])
             assert [i.size for i in items] == [true[engine.tree.files[i.path].oid] for i in items]
-            assert calls == [] and 1 < len(asked) <= 1000 // 32 + 1
+            assert calls == [] and 2 <= len(asked) <= 3
 
     run(go())

@@ -3,6 +3,7 @@ composition rules of `compose_tree`; a `.dir` manifest is parsed in bounded memo
 fetcher's in-memory sizes are bounded."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import stat
@@ -160,7 +161,9 @@ def test_fetcher_keeps_a_bounded_number_of_sizes_in_memory(tmp_path):
             fetcher._learned_size(oid, i + 1)
         store._index_writer.submit(lambda: None).result()   # the queued index writes landed
         assert len(fetcher._sizes) == 100 and oids[0] not in fetcher._sizes
-        assert fetcher.known_size(ObjectRef(oids[0], None, "p", False, None, "x")) == 1   # type: ignore[arg-type]
+        ref = ObjectRef(oids[0], None, "p", False, None, "x")   # type: ignore[arg-type]
+        assert fetcher.known_size(ref) is None                   # memory only: evicted
+        assert asyncio.run(fetcher.indexed_size(ref)) == 1        # the index still has it
         fetcher._sizes.pop(oids[0])
         corrected: list[tuple[str, int]] = []
         fetcher.size_observers.append(lambda oid, size: corrected.append((oid, size)))

@@ -83,7 +83,6 @@ class FileSystem:
         self.engine = engine
         self._handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
-        self._index_helps: dict[str, bool] = {}    # folder -> its last pass found sizes in the index
         engine.fetcher.size_observers.append(self._object_resized)
 
     def _object_resized(self, oid: str, size: int) -> None:
@@ -168,41 +167,22 @@ class FileSystem:
             else:
                 yield DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size)
 
-    def iter_dir_known(self, path: str, start: int = 0, batch: int = 32) -> Iterator[DirEntry]:
-        """`iter_dir`, with every size this node already knows filled in (the persistent
-        index, a loaded size index: one query per `batch` entries, never a request). A FUSE
-        readdir hands these to the kernel with the names, so a walker's stat needs no lookup."""
-        items = self.iter_dir(path, start)
-        files = self.tree.files
-        # A pass over a folder (from offset 0) probes the index with its first batch. When the
-        # index knew some of those, the whole folder's known sizes go into the tree at once (a
-        # query per 500 names, not one per readdir call); when it knew none, the rest of the
-        # pass does not ask (a cold `ls` of 100k names costs one query). A size missed either
-        # way is only a lookup, never a wrong size.
-        ask = start == 0 or self._index_helps.get(path, True)
-        first = start == 0
-        while chunk := list(itertools.islice(items, batch)):
-            unknown = [files[i.path] for i in chunk if i.size is None and i.kind != "dir"]
-            if unknown and ask:
-                sized = {e.path: e.size for e in self.engine.known_sizes(unknown) if e.size is not None}
-                if first:
-                    self._index_helps[path] = ask = bool(sized)
-                    if sized:
-                        self._fill_known_sizes(path)
-                        self._index_helps[path] = ask = False   # what the index knows is in the tree now
-                if sized:
-                    chunk = [replace(i, size=sized[i.path]) if i.path in sized else i for i in chunk]
-            first = False
-            yield from chunk
-
-    def _fill_known_sizes(self, path: str) -> None:
-        """Every size of folder `path` the index knows, into the tree (no request)."""
+    async def fill_known_sizes(self, path: str, probe: int = 32, batch: int = 500) -> None:
+        """Put every size of folder `path` this node already knows into the snapshot (the
+        persistent index, a loaded size index; read on a store thread, never a request), so
+        a listing hands them out with the names (a FUSE readdirplus: `find -printf %s` needs
+        no lookup). It probes with the first `probe` unsized files: when the index knows none
+        of them (a cold folder) that one query is all; else a query per `batch` files. A size
+        missed either way is only a lookup later, never a wrong size."""
         files = self.tree.files
         prefix = path + "/" if path else ""
-        todo = [e for e in (files.get(prefix + n) for n in self.tree.dirs.get(path, ()))
-                if e is not None and e.size is None]
-        for i in range(0, len(todo), 500):
-            self.engine.known_sizes(todo[i:i + 500])
+        todo = (e for e in (files.get(prefix + n) for n in self.names(path))
+                if e is not None and e.size is None and e.kind == "dvc")
+        first = list(itertools.islice(todo, probe))
+        if not first or all(e.size is None for e in await self.engine.known_sizes(first)):
+            return
+        while chunk := list(itertools.islice(todo, batch)):
+            await self.engine.known_sizes(chunk)
 
     def walk_files(self, path: str) -> Iterator[Entry]:
         """Every file and symlink at or below `path`, in path order."""
