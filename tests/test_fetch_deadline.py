@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
