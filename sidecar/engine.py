@@ -347,10 +347,14 @@ class Engine:
             size = await self.git.blob_size(entry.oid)
         else:
             ref = self.ref(entry)
-            if await self.fetcher.indexed_size(ref) is None:
-                await self._use_size_index(entry.output)
-                if stat_ahead and await self.fetcher.indexed_size(ref) is None:
-                    self._size_missed(entry.path)
+            size = await self.fetcher.indexed_size(ref)
+            if size is None and await self._use_size_index(entry.output):
+                size = await self.fetcher.indexed_size(ref)
+            if size is not None:          # the common case of a walker: no task
+                self.fetcher.counters.add("dda_cache_reads", 1, "metadata", "hit")
+                return self._sized(entry, size)
+            if stat_ahead:
+                self._size_missed(entry.path)
             size = await self._size_of(ref)
         return self._sized(entry, size)
 
@@ -359,7 +363,7 @@ class Engine:
         the directory's stat-ahead)."""
         task = self._sizing.get(ref.oid)
         if task is None:
-            task = asyncio.ensure_future(self.fetcher.size_of(ref))
+            task = asyncio.ensure_future(self.fetcher.size_of(ref, index_asked=True))   # callers asked it
             self._sizing[ref.oid] = task
             task.add_done_callback(lambda _t: self._sizing.pop(ref.oid, None))
         return await asyncio.shield(task)
@@ -409,6 +413,24 @@ class Engine:
         """A verified object's size replaces one learned from a remote's answer."""
         self.tree.resize_object(oid, size)
 
+    async def known_sizes(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with the sizes this node already knows filled in - the fetcher's memory,
+        then the persistent index in one query (a published size index, once loaded, is
+        there; read on a store thread) - and recorded in the tree. Never a request: what a listing may do (a FUSE
+        readdirplus hands these sizes to the kernel, so a `find -printf %s` needs no lookups)."""
+        want = [e for e in entries if e.size is None and e.kind == "dvc"]
+        if not want:
+            return entries
+        fetcher = self.fetcher
+        known = {e.oid: fetcher._sizes[e.oid] for e in want if e.oid in fetcher._sizes}
+        rest = [e.oid for e in want if e.oid not in known and e.oid not in fetcher._contradicted]
+        if rest:
+            known.update(await fetcher.astore.sizes(rest))    # on a store thread
+        if not known:
+            return entries
+        return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
+                for e in entries]
+
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
         indexes, then one request per object still unknown (bounded pool, each under its own
@@ -428,20 +450,21 @@ class Engine:
         return result
 
     # -- the shared size index ------------------------------------------------------------------
-    async def _use_size_index(self, output: str | None) -> None:
+    async def _use_size_index(self, output: str | None) -> bool:
         """Before the first request that sizes a file of a big directory output (at least
         SIZE_INDEX_MIN_FILES files), read that directory's published size index into the
         persistent index, where every sizing path looks first: then `find -printf %s` costs
         one request, not one per file. Once per output per engine; never again on this node
         once loaded (a marker in the index: a remount asks nothing). Listing, reading and
-        small directories never cause this request."""
+        small directories never cause this request. True when it waited for a load (the
+        persistent index may know more now)."""
         out = self._dir_outputs.get(output) if output else None
         if out is None or out.md5 in self._size_index_tried:
-            return
+            return False
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
                 await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None:
             self._size_index_tried.add(out.md5)
-            return
+            return False
         task = self._size_index_loads.get(out.md5)
         if task is None:
             task = asyncio.ensure_future(self._load_size_index(out))
@@ -449,6 +472,7 @@ class Engine:
         await asyncio.shield(task)
         self._size_index_tried.add(out.md5)
         self._size_index_loads.pop(out.md5, None)
+        return True
 
     async def _load_size_index(self, out: DvcOut) -> None:
         remote = self.remote(out.remote, out.source, out.root)
@@ -469,6 +493,10 @@ class Engine:
         # on a store thread; the marker after the sizes it vouches for
         await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
         await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
+        # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
+        todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
+        for e in todo:
+            self._sized(e, sizes[e.oid])
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
