@@ -678,3 +678,35 @@ def test_csi_driver_name_reaches_the_volume():
     pod, _ = apply(load_review("job_single_repo.json"), WebhookConfig.load(env={"DDA_WEBHOOK_CSI_DRIVER": "dda.corp.io"}))
     volume = {v["name"]: v for v in pod["spec"]["volumes"]}["dda-data"]
     assert volume["csi"]["driver"] == "dda.corp.io"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (files owned by root, read as 65534)")
+def test_csi_mode_sidecar_can_read_its_secret():
+    """The kubelet writes a Secret volume's files as root with its defaultMode; the csi-mode
+    sidecar (uid 65534, no capabilities) must read the documented keys and the ssh key, and
+    only its own container mounts the volume."""
+    pod, _ = apply(load_review("deployment_multi_repo.json"), CSI)
+    side = container(pod, "dda-sidecar-images")
+    secret = secret_volume(pod, side)
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="dda-secret-", dir="/tmp"))   # pytest's tmp_path is root's alone
+    base.chmod(0o755)
+    folder = base / "secret"
+    folder.mkdir()
+    for name, value in (("DDA_GIT_TOKEN", "tok"), ("ssh-privatekey", "KEY")):
+        (folder / name).write_text(value)
+        os.chmod(folder / name, secret["defaultMode"])
+    code = ("import sys; from sidecar.secretfiles import read_secret_dir; "
+            "print(read_secret_dir(sys.argv[1]), open(sys.argv[1] + '/ssh-privatekey').read())")
+    security = side["securityContext"]
+    proc = subprocess.run(["setpriv", f"--reuid={security['runAsUser']}", f"--regid={security['runAsGroup']}",
+                           "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code,
+                           str(folder)], capture_output=True, text=True, timeout=60, cwd="/",
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    shutil.rmtree(base)
+    assert proc.returncode == 0 and proc.stdout.strip() == "{'DDA_GIT_TOKEN': 'tok'} KEY", proc.stdout + proc.stderr
+    mounting = [c["name"] for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+                if any(m["name"] == "dda-secret-images" for m in c.get("volumeMounts", []))]
+    assert mounting == ["dda-sidecar-images"]

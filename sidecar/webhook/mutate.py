@@ -576,7 +576,10 @@ def build_patch(pod: dict, specs: list[RepoSpec], config: WebhookConfig) -> list
         volumes += [{"name": SOCKET_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}},
                     {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE}}]
     volumes.append(cache_volume)
-    volumes += [{"name": s.secret_volume, "secret": {"secretName": s.secret, "defaultMode": 0o400}}
+    # The kubelet writes a Secret's files as root: the unprivileged sidecar (csi mode) can read
+    # them only if everyone may; only that sidecar mounts the volume.
+    mode = 0o444 if config.mode == "csi" else 0o400
+    volumes += [{"name": s.secret_volume, "secret": {"secretName": s.secret, "defaultMode": mode}}
                 for s in specs if s.secret]
     if isinstance(spec.get("volumes"), list):
         ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
