@@ -193,6 +193,15 @@ def _creds(http_remote) -> dict[str, dict[str, str]]:
                           "LD_PRELOAD": "/nonexistent.so"}}   # an undocumented key: never acted on
 
 
+def _ready(port: int) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200
+    except OSError:
+        return False
+
+
 def _timing(what: str, seconds: float) -> None:
     print(f"[podman] {what}: {seconds:.1f}s", file=sys.stderr)
 
@@ -336,10 +345,18 @@ def test_csi_mode_pod_unprivileged_sidecar_reads_every_byte(podman, sidecar_imag
     before = podman_mounts()
     plugin = NodePluginContainer(podman, sidecar_image, kubelet, plugin_dir)
     try:
+        # the pod is created first, while the target is an empty folder (tests/podman_pod.py: podman
+        # stats bind sources, and a FUSE mount nobody serves yet blocks every stat)
+        adapted = for_podman(pod, world / "volumes", secrets_data=_creds(http_remote),
+                             csi_targets={csi_volume["name"]: target}, emptydir_paths={socket_volume: socket_dir})
+        target.mkdir()
+        played.append(running := PlayedPod(podman, adapted, world))
+        _timing("csi: kube play --start=false", running.play(start=False))
+
         # NodePublishVolume as the kubelet sends it for an ephemeral inline volume with podInfoOnMount
-        context = {**csi_volume["csi"]["volumeAttributes"], "csi.storage.k8s.io/pod.name": pod["metadata"].get(
-            "name", "train-resnet-x"), "csi.storage.k8s.io/pod.namespace": "ml", "csi.storage.k8s.io/pod.uid": pod_uid,
-            "csi.storage.k8s.io/serviceAccount.name": "default", "csi.storage.k8s.io/ephemeral": "true"}
+        context = {**csi_volume["csi"]["volumeAttributes"], "csi.storage.k8s.io/pod.name": adapted["metadata"]["name"],
+                   "csi.storage.k8s.io/pod.namespace": "ml", "csi.storage.k8s.io/pod.uid": pod_uid,
+                   "csi.storage.k8s.io/serviceAccount.name": "default", "csi.storage.k8s.io/ephemeral": "true"}
         volume_id = f"csi-{pod_uid}"
         publish = pb.NodePublishVolumeRequest(
             volume_id=volume_id, target_path=str(target), readonly=True, volume_context=context,
@@ -350,11 +367,16 @@ def test_csi_mode_pod_unprivileged_sidecar_reads_every_byte(podman, sidecar_imag
         plugin.call("Node", "NodePublishVolume", publish)
         _timing("csi: NodePublishVolume", time.monotonic() - t)
         assert [fs for _, fs in mount_points(target)] == ["fuse.dda"], mount_points(target)
+        assert (socket_dir / f"{csi_volume['name']}.sock").exists()
 
-        adapted = for_podman(pod, world / "volumes", secrets_data=_creds(http_remote),
-                             csi_targets={csi_volume["name"]: target}, emptydir_paths={socket_volume: socket_dir})
-        played.append(running := PlayedPod(podman, adapted, world))
-        _timing("csi: kube play", running.play())
+        # the native sidecar starts first; the app once the sidecar is ready (its startupProbe)
+        t = time.monotonic()
+        running.start("dda-sidecar")
+        ready = wait_until(lambda: _ready(port) or running.state("dda-sidecar") != "running", 240, 0.3)
+        assert ready and running.state("dda-sidecar") == "running", running.logs("dda-sidecar")[-3000:]
+        _timing("csi: sidecar ready", time.monotonic() - t)
+        assert not (socket_dir / f"{csi_volume['name']}.sock").exists(), "the descriptor was not collected"
+        running.start()
         report = _report(running)
         _check_read(report, _expected(dvc3_repo))
 
@@ -387,3 +409,5 @@ def test_podman_leaves_nothing_behind(podman):
     """Runs last in this file: no pod or container of these tests is left."""
     names = podman.text("ps", "-a", "--format", "{{.Names}}").split()
     assert not [n for n in names if n.startswith(("train-resnet-", "dda-csi-node-"))], names
+    pods = podman.text("pod", "ls", "--format", "{{.Name}}").split()
+    assert not [n for n in pods if n.startswith("train-resnet-")], pods
