@@ -34,14 +34,18 @@ Podman pitfalls met here (podman 4.3.1, Debian 12, runc, cgroup v1):
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import resource
 import shlex
+import secrets
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +60,8 @@ VENV = "/opt/venv"
 PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The Dockerfile's input files (COPY): what the wheels are built from.
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "sidecar")
+# One build at a time on a machine (the suite's background build and the fixture, or two sessions).
+LOCK = Path("/var/tmp/dda-sidecar-test-image.lock")
 
 
 class PodmanMissing(RuntimeError):
@@ -157,6 +163,11 @@ class ImageBuild:
     def __init__(self, podman: Podman, work: Path):
         self.podman, self.work = podman, work
         self.steps: dict[str, float] = {}
+        self.containers: list[str] = []   # removed by cleanup(), also after an interruption
+
+    def cleanup(self) -> None:
+        for name in self.containers:
+            self.podman.run("rm", "--force", "--time", "0", name, check=False, timeout=60)
 
     def _step(self, name: str, fn, *args) -> None:
         started = time.monotonic()
@@ -165,7 +176,9 @@ class ImageBuild:
 
     def _in_rootfs(self, rootfs: Path, script: str, *, mounts: tuple[tuple[Path, str, str], ...] = (),
                    env: dict[str, str] | None = None) -> None:
-        args = ["run", "--rm", "--network", "host", "--env", "DEBIAN_FRONTEND=noninteractive",
+        name = f"dda-image-build-{secrets.token_hex(4)}"
+        self.containers.append(name)
+        args = ["run", "--rm", "--name", name, "--network", "host", "--env", "DEBIAN_FRONTEND=noninteractive",
                 "--env", f"PATH={PATH}"]
         for key, value in (env or {}).items():
             args += ["--env", f"{key}={value}"]
@@ -239,27 +252,49 @@ class ImageBuild:
 
 
 def ensure_image(podman: Podman) -> tuple[str, dict[str, float]]:
-    """(tag, seconds per build step; {} when the image for these inputs exists already)."""
+    """(tag, seconds per build step; {} when the image for these inputs exists already). Waits
+    for a build of another process (the suite's background build) under LOCK."""
     tag = f"{REPO_TAG}:{image_key()}"
-    if podman.run("image", "exists", tag, check=False).returncode == 0:
-        return tag, {}
+    with open(LOCK, "a") as lock:
+        waited = time.monotonic()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waited = round(time.monotonic() - waited, 1)
+        if podman.run("image", "exists", tag, check=False).returncode == 0:
+            return tag, ({"waited for another build": waited} if waited > 1 else {})
+        return tag, _build(podman, tag)
+
+
+def _build(podman: Podman, tag: str) -> dict[str, float]:
     if shutil.which("debootstrap") is None:
         raise PodmanMissing("debootstrap is not installed (scripts/bootstrap.sh test installs it)")
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="dda-image-", dir="/var/tmp"))
+    build = ImageBuild(podman, work)
     try:
-        build = ImageBuild(podman, work)
         build.build(tag)
     finally:
+        build.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     # older builds of this test image: only the newest is kept
     for line in podman.text("images", "--format", "{{.Repository}}:{{.Tag}}", REPO_TAG).split():
         if line != tag:
             podman.run("rmi", "--force", line, check=False)
-    return tag, {**build.steps, "total": round(time.monotonic() - started, 1)}
+    return {**build.steps, "total": round(time.monotonic() - started, 1)}
+
+
+def start_background_build(log: Path) -> subprocess.Popen:
+    """`python podman_image.py` in the background (conftest starts it when the pod tests are
+    collected, so the build overlaps the tests before them); stop it with SIGTERM."""
+    return subprocess.Popen([sys.executable, str(HERE)], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _interrupted(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)   # unwinds through the build's cleanup
 
 
 if __name__ == "__main__":   # build (or find) the image by hand: python tests/podman_image.py
+    signal.signal(signal.SIGTERM, _interrupted)
     conf_dir = Path(tempfile.mkdtemp(prefix="dda-podman-"))
     try:
         print(json.dumps(ensure_image(Podman(containers_conf(conf_dir)))))

@@ -64,9 +64,11 @@ def mount_points(under: Path | str) -> list[tuple[str, str]]:
 
 
 def podman_mounts() -> set[str]:
-    """Mount points podman made in the host's namespace (container storage, shm, netns)."""
+    """Mount points podman made in the host's namespace (container storage, shm, its netns;
+    other programs' network namespaces in /run/netns are not ours)."""
     return {point for top in ("/var/lib/containers", "/run/containers", "/run/netns", "/run/libpod")
-            for point, _ in mount_points(top)}
+            for point, _ in mount_points(top)
+            if not point.startswith("/run/netns/") or point.startswith(("/run/netns/netns-", "/run/netns/cni-"))}
 
 
 def rshared_bind(path: Path) -> None:
