@@ -274,12 +274,20 @@ def _build(podman: Podman, tag: str) -> dict[str, float]:
         build.build(tag)
     finally:
         build.cleanup()
+        _unmount_below(work)   # an interrupted debootstrap leaves proc/sys mounted in its target
         shutil.rmtree(work, ignore_errors=True)
     # older builds of this test image: only the newest is kept
     for line in podman.text("images", "--format", "{{.Repository}}:{{.Tag}}", REPO_TAG).split():
         if line != tag:
             podman.run("rmi", "--force", line, check=False)
     return {**build.steps, "total": round(time.monotonic() - started, 1)}
+
+
+def _unmount_below(path: Path) -> None:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(f"{path}/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def start_background_build(log: Path) -> subprocess.Popen:
