@@ -22,7 +22,7 @@ from .fetch import Fetcher, ObjectRef
 from .fetch.priority import PREFETCH, current_priority
 from .fetch.sizing import size_all
 from .fetch.verify_stream import ReadCursor
-from .redact import strip_userinfo
+from .redact import redact, strip_userinfo
 from .remotes import Remote, build_remote, object_path
 from .remotes.base import versioned_path
 from .snapshot.build import DvcLayout, compose_tree, read_dvc_layout
@@ -90,6 +90,7 @@ class Engine:
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
         self._size_index_tried: set[str] = set()
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
+        self._preloads: set[asyncio.Task[bool]] = set()   # size indexes read ahead by a mount
         self._sizing: dict[str, asyncio.Future[int]] = {}      # oid -> its size request under way
         self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
@@ -474,6 +475,23 @@ class Engine:
         self._size_index_loads.pop(out.md5, None)
         return True
 
+    def preload_size_indexes(self) -> None:
+        """For a mount (long-lived, walked by `find`/`du`/loaders): start reading the published
+        size index of every big directory output now, in the background, so the names the kernel
+        lists already carry their sizes (readdirplus) and a walk needs no lookup per file. One
+        request per big output at most, once per node (the loaded marker); a listing still never
+        waits on it, and one-shot commands (ls, cat, get) keep loading it lazily."""
+        for path, out in self._dir_outputs.items():
+            if self._output_files.get(out.md5, 0) >= SIZE_INDEX_MIN_FILES:
+                task = asyncio.ensure_future(self._use_size_index(path))
+                self._preloads.add(task)
+                task.add_done_callback(self._preload_done)
+
+    def _preload_done(self, task: "asyncio.Task[bool]") -> None:
+        self._preloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:   # an optimisation: logged, never raised
+            log.warning("size index preload failed: %s", redact(str(task.exception())))
+
     async def _load_size_index(self, out: DvcOut) -> None:
         remote = self.remote(out.remote, out.source, out.root)
         key = sizeindex.index_path(out.md5, out.legacy)
@@ -615,6 +633,9 @@ class Engine:
         await self.aclose(drain_seconds=30.0 if exc_type is None else 0.0)
 
     async def aclose(self, drain_seconds: float = 30.0) -> None:
+        for task in list(self._preloads):
+            task.cancel()
+        await asyncio.gather(*self._preloads, return_exceptions=True)
         for task in self._stat_ahead.values():
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
