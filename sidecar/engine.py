@@ -31,6 +31,7 @@ from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
 from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
+from .store.tenancy import Tenancy
 
 _IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Engine:
         self.git = git
         self.store = store
         self.fetcher = fetcher
+        # The shared cache serves an object to a remote identity only once it showed it holds it.
+        self.tenancy = Tenancy(store, fetcher)
         self.tree: Tree = Tree({})
         self.info: SnapshotInfo | None = None
         self._remotes: dict[str, Remote] = {}
@@ -89,7 +92,7 @@ class Engine:
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
         self._size_index_tried: set[str] = set()
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
-        self._sizing: dict[str, asyncio.Future[int]] = {}      # oid -> its size request under way
+        self._sizing: dict[tuple[str, int], asyncio.Future[int]] = {}   # (oid, remote) -> its size request
         self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
 
@@ -181,7 +184,9 @@ class Engine:
                 remote = self.remote(out.remote, out.source, out.root)
                 ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
                                 f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+                await self.tenancy.admit(ref)
                 data = await self.fetcher.read_all(ref)
+                self.tenancy.settle(ref)
                 found[out.md5] = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
             except DDAError as err:
                 problems.append(Problem(out.path, out.source, str(err), is_dir=True))
@@ -248,9 +253,9 @@ class Engine:
             settings.update(override)
             if repo_dir is not None and root:
                 repo_dir = repo_dir / root
-            self._remotes[key] = build_remote(wanted, settings, repo_dir=repo_dir,
-                                              jobs=self.config.jobs, timeout=self.config.request_timeout,
-                                              ca_bundle=self.config.ca_bundle)
+            self._remotes[key] = self.tenancy.wrap(
+                build_remote(wanted, settings, repo_dir=repo_dir, jobs=self.config.jobs,
+                             timeout=self.config.request_timeout, ca_bundle=self.config.ca_bundle), settings)
         return self._remotes[key]
 
     def _same_storage(self, name: str, spec: Any) -> bool:
@@ -304,12 +309,27 @@ class Engine:
     async def _size_of(self, ref: ObjectRef) -> int:
         """`fetcher.size_of`, one request per object however many ask at once (a stat and
         the directory's stat-ahead)."""
-        task = self._sizing.get(ref.oid)
+        key = (ref.oid, id(ref.remote))    # per remote: each identity is gated on its own
+        task = self._sizing.get(key)
         if task is None:
-            task = asyncio.ensure_future(self.fetcher.size_of(ref))
-            self._sizing[ref.oid] = task
-            task.add_done_callback(lambda _t: self._sizing.pop(ref.oid, None))
+            task = asyncio.ensure_future(self._size_shown(ref))
+            self._sizing[key] = task
+            task.add_done_callback(lambda _t: self._sizing.pop(key, None))
         return await asyncio.shield(task)
+
+    async def _size_shown(self, ref: ObjectRef) -> int:
+        """`fetcher.size_of`, behind the tenancy gate: a size this node learned from another
+        remote identity is shown only once `ref`'s own remote answered for the object."""
+        if not self.tenancy.admitted(ref, content=False):
+            await self.tenancy.admit(ref, content=False)
+        size = await self.fetcher.size_of(ref)
+        self.tenancy.settle(ref)
+        return size
+
+    def _may_show(self, ref: ObjectRef) -> bool:
+        """Whether a size handed over in bulk (from the shared index) may be shown for `ref`."""
+        self.tenancy.settle(ref)
+        return self.tenancy.size_proven(ref.remote, ref.oid)
 
     def _size_missed(self, path: str) -> None:
         """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
@@ -338,8 +358,12 @@ class Engine:
                 if entry is not None and entry.kind == "dvc" and entry.size is None:
                     yield entry, self.ref(entry)
 
+        def learned(entry: Entry, size: int) -> None:
+            if self._may_show(self.ref(entry)):     # else the stat that needs it asks itself
+                self._sized(entry, size)
+
         try:
-            await size_all(self.fetcher, todo(), self._sized, size_of=self._size_of)
+            await size_all(self.fetcher, todo(), learned, size_of=self._size_of)
         except DDAError as err:   # a stat that needs the failed one reports it itself
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
@@ -371,11 +395,24 @@ class Engine:
             if e.size is None and e.kind == "git":
                 result[i] = self._sized(e, await self.git.blob_size(e.oid))
 
+        unshown: list[int] = []
+
         def learned(i: int, size: int) -> None:
-            result[i] = self._sized(result[i], size)
+            if self._may_show(self.ref(result[i])):
+                result[i] = self._sized(result[i], size)
+            else:
+                unshown.append(i)
 
         await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
                        learned, size_of=self._size_of)
+        if unshown:     # sizes learned through another remote identity: asked of ours, bounded
+            slots = asyncio.Semaphore(self.fetcher.jobs)
+
+            async def one(i: int) -> None:
+                async with slots:
+                    result[i] = self._sized(result[i], await self._size_of(self.ref(result[i])))
+
+            await asyncio.gather(*(one(i) for i in unshown))
         return result
 
     # -- the shared size index ------------------------------------------------------------------
@@ -390,7 +427,8 @@ class Engine:
         if out is None or out.md5 in self._size_index_tried:
             return
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
-                self.store.index.size(_loaded_marker(out.md5)) is not None:
+                (self.store.index.size(_loaded_marker(out.md5)) is not None and
+                 self.tenancy.size_proven(self.remote(out.remote, out.source, out.root), _loaded_marker(out.md5))):
             self._size_index_tried.add(out.md5)
             return
         task = self._size_index_loads.get(out.md5)
@@ -418,12 +456,14 @@ class Engine:
             return
         self.store.index.record_sizes(sizes)
         self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+        self.tenancy.record_sizes(remote, {**sizes, _loaded_marker(out.md5): len(sizes)})  # our remote said so
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
         remote = self.remote(out.remote, out.source, out.root)
         ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
                         f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+        await self.tenancy.admit(ref)
         data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
         return {item.md5 for item in parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")}
 
@@ -450,6 +490,7 @@ class Engine:
             await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
                                             "write")
             self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            self.tenancy.record_sizes(remote, {_loaded_marker(out.md5): len(sizes)})
             done.append((out.path, key, len(sizes)))
         return done
 
@@ -471,7 +512,13 @@ class Engine:
             data = blob[offset:offset + length]
             self.fetcher.stats.bytes_served += len(data)
             return data
-        return await self.fetcher.read(self.ref(entry), offset, length, reader)
+        ref = self.ref(entry)
+        if self.tenancy.admitted(ref):
+            return await self.fetcher.read(ref, offset, length, reader)
+        await self.tenancy.admit(ref)     # never another identity's bytes from the shared cache
+        data = await self.fetcher.read(ref, offset, length, reader)
+        self.tenancy.settle(ref)          # a verified download from our remote proves it for free
+        return data
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
         """The whole file in pieces of one chunk (what `dda cat` and `dda get` stream)."""
