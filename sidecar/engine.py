@@ -80,6 +80,7 @@ class Engine:
         self._remotes: dict[str, Remote] = {}
         self._layout: DvcLayout | None = None
         self._lfs: Any = None
+        self._lfs_ident = ""
         self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
@@ -504,7 +505,15 @@ class Engine:
             problem = self.tree.broken.get(entry.output or entry.path)
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
         if entry.kind == "lfs":
-            data = await self._lfs_client(entry.path).read(entry.oid, entry.size or 0, offset, length, entry.path)
+            lfs = self._lfs_client(entry.path)
+            if self.tenancy.proven(self._lfs_ident, entry.oid):
+                data = await lfs.read(entry.oid, entry.size or 0, offset, length, entry.path)
+            else:   # the LFS cache is node-shared too: our server shows it holds it, or we download it
+                held = lfs.path_of(entry.oid).exists()
+                if held:
+                    await lfs.holds(entry.oid, entry.size or 0, entry.path)
+                data = await lfs.read(entry.oid, entry.size or 0, offset, length, entry.path, download=not held)
+                self.tenancy.prove(self._lfs_ident, entry.oid, entry.size or 0)
             self.fetcher.stats.bytes_served += len(data)
             return data
         if entry.kind == "git":
@@ -552,8 +561,9 @@ class Engine:
                                   f"(.lfsconfig lfs.url) nor is it on http(s)")
             clean, url_user, url_token = strip_userinfo(url)
             same = _same_origin(clean, self.git.url)
-            self._lfs = LfsClient(clean, self.config.cache_dir, user=url_user or (self.git.user if same else None),
-                                  token=url_token or (self.git.token if same else None),
+            user, token = url_user or (self.git.user if same else None), url_token or (self.git.token if same else None)
+            self._lfs_ident = self.tenancy.identity_of("lfs", {"url": clean, "user": user, "token": token})
+            self._lfs = LfsClient(clean, self.config.cache_dir, user=user, token=token,
                                   verify=verify_for("lfs", None, self.config.ca_bundle),
                                   timeout=self.config.request_timeout)
         return self._lfs

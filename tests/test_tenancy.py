@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -325,3 +326,41 @@ def test_hooks_tenant_reads_nothing_of_another(world, tmp_path, tenant):
         assert data.hex()[:128] not in json.dumps(out[name])
         if tenant == "c":       # no size in C's .dvc: the index's must not show
             assert len(data) not in out[name], out[name]
+
+
+@pytest.mark.skipif(shutil.which("git-lfs") is None, reason="needs git-lfs (Debian package git-lfs)")
+def test_lfs_tenant_reads_nothing_of_another(tmp_path):
+    """The node-shared LFS cache: B's pointer names A's sha256 and size, B's LFS server does not
+    hold it. A reads it (one download), B gets nothing, A again: no request at all."""
+    from test_lfs import LfsServer
+
+    data = os.urandom(7000)
+    oid = hashlib.sha256(data).hexdigest()
+    servers = {name: LfsServer(tmp_path / f"lfs-{name}") for name in ("a", "b")}
+    try:
+        (servers["a"].root / oid).write_bytes(data)
+        repos = {}
+        for name, srv in servers.items():
+            repo = tmp_path / f"repo-{name}"
+            repo.mkdir()
+            git(repo, "init", "-q", "-b", "main")
+            (repo / ".gitattributes").write_text("*.pt filter=lfs diff=lfs merge=lfs -text\n")
+            (repo / ".lfsconfig").write_text(f"[lfs]\n\turl = {srv.url}\n")
+            (repo / "model.pt").write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\n"
+                                           f"size {len(data)}\n")
+            git(repo, "add", "-A")
+            git(repo, "commit", "-q", "-m", "c")
+            repos[name] = repo
+        cache = tmp_path / "node-cache"
+        got = dda("cat", str(repos["a"]), "model.pt", cache=cache)
+        assert got.returncode == 0 and got.stdout == data, got.stderr
+        got = dda("cat", str(repos["b"]), "model.pt", cache=cache)
+        assert got.returncode != 0 and data[:64] not in got.stdout, "B read A's LFS object from the cache"
+        assert b"does not exist" in got.stderr and b"Traceback" not in got.stderr, got.stderr
+        batches, downloads = servers["a"].batches, servers["a"].downloads
+        got = dda("cat", str(repos["a"]), "model.pt", cache=cache)
+        assert got.returncode == 0 and got.stdout == data
+        assert (servers["a"].batches, servers["a"].downloads) == (batches, downloads) == (1, 1)
+    finally:
+        for srv in servers.values():
+            srv.stop()

@@ -33,10 +33,13 @@ class LfsClient:
     def path_of(self, oid: str) -> Path:
         return self.root / oid[:2] / oid[2:4] / oid
 
-    async def read(self, oid: str, size: int, offset: int, length: int, display: str) -> bytes:
-        """Bytes [offset, offset+length) of LFS object `oid` (downloaded whole, once)."""
+    async def read(self, oid: str, size: int, offset: int, length: int, display: str,
+                   download: bool = False) -> bytes:
+        """Bytes [offset, offset+length) of LFS object `oid` (downloaded whole, once;
+        `download`: from this server even when the cache holds it - the tenancy gate's way
+        to let a verified download of ours prove it)."""
         path = self.path_of(oid)
-        if not path.exists():
+        if download or not path.exists():
             flight = self._flights.get(oid)
             if flight is None:
                 flight = asyncio.ensure_future(self._download(oid, size, display))
@@ -49,7 +52,16 @@ class LfsClient:
                 return os.pread(f.fileno(), length, offset)
         return await asyncio.to_thread(pread)
 
+    async def holds(self, oid: str, size: int, display: str) -> None:
+        """One batch request: returns when this server (with our credentials) holds `oid`;
+        raises ObjectMissing, RemoteAuthError, ... as a download would."""
+        await self._action(oid, size, display)
+
     async def _download(self, oid: str, size: int, display: str) -> Path:
+        action = await self._action(oid, size, display)
+        return await self._fetch(oid, size, display, action)
+
+    async def _action(self, oid: str, size: int, display: str) -> dict:
         body = {"operation": "download", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}]}
         try:
             resp = await self.client.post(f"{self.endpoint}/objects/batch", json=body,
@@ -70,6 +82,9 @@ class LfsClient:
         action = (obj.get("actions") or {}).get("download") if isinstance(obj, dict) else None
         if not isinstance(action, dict) or not isinstance(action.get("href"), str):
             raise RemoteError(f"{self._where()}: no download action for {display}")
+        return action
+
+    async def _fetch(self, oid: str, size: int, display: str, action: dict) -> Path:
         headers = {str(k): str(v) for k, v in (action.get("header") or {}).items()}
         target = self.path_of(oid)
         target.parent.mkdir(parents=True, exist_ok=True)

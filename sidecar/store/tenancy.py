@@ -155,8 +155,22 @@ class Tenancy:
         if str(settings.get("url", "")).lower().startswith("s3://"):
             # botocore also takes credentials from the environment and profiles
             material.update({f"\0env:{k}": os.environ[k] for k in _ENV_CREDENTIALS if k in os.environ})
+        return self.identity_of("remote", material)
+
+    def identity_of(self, kind: str, material: dict[str, str | None]) -> str:
+        """An identity (32 hex) for any store of objects (`kind`: remote, lfs) reached with
+        `material` (its URL and credentials): HMAC-SHA256 under the node key."""
         blob = json.dumps(material, sort_keys=True).encode()
-        return hmac.new(self._key, b"remote\0" + blob, hashlib.sha256).hexdigest()[:32]
+        return hmac.new(self._key, kind.encode() + b"\0" + blob, hashlib.sha256).hexdigest()[:32]
+
+    def proven(self, ident: str, oid: str) -> bool:
+        """Whether identity `ident` showed the bytes of `oid` (a Git LFS object: the server's
+        batch answer, or a verified download of ours)."""
+        found = self._lookup(ident, oid)
+        return bool(found and found[1])
+
+    def prove(self, ident: str, oid: str, size: int) -> None:
+        self._record(ident, oid, None, size, True)
 
     def wrap(self, remote: Remote, settings: dict[str, str]) -> ProvingRemote:
         return ProvingRemote(remote, self.identity(remote, settings), self)
