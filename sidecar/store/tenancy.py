@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -295,7 +296,7 @@ class Tenancy:
 
     def _local_size(self, ref: "ObjectRef") -> int | None:
         """A size of `ref`'s object this node knows from anyone (index, verified store)."""
-        size = self.fetcher.known_size(ref.__class__(ref.oid, ref.remote, ref.path, ref.legacy, None, ref.display))
+        size = self.fetcher.known_size(replace(ref, size=None))
         return size if size is not None else self.store.object_size(ref.oid)
 
     # -- the gate -----------------------------------------------------------------------------
