@@ -596,6 +596,7 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
+        self.tenancy.settle_all()      # before the store closes: its writer records the proofs
         await self.git.aclose()
         for remote in self._remotes.values():
             await remote.aclose()

@@ -364,3 +364,29 @@ def test_lfs_tenant_reads_nothing_of_another(tmp_path):
     finally:
         for srv in servers.values():
             srv.stop()
+
+
+def test_an_object_verified_after_its_last_read_is_proven_at_close(world, tmp_path):
+    """Prefetch (or a pass that verifies after the reader's last read) fills the cache with no
+    read to settle on: the engine settles what its remote delivered when it closes, so the next
+    pod reads it with zero requests."""
+    import asyncio
+
+    from sidecar.engine import Engine
+
+    cache = tmp_path / "node-cache"
+
+    async def prefetch() -> None:
+        async with await Engine.open(_config(world, "a", cache)) as engine:
+            for path in ("small.txt", "large.bin"):
+                await engine.fetcher.prefetch(engine.ref(engine.entry(path)))
+            assert engine.tenancy.checks == 0
+
+    async def read() -> tuple[bytes, int, int]:
+        async with await Engine.open(_config(world, "a", cache)) as engine:
+            data = b"".join([p async for p in engine.iter_bytes("large.bin")])
+            data += b"".join([p async for p in engine.iter_bytes("small.txt")])
+            return data, engine.fetcher.stats.requests, engine.tenancy.checks
+
+    asyncio.run(prefetch())
+    assert asyncio.run(read()) == (SECRET_LARGE + SECRET_SMALL, 0, 0)
