@@ -172,6 +172,17 @@ class Index:
         rows = self._read("SELECT size, content FROM proofs WHERE ident=? AND oid=?", (ident, oid))
         return (rows[0][0], bool(rows[0][1])) if rows else None
 
+    def proofs(self, ident: str, oids: list[str]) -> dict[str, tuple[int, bool]]:
+        """`proof` for many objects of one identity (a query per 500)."""
+        found: dict[str, tuple[int, bool]] = {}
+        for i in range(0, len(oids), 500):
+            part = oids[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for oid, size, content in self._read(f"SELECT oid, size, content FROM proofs WHERE ident=? AND oid IN "
+                                                 f"({marks})", (ident, *part)):
+                found[oid] = (size, bool(content))
+        return found
+
     def record_proofs(self, rows: list[tuple[str, str, int, int]]) -> None:
         """(ident, oid, size, content): a content proof is never downgraded by a size proof
         of the same size; another size replaces the row."""

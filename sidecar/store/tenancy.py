@@ -246,6 +246,18 @@ class Tenancy:
         if isinstance(remote, ProvingRemote) and sizes:
             self.store.index.record_proofs([(remote.ident, oid, size, 0) for oid, size in sizes.items()])
 
+    def preload(self, refs: list["ObjectRef"]) -> None:
+        """Look up the proofs of many refs at once (one query per identity and 500 objects),
+        so the per-object checks of a bulk stat that follow are answered from memory."""
+        wanted: dict[str, list[str]] = {}
+        for ref in refs:
+            remote = ref.remote
+            if isinstance(remote, ProvingRemote) and (remote.ident, ref.oid) not in self._proven:
+                wanted.setdefault(remote.ident, []).append(ref.oid)
+        for ident, oids in wanted.items():
+            for oid, (size, content) in self.store.index.proofs(ident, oids).items():
+                self._remember(ident, oid, None, size, content)
+
     def size_proven(self, remote: Remote, oid: str) -> bool:
         """Whether `remote`'s identity has shown a size (or the bytes) of `oid`."""
         return not isinstance(remote, ProvingRemote) or self._lookup(remote.ident, oid) is not None
