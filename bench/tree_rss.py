@@ -35,19 +35,115 @@ def rss() -> tuple[float, float]:
     return got["VmRSS"], got["VmHWM"]
 
 
+def reset_peak() -> None:
+    """Start VmHWM from the current RSS (Linux: clear_refs 5), so the peak is the snapshot's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def ls_recursive(ns: argparse.Namespace, repo: Path, work: Path) -> None:
+    """`dda ls -R` (sidecar.cli.main, stdout to a file) once every size is in the cache's
+    persistent index (as after `dda sizes publish` or a remount): its peak RSS is the
+    snapshot plus one batch of rows, not the whole listing."""
+    import os
+
+    from sidecar.cli import main as dda
+    from sidecar.store import Store
+
+    store = Store(work / "cache", 1 << 30, 1 << 20)
+    for d in range(ns.folders):
+        store.index.record_sizes({hashlib.md5(f"{d}/{f}".encode()).hexdigest(): 100 + (d * ns.per + f) % 901
+                                  for f in range(ns.per)})
+    store.close()
+    gc.collect()
+    reset_peak()
+    before, _ = rss()
+    out = work / "ls.txt"
+    saved = os.dup(1)
+    with open(out, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            started = time.perf_counter()
+            code = dda(["ls", "-R", str(repo), "--rev", "main", "--cache-dir", str(work / "cache")])
+            sys.stdout.flush()
+        finally:
+            os.dup2(saved, 1)
+    took = time.perf_counter() - started
+    _, peak = rss()
+    with open(out, "rb") as f:
+        lines = sum(1 for _ in f)
+    print(f"dda ls -R: exit {code}, {lines:,} lines in {took:.1f}s; RSS before {before:.0f} MB, peak {peak:.0f} MB")
+
+
+def mount_daemon(repo: Path, work: Path) -> None:
+    """`dda mount --daemon` of the 1M tree (local remote, fresh cache): the daemon's RSS after
+    the mount, its peak so far (VmHWM: the snapshot build), and after `find -type f` (names
+    only: no request, no size)."""
+    import os
+    import shutil
+    import subprocess
+
+    from mounting import daemon_pid
+
+    dda = shutil.which("dda") or str(Path(sys.executable).parent / "dda")
+    mp = work / "mnt"
+    mp.mkdir()
+    env = {**os.environ, "DDA_CACHE_DIR": str(work / "cache-mount"), "DDA_REMOTE_STORAGE_URL": str(work / "remote")}
+    started = time.perf_counter()
+    subprocess.run([dda, "mount", str(repo), str(mp), "--daemon"], check=True, env=env, timeout=3600,
+                   capture_output=True)
+    took = time.perf_counter() - started
+    pid = daemon_pid(mp)
+
+    def status() -> tuple[float, float]:
+        got = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                got[key] = int(value.split()[0]) / 1024
+        return got["VmRSS"], got["VmHWM"]
+
+    try:
+        after, peak = status()
+        started = time.perf_counter()
+        found = subprocess.run(f"find {mp} -type f | wc -l", shell=True, capture_output=True, text=True,
+                               timeout=3600).stdout.strip()
+        walked = time.perf_counter() - started
+        now, peak2 = status()
+        print(f"dda mount: {took:.1f}s; daemon RSS {after:.0f} MB (peak while building {peak:.0f} MB); "
+              f"find -type f: {found} files in {walked:.1f}s, RSS then {now:.0f} MB (peak {peak2:.0f} MB)")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        time.sleep(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folders", type=int, default=1000)
     parser.add_argument("--per", type=int, default=1000)
+    parser.add_argument("--unique-names", action="store_true",
+                        help="file names unique across folders (ImageNet-like n0xxx_yyy.JPEG), not f000000.bin in each")
+    parser.add_argument("--ls", action="store_true", help="also `dda ls -R` of the whole tree, in this process "
+                                                          "(sizes from the persistent index: 0 requests)")
+    parser.add_argument("--mount", action="store_true", help="also `dda mount --daemon` with a local remote "
+                                                             "holding the manifest: daemon RSS, peak, find -type f")
     ns = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dda-rss-"))
-    entries = sorted(({"md5": hashlib.md5(f"{d}/{f}".encode()).hexdigest(), "relpath": f"d{d:04d}/f{f:06d}.bin"}
-                      for d in range(ns.folders) for f in range(ns.per)), key=lambda e: e["relpath"])
-    manifest = json.dumps(entries, sort_keys=True).encode()
-    del entries
+    # Exactly what json.dumps(sorted entries, sort_keys=True) gives, written without a
+    # list of 1M dicts (that list would be this process's peak, not the daemon's).
+    manifest = ("[" + ", ".join(json.dumps({"md5": hashlib.md5(f"{d}/{f}".encode()).hexdigest(),
+                                            "relpath": f"d{d:04d}/" + (f"n{d:08d}_{f:06d}.JPEG" if ns.unique_names
+                                                                        else f"f{f:06d}.bin")}, sort_keys=True)
+                                for d in range(ns.folders) for f in range(ns.per)) + "]").encode()
     mmd5 = hashlib.md5(manifest).hexdigest()
     fake = FakeRemote.register("rss")
     fake.objects[f"files/md5/{mmd5[:2]}/{mmd5[2:]}.dir"] = manifest
+    if ns.mount:   # the same manifest in a local remote folder, for the daemon (no data objects needed)
+        local = work / "remote" / "files" / "md5" / mmd5[:2]
+        local.mkdir(parents=True)
+        (local / f"{mmd5[2:]}.dir").write_bytes(manifest)
     del manifest
     repo = work / "repo"
     (repo / ".dvc").mkdir(parents=True)
@@ -57,6 +153,7 @@ def main() -> int:
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "data")
     gc.collect()
+    reset_peak()
     base, _ = rss()
     fake_bytes = sum(len(v) for v in fake.objects.values()) / 1e6
 
@@ -77,6 +174,10 @@ def main() -> int:
 
     try:
         asyncio.run(go())
+        if ns.ls:
+            ls_recursive(ns, repo, work)
+        if ns.mount:
+            mount_daemon(repo, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

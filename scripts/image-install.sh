@@ -34,6 +34,7 @@ httpcore==1.0.9
 httpx==0.28.1
 hyperframe==6.1.0
 idna==3.20
+ijson==3.6.0
 jmespath==1.1.0
 outcome==1.3.0.post0
 pathspec==1.1.1

@@ -8,18 +8,16 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hashlib
-import itertools
 import logging
 import posixpath
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .config import Config, remote_settings_key
 from . import sizeindex
-from .errors import ConfigError, DDAError, HashMismatch, NotFound, ObjectMissing, OutputUnavailable, RemoteError
+from .errors import ConfigError, DDAError, HashMismatch, NotFound, ObjectMissing, OutputUnavailable
 from .fetch import Fetcher, ObjectRef
 from .fetch.priority import PREFETCH, current_priority
 from .fetch.sizing import size_all
@@ -35,6 +33,7 @@ from .store import Store
 from .store.tenancy import Tenancy
 
 _IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
+_SOURCE = "\0source"   # Entry.root of import-url outputs read from their source: "\0source<index>"
 log = logging.getLogger(__name__)
 
 
@@ -83,12 +82,13 @@ class Engine:
         self._lfs: Any = None
         self._lfs_ident = ""
         self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
+        self._sources: list[Remote] = []                 # import-url sources (see _url_import)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
         self.follow_ref: str | None = None
         self._blob_bytes = 0
-        # Paths whose size came from a remote's answer, not from the repository: such a size
-        # is never handed to the fetcher as the truth, and is corrected when the object verifies.
-        self._looked_up: set[str] = set()
+        # Sizes that came from a remote's answer, not from the repository (a flag per file in
+        # the tree; Entry.looked_up on what it hands out) are never handed to the fetcher as
+        # the truth, and are corrected when the object verifies.
         fetcher.size_observers.append(self._size_verified)
         self._dir_outputs: dict[str, DvcOut] = {}
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
@@ -106,7 +106,8 @@ class Engine:
         config.cache_dir.mkdir(parents=True, exist_ok=True)
         git = GitSource(config.repo, config.cache_dir, user=config.git_user, token=config.git_token,
                         deadline=config.deadline, ca_bundle=config.ca_bundle)
-        store = Store(config.cache_dir, config.cache_size, config.chunk_size)
+        # opening scans and may rebuild the index: on a thread, like every later store step
+        store = await asyncio.to_thread(Store, config.cache_dir, config.cache_size, config.chunk_size)
         fetcher = Fetcher(store, jobs=config.jobs, retries=config.retries, deadline=config.deadline,
                           strict=config.verify == "before-read")
         engine = cls(config, git, store, fetcher)
@@ -144,7 +145,17 @@ class Engine:
         resolved: list[DvcOut] = []
         problems: list[Problem] = []
         cache: dict[tuple[str, str, str], object] = {}
+        # import-url outputs: one existence check each, all at once
+        url_outs = [o for o in outputs if o.url_source is not None and o.unavailable is None]
+        url_found = iter(await asyncio.gather(*(self._url_import(o) for o in url_outs)))
         for out in outputs:
+            if out.unavailable is not None:
+                problems.append(Problem(out.path, out.source, out.unavailable, out.is_dir))
+                continue
+            if out.url_source is not None:
+                found = next(url_found)
+                (resolved if isinstance(found, DvcOut) else problems).append(found)  # type: ignore[arg-type]
+                continue
             if out.imported is None:
                 resolved.append(out)
                 continue
@@ -162,10 +173,47 @@ class Engine:
                 else:
                     problems.append(Problem(out.path, out.source, f"{out.source}: {err}", out.is_dir))
                 continue
+            if not out.md5:   # `dvc import --no-download`: what the source's output records
+                if origin.out.path != out.imported.path:
+                    problems.append(Problem(out.path, out.source, f"{out.source}: imported with --no-download from "
+                                            f"inside the directory output {origin.out.path!r} of the source; only "
+                                            f"a whole output is resolved without a recorded md5", False))
+                    continue
+                o = origin.out
+                out = replace(out, md5=o.md5, is_dir=o.is_dir, size=o.size, nfiles=o.nfiles, isexec=o.isexec,
+                              files=o.files, versions=o.versions, legacy=o.legacy)
             index = self._imports.setdefault(origin.url + "@" + key[1], (len(self._imports), origin))[0]
             resolved.append(replace(out, remote=origin.out.remote, root=f"{_IMPORT}{index}:{origin.out.root}",
                                     legacy=origin.out.legacy if out.md5 == origin.out.md5 else out.legacy))
         return resolved, problems
+
+    async def _url_import(self, out: DvcOut) -> DvcOut | Problem:
+        """A `dvc import-url` output: from the repository's remote when it holds the object
+        (where `dvc pull` gets it), else from its recorded source, verified against the md5
+        the .dvc file records; else it is reported unavailable. See remotes/source.py."""
+        from .remotes.source import build_source
+
+        src = out.url_source
+        assert src is not None
+        if await self._on_own_remote(out):
+            return out
+        why = "not on the DVC remote"
+        if out.is_dir:
+            return Problem(out.path, out.source, f"{out.source}: {why}, and a directory is not read from its "
+                                                 f"import-url source ({strip_userinfo(src.url)[0]})", True)
+        try:
+            base = self.git.local_path / src.base if self.git.local_path is not None else None
+            remote = build_source(src.url, base, version_id=src.version_id, jobs=self.config.jobs,
+                                  timeout=self.config.request_timeout, ca_bundle=self.config.ca_bundle)
+            if await remote.exists(""):
+                index = len(self._sources)
+                self._sources.append(remote)
+                return replace(out, root=f"{_SOURCE}{index}")
+            await remote.aclose()
+            cause = f"missing at its source {remote.display_url}"
+        except DDAError as err:
+            cause = f"its source cannot be read: {err}"
+        return Problem(out.path, out.source, f"{out.source}: import-url output {why}, and {cause}", False)
 
     async def _on_own_remote(self, out: DvcOut) -> bool:
         try:
@@ -188,7 +236,7 @@ class Engine:
                                 f"{out.path} (manifest {out.md5}.dir, from {out.source})")
                 await self.tenancy.admit(ref)
                 data = await self.fetcher.read_all(ref)
-                self.tenancy.settle(ref)
+                await self.tenancy.settle(ref)
                 found[out.md5] = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
             except DDAError as err:
                 problems.append(Problem(out.path, out.source, str(err), is_dir=True))
@@ -230,6 +278,8 @@ class Engine:
         """The remote `name` (None: the default) of the DVC (sub)repository at folder `root`,
         as its .dvc/config declares it, with our overrides applied."""
         assert self._layout is not None
+        if root.startswith(_SOURCE):   # an import-url output read from its recorded source
+            return self._sources[int(root[len(_SOURCE):])]
         layout, repo_dir, identity = self._layout, self.git.local_path, root
         if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
             index, _, root = root[len(_IMPORT):].partition(":")
@@ -284,7 +334,9 @@ class Engine:
             root = entry.root.partition(":")[2] if entry.root.startswith(_IMPORT) else entry.root
             key = entry.path[len(root) + 1:] if root else entry.path
             return ObjectRef(entry.oid, remote, versioned_path(key, entry.version), False, entry.size, entry.path)
-        size = None if entry.path in self._looked_up else entry.size   # a size learned from an answer: checked again
+        size = None if entry.looked_up else entry.size   # a size learned from an answer: checked again
+        if entry.root.startswith(_SOURCE):   # the one object of an import-url source (errors name it)
+            return ObjectRef(entry.oid, remote, remote.display_url, entry.legacy, size, entry.path)
         return ObjectRef(entry.oid, remote, object_path(entry.oid, entry.legacy), entry.legacy, size, entry.path)
 
     async def stat(self, path: str) -> Entry:
@@ -301,9 +353,9 @@ class Engine:
             size = await self.git.blob_size(entry.oid)
         else:
             ref = self.ref(entry)
-            if self.fetcher.known_size(ref) is None:
+            if await self.fetcher.indexed_size(ref) is None:
                 await self._use_size_index(entry.output)
-                if stat_ahead and self.fetcher.known_size(ref) is None:
+                if stat_ahead and await self.fetcher.indexed_size(ref) is None:
                     self._size_missed(entry.path)
             size = await self._size_of(ref)
         return self._sized(entry, size)
@@ -325,21 +377,13 @@ class Engine:
         if not self.tenancy.admitted(ref, content=False):
             await self.tenancy.admit(ref, content=False)
         size = await self.fetcher.size_of(ref)
-        self.tenancy.settle(ref)
+        await self.tenancy.settle(ref)
         return size
 
     def _may_show(self, ref: ObjectRef) -> bool:
-        """Whether a size handed over in bulk (from the shared index) may be shown for `ref`."""
-        self.tenancy.settle(ref)
-        return self.tenancy.size_proven(ref.remote, ref.oid)
-
-    def _preloading(self, items: Iterable[tuple[Any, ObjectRef]]) -> Iterator[tuple[Any, ObjectRef]]:
-        """`items` as they are, their proofs looked up 512 at a time ahead of the per-object
-        `_may_show` checks (one index query per batch, not one per file)."""
-        source = iter(items)
-        while batch := list(itertools.islice(source, 512)):
-            self.tenancy.preload([ref for _, ref in batch])
-            yield from batch
+        """Whether a size handed over in bulk (from the shared index) may be shown for `ref`
+        (no I/O: what this process knows; stat_many looks the proofs up first)."""
+        return self.tenancy.size_shown_now(ref)
 
     def _size_missed(self, path: str) -> None:
         """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
@@ -373,26 +417,22 @@ class Engine:
                 self._sized(entry, size)
 
         try:
-            await size_all(self.fetcher, self._preloading(todo()), learned, size_of=self._size_of)
+            await size_all(self.fetcher, todo(), learned, size_of=self._size_of)
         except DDAError as err:   # a stat that needs the failed one reports it itself
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
-        # Sizes of an object never change: remember them in the tree, but only in the tree the
-        # entry came from (after a refresh, an old entry must not land in the new snapshot).
-        sized = replace(entry, size=size)
-        if self.tree.files.get(entry.path) is entry:
-            self.tree.files[entry.path] = sized
-        if entry.kind == "dvc":
-            self._looked_up.add(entry.path)
+        # Sizes of an object never change: remember them in the current tree where it holds the
+        # same object at that path (an entry from before a refresh changes nothing else).
+        sized = replace(entry, size=size, looked_up=entry.kind == "dvc")
+        current = self.tree.files.get(entry.path)
+        if current is not None and current.oid == entry.oid and current.kind == entry.kind and current.size is None:
+            self.tree.set_size(entry.path, size, looked_up=entry.kind == "dvc")
         return sized
 
     def _size_verified(self, oid: str, size: int) -> None:
         """A verified object's size replaces one learned from a remote's answer."""
-        for path in self._looked_up:
-            entry = self.tree.files.get(path)
-            if entry is not None and entry.oid == oid and entry.size != size:
-                self.tree.files[path] = replace(entry, size=size)
+        self.tree.resize_object(oid, size)
 
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
@@ -413,8 +453,9 @@ class Engine:
             else:
                 unshown.append(i)
 
-        await size_all(self.fetcher,
-                       self._preloading((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
+        # the proofs in batches, off the loop, before the per-file checks (kept in a bounded memo)
+        await self.tenancy.preload([self.ref(e) for e in result if e.size is None and e.kind == "dvc"])
+        await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
                        learned, size_of=self._size_of)
         if unshown:     # sizes learned through another remote identity: asked of ours, bounded
             slots = asyncio.Semaphore(self.fetcher.jobs)
@@ -438,19 +479,19 @@ class Engine:
         if out is None or out.md5 in self._size_index_tried:
             return
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
-                (self.store.index.size(_loaded_marker(out.md5)) is not None and
-                 self.tenancy.size_proven(self.remote(out.remote, out.source, out.root), _loaded_marker(out.md5))):
+                (await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None and
+                 await self.tenancy.size_proven(self.remote(out.remote, out.source, out.root), _loaded_marker(out.md5))):
             self._size_index_tried.add(out.md5)
             return
         task = self._size_index_loads.get(out.md5)
         if task is None:
-            task = asyncio.ensure_future(self._load_size_index(out, await self._manifest_md5s(out)))
+            task = asyncio.ensure_future(self._load_size_index(out))
             self._size_index_loads[out.md5] = task
         await asyncio.shield(task)
         self._size_index_tried.add(out.md5)
         self._size_index_loads.pop(out.md5, None)
 
-    async def _load_size_index(self, out: DvcOut, expected: set[str]) -> None:
+    async def _load_size_index(self, out: DvcOut) -> None:
         remote = self.remote(out.remote, out.source, out.root)
         key = sizeindex.index_path(out.md5, out.legacy)
         where = f"{out.path}: size index {remote.display_url}/{key}"
@@ -459,15 +500,18 @@ class Engine:
             # long (the index is an optimisation; per-file sizing still works).
             async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
                 got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
-            sizes = sizeindex.decode(got.data, out.md5, expected, where)
+            # The manifest's md5s only once an index exists (a 1M-entry set is not free).
+            sizes = sizeindex.decode(got.data, out.md5, await self._manifest_md5s(out), where)
         except ObjectMissing:
             return                                  # none published: sized per file when asked
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
             log.warning("%s ignored: %s", where, err or "timed out")
             return
-        self.store.index.record_sizes(sizes)
-        self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
-        self.tenancy.record_sizes(remote, {**sizes, _loaded_marker(out.md5): len(sizes)})  # our remote said so
+        # on a store thread; the marker after the sizes it vouches for
+        await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
+        await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
+        # our remote said so: proven for its identity
+        await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
@@ -476,7 +520,8 @@ class Engine:
                         f"{out.path} (manifest {out.md5}.dir, from {out.source})")
         await self.tenancy.admit(ref)
         data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
-        return {item.md5 for item in parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")}
+        raw = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir").md5   # 16 bytes per entry
+        return {raw[i:i + 16].hex() for i in range(0, len(raw), 16)}
 
     async def publish_sizes(self, path: str) -> list[tuple[str, str, int]]:
         """Publish the size index of every directory output at or below `path` (or the one
@@ -500,8 +545,8 @@ class Engine:
             key = sizeindex.index_path(out.md5, out.legacy)
             await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
                                             "write")
-            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
-            self.tenancy.record_sizes(remote, {_loaded_marker(out.md5): len(sizes)})
+            await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
+            await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {_loaded_marker(out.md5): len(sizes)})
             done.append((out.path, key, len(sizes)))
         return done
 
@@ -516,27 +561,27 @@ class Engine:
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
         if entry.kind == "lfs":
             lfs = self._lfs_client(entry.path)
-            if self.tenancy.proven(self._lfs_ident, entry.oid):
+            if await self.tenancy.proven(self._lfs_ident, entry.oid):
                 data = await lfs.read(entry.oid, entry.size or 0, offset, length, entry.path)
-            else:   # the LFS cache is node-shared too: our server shows it holds it, or we download it
-                held = lfs.path_of(entry.oid).exists()
+            else:   # the store is node-shared: our server shows it holds it, or we download it
+                held = await self.fetcher.astore.has(entry.oid, 0)
                 if held:
                     await lfs.holds(entry.oid, entry.size or 0, entry.path)
                 data = await lfs.read(entry.oid, entry.size or 0, offset, length, entry.path, download=not held)
                 self.tenancy.prove(self._lfs_ident, entry.oid, entry.size or 0)
-            self.fetcher.stats.bytes_served += len(data)
+            self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         if entry.kind == "git":
             blob = await self._blob(entry.oid)
             data = blob[offset:offset + length]
-            self.fetcher.stats.bytes_served += len(data)
+            self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         ref = self.ref(entry)
         if self.tenancy.admitted(ref):
             return await self.fetcher.read(ref, offset, length, reader)
         await self.tenancy.admit(ref)     # never another identity's bytes from the shared cache
         data = await self.fetcher.read(ref, offset, length, reader)
-        self.tenancy.settle(ref)          # a verified download from our remote proves it for free
+        await self.tenancy.settle(ref)    # a verified download from our remote proves it for free
         return data
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
@@ -573,7 +618,7 @@ class Engine:
             same = _same_origin(clean, self.git.url)
             user, token = url_user or (self.git.user if same else None), url_token or (self.git.token if same else None)
             self._lfs_ident = self.tenancy.identity_of("lfs", {"url": clean, "user": user, "token": token})
-            self._lfs = LfsClient(clean, self.config.cache_dir, user=user, token=token,
+            self._lfs = LfsClient(clean, self.store, user=user, token=token,
                                   verify=verify_for("lfs", None, self.config.ca_bundle),
                                   timeout=self.config.request_timeout)
         return self._lfs
@@ -581,12 +626,12 @@ class Engine:
     async def _blob(self, sha: str) -> bytes:
         if sha in self._blobs:
             self._blobs.move_to_end(sha)
-            self.fetcher.stats.cache_hits += 1
+            self.fetcher.counters.add("dda_cache_reads", 1, "data", "hit")
             return self._blobs[sha]
         blob = await self.git.read_blob(sha)
-        if len(sha) == 40 and hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() != sha:
+        if len(sha) == 40 and not await asyncio.to_thread(_blob_matches, blob, sha):
             raise HashMismatch(f"git blob {sha}: content does not match its sha1")
-        self.fetcher.stats.cache_misses += 1
+        self.fetcher.counters.add("dda_cache_reads", 1, "data", "miss")
         self._blobs[sha] = blob
         self._blob_bytes += len(blob)
         while self._blob_bytes > 64 * 1024 * 1024 and len(self._blobs) > 1:
@@ -606,10 +651,16 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
-        self.tenancy.settle_all()      # before the store closes: its writer records the proofs
+        await self.fetcher.astore.run(self.tenancy.settle_all)   # before the store closes: its writer records them
         await self.git.aclose()
-        for remote in self._remotes.values():
+        for remote in [*self._remotes.values(), *self._sources]:
             await remote.aclose()
         if self._lfs is not None:
             await self._lfs.aclose()
-        self.store.close()
+        await self.fetcher.aclose()
+        await asyncio.to_thread(self.store.close)
+
+
+def _blob_matches(blob: bytes, sha: str) -> bool:
+    """Whether `blob` is the git blob `sha` (hashed on a thread: blobs may be large)."""
+    return hashlib.sha1(b"blob %d\0" % len(blob) + blob).hexdigest() == sha

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a sidecar: the engine's own counters read at scrape time, plus
+"""Prometheus metrics of a sidecar: the declared instruments. Counters are counted where their
+event happens (sidecar/counters.py, under the instrument's name) and read at scrape time, plus
 histograms fed where the events happen (remote requests, reads that waited for the network,
 batch waits reported by the training-side loader).
 
@@ -113,6 +114,8 @@ INSTRUMENTS: tuple[Instrument, ...] = (
                lambda s: _stats(s).bytes_fetched, "bytes_fetched"),
     Instrument("dda_served_bytes", "counter", "Bytes served to readers of the mount.", (),
                lambda s: _stats(s).bytes_served, "bytes_served"),
+    Instrument("dda_remote_size_lookups", "counter", "Size lookups answered by DVC remotes (a HEAD per file, or "
+               "one listing per folder).", (), lambda s: _stats(s).size_lookups, "size_lookups"),
     Instrument("dda_remote_retries", "counter", "Retries of failed remote requests.", (),
                lambda s: _stats(s).retries, "retries"),
     Instrument("dda_hash_mismatches", "counter", "Downloads whose content did not match its md5.", (),

@@ -96,9 +96,13 @@ def collect_files(paths: list[Path]) -> list[tuple[Path, str]]:
                         _contained_link(full, path)
                         if not full.is_file():
                             raise UploadError(f"{full}: a symlink to {os.readlink(full)!r}, which is not a file")
+                    elif not full.is_file():       # a FIFO would block the reader forever
+                        raise UploadError(f"{full}: {_kind(full)}, not a regular file; DVC would not add it")
                     found.append((full, full.relative_to(path).as_posix()))
         elif path.is_file():
             found.append((path, path.name))
+        elif os.path.lexists(path) and not path.is_symlink():
+            raise UploadError(f"{path}: {_kind(path)}, not a regular file or directory")
         else:
             raise UploadError(f"{path}: no such file or directory")
     seen: dict[str, Path] = {}
@@ -107,6 +111,15 @@ def collect_files(paths: list[Path]) -> list[tuple[Path, str]]:
             raise UploadError(f"{source} and {seen[rel]} would both be uploaded as {rel!r}")
         seen[rel] = source
     return found
+
+
+def _kind(path: Path) -> str:
+    """What a non-regular file is, in words."""
+    import stat
+
+    mode = os.lstat(path).st_mode
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
 
 
 def _is_subrepo(path: Path) -> bool:
@@ -290,17 +303,26 @@ class Uploader:
                 if not out.is_dir:
                     raise UploadError(f"--to {self.target}: {out.path} is a single tracked file "
                                       f"({out.source}), not a directory")
-                if out.imported is not None or out.files is not None:
+                if out.imported is not None or out.files is not None or out.url_source is not None \
+                        or out.unavailable is not None:
                     raise UploadError(f"--to {self.target}: {out.path} is "
                                       + ("imported from another repository" if out.imported else
-                                         "on a cloud-versioned remote") + f" ({out.source}); dda upload cannot add to it")
+                                         "imported from a URL (dvc import-url)" if out.url_source or out.unavailable
+                                         else "on a cloud-versioned remote")
+                                      + f" ({out.source}); dda upload cannot add to it")
                 return out
             if out.path.startswith(self.target + "/"):
                 raise UploadError(f"--to {self.target}: contains the tracked output {out.path} ({out.source}); "
                                   f"upload into that directory instead")
         tree = engine.tree
-        if self.target in tree.files:
-            raise UploadError(f"--to {self.target}: is a file in git")
+        for parent in [*_parents(self.target), self.target]:
+            entry = tree.files.get(parent)
+            if entry is not None and entry.is_symlink:
+                # git and DVC refuse a path beyond a symbolic link; a checkout would write through it
+                raise UploadError(f"--to {self.target}: {parent} is a symlink in git (to {entry.target!r}); "
+                                  f"DVC refuses paths beyond a symbolic link")
+            if entry is not None:
+                raise UploadError(f"--to {self.target}: {parent} is a file in git")
         inside_git = [p for p in tree.files if p.startswith(self.target + "/")]
         if inside_git:
             raise UploadError(f"--to {self.target}: holds git-tracked files ({inside_git[0]}); "

@@ -153,15 +153,150 @@ def shape_imports(work: Path, dvc, git, remotes: Path) -> None:
     git("add", "-A")
 
 
+_GEN = ("import os, sys\nfor p in sys.argv[1:]:\n    os.makedirs(os.path.dirname(p) or '.', exist_ok=True)\n"
+        "    open(p, 'w').write('made ' + p + '\\n')\n")
+
+
+def shape_templating(work: Path, dvc, git, remotes: Path) -> None:
+    """Must-work 1: `matrix` and `foreach` over params, `vars` (a file with selected keys, a
+    mapping, a stage's own file), `${item.x}`/`${key}`, and templated output flags: a
+    `cache: ${...}` false output (from git), a `remote: ${...}` output (on a second remote),
+    `persist`. Names and flags must come out as DVC's parser renders them."""
+    extra = remotes / "extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    dvc("remote", "add", "extra", str(extra))
+    _write(work / "gen.py", _GEN)
+    (work / "params.yaml").write_text("flags:\n  keep: false\nmodels:\n  small: {size: 3}\n  big: {size: 5}\n")
+    (work / "extra.yaml").write_text("sub:\n  dir: out\nunused: 1\n")
+    _write(work / "sub" / "stage.yaml", "names:\n  first: one\nmetric: score.json\n")
+    (work / "dvc.yaml").write_text(
+        "vars:\n"
+        "  - extra.yaml:sub\n"
+        "  - second: extra\n"
+        "    grid_dir: grid\n"
+        "stages:\n"
+        "  train:\n"
+        "    foreach: ${models}\n"
+        "    do:\n"
+        "      cmd: python3 gen.py ${sub.dir}/${key}.bin ${sub.dir}/${key}-${item.size}.log\n"
+        "      outs:\n"
+        "      - ${sub.dir}/${key}.bin\n"
+        "      - ${sub.dir}/${key}-${item.size}.log:\n"
+        "          cache: false\n"
+        + ("  grid:\n"   # `matrix` came with DVC 3
+           "    matrix:\n"
+           "      os: [linux, mac]\n"
+           "      n: [1, 2]\n"
+           "    cmd: python3 gen.py ${grid_dir}/${item.os}-${item.n}.txt ${grid_dir}/${key}.meta\n"
+           "    outs:\n"
+           "    - ${grid_dir}/${item.os}-${item.n}.txt:\n"
+           "        remote: ${second}\n"
+           "    - ${grid_dir}/${key}.meta:\n"
+           "        cache: false\n"
+           "        persist: true\n" if dvc.bin == DVC3_BIN else
+           "  grid:\n"
+           "    foreach: [linux, mac]\n"
+           "    do:\n"
+           "      cmd: python3 gen.py ${grid_dir}/${item}.txt ${grid_dir}/${item}.meta\n"
+           "      outs:\n"
+           "      - ${grid_dir}/${item}.txt:\n"
+           "          remote: ${second}\n"
+           "      - ${grid_dir}/${item}.meta:\n"
+           "          cache: false\n"
+           "          persist: true\n")
+        + "  local:\n"
+        "    vars: [stage.yaml]\n"
+        "    wdir: sub\n"
+        "    cmd: python3 ../gen.py ${names.first}.txt ${metric}\n"
+        "    outs:\n    - ${names.first}.txt\n"
+        "    metrics:\n    - ${metric}:\n        cache: false\n")
+    dvc("repro", "-q")
+    git("add", "-A")
+
+
+def shape_import_url(work: Path, dvc, git, remotes: Path) -> None:
+    """13.3 / must-work 1: `dvc import-url` of local files and a directory (its source beside
+    the repository, `../src`, the same from the reference clone), as pushed by `dvc push`,
+    with `--to-remote`, and with `--no-download` (a file: `dvc pull` reads it from the source)."""
+    src = work.parent / "src"
+    _write(src / "table.csv", "a,b\n1,2\n")
+    _write(src / "raw" / "x.txt", "x\n")
+    _write(src / "raw" / "deep" / "y.bin", os.urandom(300))
+    _write(src / "lazy.txt", "read at pull time\n")
+    _write(src / "direct.txt", "straight to the remote\n")
+    dvc("import-url", "-q", "../src/table.csv", "table.csv")
+    (work / "data").mkdir()
+    dvc("import-url", "-q", "../../src/raw", "data/raw")
+    if dvc.bin == DVC3_BIN:   # DVC 2's pull rewrites such a .dvc file (records the md5): not a checkout
+        dvc("import-url", "-q", "--no-download", "../src/lazy.txt", "lazy.txt")
+    dvc("import-url", "-q", "--to-remote", "../src/direct.txt", "direct.txt")
+    git("add", "-A")
+
+
+def shape_fields(work: Path, dvc, git, remotes: Path) -> None:
+    """Must-work 1, the other fields DVC writes: a CRLF text file (DVC 2 hashes it with
+    md5-dos2unix), `desc`/`type`/`labels`/`meta` on .dvc and dvc.yaml outputs, a frozen and an
+    always-changed stage, params, cached metrics and plots (with plot props), `persist`,
+    `push: false` (on the remote from an earlier push), top-level params/metrics/plots, and
+    with DVC 3 `artifacts` and `datasets`. None of them changes what `dvc pull` checks out."""
+    v3 = dvc.bin == DVC3_BIN
+    _write(work / "crlf.txt", b"line one\r\nline two\r\n")
+    _write(work / "blob.bin", b"\x00\x01\r\n\xff" * 50)
+    dvc("add", "-q", "crlf.txt", "blob.bin")
+    described = (work / "blob.bin.dvc").read_text().replace(
+        "  path: blob.bin\n",
+        "  path: blob.bin\n  desc: raw bytes\n  meta:\n    owner: data-team\n"
+        + ("  type: raw\n  labels: [a, b]\n" if v3 else ""))
+    (work / "blob.bin.dvc").write_text("desc: a described file\nmeta: {source: tests}\n" + described)
+    (work / "params.yaml").write_text("seed: 7\nsplit: {ratio: 0.5}\n")
+    _write(work / "gen.py", _GEN)
+    (work / "dvc.yaml").write_text(
+        "stages:\n"
+        "  prepare:\n"
+        "    desc: writes the model\n"
+        "    meta: {note: free-form}\n"
+        "    cmd: python3 gen.py model.bin metrics.json plot.csv log.txt\n"
+        "    params: [seed, split.ratio]\n"
+        "    deps: [gen.py]\n"
+        "    outs:\n"
+        "    - model.bin:\n"
+        "        desc: the model\n"
+        + ("        type: model\n        labels: [prod]\n        meta: {framework: none}\n" if v3 else "")
+        + "    - log.txt:\n        persist: true\n"
+        "    metrics:\n    - metrics.json\n"
+        "    plots:\n    - plot.csv:\n        x: a\n        y: b\n"
+        "  again:\n"
+        "    cmd: python3 gen.py always/out.txt\n"
+        "    always_changed: true\n"
+        "    outs: [always]\n"
+        "params: [params.yaml]\n"
+        "metrics: [metrics.json]\n"
+        "plots:\n- plot.csv:\n    x: a\n"
+        + ("artifacts:\n  model:\n    path: model.bin\n    type: model\n    desc: registered\n"
+           "    labels: [prod]\n"
+           "datasets:\n- name: ds\n  type: dvc\n  url: https://example.com/ds.git\n  path: data\n" if v3 else ""))
+    dvc("repro", "-q")
+    dvc("freeze", "-q", "again")
+    dvc("push", "-q")
+    # `push: false` set after the data was pushed: `dvc pull` still reads it from there.
+    text = (work / "dvc.yaml").read_text().replace("    - log.txt:\n        persist: true\n",
+                                                    "    - log.txt:\n        persist: true\n        push: false\n")
+    (work / "dvc.yaml").write_text(text)
+    git("add", "-A")
+
+
 SHAPES: dict[str, Author] = {
     "stage_wdir": shape_stage_wdir,
     "foreach": shape_foreach,
     "names": shape_names,
     "subrepos": shape_subrepos,
     "imports": shape_imports,
+    "templating": shape_templating,
+    "import_url": shape_import_url,
+    "fields": shape_fields,
 }
 # Shapes DVC 2 authors too (its lock/yaml and hash rules differ).
-DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
+DVC2_SHAPES = ("stage_wdir", "foreach", "names", "subrepos", "import_url", "fields", "templating")   # DVC 2.58 cannot `dvc pull` the imports shape (its reference)
 
 
 class _Dvc:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import time
 import os
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,8 +121,16 @@ def test_stuck_downloads_end_at_the_deadline_free_their_slots_and_recover(tmp_pa
                 assert all("data/" in str(r) for r in results)
                 # the stuck requests gave their slots back: a healthy file reads now
                 assert await fetcher.read(refs[4], 0, 1000) == blobs[4][:1000]
+                # a download started while the remote is stuck (a prefetch) and still in flight
+                # when it recovers is not joined once it made no progress for a while: the read
+                # below gets a fresh request instead of waiting on the dead one to its deadline
+                prefetch = asyncio.create_task(fetcher.prefetch(refs[0]))
+                await asyncio.sleep(fetcher.stall_after + 0.1)
+                assert not prefetch.done() and fetcher._inflight
                 # the remote recovers: the same files read, through fresh requests
                 server.stuck = set()
+                assert await fetcher.read(refs[0], 0, 1000) == blobs[0][:1000]
+                await prefetch
                 got = await asyncio.gather(*(fetcher.read(r, 0, 1000) for r in refs[:4]))
                 assert got == [b[:1000] for b in blobs[:4]]
                 assert not fetcher._inflight and not any(t for t in fetcher._stream_tasks if not t.done())
@@ -169,9 +177,59 @@ def test_mounted_reads_get_etimedout_then_recover_with_the_remote(tmp_path, mp):
             assert isinstance(healthy, bytes) and len(healthy) == sizes[names[4]]
             server.stuck = set()
             # A download started while the remote was stuck (a prefetch of the folder, say) may
-            # still be in flight: it ends at its own deadline, and a read after that starts afresh.
-            time.sleep(DEADLINE + 1.0)
+            # still be in flight: a read does not wait on it once it made no progress for a while.
             again = [read(n) for n in names[:4]]
             assert [len(d) if isinstance(d, bytes) else d for d in again] == [sizes[n] for n in names[:4]]
             for n, data in zip(names[:4], again):
                 assert hashlib.md5(data).hexdigest() == oids[n]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_cli_mount_daemon_stuck_downloads_outlive_no_fault(tmp_path, mp):
+    """Issue 14 item 5 as a user meets it: `dda mount --daemon --jobs 2 --deadline D` against a
+    remote trickling headers for four files: they answer ETIMEDOUT, a healthy file reads
+    meanwhile, and once the remote is healthy the four read (no download outlives its fault)."""
+    import json
+    import subprocess
+
+    from mounting import DDA, mounted, wait_until
+    from sidecar.sample import make_sample_repo
+
+    repo, remote_dir = make_sample_repo(tmp_path / "sample")
+    objects = {str(p.relative_to(remote_dir)): p.read_bytes() for p in Path(remote_dir).rglob("*") if p.is_file()}
+    md5_of = {}                        # "dogs/<name>" -> object path, from the manifests
+    for path, data in objects.items():
+        if path.endswith(".dir"):
+            for entry in json.loads(data):
+                md5_of[entry["relpath"]] = f"files/md5/{entry['md5'][:2]}/{entry['md5'][2:]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
+    with TrickleServer(objects) as server:
+        proc = subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", "--jobs", "2", "--deadline",
+                               str(DEADLINE), "--request-timeout", "5"], capture_output=True, text=True, timeout=60,
+                              env={**env, "DDA_CACHE_DIR": str(tmp_path / "cache"),
+                                   "DDA_REMOTE_DEFAULT_URL": f"http://127.0.0.1:{server.port}"})
+        assert proc.returncode == 0, proc.stderr
+        try:
+            folder = mp / "data/images/dogs"
+            names = sorted(os.listdir(folder))
+            sizes = {n: os.stat(folder / n).st_size for n in names}
+            server.stuck = {md5_of[f"dogs/{n}"] for n in names[:4]}
+
+            def read(name: str) -> bytes | int:
+                try:
+                    return (folder / name).read_bytes()
+                except OSError as err:
+                    return err.errno
+
+            with ThreadPoolExecutor(4) as pool:
+                stuck = list(pool.map(read, names[:4]))
+            assert stuck == [errno.ETIMEDOUT] * 4
+            healthy = read(names[4])
+            assert isinstance(healthy, bytes) and len(healthy) == sizes[names[4]]
+            server.stuck = set()
+            time.sleep(DEADLINE + 1.0)       # a prefetch started while stuck ends at its own deadline
+            again = [read(n) for n in names[:4]]
+            assert [len(d) if isinstance(d, bytes) else d for d in again] == [sizes[n] for n in names[:4]]
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+            wait_until(lambda: not mounted(mp), 10)

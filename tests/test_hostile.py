@@ -85,6 +85,17 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return out
 
 
+def tree_state(root: Path) -> dict[str, bytes | str]:
+    """`snapshot` plus every folder (an empty folder made outside is a write outside too)."""
+    out = snapshot(root)
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                out[str(p.relative_to(root)) + "/"] = "dir"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # dda get: never writes outside its destination (issue 14, items 1 and 2)
 
@@ -1056,3 +1067,257 @@ def test_get_slash_look_alikes_are_plain_names(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert sorted(p.name for p in ds.iterdir() if p.name != ".dvc") == sorted(names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ds", "src"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the hooks (install_hooks() in a subprocess): the same corpus, read and walked, plus the hooks'
+# own local writes (folders made for os.chdir / os.mkdir)
+
+HOOKS_CORPUS_SCRIPT = r'''
+import json, os, sys, time
+from sidecar.hooks import install_hooks
+
+repo, root, cache, names = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+install_hooks(repo, root=root, cache_dir=cache, deadline=10)
+out = {}
+
+def attempt(what, fn):
+    started = time.monotonic()
+    try:
+        result = fn()
+        out[what] = ["ok", repr(result)[:200]]
+    except OSError as err:
+        out[what] = ["OSError", f"{err.errno} {err.strerror}"]
+    except BaseException as err:   # anything else is a bug: the test names it
+        out[what] = [type(err).__name__, str(err)[:300]]
+    out[what].append(round(time.monotonic() - started, 2))
+
+attempt("listdir", lambda: sorted(os.listdir(root)))
+attempt("walk", lambda: sum(len(f) + len(d) for _, d, f in os.walk(root)))
+for name in names:
+    p = os.path.join(root, name)
+    attempt(f"stat {name}", lambda: os.stat(p).st_mode)
+    attempt(f"lstat {name}", lambda: os.lstat(p).st_mode)
+    attempt(f"readlink {name}", lambda: os.readlink(p))
+    attempt(f"open {name}", lambda: open(p, "rb").read(64))
+    attempt(f"listdir {name}", lambda: len(os.listdir(p)))
+    here = os.getcwd()
+    attempt(f"chdir {name}", lambda: (os.chdir(p), os.getcwd())[1])
+    os.chdir(here)
+    attempt(f"mkdir {name}/new", lambda: os.mkdir(os.path.join(p, "new")))
+print(json.dumps(out))
+'''
+
+
+def test_hooks_hostile_corpus(tmp_path):
+    """Repository entries an attacker can plant - symlink chains out of the root and loops,
+    `..` and absolute link targets, '/'-look-alike names (U+2215, U+FF0F, U+2044), 150 nested
+    folders, a manifest with escaping paths, an escaping wdir, a 20,000-entry manifest - and a
+    local symlink over a repository-only folder: install_hooks() in a subprocess stats, reads,
+    lists, walks, chdirs into and mkdirs below each. Only OSErrors, nothing hangs, and nothing
+    outside the root and the cache is written (the canaries are byte-identical)."""
+    outside, canary = tmp_path / "outside", tmp_path / "canary"
+    for d in (outside, canary):
+        d.mkdir()
+        (d / "keep.txt").write_text("keep\n")
+    h = HostileRepo(tmp_path / "src")
+    (h.repo / "link2").symlink_to(outside)
+    (h.repo / "link1").symlink_to("link2")
+    (h.repo / "loop1").symlink_to("loop2")
+    (h.repo / "loop2").symlink_to("loop1")
+    (h.repo / "up").symlink_to("../../..")
+    (h.repo / "etc").symlink_to("/etc")
+    look_alikes = ["a\u2215..\u2215b.txt", "\uff0fetc\uff0fpasswd", "\u2044x", "..\u2215..\u2215c"]
+    for n in look_alikes[:3]:
+        h.write(n, "plain\n")
+    h.write(look_alikes[3] + "/inner.txt", "in a look-alike folder\n")
+    deep = "deep/" + "/".join(["d"] * 150)
+    h.write(deep + "/leaf.txt", "deep\n")
+    h.write("sub/inner/file.txt", "sub\n")        # locally, `sub` will be a symlink to the canary
+    h.write("data.dvc", yaml.safe_dump({"outs": [{**h.dir_output({"../escape.txt": b"e\n", "ok.txt": b"ok\n",
+                                                                  "/abs/escape.txt": b"a\n"}), "path": "data"}]}))
+    h.write("evil.dvc", yaml.safe_dump({"wdir": "..", "outs": [{**h.dir_output({"victim.txt": b"x\n"}),
+                                                                "path": "."}]}))
+    huge = [{"md5": hashlib.md5(str(i).encode()).hexdigest(), "relpath": f"h{i // 1000}/f{i}.bin"}
+            for i in range(20_000)]
+    raw = json.dumps(huge, separators=(", ", ": ")).encode()
+    h.write("huge.dvc", yaml.safe_dump({"outs": [{"md5": h.put(raw, is_dir=True) + ".dir", "nfiles": len(huge),
+                                                  "path": "huge", "hash": "md5"}]}))
+    h.commit()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "sub").symlink_to(canary)               # a local symlink over a repository folder
+    names = ["link1", "link1/x", "link2", "loop1", "up", "up/etc", "etc", "etc/passwd", *look_alikes,
+             look_alikes[3] + "/inner.txt", deep, deep + "/leaf.txt", "sub/inner", "sub/inner/file.txt", "data",
+             "data/ok.txt", "data/../escape.txt", "escape.txt", "victim.txt", "huge", "huge/h3/f3000.bin", ".git",
+             ".dvc/config"]
+    before = {"outside": tree_state(outside), "canary": tree_state(canary), "src": tree_state(h.repo)}
+    script = tmp_path / "corpus.py"
+    script.write_text(HOOKS_CORPUS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
+    proc = subprocess.run([sys.executable, str(script), str(h.repo), str(root), str(tmp_path / "cache"),
+                           json.dumps(names)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    print("\n".join(f"{k}: {v}" for k, v in out.items()))
+    assert {k: v for k, v in out.items() if v[0] not in ("ok", "OSError")} == {}
+    assert max(v[2] for v in out.values()) < 30, out
+    after = {"outside": tree_state(outside), "canary": tree_state(canary), "src": tree_state(h.repo)}
+    assert after == before
+    # nothing beside the root, the cache and what the test made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "canary", "corpus.py", "outside", "root", "src"]
+    assert not Path("/abs/escape.txt").exists()
+    # the root holds only folders the hooks made for chdir/mkdir, plus the test's own symlink
+    for dirpath, dirnames, filenames in os.walk(root):
+        assert [f for f in filenames if f != "sub"] == [] or dirpath != str(root), (dirpath, filenames)
+    assert out["open " + deep + "/leaf.txt"][0] == "ok" and out["chdir " + deep][0] == "ok"
+    assert out["open " + look_alikes[3] + "/inner.txt"][0] == "ok" and (root / look_alikes[3]).is_dir()
+    assert out["chdir sub/inner"][0] == "OSError" and out["mkdir sub/inner/new"][0] == "OSError"
+    assert out["stat link1"][0] == "OSError" and out["stat loop1"][1].startswith("40 ")
+    assert out["readlink link1"] == ["ok", "'link2'", out["readlink link1"][2]]
+    assert out["open escape.txt"][0] == "OSError" and out["open victim.txt"][0] == "OSError"
+
+
+# ---------------------------------------------------------------------------------------------
+# upload: the hostile corpus as targets and sources
+
+
+def _upload_world(tmp_path: Path) -> tuple[HostileRepo, Path, Path]:
+    """A repository with a git symlink `lnk` to a canary folder outside and a file `README`, its
+    bare clone, and the canary."""
+    canary = tmp_path / "canary"
+    (canary / "sub").mkdir(parents=True)
+    (canary / "keep.txt").write_text("keep\n")
+    h = HostileRepo(tmp_path / "src")
+    h.write("README", "x\n")
+    (h.repo / "lnk").symlink_to(canary)
+    (h.repo / "rel").symlink_to("../../..")
+    h.commit()
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(h.repo), str(bare)], check=True)
+    return h, bare, canary
+
+
+def _tip(bare: Path) -> str:
+    return git(bare, "rev-parse", "main")
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    err = proc.stderr.decode()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("dda: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("to", ["../x", "/abs/x", "a/../../x", "data/..", "./.git", "data//x", "lnk", "lnk/sub",
+                                "rel/x", "README/x", ".git/hooks"])
+def test_upload_hostile_targets_are_refused(tmp_path, to):
+    """`--to` with `..`, absolute, empty parts, reserved names, or below a git symlink (which
+    DVC refuses: 'beyond a symbolic link') or a file: one line, no commit, nothing written."""
+    h, bare, canary = _upload_world(tmp_path)
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "a.txt").write_text("a\n")
+    before = (tree_state(canary), tree_state(h.remote), _tip(bare))
+    proc = dda("upload", str(bare), str(data), "--to", to, "--no-progress", cache=tmp_path / "cache", timeout=120)
+    line = _one_line_error(proc)
+    assert repr(to) in line or to in line, line
+    assert (tree_state(canary), tree_state(h.remote), _tip(bare)) == before
+    assert not Path("/abs/x").exists()
+
+
+def test_upload_hostile_sources(tmp_path):
+    """Sources: a FIFO (would block a reader forever), symlinks out (file, folder, a chain), a
+    loop - each refused in one line without a hang and with nothing published. Then a folder of
+    '/'-look-alike names, 120 nested folders and 3,000 files uploads into a look-alike target,
+    stays inside the repository's tree, and `dda get` writes it back inside its destination."""
+    h, bare, canary = _upload_world(tmp_path)
+    data = tmp_path / "dataset"
+    deep = "/".join(["n"] * 120)
+    (data / deep).mkdir(parents=True)
+    (data / deep / "leaf.txt").write_text("leaf\n")
+    for name in ("a\u2215..\u2215..\u2215b.txt", "\uff0fetc\uff0fpasswd", "\u2044x", "..\u2215c"):
+        (data / name).write_text("look-alike\n")
+    many = data / "many"
+    many.mkdir()
+    for i in range(3000):
+        (many / f"f{i:04}.txt").write_text(f"{i}\n")
+    before = (tree_state(canary), tree_state(h.remote), _tip(bare))
+    hostile = [("fifo", lambda p: os.mkfifo(p)), ("key", lambda p: p.symlink_to(canary / "keep.txt")),
+               ("dir", lambda p: p.symlink_to(canary)), ("chain", lambda p: p.symlink_to(data / "chain2")),
+               ("loop", lambda p: p.symlink_to(data / "loop"))]
+    for name, make in hostile:
+        if name == "chain":
+            (data / "chain2").symlink_to(canary / "keep.txt")
+        make(data / name)
+        proc = dda("upload", str(bare), str(data), "--to", "data", "--no-progress", cache=tmp_path / "cache",
+                   timeout=120)
+        line = _one_line_error(proc)
+        assert name in line, line
+        assert (tree_state(canary), tree_state(h.remote), _tip(bare)) == before
+        (data / name).unlink()
+        if name == "chain":
+            (data / "chain2").unlink()
+    to = "sets\u2215..\u2215..\u2215x"
+    proc = dda("upload", str(bare), str(data), "--to", to, "--no-progress", cache=tmp_path / "cache", timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert tree_state(canary) == before[0]
+    paths = git(bare, "ls-tree", "-r", "--name-only", "-z", "main").split("\0")
+    assert f"{to}.dvc" in paths and all(".." not in p.split("/") for p in paths), paths
+    out = tmp_path / "got"
+    proc = dda("get", str(bare), to, "-o", str(out), cache=tmp_path / "cache2", timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (out / deep / "leaf.txt").read_text() == "leaf\n" and (out / "\u2044x").read_text() == "look-alike\n"
+    assert len(list((out / "many").iterdir())) == 3000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cache2", "canary", "dataset", "got",
+                                                         "origin.git", "src"]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14 item 3 as a user meets it: an absolute wdir through `dda mount --daemon` and `dda sidecar`
+
+
+def _abs_wdir_repo(tmp_path: Path) -> tuple[HostileRepo, bytes]:
+    h = HostileRepo(tmp_path / "src")
+    data = b"fine\n" * 100
+    h.write("good.bin.dvc", yaml.safe_dump({"outs": [{"md5": h.put(data), "size": len(data), "hash": "md5",
+                                                      "path": "good.bin"}]}))
+    h.write("evil.dvc", yaml.safe_dump({"wdir": "/some/abs/path", "outs": [{"md5": "0" * 32, "path": "x"}]}))
+    h.commit()
+    return h, data
+
+
+@needs_fuse
+def test_absolute_wdir_mount_daemon_and_sidecar_stay_live(tmp_path, mp):
+    """`dda mount --daemon` and `dda sidecar` on a revision with `wdir: /some/abs/path`: they come
+    up at once, serve the rest, answer /healthz, report the bad file in `dda status`, and SIGTERM
+    ends the sidecar promptly (it used to spin at 100% CPU and ignore SIGTERM)."""
+    import errno
+    import signal
+    import time
+
+    from mounting import mounted, wait_until
+    from sidecar_util import Sidecar
+
+    h, data = _abs_wdir_repo(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "DDA_REPO"}
+    started = time.monotonic()
+    proc = subprocess.run([DDA, "mount", str(h.repo), str(mp), "--daemon"], capture_output=True, text=True,
+                          timeout=60, env={**env, "DDA_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        assert proc.returncode == 0 and time.monotonic() - started < 30, proc.stderr
+        assert (mp / "good.bin").read_bytes() == data
+        with pytest.raises(OSError) as err:
+            (mp / "evil").read_bytes()          # the bad output's place: EIO, as a broken output
+        assert err.value.errno == errno.EIO
+        status = subprocess.run([DDA, "status", str(mp)], capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "evil.dvc" in status.stdout and "wdir" in status.stdout, status.stdout
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        wait_until(lambda: not mounted(mp), 10)
+    with Sidecar(str(h.repo), mp, tmp_path / "cache2") as sc:
+        assert sc.get("/healthz", timeout=5) == (200, b"ok\n")
+        assert (mp / "good.bin").read_bytes() == data
+        rc, took = sc.stop(signal.SIGTERM, timeout=20)
+        assert rc == 0 and took < 10, (rc, took, sc.output()[-2000:])

@@ -55,7 +55,7 @@ def test_instruments_are_declared_once_with_prometheus_names():
 
 def _fake_sources() -> Sources:
     stats = SimpleNamespace(requests=11, bytes_fetched=12, bytes_served=13, cache_hits=14, cache_misses=15,
-                            meta_hits=16, meta_misses=17, retries=18, hash_mismatches=19,
+                            meta_hits=16, meta_misses=17, retries=18, hash_mismatches=19, size_lookups=20,
                             errors={"deadline": 2})
     engine = SimpleNamespace(fetcher=SimpleNamespace(stats=stats), info=SimpleNamespace(files=21, commit="c0ffee",
                              resolve_seconds=0.5), store=SimpleNamespace(used_bytes=lambda: 22, budget=23, evictions=24))
@@ -132,3 +132,24 @@ def test_status_and_metrics_agree_on_a_live_mount(tmp_path):
             assert got == value(sample), inst.name
         checked += 1
     assert checked >= 15 and status["cache_hits"] + status["cache_misses"] > 0 and status["bytes_served"] > 0
+
+
+def test_events_are_counted_under_declared_counter_instruments():
+    """Code counts an event where it happens, under the name of a declared counter instrument
+    (sidecar/counters.py); the stats views read those same cells."""
+    from sidecar.counters import Counters, FetchStats, PrefetchStats, _View
+
+    counted: set[str] = set()
+    for path in (ROOT / "sidecar").rglob("*.py"):
+        counted |= set(re.findall(r'counters\.add\(\s*"(dda_[a-z0-9_]+)"', path.read_text()))
+    declared = {i.name for i in INSTRUMENTS if i.kind == "counter"}
+    assert len(counted) >= 12, counted
+    assert counted <= declared, counted - declared
+    viewed = {v.name for cls in (FetchStats, PrefetchStats) for v in vars(cls).values() if isinstance(v, _View)}
+    assert viewed <= declared, viewed - declared
+    counters = Counters()
+    counters.add("dda_cache_reads", 3, "data", "hit")
+    counters.add("dda_errors", 1, "deadline")
+    counters.add("dda_prefetch_used_files")
+    assert FetchStats(counters).cache_hits == 3 and FetchStats(counters).errors == {"deadline": 1}
+    assert PrefetchStats(counters).used_files == 1 and FetchStats(counters).cache_misses == 0

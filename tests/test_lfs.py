@@ -127,9 +127,10 @@ def lfs_repo(tmp_path_factory):
     server.stop()
 
 
-def dda(*args, cache):
+def dda(*args, cache, extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDA_")}
     env["DDA_CACHE_DIR"] = str(cache)
+    env.update(extra or {})
     return subprocess.run([DDA, *args], capture_output=True, env=env, timeout=120)
 
 
@@ -160,3 +161,39 @@ def test_lfs_object_that_does_not_match_its_sha256_is_never_served(lfs_repo, tmp
     assert proc.returncode != 0 and proc.stdout == b""
     assert b"model.pt" in proc.stderr and b"sha256" in proc.stderr
     assert not list((tmp_path / "cache").rglob("lfs/*/*/*"))
+    # nothing of it in the store either (where LFS objects are kept now)
+    assert not [p for p in (tmp_path / "cache").rglob("chunks/*/*") if p.is_file()]
+
+
+def _chunk_files(cache: Path) -> list[Path]:
+    return [p for p in (cache / "store-v2" / "chunks").rglob("*") if p.is_file()]
+
+
+def test_lfs_objects_are_kept_in_the_store_under_the_cache_budget(lfs_repo, tmp_path):
+    """#13 gap: LFS objects live in the one store, under --cache-size, evicted LRU like DVC
+    objects (not in a folder of their own outside the budget)."""
+    bare, ref, server = lfs_repo
+    cache = tmp_path / "cache"
+    big_oid = hashlib.sha256((ref / "models" / "big.bin").read_bytes()).hexdigest()
+    # A roomy budget: kept, as chunks of the store keyed by the sha256, read again for free.
+    proc = dda("cat", str(bare), "models/big.bin", cache=cache)
+    assert proc.returncode == 0 and proc.stdout == (ref / "models" / "big.bin").read_bytes()
+    kept = _chunk_files(cache)
+    assert kept and all(p.parent.name == big_oid[:2] and p.name.startswith(big_oid[2:]) for p in kept)
+    assert not (cache / "lfs").exists()
+    before = server.downloads
+    assert dda("cat", str(bare), "models/big.bin", cache=cache).stdout == (ref / "models" / "big.bin").read_bytes()
+    assert server.downloads == before
+    # A budget smaller than the object: served whole and right, never more on disk than the budget.
+    small = tmp_path / "small"
+    env_budget = {"DDA_CACHE_SIZE": "192K", "DDA_CHUNK_SIZE": "128K"}
+    for _ in range(2):
+        proc = dda("cat", str(bare), "models/big.bin", cache=small, extra=env_budget)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout == (ref / "models" / "big.bin").read_bytes()
+        assert sum(p.stat().st_blocks * 512 for p in _chunk_files(small)) <= 192 * 1024
+    assert server.downloads == before + 2    # not all of it fit: fetched again
+    # Another object read later evicts the LRU chunks of the first one.
+    proc = dda("cat", str(bare), "model.pt", cache=small, extra=env_budget)
+    assert proc.returncode == 0 and proc.stdout == (ref / "model.pt").read_bytes()
+    assert sum(p.stat().st_blocks * 512 for p in _chunk_files(small)) <= 192 * 1024

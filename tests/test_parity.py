@@ -125,3 +125,92 @@ def test_hooks_match_checkout(shape, tmp_path):
     import hashlib
     assert got["digests"] == {p: hashlib.md5((shape.reference / p).read_bytes()).hexdigest()
                               for p, item in expected.items() if item["type"] == "file"}
+
+
+def _objects(remote: Path, md5: str) -> list[Path]:
+    return list(remote.rglob(f"{md5[2:]}*"))
+
+
+def test_import_url_read_from_its_source_when_the_remote_lacks_it(tmp_path_factory, tmp_path):
+    """#13.3 import-url, compared honestly: DVC 3's `dvc pull` reads an import-url output from
+    the DVC remote only (the source only for `--no-download` files, see the import_url shape).
+    With the object gone from the remote, `dvc pull` fails for it; dda reads the recorded
+    source, verified against the .dvc's md5, and reports what neither can give (exit 3)."""
+    import shutil
+    import yaml
+    from repos import DVC3_BIN, _env, _run
+
+    shape = build_shape("import_url", tmp_path_factory.mktemp("corpus"))
+    root, env = shape.repo.parent, _env(shape.repo.parent)
+    remote = root / "remotes" / "default"
+    # A --no-download directory import: DVC 3.67's pull checks out its folders, none of its files.
+    _run([DVC3_BIN, "import-url", "-q", "--no-download", "../src/raw", "lazydir"], shape.repo, env)
+    _run(["git", "add", "-A"], shape.repo, env)
+    _run(["git", "commit", "-q", "-m", "lazy dir"], shape.repo, env)
+    table = yaml.safe_load((shape.repo / "table.csv.dvc").read_text())["outs"][0]["md5"]
+    raw = yaml.safe_load((shape.repo / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
+    for path in _objects(remote, table) + _objects(remote, raw.removesuffix(".dir")):
+        path.unlink()
+    clone = root / "clone"    # beside the repository: `../src` is the source from there too
+    _run(["git", "clone", "-q", str(shape.repo), str(clone)], root, env)
+    pull = subprocess.run([DVC3_BIN, "pull", "-q"], cwd=clone, env=env, capture_output=True)
+    assert pull.returncode != 0 and not (clone / "table.csv").exists()   # DVC 3 does not use the source
+    assert (clone / "lazy.txt").read_bytes() == (root / "src" / "lazy.txt").read_bytes()   # it does here
+    _run([DVC3_BIN, "pull", "-q", "lazydir.dvc"], clone, env)
+    assert (clone / "lazydir").is_dir() and not [p for p in (clone / "lazydir").rglob("*") if p.is_file()]
+
+    cache = tmp_path / "cache"
+    proc = dda("ls", str(shape.repo), "-R", cache=cache, check=False)
+    assert proc.returncode == 3, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert "data/raw: unavailable" in err and "lazydir: unavailable" in err and "table.csv" not in err
+    assert "--no-download" in err
+    source = root / "src" / "table.csv"
+    assert dda("cat", str(shape.repo), "table.csv", cache=cache).stdout == source.read_bytes()
+    assert dda("cat", str(shape.repo), "lazy.txt", cache=cache).stdout == (root / "src" / "lazy.txt").read_bytes()
+    # A source that changed since the import is never served.
+    source.write_text("a,b\n1,3\n")
+    bad = dda("cat", str(shape.repo), "table.csv", cache=tmp_path / "cache2", check=False)
+    assert bad.returncode != 0 and bad.stdout == b"" and b"table.csv" in bad.stderr
+    # Neither on the remote nor at the source: reported at its path, the rest still reads.
+    source.unlink()
+    gone = dda("ls", str(shape.repo), cache=tmp_path / "cache3", check=False)
+    assert gone.returncode == 3 and b"table.csv: unavailable" in gone.stderr and b"missing at its source" in gone.stderr
+    assert dda("cat", str(shape.repo), "direct.txt", cache=tmp_path / "cache3").stdout == b"straight to the remote\n"
+    # dda upload never adds to an import-url output (dvc add would refuse it too).
+    (tmp_path / "new.txt").write_text("new\n")
+    up = dda("upload", str(shape.repo), str(tmp_path / "new.txt"), "--to", "data/raw", cache=cache, check=False)
+    assert up.returncode != 0 and b"imported from a URL" in up.stderr
+    shutil.rmtree(root / "src")
+
+
+def test_repo_import_no_download_read_from_the_source_repository(tmp_path_factory, tmp_path):
+    """`dvc import --no-download` records no md5; DVC 3.67's `dvc pull` crashes on it
+    ("unexpected error"), so the reference is the same source path imported normally in the
+    `imports` shape: dda takes the md5 from the source repository's output at `rev_lock`."""
+    from repos import DVC3_BIN, _env, _run
+
+    shape = build_shape("imports", tmp_path_factory.mktemp("corpus"))
+    env = _env(shape.repo.parent)
+    source = shape.repo.parent / "source"
+    _run([DVC3_BIN, "import", "-q", "--no-download", str(source), "datasets/cats", "-o", "lazy_cats"], shape.repo, env)
+    _run([DVC3_BIN, "import", "-q", "--no-download", str(source), "datasets/one.txt", "-o", "lazy_one.txt"],
+         shape.repo, env)
+    _run([DVC3_BIN, "import", "-q", "--no-download", str(source), "datasets/cats/a.txt", "-o", "part.txt"],
+         shape.repo, env)
+    _run(["git", "add", "-A"], shape.repo, env)
+    _run(["git", "commit", "-q", "-m", "lazy imports"], shape.repo, env)
+    assert "md5:" not in (shape.repo / "lazy_one.txt.dvc").read_text().split("outs:")[1]
+    cache = tmp_path / "cache"
+    proc = dda("ls", str(shape.repo), "-R", "--json", cache=cache, check=False)
+    assert proc.returncode == 3 and b"part.txt: unavailable" in proc.stderr   # inside a directory output
+    listing = {json.loads(line)["path"]: json.loads(line) for line in proc.stdout.decode().splitlines()}
+    expected = reference_listing(shape.reference)
+    for rel, item in expected.items():
+        if rel.startswith("cats/") and item["type"] == "file":
+            got = listing["lazy_" + rel]
+            assert (got["size"], got["exec"]) == (item["size"], item["exec"])
+            data = dda("cat", str(shape.repo), "lazy_" + rel, cache=cache).stdout
+            assert data == (shape.reference / rel).read_bytes()
+    assert dda("cat", str(shape.repo), "lazy_one.txt", cache=cache).stdout == \
+        (shape.reference / "inputs" / "one.txt").read_bytes()

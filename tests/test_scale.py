@@ -238,8 +238,6 @@ def test_size_index_is_verified_and_contradicted_sizes_dropped(small_fake, tmp_p
     run(contradicted())
 
 
-@pytest.mark.xfail(strict=True, reason="compact tree (scale's snapshot/tree.py arrays) not ported onto parity's "
-                   "tree (broken outputs, root, target, version): ~345 bytes per file, not < 100")
 def test_tree_memory_per_file_is_bounded_and_build_is_linear():
     """100,000 files in 100 folders: the built tree keeps < 100 bytes per file (interned
     names, md5 as 16 bytes, sizes in an array; an Entry dict took ~500), and composing it with
@@ -374,3 +372,4 @@ def test_compose_tree_is_linear_in_outputs_and_still_replaces_what_git_has():
     assert len(tree.files) == 100_001 and "data/d0007/stale.txt" not in tree.files
     assert tree.files["data/keep.txt"].kind == "git"
     assert tree.files["data/d0007/f000003.bin"].oid == hashlib.md5(b"7/3").hexdigest()
+

@@ -101,3 +101,34 @@ def test_dvc_config_remotes_and_default():
 def test_dvc_config_default_must_exist():
     with pytest.raises(DvcFileError, match="default remote 'nope' is not defined"):
         parse_dvc_config(b"[core]\nremote = nope\n")
+
+
+def test_import_url_outputs_record_their_source():
+    out, = parse_dvc_file(f"frozen: true\ndeps:\n- md5: {MD5}\n  size: 5\n  hash: md5\n  path: ../src/a.txt\n"
+                          f"outs:\n- md5: {MD5}\n  size: 5\n  hash: md5\n  path: a.txt\n".encode(), "d/a.txt.dvc")
+    assert out.path == "d/a.txt" and out.md5 == MD5 and out.unavailable is None
+    assert (out.url_source.url, out.url_source.base, out.url_source.md5) == ("../src/a.txt", "d", MD5)
+
+
+def test_import_url_no_download_takes_the_dep_md5_or_is_unavailable():
+    local, = parse_dvc_file(f"deps:\n- md5: {MD5}\n  size: 5\n  path: /data/a.txt\nouts:\n- path: a.txt\n".encode(),
+                            "a.txt.dvc")
+    assert local.md5 == MD5 and local.legacy and local.size == 5 and local.url_source is not None
+    http, = parse_dvc_file(b"deps:\n- etag: '\"abc\"'\n  size: 5\n  path: https://h/x.csv\nouts:\n- hash: md5\n"
+                           b"  path: x.csv\n", "x.csv.dvc")
+    assert http.unavailable and "records no md5" in http.unavailable and "https://h/x.csv" in http.unavailable
+    folder, = parse_dvc_file(f"deps:\n- md5: {MD5}.dir\n  hash: md5\n  path: ../raw\nouts:\n- hash: md5\n"
+                             f"  path: raw\n".encode(), "raw.dvc")
+    assert folder.is_dir and folder.unavailable and "--no-download" in folder.unavailable
+
+
+def test_a_stage_file_with_a_command_is_not_an_import():
+    out, = parse_dvc_file(f"cmd: python x.py\ndeps:\n- md5: {MD5}\n  path: x.py\nouts:\n- md5: {MD5}\n"
+                          f"  path: y\n".encode(), "y.dvc")
+    assert out.url_source is None
+
+
+def test_repo_import_without_md5_is_kept_for_the_source_to_fill():
+    out, = parse_dvc_file(b"frozen: true\ndeps:\n- path: datasets/cats\n  repo:\n    url: https://g/src.git\n"
+                          b"    rev_lock: abc\nouts:\n- hash: md5\n  path: cats\n", "cats.dvc")
+    assert out.md5 == "" and out.imported is not None and out.imported.path == "datasets/cats"

@@ -13,6 +13,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..counters import PrefetchStats
 from ..errors import DDAError
 from .priority import PREFETCH, READAHEAD, current_priority
 
@@ -20,16 +21,6 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrefetchStats:
-    issued_files: int = 0
-    issued_bytes: int = 0
-    used_files: int = 0          # prefetched files that a reader then opened
-    wasted_files: int = 0        # prefetched, then dropped from the plan unread
-    readahead_chunks: int = 0
-    failures: int = 0
 
 
 @dataclass
@@ -75,7 +66,8 @@ class Prefetcher:
         # Directory prefetch runs few requests at once, so a reader's own reads (and the
         # threads a local remote reads on) are never queued behind it.
         self._dir_slots = asyncio.Semaphore(max(1, min(4, engine.config.jobs // 4)))
-        self.stats = PrefetchStats()
+        self.counters = engine.fetcher.counters     # counted where the event happens
+        self.stats = PrefetchStats(self.counters)    # a read-only view by field names
         self._slots = asyncio.Semaphore(concurrency or engine.config.jobs * 2)
         self.max_ahead_bytes = max_ahead_bytes or max(64 * 1024 * 1024, engine.config.cache_size // 4)
         self._ahead_bytes = 0
@@ -92,7 +84,7 @@ class Prefetcher:
     def on_open(self, path: str) -> None:
         size = self._prefetched.pop(path, None)
         if size is not None:
-            self.stats.used_files += 1
+            self.counters.add("dda_prefetch_used_files")
             self._ahead_bytes -= size
             self._ahead_changed.set()
         parent, name = posixpath.split(path)
@@ -216,7 +208,7 @@ class Prefetcher:
         if self._hint_task is not None:
             self._hint_task.cancel()
         for stale in [p for p in self._prefetched if self._hints and p in self._hints.members]:
-            self.stats.wasted_files += 1
+            self.counters.add("dda_prefetch_wasted_files")
             self._ahead_bytes -= self._prefetched.pop(stale)
         self._hints = _Hints(accepted)
         token = current_priority.set(PREFETCH)
@@ -284,14 +276,14 @@ class Prefetcher:
             if entry.kind != "dvc":
                 return
             ref = self.engine.ref(entry)
-            if not self.engine.fetcher.cached(ref):
+            if not await self.engine.fetcher.cached(ref):
                 await self.engine.fetcher.prefetch(ref)
-                self.stats.issued_files += 1
-                self.stats.issued_bytes += entry.size or 0
+                self.counters.add("dda_prefetch_issued_files")
+                self.counters.add("dda_prefetch_issued_bytes", entry.size or 0)
                 self._prefetched[path] = entry.size or 0
                 self._ahead_bytes += entry.size or 0
         except DDAError as err:
-            self.stats.failures += 1
+            self.counters.add("dda_prefetch_failures")
             log.info("prefetch of %s failed: %s", path, err)
         finally:
             self._inflight.discard(path)
@@ -307,12 +299,12 @@ class Prefetcher:
             chunk = self.engine.store.chunk_size
             jobs = []
             for idx in range(first, last + 1):
-                if not self.engine.store.has(ref.oid, idx):
+                if not await self.engine.fetcher.astore.has(ref.oid, idx):
                     jobs.append(self.engine.fetcher.prefetch(ref, idx * chunk, chunk))
-                    self.stats.readahead_chunks += 1
+                    self.counters.add("dda_readahead_chunks")
             await asyncio.gather(*jobs)
         except DDAError as err:
-            self.stats.failures += 1
+            self.counters.add("dda_prefetch_failures")
             log.info("readahead of %s failed: %s", path, err)
 
     async def aclose(self) -> None:

@@ -1,12 +1,17 @@
-"""The fetch scheduler.
+"""The fetch scheduler: one download path for every chunk.
 
-- single-flight: N readers of one missing chunk -> one request (in-process: a shared task;
-  across processes: an flock per chunk, then a second look in the store);
-- bounded concurrency per remote; retries with exponential backoff and full jitter on
-  5xx, timeouts and resets; a deadline per read that ends in a clear error;
-- verification: an object of one chunk is checked against its md5 before it is stored or
-  served; a larger object is checked as soon as its last chunk lands, and dropped (and the
-  read fails) on mismatch.
+- one job type (`ChunkJob`, fetch/job.py) per missing chunk, whoever asks: single flight in
+  the process (a shared job), across processes an flock per chunk and then a second look in
+  the store. Whole chunks (one-chunk objects, chunks with a known sha256) are checked before
+  anyone sees them; chunks of a larger object stream to the verified in-order pass
+  (fetch/verify_stream.py) and to readers as they arrive;
+- bounded concurrency per remote; one retry policy (fetch/retry.py: exponential backoff, full
+  jitter) on 5xx, timeouts and resets, resuming where an attempt stopped;
+- deadlines: a read ends at its deadline with a clear error; a job ends at the latest deadline
+  of the readers that joined it, and a job that made no progress for a while is not joined
+  (a fresh one starts, see STALL_FRACTION);
+- nothing here touches the disk, the index or a hash on the event loop: the store is used
+  through AsyncStore (a bounded thread pool) and large copies run there too.
 """
 from __future__ import annotations
 
@@ -14,16 +19,19 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..counters import Counters, FetchStats
 from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, RemoteError,
                       RemoteUnavailable, reason_of)
+from ..locks import FileLock
 from ..remotes import Remote
-from ..store import Store
-from ..store.identity import chunk_digest
+from ..store import AsyncStore, Store
+from ..store.identity import ChunkHeader, chunk_digest, expected_length
 from ..store.verify import md5_matches
+from .job import LOOP_COPY_MAX, ChunkJob, Kind, Superseded
 from .priority import PriorityLimiter
 from .retry import RetryPolicy
 from .verify_stream import ObjectPass, ReadCursor
@@ -36,8 +44,37 @@ log = logging.getLogger(__name__)
 fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] | None,
                                               Callable[[float], None] | None]] = \
     contextvars.ContextVar("dda_fetch_observers", default=(None, None))
+
+SIZE_MEMO = 65536   # sizes kept in memory (the persistent index keeps them all): a bound, not one per size learned
+
+
+def _on_loop() -> bool:
+    """True when called from a thread running an event loop (where the index must not be read)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class SizeMemo(OrderedDict[str, int]):
+    """oid -> size, the most recently stored `limit` of them (older ones are read again
+    from the persistent index when asked)."""
+
+    def __init__(self, limit: int = SIZE_MEMO):
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, oid: str, size: int) -> None:
+        super().__setitem__(oid, size)
+        self.move_to_end(oid)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
 # When the current read's deadline ends (loop time), set by _with_deadline: a Retry-After that
 # reaches past it fails at once with the server's reason instead of sleeping into the deadline.
+STALL_FRACTION = 0.25   # a job with no byte and no answer for this share of the deadline is not joined
 JOB_GRACE = 0.01   # a job is cancelled just after its last reader's deadline (that reader times out first)
 _read_ends_at: contextvars.ContextVar[float | None] = contextvars.ContextVar("dda_read_ends_at", default=None)
 
@@ -52,36 +89,23 @@ class ObjectRef:
     display: str        # what users call it (repository path)
 
 
-@dataclass
-class FetchStats:
-    requests: int = 0
-    bytes_fetched: int = 0
-    bytes_served: int = 0
-    cache_hits: int = 0         # reads answered from the cache alone
-    cache_misses: int = 0       # reads that needed the remote
-    retries: int = 0
-    hash_mismatches: int = 0
-    size_lookups: int = 0
-    meta_hits: int = 0          # size lookups and .dir manifests answered from the cache/index
-    meta_misses: int = 0        # ... that needed the remote
-    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-
 class Fetcher:
     def __init__(self, store: Store, *, jobs: int = 16, retries: int = 5, deadline: float = 60.0,
                  backoff_base: float = 0.2, backoff_cap: float = 10.0, strict: bool = False):
-        self.store = store
+        self.store = store          # sync: sizes and paths only; every I/O step goes through astore
+        self.astore = AsyncStore(store)
         self.jobs = jobs
         self.deadline = deadline
         self.retry = RetryPolicy(retries, backoff_base, backoff_cap)   # the one retry policy
-        self.stats = FetchStats()
+        self.counters = Counters()      # counted where the event happens (sidecar/counters.py)
+        self.stats = FetchStats(self.counters)   # a read-only view by field names
         self._limits: dict[int, PriorityLimiter] = {}
-        self._inflight: dict[tuple[str, int, bool], asyncio.Task[tuple[bytes, bool]]] = {}
-        self._stream_tasks: set[asyncio.Task[None]] = set()
-        self._job_ends: dict[asyncio.Task[tuple[bytes, bool]], float] = {}   # when a shared download ends
+        self._inflight: dict[tuple[str, int, str], ChunkJob] = {}    # (oid, idx, kind): the job in flight
+        self._stream_tasks: set[asyncio.Task[None]] = set()            # verified passes under way
+        self._job_ends: dict[ChunkJob, float] = {}     # when a shared download ends (loop time)
         self._passes: dict[str, ObjectPass] = {}
         self._digests: dict[str, tuple[int, list[bytes]]] = {}
-        self._sizes: dict[str, int] = {}
+        self._sizes = SizeMemo()
         self._contradicted: set[str] = set()     # sizes forgotten after a contradiction
         self.strict = strict
         # Called with (oid) when bytes of an object that readers may hold failed verification
@@ -118,23 +142,36 @@ class Fetcher:
     def backoff_cap(self, value: float) -> None:
         self.retry = replace(self.retry, cap=value)
 
+    @property
+    def stall_after(self) -> float:
+        """Seconds without progress after which a job is not joined any more."""
+        return self.deadline * STALL_FRACTION
+
     # sizes -----------------------------------------------------------------------------------
     def known_size(self, ref: ObjectRef) -> int | None:
+        """The size if known without any I/O (the ref, or learned in this process)."""
         if ref.size is not None:
             return ref.size
-        if ref.oid in self._sizes:
-            return self._sizes[ref.oid]
-        if ref.oid in self._contradicted:
-            return None     # forgotten: the index may still hold it (its change is queued)
-        size = self.store.index.size(ref.oid)
-        if size is not None:
-            self._sizes[ref.oid] = size
+        return self._sizes.get(ref.oid)
+
+    async def indexed_size(self, ref: ObjectRef) -> int | None:
+        """The size if known here or in the store's index (read on a store thread)."""
+        size = self.known_size(ref)
+        if size is None and ref.oid not in self._contradicted:   # forgotten: the index may still hold it
+            size = await self.astore.size(ref.oid)
+            if size is not None and ref.oid not in self._contradicted:
+                self._sizes[ref.oid] = size
         return size
 
-    def _learned_size(self, oid: str, size: int, verified: bool = False) -> None:
+    def _learned_size(self, oid: str, size: int, verified: bool = False) -> bool:
         """Record a size from an answer we trust (a Content-Range total, the length of a
-        complete answer, a HEAD) or from the verified object (`verified`)."""
+        complete answer, a HEAD) or from the verified object (`verified`). True when it
+        corrected a size that was contradicted (see _index_settled)."""
         old = self._sizes.get(oid)
+        if old is None and verified and oid not in self._contradicted and not _on_loop():
+            # known once, since dropped from the bounded memo; on the loop the index is not read
+            # (the read paths ask indexed_size first, which puts it back in the memo)
+            old = self.store.index.size(oid)
         if old != size:
             self._sizes[oid] = size
             self.store.index_later(self.store.index.record_sizes, {oid: size})
@@ -143,6 +180,14 @@ class Fetcher:
                 self._contradicted.discard(oid)
                 for observer in self.size_observers:
                     observer(oid, size)
+                return True
+        return False
+
+    async def _index_settled(self) -> None:
+        """Wait (bounded) until the index writer has applied what is queued: after a size
+        correction, so the read that learned the true size returns with the index saying it
+        too (other processes and a remount look there)."""
+        await asyncio.to_thread(self.store.index_settled, 2.0)
 
     def _size_contradicted(self, ref: ObjectRef, known: int, answered: int) -> None:
         """An answer's size disagrees with the one we had: forget ours (it came from an
@@ -152,22 +197,22 @@ class Fetcher:
         self._sizes.pop(ref.oid, None)
         self._contradicted.add(ref.oid)
         self.store.index_later(self.store.index.forget_size, ref.oid)
-        self.stats.errors["size_contradiction"] += 1
+        self.counters.add("dda_errors", 1, "size_contradiction")
 
     async def size_of(self, ref: ObjectRef) -> int:
-        size = self.known_size(ref)
+        size = await self.indexed_size(ref)
         if size is None:
-            size = self.store.object_size(ref.oid)
+            size = await self.astore.run(self.store.object_size, ref.oid)
             if size is not None:
                 self._learned_size(ref.oid, size)
         if size is None:
-            self.stats.meta_misses += 1
+            self.counters.add("dda_cache_reads", 1, "metadata", "miss")
             size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
                                                                "size"), ref)
-            self.stats.size_lookups += 1
+            self.counters.add("dda_remote_size_lookups")
             self._learned_size(ref.oid, size)
         else:
-            self.stats.meta_hits += 1
+            self.counters.add("dda_cache_reads", 1, "metadata", "hit")
         return size
 
     async def sizes_of(self, refs: list[ObjectRef]) -> dict[str, int]:
@@ -182,12 +227,12 @@ class Fetcher:
             else:
                 missing.append(ref)
         if missing:
-            stored = self.store.index.sizes([r.oid for r in missing if r.oid not in self._contradicted])
+            stored = await self.astore.sizes([r.oid for r in missing if r.oid not in self._contradicted])
             self._sizes.update(stored)
             result.update(stored)
             missing = [r for r in missing if r.oid not in stored]
-        self.stats.meta_hits += len(refs) - len(missing)
-        self.stats.meta_misses += len(missing)
+        self.counters.add("dda_cache_reads", len(refs) - len(missing), "metadata", "hit")
+        self.counters.add("dda_cache_reads", len(missing), "metadata", "miss")
         by_remote: dict[int, list[ObjectRef]] = defaultdict(list)
         for ref in missing:
             by_remote[id(ref.remote)].append(ref)
@@ -204,7 +249,7 @@ class Fetcher:
                                               for f in folders))
             if all(listing is not None for listing in listings):
                 by_path = {path: size for listing in listings for path, size in listing.items()}  # type: ignore[union-attr]
-                self.stats.size_lookups += len(folders)
+                self.counters.add("dda_remote_size_lookups", len(folders))
                 for ref in refs:
                     if ref.path in by_path:
                         learned[ref.oid] = by_path[ref.path]
@@ -212,7 +257,7 @@ class Fetcher:
 
         async def head(ref: ObjectRef) -> None:
             learned[ref.oid] = await self._remote_call(remote, lambda: remote.size(ref.path), "size")
-            self.stats.size_lookups += 1
+            self.counters.add("dda_remote_size_lookups")
 
         if todo:
             await self._with_deadline(asyncio.gather(*(head(r) for r in todo)), todo[0])
@@ -256,17 +301,23 @@ class Fetcher:
         cs = self.store.chunk_size
         if reader is not None:
             reader.check()
-        size = self.known_size(ref)
+        size = await self.indexed_size(ref)
         missed = False
+        first: ChunkJob | None = None
         if size is None:
-            size = self.store.object_size(ref.oid)     # a verified object in the store knows it
+            size = await self.astore.run(self.store.object_size, ref.oid)   # a verified object knows it
             if size is not None:
                 self._learned_size(ref.oid, size, verified=True)
         if size is None:
             # Learn the size from the first chunk's answer (Content-Range), not a separate HEAD.
             waiting[0] = True
-            size = await self._probe(ref)
-            missed = True
+            first = await self._await_job(ref, 0, None, "probe", 0, until_done=True)
+            size = self.known_size(ref)
+            if size is None:
+                raise _SizeChanged()
+            missed = not first.from_cache
+            if self.store.chunk_count(size) > 1 or first.total != size:
+                first = None    # the first chunk of a large object is read by its verified pass
         end = size if length is None else min(size, offset + length)
         if offset >= end:
             return b""
@@ -275,48 +326,47 @@ class Fetcher:
         first_idx, last_idx = offset // cs, (end - 1) // cs
         for idx in range(first_idx, last_idx + 1):
             lo, hi = max(offset, idx * cs) - idx * cs, min(end, (idx + 1) * cs) - idx * cs
-            data = self.store.read(ref.oid, idx, lo, hi)
+            if first is not None and idx == 0:
+                data: bytes | None = await first.copy(lo, hi, self.astore.run)   # verified bytes of the probe
+            elif not large and (ref.oid, idx, "whole") in self._inflight:
+                data = None     # being downloaded: join the job (it holds the bytes), no store trip
+            else:
+                data = await self.astore.read(ref.oid, idx, lo, hi)
             if data is None:
                 waiting[0] = True
                 if large:
                     data, hit = await self._large_range(ref, idx, size, lo, hi, reader)
                 else:
-                    chunk, hit = await self._chunk(ref, idx, size)
-                    data = chunk[lo:hi]
+                    data, hit = await self._whole_range(ref, idx, size, lo, hi)
                 missed = missed or not hit
                 waiting[0] = missed
             pieces.append(data)
         if large and reader is not None and end == size:
             await reader.settle()       # the read that ends the object: every byte taken was right
-        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(pieces) == 1:
+            out = pieces[0]
+        elif sum(map(len, pieces)) > LOOP_COPY_MAX:
+            out = await self.astore.run(b"".join, pieces)
+        else:
+            out = b"".join(pieces)
         if meta:
             if missed:
-                self.stats.meta_misses += 1
+                self.counters.add("dda_cache_reads", 1, "metadata", "miss")
             else:
-                self.stats.meta_hits += 1
+                self.counters.add("dda_cache_reads", 1, "metadata", "hit")
             return out
         if missed:
-            self.stats.cache_misses += 1
+            self.counters.add("dda_cache_reads", 1, "data", "miss")
         else:
-            self.stats.cache_hits += 1
-        self.stats.bytes_served += len(out)
+            self.counters.add("dda_cache_reads", 1, "data", "hit")
+        self.counters.add("dda_served_bytes", len(out))
         return out
 
-    async def _probe(self, ref: ObjectRef) -> int:
-        """Learn an object's size from the answer for its first chunk. A one-chunk object is
-        verified and stored on the way; the first chunk of a larger one is not kept (it is
-        verified with the rest by the pass that reads it)."""
-        data, _ = await self._chunk(ref, 0, None)
-        size = self.known_size(ref)
-        if size is None:
-            raise _SizeChanged()
-        return size
-
-    def _sums(self, oid: str, size: int) -> list[bytes] | None:
+    async def _sums(self, oid: str, size: int) -> list[bytes] | None:
         """Per-chunk sha256 of a verified object (from a verified pass), or None."""
         found = self._digests.get(oid)
         if found is None:
-            stored = self.store.read_sums(oid)
+            stored = await self.astore.run(self.store.read_sums, oid)
             if stored is None:
                 return None
             found = self._digests[oid] = stored
@@ -327,14 +377,20 @@ class Fetcher:
             raise _SizeChanged()
         return found[1]
 
+    async def _whole_range(self, ref: ObjectRef, idx: int, size: int, lo: int, hi: int,
+                           digest: bytes | None = None) -> tuple[bytes, bool]:
+        """Bytes [lo, hi) of a chunk verified on its own (see ChunkJob "whole"), and whether
+        the cache had it."""
+        job = await self._await_job(ref, idx, size, "whole", 0, until_done=True, digest=digest)
+        return await job.copy(lo, hi, self.astore.run), job.from_cache
+
     async def _large_range(self, ref: ObjectRef, idx: int, size: int, lo: int, hi: int,
                            reader: ReadCursor | None) -> tuple[bytes, bool]:
         """Bytes [lo, hi) of chunk `idx` of a large object that is not in the cache."""
         for attempt in range(2):
-            sums = self._sums(ref.oid, size)
+            sums = await self._sums(ref.oid, size)
             if sums is not None:       # verified before: this chunk can be checked on its own
-                chunk, hit = await self._chunk(ref, idx, size, digest=sums[idx])
-                return chunk[lo:hi], hit
+                return await self._whole_range(ref, idx, size, lo, hi, digest=sums[idx])
             job_pass = self._pass(ref, size)
             if reader is not None and not self.strict:
                 data = await job_pass.range(idx, lo, hi)
@@ -347,7 +403,7 @@ class Fetcher:
                 if attempt == 1 or (reader is not None and reader.passes):
                     raise
                 continue    # this reader took no unverified byte yet: one more pass
-            data = self.store.read(ref.oid, idx, lo, hi)
+            data = await self.astore.read(ref.oid, idx, lo, hi)
             if data is not None:
                 return data, False
         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} does not "
@@ -370,8 +426,8 @@ class Fetcher:
         return job_pass
 
     def _mismatch(self, ref: ObjectRef, message: str) -> None:
-        self.stats.hash_mismatches += 1
-        self.stats.errors["hash_mismatch"] += 1
+        self.counters.add("dda_hash_mismatches")
+        self.counters.add("dda_errors", 1, "hash_mismatch")
         raise HashMismatch(message)
 
     def _object_changed(self, oid: str) -> None:
@@ -388,174 +444,306 @@ class Fetcher:
         cs = self.store.chunk_size
         end = size if length is None else min(size, offset + length)
         for idx in range(offset // cs, max(offset // cs, (end - 1) // cs) + 1):
-            if not self.store.has(ref.oid, idx):
+            if not await self.astore.has(ref.oid, idx):
                 if self.store.chunk_count(size) > 1:
                     await self._large_range(ref, idx, size, 0, 0, None)
                 else:
-                    await self._chunk(ref, idx, size)
+                    await self._await_job(ref, idx, size, "whole", 0, until_done=True)
 
-    def cached(self, ref: ObjectRef) -> bool:
-        """Whether every chunk of the object is in the store (size must be known)."""
-        size = self.known_size(ref)
+    async def cached(self, ref: ObjectRef) -> bool:
+        """Whether every chunk of the object is in the store (False while the size is unknown)."""
+        size = await self.indexed_size(ref)
         if size is None:
             return False
-        return all(self.store.has(ref.oid, idx) for idx in range(self.store.chunk_count(size)))
+        count = self.store.chunk_count(size)
+        return await self.astore.run(lambda: all(self.store.has(ref.oid, i) for i in range(count)))
 
-    async def _chunk(self, ref: ObjectRef, idx: int, size: int | None,
-                     digest: bytes | None = None) -> tuple[bytes, bool]:
-        """(chunk bytes, whether the cache had it), joining a download already in flight. The
-        chunk is verified before it is stored or returned: against the object's md5 (one-chunk
-        objects) or the chunk's sha256 from a verified pass (`digest`)."""
-        key = (ref.oid, idx, size is None)     # a probe (size unknown) never joins a verified load
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.create_task(self._load_chunk(ref, idx, size, digest))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: (self._inflight.pop(k, None) if self._inflight.get(k) is t
-                                                     else None, t.cancelled() or t.exception()))
-        self._job_deadline(key, task)
-        try:
-            data, downloaded = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and (current is None or not current.cancelling()):
-                # the job ended at its deadline (a reader's own deadline ends at the same time)
-                self.stats.errors[DeadlineExceeded.reason] += 1
+    # -- the download job (fetch/job.py) ----------------------------------------------------------
+    def _job(self, ref: ObjectRef, idx: int, size: int | None, kind: Kind, digest: bytes | None = None,
+             gate: asyncio.Event | None = None) -> ChunkJob:
+        """The job fetching chunk `idx` of `ref` as `kind`: joined if one is in flight and alive,
+        else started. A job that made no progress for `stall_after` seconds (stuck on a remote
+        that has recovered since, say) is not joined: it is replaced and its waiters move on."""
+        key = (ref.oid, idx, kind)
+        loop = asyncio.get_running_loop()
+        job = self._inflight.get(key)
+        if job is not None and job.stalled(loop.time(), self.stall_after):
+            log.info("%s: chunk %d made no progress for %.1fs; starting a fresh download", ref.display, idx,
+                     loop.time() - job.progressed_at)
+            self._end_job(job, "superseded")
+            job = None
+        if job is None or job.done:
+            capacity = self.store.chunk_size if size is None else expected_length(size, idx, self.store.chunk_size)
+            job = ChunkJob(ref, idx, size, kind, capacity, digest, loop.time(), gate)
+            self._inflight[key] = job
+            job.task = asyncio.create_task(self._run_job(job), context=contextvars.Context())
+
+            def gone(_t: "asyncio.Task[None]", k: tuple[str, int, str] = key, j: ChunkJob = job) -> None:
+                if self._inflight.get(k) is j:
+                    del self._inflight[k]
+            job.task.add_done_callback(gone)
+        self._job_deadline(job)
+        return job
+
+    async def _await_job(self, ref: ObjectRef, idx: int, size: int | None, kind: Kind, need: int,
+                         until_done: bool = False, digest: bytes | None = None,
+                         gate: asyncio.Event | None = None) -> ChunkJob:
+        """Wait on the job for chunk `idx` until `need` bytes arrived (or its end); follows a
+        job that was superseded to the fresh one."""
+        while True:
+            job = self._job(ref, idx, size, kind, digest, gate)
+            try:
+                await self._watch(job, need, until_done)
+                return job
+            except Superseded:
+                continue
+            except DeadlineExceeded:
+                self.counters.add("dda_errors", 1, DeadlineExceeded.reason)
                 raise DeadlineExceeded(
                     f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                     f"within {self.deadline:g}s", path=ref.display) from None
-            raise
-        return data, not downloaded
 
-    def _job_deadline(self, key: tuple[str, int, bool], task: "asyncio.Task[tuple[bytes, bool]]") -> None:
+    async def _watch(self, job: ChunkJob, need: int, until_done: bool) -> None:
+        """`job.wait(need, until_done)`, superseding the job if it stalls meanwhile (the remote
+        may have recovered since it started: a fresh request gets an answer). Raises
+        Superseded then: the caller takes the fresh job."""
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self.stall_after if job.queued else job.progressed_at + self.stall_after - loop.time()
+            try:
+                async with asyncio.timeout(max(left, 0.0) + JOB_GRACE):
+                    await job.wait(need, until_done)
+                return
+            except TimeoutError:
+                if job.stalled(loop.time(), self.stall_after):
+                    log.info("%s: chunk %d made no progress for %.1fs; starting a fresh download",
+                             job.ref.display, job.idx, loop.time() - job.progressed_at)
+                    self._end_job(job, "superseded")
+                    raise Superseded() from None
+
+    def _end_job(self, job: ChunkJob, why: str) -> None:
+        """Cancel a job (at its deadline, or superseded) and never join it again."""
+        if self._inflight.get(job.key) is job:
+            del self._inflight[job.key]
+        if job.task is not None and not job.task.done():
+            job.ended_by = job.ended_by or why
+            job.task.cancel()
+
+    def _job_deadline(self, job: ChunkJob) -> None:
         """A shared download ends at the latest deadline of the readers that joined it: one
         stuck on a trickling server is cancelled then (its request slot freed) and leaves
         `_inflight` at once, so the next reader starts afresh instead of joining a dead job."""
         loop = asyncio.get_running_loop()
         ends = _read_ends_at.get()
         ends = loop.time() + self.deadline if ends is None else ends
-        if ends <= self._job_ends.get(task, 0.0):
+        if ends <= self._job_ends.get(job, 0.0):
             return
-        first = task not in self._job_ends
-        self._job_ends[task] = ends
+        first = job not in self._job_ends
+        self._job_ends[job] = ends
 
         def check() -> None:
-            if task.done():
-                self._job_ends.pop(task, None)
+            if job.done:
+                self._job_ends.pop(job, None)
                 return
-            due = self._job_ends[task]
+            due = self._job_ends[job]
             if loop.time() < due:
                 loop.call_at(due + JOB_GRACE, check)
                 return
-            self._job_ends.pop(task, None)
-            if self._inflight.get(key) is task:
-                del self._inflight[key]     # never joined again
-            task.cancel()
+            self._job_ends.pop(job, None)
+            self._end_job(job, "deadline")
 
         if first:
             loop.call_at(ends + JOB_GRACE, check)
 
-    async def _stream_download(self, ref: ObjectRef, idx: int, size: int, job: "_StreamJob") -> None:
-        start = idx * self.store.chunk_size
-        attempt = 0
-
-        def sink(piece: bytes) -> None:
-            self.stats.bytes_fetched += len(piece)
-            job.feed(piece)
-
-        while job.received < job.length:
-            try:
-                # Resume where the last attempt stopped: nothing is fetched twice.
-                offset = start + job.received
-                total = await self._remote_call(
-                    ref.remote, lambda: ref.remote.stream(ref.path, offset, start + job.length, sink), "read")
-                if total is not None and total != size:
-                    if ref.size is not None:    # the repository's size: the answer is wrong
-                        raise RemoteUnavailable(f"{ref.display}: remote says {ref.path} has {total} bytes, "
-                                                f"the repository says {size}")
-                    self._size_contradicted(ref, size, total)
-                    raise _SizeChanged()
-                if job.received < job.length:
-                    raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
-                                            f"({job.received} of {job.length} bytes)", path=ref.display)
-            except RemoteUnavailable as err:
-                attempt += 1
-                await self._backoff(attempt, ref, err)
-
-    async def _load_chunk(self, ref: ObjectRef, idx: int, size: int | None,
-                          digest: bytes | None) -> tuple[bytes, bool]:
-        async with self.store.lock(ref.oid, idx):
-            header = self.store.header(ref.oid, idx)    # another process may have just written it
-            if header is not None and size is not None and header.object_size != size and ref.size is None:
-                self._size_contradicted(ref, size, header.object_size)
-                self._learned_size(ref.oid, header.object_size, verified=True)   # the chunk was verified
-                raise _SizeChanged()
-            if header is not None and (size is None or header.object_size == size):
-                cached = self.store.read(ref.oid, idx)
-                if cached is not None:
-                    self._learned_size(ref.oid, header.object_size, verified=True)
-                    return cached, False
-            data, size = await self._download_chunk(ref, idx, size, digest)
-            if self.store.chunk_count(size) == 1 or digest is not None:
+    async def _run_job(self, job: ChunkJob) -> None:
+        ref, idx = job.ref, job.idx
+        try:
+            if job.kind == "pass":
+                if job.gate is not None and not job.gate.is_set():
+                    job.queued = True
+                    await job.gate.wait()       # the pass holds the object's lock (or gave up waiting)
+                cached = await self.astore.read(ref.oid, idx)     # verified by another process meanwhile
+                if cached is not None and len(cached) == len(job.buf):
+                    job.from_cache = True
+                    job.fill(cached)
+                else:
+                    await self._download(job)
+            else:
+                job.queued = True   # another process may be downloading it
+                lock = self.store.lock(ref.oid, idx)
+                header, cached = await self._lock_and_look(lock, ref.oid, idx)
                 try:
-                    await asyncio.to_thread(self.store.write, ref.oid, idx, data, size)
-                except CacheFull as err:    # the bytes are verified: serve them, uncached
-                    log.warning("%s: not caching it: %s", ref.display, err)
-        return data, True
+                    job.queued = False
+                    job.progress()
+                    if not self._second_look(job, header, cached):
+                        await self._download(job)
+                finally:
+                    lock.release()
+            job.finish(None)
+        except asyncio.CancelledError:
+            if job.ended_by == "superseded":
+                job.finish(Superseded())
+            elif job.ended_by == "deadline":
+                job.finish(DeadlineExceeded(f"{ref.display}: chunk {idx}: no answer within the deadline"))
+            else:
+                job.finish(RemoteUnavailable(f"{ref.display}: download was cancelled"))
+            raise
+        except BaseException as err:    # handed to whoever waits for the chunk
+            job.finish(err)
 
-    async def _download_chunk(self, ref: ObjectRef, idx: int, size: int | None,
-                              digest: bytes | None) -> tuple[bytes, int]:
+    async def _lock_and_look(self, lock: FileLock, oid: str, idx: int) -> tuple[ChunkHeader | None, bytes | None]:
+        """Take the chunk's cross-process lock and look in the store again (another process may
+        have stored the chunk meanwhile): one trip to a store thread when the lock is free, else
+        wait for it on the loop (polling: cancellable) and then look. Returns (header, bytes)."""
+        def look() -> tuple[ChunkHeader | None, bytes | None]:
+            header = self.store.header(oid, idx)
+            return header, (self.store.read(oid, idx) if header is not None else None)
+
+        def try_and_look() -> tuple[bool, ChunkHeader | None, bytes | None]:
+            lock.path.parent.mkdir(parents=True, exist_ok=True)
+            if not lock.try_acquire():
+                return False, None, None
+            try:
+                return (True, *look())
+            except BaseException:
+                lock.release()
+                raise
+
+        trip = asyncio.ensure_future(self.astore.run(try_and_look))
+        try:
+            got, header, cached = await asyncio.shield(trip)
+        except asyncio.CancelledError:     # the thread may still take the lock: let go of it then
+            trip.add_done_callback(lambda t: lock.release() if not t.cancelled() and t.exception() is None
+                                   and t.result()[0] else None)
+            raise
+        if got:
+            return header, cached
+        await lock.__aenter__()
+        try:
+            return await self.astore.run(look)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _second_look(self, job: ChunkJob, header: ChunkHeader | None, cached: bytes | None) -> bool:
+        """Whether another process stored the chunk while we waited for its lock (then the job
+        holds its bytes)."""
+        ref, size = job.ref, job.size
+        if header is None:
+            return False
+        if size is not None and header.object_size != size and ref.size is None:
+            self._size_contradicted(ref, size, header.object_size)
+            self._learned_size(ref.oid, header.object_size, verified=True)   # the chunk was verified
+            raise _SizeChanged()
+        if cached is None or (size is not None and header.object_size != size):
+            return False
+        job.from_cache = True
+        job.total = header.object_size
+        job.fill(cached)
+        self._learned_size(ref.oid, header.object_size, verified=True)
+        return True
+
+    async def _download(self, job: ChunkJob) -> None:
+        """Stream the chunk into `job`, retrying with the one RetryPolicy and resuming where the
+        last attempt stopped. A "whole" chunk (or the probe of a one-chunk object) is checked
+        and stored in one trip to a store thread, and fetched once more on a mismatch, before
+        any reader sees a byte of it."""
+        ref, idx, size = job.ref, job.idx, job.size
         cs = self.store.chunk_size
         start = idx * cs
         end = start + cs if size is None else min(size, start + cs)
-        mismatches = 0
-        attempt = 0
+        attempt = mismatches = 0
+        told: int | None = None
+
+        def sink(piece: bytes) -> None:
+            self.counters.add("dda_remote_bytes", len(piece))
+            job.feed(piece)
+
+        async def request(offset: int) -> int | None:
+            job.queued = False      # it has its request slot: from now on it must make progress
+            job.progress()
+            return await ref.remote.stream(ref.path, offset, end, sink)
+
         while True:
             try:
-                got = await self._remote_call(ref.remote, lambda: ref.remote.read(ref.path, start, end), "read")
-                self.stats.bytes_fetched += len(got.data)
-                total = got.total if got.total is not None else size
+                offset = start + job.received
+                if offset < end:
+                    job.queued = True
+                    answer = await self._remote_call(ref.remote, lambda: request(offset), "read")
+                    job.progress()
+                    if answer is not None:
+                        if told is not None and answer != told:   # the object changed under a resumed read
+                            job.restart()
+                            told = None
+                            raise RemoteUnavailable(f"{ref.display}: the size of {ref.path} changed between answers")
+                        told = answer
+                total = told if told is not None else size
                 if total is None:
                     # No size in the answer: only a whole verified object can tell it.
-                    total = start + len(got.data)
-                    if len(got.data) >= cs:
+                    total = start + job.received
+                    if job.received >= cs:
+                        job.restart()
                         raise RemoteUnavailable(f"{ref.display}: the answer for {ref.path} gave no size")
                 if size is not None and total != size:
                     if ref.size is not None:
+                        job.restart()
+                        told = None
                         raise RemoteUnavailable(f"{ref.display}: remote says {ref.path} has {total} bytes, "
                                                 f"the repository says {size}")
                     self._size_contradicted(ref, size, total)
                     raise _SizeChanged()
-                expected_len = min(total, start + cs) - start
-                if len(got.data) != expected_len:
+                expected = max(0, min(total, start + cs) - start)
+                if job.received != expected:
+                    got = job.received
+                    if got > expected:
+                        job.restart()
                     raise RemoteUnavailable(f"{ref.display}: short read from {ref.path} "
-                                            f"({len(got.data)} of {expected_len} bytes)", path=ref.display)
-                if self.store.chunk_count(total) == 1:
-                    ok = md5_matches(got.data, ref.oid, ref.legacy)
-                elif digest is not None:
-                    ok = chunk_digest(got.data) == digest
-                else:
+                                            f"({got} of {expected} bytes)", path=ref.display)
+                job.length, job.total = expected, total
+                if job.kind == "pass":
+                    return
+                one_chunk = self.store.chunk_count(total) == 1
+                if not one_chunk and job.digest is None:
                     # First chunk of a large object read to learn its size: it is not kept.
                     self._learned_size(ref.oid, total)
-                    return got.data, total
-                if not ok:
+                    return
+                # (a thread of its own, as before: a store write may wait on another process's
+                # index lock, and must not take a thread that cached reads need)
+                if not await asyncio.to_thread(self._check_and_store, job, total, one_chunk):
                     mismatches += 1
-                    self.stats.hash_mismatches += 1
+                    self.counters.add("dda_hash_mismatches")
                     if mismatches > 1:
-                        self.stats.errors[HashMismatch.reason] += 1
+                        self.counters.add("dda_errors", 1, HashMismatch.reason)
                         raise HashMismatch(f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} "
                                            f"does not match its md5 {ref.oid} (after {mismatches} downloads)")
+                    job.restart()
+                    told = None
                     continue
-                self._learned_size(ref.oid, total, verified=True)
-                return got.data, total
+                if self._learned_size(ref.oid, total, verified=True):
+                    await self._index_settled()
+                return
             except RemoteUnavailable as err:
+                job.progress()      # an answer, if an unwelcome one
                 attempt += 1
+                job.queued = True   # a backoff is not a stall
                 await self._backoff(attempt, ref, err)
+
+    def _check_and_store(self, job: ChunkJob, total: int, one_chunk: bool) -> bool:
+        """On a store thread: check a whole chunk (the object's md5, or the chunk's sha256) and
+        store it if right. A full cache serves it uncached."""
+        data = job.view()
+        ok = md5_matches(data, job.ref.oid, job.ref.legacy) if one_chunk else chunk_digest(data) == job.digest
+        if ok:
+            try:
+                self.store.write(job.ref.oid, job.idx, data, total)
+            except CacheFull as err:    # the bytes are verified: serve them, uncached
+                log.warning("%s: not caching it: %s", job.ref.display, err)
+        return ok
 
     async def _backoff(self, attempt: int, ref: ObjectRef, err: RemoteUnavailable) -> None:
         """Sleep before retry `attempt` (exponential, full jitter), or give up with `err`."""
         if self.retry.gives_up(attempt):
-            self.stats.errors[RemoteUnavailable.reason] += 1
+            self.counters.add("dda_errors", 1, RemoteUnavailable.reason)
             raise err
         delay = self.retry.delay(attempt)
         asked = getattr(err, "retry_after", None)   # RetryAfter: the server said how long to wait
@@ -563,24 +751,26 @@ class Fetcher:
             ends = _read_ends_at.get()
             left = self.deadline if ends is None else ends - asyncio.get_running_loop().time()
             if asked >= left:
-                self.stats.errors["unavailable"] += 1
+                self.counters.add("dda_errors", 1, "unavailable")
                 raise err
             delay = max(delay, asked)
             status = getattr(err, "status", 429)
             words = {429: "rate limited", 503: "service unavailable"}.get(status, "server error")
             log.warning("%s: %s (HTTP %s), retrying after %g s", ref.display, words, status, round(delay, 1))
-        self.stats.retries += 1
+        self.counters.add("dda_remote_retries")
         log.info("retry %d for %s in %.2fs: %s", attempt, ref.display, delay, err)
         await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
         """Cancel every download in flight and wait for them to end."""
         await self.drain(0)
+        await self.astore.aclose_pool()
 
     async def drain(self, timeout: float) -> None:
         """Let downloads already under way land in the cache (a reader that took the first
         kilobytes of a chunk leaves the rest downloading); cancel what is left at `timeout`."""
-        tasks = [t for t in (*self._stream_tasks, *self._inflight.values()) if not t.done()]
+        tasks = [t for t in (*self._stream_tasks, *(j.task for j in self._inflight.values() if j.task))
+                 if not t.done()]
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -598,7 +788,7 @@ class Fetcher:
     async def _remote_call(self, remote: Remote, call, op: str):  # type: ignore[no-untyped-def]
         """One request (`op`: read, size or list) within the remote's concurrency limit."""
         async with self._limit(remote).slot():
-            self.stats.requests += 1
+            self.counters.add("dda_remote_requests")
             if self.on_request is None:
                 return await call()
             started, status = time.monotonic(), "error"
@@ -618,7 +808,7 @@ class Fetcher:
             async with asyncio.timeout(self.deadline):
                 return await coro
         except ObjectMissing:
-            self.stats.errors[ObjectMissing.reason] += 1
+            self.counters.add("dda_errors", 1, ObjectMissing.reason)
             raise ObjectMissing(f"{ref.display}: object md5 {ref.oid} is missing on remote {ref.remote.name!r} "
                                 f"({ref.remote.display_url}/{ref.path})", path=ref.display) from None
         except RemoteError as err:
@@ -629,7 +819,7 @@ class Fetcher:
             err.path = ref.display
             raise err from None
         except TimeoutError:
-            self.stats.errors[DeadlineExceeded.reason] += 1
+            self.counters.add("dda_errors", 1, DeadlineExceeded.reason)
             raise DeadlineExceeded(
                 f"{ref.display}: no answer from remote {ref.remote.name!r} ({ref.remote.display_url}) "
                 f"within {self.deadline:g}s", path=ref.display) from None
@@ -644,48 +834,3 @@ class _SizeChanged(RemoteError):
     def __init__(self, message: str = "the remote contradicted the size we had for this object") -> None:
         super().__init__(message)
 
-
-class _StreamJob:
-    """One chunk being downloaded: the bytes so far, and readers waiting for a prefix of it."""
-
-    def __init__(self, length: int, last: bool):
-        self.length = length
-        self.last = last               # the object's final chunk
-        self.buf = bytearray(length)
-        self.received = 0
-        self.done = False
-        self.error: BaseException | None = None
-        self.from_cache = False
-        self._waiters: list[tuple[int, bool, asyncio.Future[None]]] = []
-
-    def feed(self, piece: bytes) -> None:
-        end = self.received + len(piece)
-        self.buf[self.received:end] = piece
-        self.received = end
-        self._wake()
-
-    def finish(self, error: BaseException | None) -> None:
-        self.done = True
-        self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        waiting = []
-        for need, until_done, future in self._waiters:
-            if future.done():
-                continue
-            if self.done or (not until_done and self.received >= need):
-                future.set_result(None)
-            else:
-                waiting.append((need, until_done, future))
-        self._waiters = waiting
-
-    async def wait(self, need: int, until_done: bool = False) -> None:
-        while not self.done and (until_done or self.received < need):
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append((need, until_done, future))
-            await future
-        if self.error is not None and (until_done or self.received < need):
-            if isinstance(self.error, asyncio.CancelledError):
-                raise RemoteUnavailable("download was cancelled") from None
-            raise self.error

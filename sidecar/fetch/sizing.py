@@ -32,7 +32,6 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
     already under way finish and are recorded); sizes learned before it stay recorded."""
     workers = max(1, workers or fetcher.jobs)
     ask = size_of or fetcher.size_of
-    index = fetcher.store.index
     source = iter(items)
     pending: asyncio.Queue[tuple[K, ObjectRef] | None] = asyncio.Queue(maxsize=workers * 2)
     failed: list[BaseException] = []
@@ -42,7 +41,7 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
         for batch in _batches(source, INDEX_BATCH):
             if failed:
                 break
-            unknown = _from_index(index, batch, on_size, fetcher)
+            unknown = await _from_index(fetcher, batch, on_size)
             for k, r in batch:
                 if r.size is not None:
                     on_size(k, r.size)
@@ -77,11 +76,12 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
         raise failed[0]
 
 
-def _from_index(index, batch: list, on_size: Callable, fetcher: Fetcher) -> list:  # type: ignore[type-arg]
-    """Answer what the persistent index knows (one query per batch); return the rest."""
+async def _from_index(fetcher: Fetcher, batch: list, on_size: Callable) -> list:  # type: ignore[type-arg]
+    """Answer what the persistent index knows (one query per batch, on a store thread);
+    return the rest."""
     asked = [r.oid for _, r in batch if r.size is None]
-    stored = index.sizes(asked) if asked else {}
-    fetcher.stats.meta_hits += len(stored)
+    stored = await fetcher.astore.sizes(asked) if asked else {}
+    fetcher.counters.add("dda_cache_reads", len(stored), "metadata", "hit")
     rest = []
     for k, r in batch:
         if r.size is not None:

@@ -15,15 +15,17 @@ fails once one of them failed, and the read that reaches the object's end waits 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import TYPE_CHECKING
 
 from ..errors import CacheFull, HashMismatch
-from ..store.identity import chunk_digest, expected_length
+from ..store.identity import chunk_digest
 from ..store.verify import ObjectVerifier
+from .job import ChunkJob, Superseded
 
 if TYPE_CHECKING:
-    from .scheduler import Fetcher, ObjectRef, _StreamJob
+    from .scheduler import Fetcher, ObjectRef
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +78,18 @@ def _reader_error(err: BaseException) -> BaseException:
 
 
 class ObjectPass:
-    """One in-order, verified download of a whole object (see the module docstring)."""
+    """One in-order, verified download of a whole object (see the module docstring). Its
+    chunks are fetched by the fetcher's one job type (ChunkJob, kind "pass"): a reader that
+    asks for a chunk joins the job the pass started, or starts it."""
 
     def __init__(self, fetcher: "Fetcher", ref: "ObjectRef", size: int):
-        from .scheduler import _StreamJob
-
-        self._job_type = _StreamJob
         self.fetcher = fetcher
         self.store = fetcher.store
         self.ref = ref
         self.size = size
         self.count = self.store.chunk_count(size)
         self.tag = self.store.new_pending_tag()
-        self.jobs: dict[int, "_StreamJob"] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.jobs: dict[int, ChunkJob] = {}     # chunks not hashed yet (finished ones kept until then)
         self.hashed = 0
         self.digests: list[bytes] = []
         self.ok = False
@@ -97,7 +97,9 @@ class ObjectPass:
         self.served_unverified = False
         self._moved = asyncio.Event()
         self._ready = asyncio.Event()     # set once we hold the object's lock (or gave up waiting)
-        self.task = asyncio.create_task(self._run())
+        # A context of its own: the jobs it starts end at their own deadlines, not at the one of
+        # the reader that happened to start the pass.
+        self.task = asyncio.create_task(self._run(), context=contextvars.Context())
 
     # -- readers ---------------------------------------------------------------------------------
     async def verdict(self) -> None:
@@ -112,36 +114,28 @@ class ObjectPass:
             await self._moved.wait()
         if idx < self.hashed or self.task.done():
             return None
-        job = self.job(idx)
-        await job.wait(hi)
+        job = await self._wait(idx, hi)
         if not self.ok:
             self.served_unverified = True
-        return bytes(job.buf[lo:hi])
+        return await job.copy(lo, hi, self.fetcher.astore.run)
 
-    def job(self, idx: int) -> "_StreamJob":
-        """The download of chunk `idx`, started if need be."""
+    def job(self, idx: int) -> ChunkJob:
+        """The download of chunk `idx`, joined or started (a finished one is kept until hashed)."""
         job = self.jobs.get(idx)
-        if job is None:
-            cs = self.store.chunk_size
-            job = self._job_type(expected_length(self.size, idx, cs), last=idx == self.count - 1)
-            self.jobs[idx] = job
-            task = asyncio.create_task(self._download(idx, job))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if job is not None and job.done and job.error is None:
+            return job
+        job = self.fetcher._job(self.ref, idx, self.size, "pass", gate=self._ready)
+        self.jobs[idx] = job
         return job
 
-    async def _download(self, idx: int, job: "_StreamJob") -> None:
-        try:
-            await self._ready.wait()
-            cached = self.store.read(self.ref.oid, idx)     # verified by another process meanwhile
-            if cached is not None and len(cached) == job.length:
-                job.from_cache = True
-                job.feed(cached)
-            else:
-                await self.fetcher._stream_download(self.ref, idx, self.size, job)
-            job.finish(None)
-        except BaseException as err:    # handed to whoever waits for the chunk
-            job.finish(err)
+    async def _wait(self, idx: int, need: int, until_done: bool = False) -> ChunkJob:
+        while True:
+            job = self.job(idx)
+            try:
+                await self.fetcher._watch(job, need, until_done)
+                return job
+            except Superseded:      # it made no progress: a fresh job took over
+                continue
 
     # -- the pass --------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -171,24 +165,32 @@ class ObjectPass:
         ref, store = self.ref, self.store
         verifier = ObjectVerifier(ref.oid, ref.legacy)
         written: list[int] = []
+
+        def absorb(idx: int, job: ChunkJob) -> bool:
+            """On a store thread: hash the chunk in order and keep it in a pending file."""
+            data = job.view()
+            verifier.update(data)
+            self.digests.append(chunk_digest(data))
+            if job.from_cache:
+                return False
+            try:
+                store.write(ref.oid, idx, data, self.size, self.tag)
+                return True
+            except CacheFull as err:
+                log.warning("%s: not caching chunk %d: %s", ref.display, idx, err)
+                return False
+
         try:
             for idx in range(self.count):
                 for ahead in range(idx, min(self.count, idx + WINDOW)):
                     self.job(ahead)
-                job = self.jobs[idx]
-                await job.wait(job.length, until_done=True)
-                verifier.update(job.buf)
-                self.digests.append(chunk_digest(job.buf))
-                if not job.from_cache:
-                    try:
-                        await asyncio.to_thread(store.write, ref.oid, idx, bytes(job.buf), self.size, self.tag)
-                        written.append(idx)
-                    except CacheFull as err:
-                        log.warning("%s: not caching chunk %d: %s", ref.display, idx, err)
+                job = await self._wait(idx, 0, until_done=True)
+                if await asyncio.to_thread(absorb, idx, job):
+                    written.append(idx)
                 self.jobs.pop(idx, None)
                 self.hashed = idx + 1
                 self._moved.set()
-            if not verifier.ok():
+            if not await asyncio.to_thread(verifier.ok):
                 self.fetcher._mismatch(ref, f"{ref.display}: content of {ref.path} on remote {ref.remote.name!r} "
                                             f"does not match its md5 {ref.oid}; dropped it from the cache")
             await asyncio.to_thread(self._promote, written)
@@ -197,8 +199,8 @@ class ObjectPass:
             self.fetcher._learned_size(ref.oid, self.size, verified=True)
         except BaseException as err:
             self.failed = err
-            for task in list(self._tasks):
-                task.cancel()
+            for job in list(self.jobs.values()):
+                self.fetcher._end_job(job, "cancelled")
             await asyncio.shield(asyncio.to_thread(self._discard, written))
             if self.served_unverified or isinstance(err, HashMismatch):
                 self.fetcher._object_changed(ref.oid)

@@ -355,15 +355,30 @@ class Hooks:
         found = self.lookup(rel_dir, path)
         if found is None or found[0] != "dir":
             return False
-        current_dir = self.root
-        parts = [p for p in rel_dir.split("/") if p]
-        for part in [None, *parts]:
-            if part is not None:
-                current_dir = current_dir.rstrip("/") + "/" + part
-            try:
-                orig.mkdir(current_dir)
-            except FileExistsError:
-                pass
+        try:
+            orig.mkdir(self.root)
+        except FileExistsError:
+            pass
+        # One component at a time, relative to the parent's fd and never through a symlink: a
+        # local symlink over a repository folder must not make us create folders where it points.
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in (p for p in rel_dir.split("/") if p):
+                try:
+                    orig.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    child = os.open(part, flags, dir_fd=fd)
+                except OSError as err:     # ELOOP/ENOTDIR: a local symlink or file is in the way
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                        return False
+                    raise
+                os.close(fd)
+                fd = child
+        finally:
+            os.close(fd)
         return True
 
     def enter_dir(self, rel: str, path: Any) -> str | None:

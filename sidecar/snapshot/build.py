@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import stat
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping, Sequence
+
+import yaml
 
 from ..errors import DvcFileError
 from .dvcfiles import (DvcConfig, DvcOut, ManifestEntry, StageDecl, guess_output_paths, parse_dvc_config,
@@ -18,11 +19,8 @@ from .dvcfiles import (DvcConfig, DvcOut, ManifestEntry, StageDecl, guess_output
 from .git import GitEntry
 from .lfs import POINTER_MAX, LfsPointer, is_lfs_path, lfs_patterns, lfs_url_from_config, parse_pointer
 from .paths import check_name
-from .tree import Entry, Problem, Tree
-
-FILE_MODE = stat.S_IFREG | 0o644
-EXEC_MODE = stat.S_IFREG | 0o755
-
+from .tree import EXEC_MODE, FILE_MODE, ManifestClash, Problem, Tree, TreeBuilder
+from .templating import files_needed
 
 @dataclass(frozen=True)
 class DvcLayout:
@@ -84,6 +82,7 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
     symlinks = {e.path: t.decode("utf-8", "surrogateescape") for e, t in zip(links, texts[len(wanted):])}
     meta = {e.path: t for e, t in zip(lfs_meta, texts[len(wanted) + len(links):])}
     lfs, lfs_url = await _lfs_pointers(blobs_by_path, meta, read_blob)
+    params = await _params_files(by_path, blobs_by_path, read_blob)
     outputs: list[DvcOut] = []
     problems: list[Problem] = []
     for path in sorted(by_path):
@@ -96,7 +95,7 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
                 stages: dict[str, StageDecl] = {}
                 yaml_path = posixpath.join(posixpath.dirname(path), "dvc.yaml")
                 if yaml_path in by_path:
-                    stages = parse_dvc_yaml(by_path[yaml_path], yaml_path, root)
+                    stages = parse_dvc_yaml(by_path[yaml_path], yaml_path, root, params.get)
                 outputs.extend(parse_dvc_lock(by_path[path], path, stages, root))
             else:
                 outputs.extend(parse_dvc_file(by_path[path], path, root))
@@ -118,6 +117,21 @@ async def read_dvc_layout(entries: list[GitEntry], read_blob: Callable[[str], Aw
     return DvcLayout(configs, kept, problems, symlinks, lfs, lfs_url)
 
 
+async def _params_files(texts: dict[str, bytes], blobs: dict[str, GitEntry],
+                        read_blob: Callable[[str], Awaitable[bytes]]) -> dict[str, bytes]:
+    """The params files (`params.yaml`, `vars` files) the commit's dvc.yaml files template from."""
+    wanted: set[str] = set()
+    for path, text in texts.items():
+        if posixpath.basename(path) == "dvc.yaml":
+            try:
+                wanted |= files_needed(yaml.safe_load(text.decode("utf-8")), path)
+            except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+                continue   # reported when the stages are parsed
+    found = [blobs[p] for p in sorted(wanted) if p in blobs and not stat.S_ISLNK(blobs[p].mode)]
+    got = await asyncio.gather(*(read_blob(e.sha) for e in found))
+    return {e.path: t for e, t in zip(found, got)}
+
+
 async def _lfs_pointers(blobs: dict[str, GitEntry], meta: dict[str, bytes],
                         read_blob: Callable[[str], Awaitable[bytes]]) -> tuple[dict[str, LfsPointer], str | None]:
     """Blobs `.gitattributes` sends through `filter=lfs` that hold an LFS pointer."""
@@ -133,12 +147,15 @@ async def _lfs_pointers(blobs: dict[str, GitEntry], meta: dict[str, bytes],
 
 
 def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
-                 manifests: dict[str, list[ManifestEntry]], problems: list[Problem] = (),  # type: ignore[assignment]
+                 manifests: Mapping[str, Sequence[ManifestEntry]], problems: list[Problem] = (),  # type: ignore[assignment]
                  symlinks: dict[str, str] | None = None, lfs: dict[str, LfsPointer] | None = None) -> Tree:
     """The checkout `git clone` + `dvc pull` makes. `manifests`: md5 of each directory
-    output -> its entries (a directory output whose md5 is absent must have a problem)."""
-    files: dict[str, Entry] = {}
-    empty_dirs: list[str] = []
+    output -> its entries (a directory output whose md5 is absent must have a problem).
+
+    Linear in files (issue 11): entries go straight into the compact TreeBuilder, folder by
+    folder (no Entry and no path string kept per file); an output clears only what lies
+    under its own path."""
+    builder = TreeBuilder()
     problems = list(problems)
     symlinks = symlinks or {}
     for e in git_entries:
@@ -147,68 +164,52 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
             problems.append(Problem(None, "git tree", f"git tree: path {e.path!r} {why}; a checkout skips it"))
             continue
         if e.kind == "commit":
-            empty_dirs.append(e.path)   # a submodule: the empty folder a clone without --recursive has
+            builder.add_dir(e.path)   # a submodule: the empty folder a clone without --recursive has
             continue
         if e.kind != "blob":
             continue
         if stat.S_ISLNK(e.mode):
-            files[e.path] = Entry(e.path, "git", e.mode, e.size, e.sha, target=symlinks.get(e.path))
+            builder.add(e.path, "git", e.mode, e.size, e.sha, target=symlinks.get(e.path))
         elif lfs and e.path in lfs:   # what a clone with git-lfs checks out: the object, not the pointer
             pointer = lfs[e.path]
-            files[e.path] = Entry(e.path, "lfs", EXEC_MODE if e.mode & 0o111 else FILE_MODE, pointer.size, pointer.oid)
+            builder.add(e.path, "lfs", EXEC_MODE if e.mode & 0o111 else FILE_MODE, pointer.size, pointer.oid)
         else:
-            mode = EXEC_MODE if e.mode & 0o111 else FILE_MODE
-            files[e.path] = Entry(e.path, "git", mode, e.size, e.sha)
+            builder.add(e.path, "git", EXEC_MODE if e.mode & 0o111 else FILE_MODE, e.size, e.sha)
     broken = {p.path for p in problems if p.path}
-    # Files strictly below each folder: an output clears what lies under it only where
-    # something does, so composing stays linear in files (not outputs x files).
-    below: Counter[str] = Counter()
-    for path in files:
-        _count(below, path, 1)
     for out in outputs:
         if out.path in broken:
             continue
-        blocker = _file_above(out.path, files, out)
+        blocker = builder.file_above(out.path)
         if blocker:
             problems.append(Problem(None, out.source, f"{out.source}: output {out.path!r} lies under {blocker!r}, "
                                                       f"which is a file; dvc checkout cannot place it"))
             continue
         # A DVC output replaces whatever git has there (it is .gitignored in a real checkout).
-        _clear(files, empty_dirs, out.path, below)
+        builder.clear(out.path)
         if not out.is_dir:
             remote, version = _pick_version(out.remote, out.versions)
-            files[out.path] = Entry(out.path, "dvc", EXEC_MODE if out.isexec else FILE_MODE, out.size, out.md5,
-                                    out.legacy, remote, out.path, out.root, version=version)
-            _count(below, out.path, 1)
+            builder.add(out.path, "dvc", EXEC_MODE if out.isexec else FILE_MODE, out.size, out.md5,
+                        out.legacy, remote, out.path, out.root, version=version)
             continue
-        items = list(out.files) if out.files is not None else manifests.get(out.md5)
+        items = out.files if out.files is not None else manifests.get(out.md5)
         if items is None:
             continue   # the caller recorded why (a problem at out.path)
-        placed: dict[str, Entry] = {}
-        clash = _manifest_clash(items)
-        if clash:
+        try:
+            builder.add_manifest(out.path, items, "dvc", out.legacy, out.remote, out.path, out.root, _pick_version)
+        except ManifestClash as clash:
             problems.append(Problem(out.path, out.source, f"{out.source}: manifest {out.md5}.dir: {clash}", True))
             continue
-        for item in items:
-            path = f"{out.path}/{item.relpath}"
-            remote, version = _pick_version(out.remote, item.versions)
-            placed[path] = Entry(path, "dvc", EXEC_MODE if item.isexec else FILE_MODE, item.size, item.md5,
-                                 out.legacy, remote, out.path, out.root, version=version)
-        if not placed:
-            empty_dirs.append(out.path)
-        files.update(placed)
-        for path in placed:
-            _count(below, path, 1)
+        if not items:
+            builder.add_dir(out.path)
     for problem in problems:
-        if problem.path is None or _file_above(problem.path, files, None):
+        if problem.path is None or builder.file_above(problem.path):
             continue
-        _clear(files, empty_dirs, problem.path, below)
+        builder.clear(problem.path)
         if problem.is_dir:
-            empty_dirs.append(problem.path)
+            builder.add_dir(problem.path)
         else:
-            files[problem.path] = Entry(problem.path, "broken", FILE_MODE, 0, "", output=problem.path)
-            _count(below, problem.path, 1)
-    return Tree(files, empty_dirs, problems)
+            builder.add(problem.path, "broken", FILE_MODE, 0, "", output=problem.path)
+    return builder.build(problems)
 
 
 def _pick_version(remote: str | None, versions: tuple[tuple[str, str], ...]) -> tuple[str | None, str | None]:
@@ -221,43 +222,3 @@ def _pick_version(remote: str | None, versions: tuple[tuple[str, str], ...]) -> 
         return remote, by_name[remote]
     name, version = versions[0]
     return name, version
-
-
-def _file_above(path: str, files: dict[str, Entry], out: DvcOut | None) -> str | None:
-    parent = posixpath.dirname(path)
-    while parent:
-        if parent in files:
-            return parent
-        parent = posixpath.dirname(parent)
-    return None
-
-
-def _count(below: Counter[str], path: str, step: int) -> None:
-    parent = posixpath.dirname(path)
-    while parent:
-        below[parent] += step
-        parent = posixpath.dirname(parent)
-
-
-def _clear(files: dict[str, Entry], empty_dirs: list[str], path: str, below: Counter[str]) -> None:
-    """Remove what lies at or below `path` (files and empty folders). `below`: files under
-    each folder, kept current; a scan of all files happens only where some lie under `path`."""
-    prefix = path + "/"
-    if path in files or below[path] > 0:
-        for p in [p for p in files if p == path or p.startswith(prefix)]:
-            del files[p]
-            _count(below, p, -1)
-    empty_dirs[:] = [d for d in empty_dirs if not (d == path or d.startswith(prefix))]
-
-
-def _manifest_clash(items: list[ManifestEntry]) -> str | None:
-    names = {i.relpath for i in items}
-    if len(names) != len(items):
-        return "names a file twice"
-    for name in names:
-        parent = posixpath.dirname(name)
-        while parent:
-            if parent in names:
-                return f"{parent!r} is a file, but {name!r} needs it to be a directory"
-            parent = posixpath.dirname(parent)
-    return None

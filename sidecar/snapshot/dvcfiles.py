@@ -5,15 +5,19 @@ Pure functions over bytes; every error names the file and the field.
 from __future__ import annotations
 
 import configparser
-import json
 import posixpath
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
 from ..errors import DvcFileError
 from .paths import join_inside
+from .templating import resolve_stages
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -35,6 +39,21 @@ class DvcOut:
     # directory output's files (it has no .dir manifest then; md5 is "").
     versions: tuple[tuple[str, str], ...] = ()
     files: "tuple[ManifestEntry, ...] | None" = None
+    url_source: "UrlSource | None" = None      # `dvc import-url`: the recorded source
+    unavailable: str | None = None             # why it cannot be shown (reported at its path)
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    """`deps[0]` of a `dvc import-url` output: where the data came from, and what was
+    recorded about it then (an md5 for local sources; an etag or `checksum` for http and s3)."""
+    url: str                  # as recorded: a URL, or a path relative to the .dvc file's folder
+    base: str                 # the .dvc file's folder (or its wdir), repository path
+    md5: str | None           # without ".dir"
+    etag: str | None
+    size: int | None
+    version_id: str | None    # a version-aware S3 source
+    legacy: bool = False      # the dep's md5 is DVC 2's (no `hash: md5`)
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,7 @@ class OutFlags:
     """What dvc.yaml says about one output (dvc.lock does not repeat it)."""
     cache: bool = True
     remote: str | None = None
+    push: bool = True      # `push: false`: `dvc push` never uploads it (pulled only if there)
 
 
 @dataclass(frozen=True)
@@ -184,9 +204,68 @@ def parse_dvc_file(text: bytes, source: str, root: str = "") -> list[DvcOut]:
     wdir = data.get("wdir")
     if wdir is not None and wdir not in ("", "."):
         base = join_inside(base, wdir, source, "wdir", root)
+    url_source = _url_source(data, base, source)
+    if url_source is not None:
+        return [_url_import(outs[0], url_source, base, source, root)]
     parsed = [_parse_out(raw, base, source, f"{source}: outs[{i}]", root) for i, raw in enumerate(outs)]
     imported = _import_source(data.get("deps"), source)
+    if imported is not None and len(outs) == 1 and parsed[0] is None and isinstance(outs[0], dict) \
+            and outs[0].get("md5") is None and outs[0].get("cache", True) is not False:
+        # `dvc import --no-download`: no md5 yet; the source repository's output says what it is.
+        path = join_inside(base, outs[0].get("path"), f"{source}: outs[0]", "path", root)
+        return [DvcOut(path=path, md5="", is_dir=False, size=None, nfiles=None, legacy=False, remote=None,
+                       source=source, root=root, imported=imported)]
     return [replace(o, imported=imported) if imported else o for o in parsed if o is not None]
+
+
+def _url_source(data: dict, base: str, source: str) -> UrlSource | None:
+    """The source of a `dvc import-url` file, as DVC tells one (`Stage.is_import`: no `cmd`,
+    one dep, one out; a dep with `repo` or `db` is another kind of import)."""
+    deps, outs = data.get("deps"), data.get("outs")
+    if data.get("cmd") or not isinstance(deps, list) or len(deps) != 1 or len(outs) != 1:
+        return None
+    dep = deps[0]
+    if not isinstance(dep, dict) or "repo" in dep or "db" in dep:
+        return None
+    where = f"{source}: deps[0]"
+    url = dep.get("path")
+    if not isinstance(url, str) or not url:
+        raise DvcFileError(f"{where}: 'path' must name the imported URL or file")
+    md5 = dep.get("md5") if isinstance(dep.get("md5"), str) else None
+    etag = dep.get("etag") if isinstance(dep.get("etag"), str) else None
+    size = dep.get("size") if isinstance(dep.get("size"), int) and not isinstance(dep.get("size"), bool) else None
+    version = dep.get("version_id") if isinstance(dep.get("version_id"), str) else None
+    return UrlSource(url, base, md5, etag, size, version, dep.get("hash") is None)
+
+
+def _url_import(raw: object, src: UrlSource, base: str, source: str, root: str) -> DvcOut:
+    """The output of an import-url file. With `--no-download` it records no md5: DVC 3's
+    `dvc pull` then reads the source and takes the dep's hash; we can verify that only when it
+    is an md5 of a file (a local source). Anything else is reported unavailable."""
+    where = f"{source}: outs[0]"
+    out = _parse_out(raw, base, source, where, root)
+    if out is None and isinstance(raw, dict) and raw.get("cache") is not False and raw.get("md5") is None:
+        path = join_inside(base, raw.get("path"), where, "path", root)
+        dep_md5 = src.md5 or ""
+        is_dir = dep_md5.endswith(".dir")
+        partial = DvcOut(path=path, md5="", is_dir=is_dir, size=src.size, nfiles=None, legacy=False,
+                         remote=None, source=source, root=root)
+        if is_dir:
+            why = "a directory imported with --no-download: its files are on no remote, and its source " \
+                  "lists no md5 per file to verify them against (dvc pull 3.67 checks out no file of it)"
+        elif not _MD5.match(dep_md5):
+            why = f"imported with --no-download from {_display(src.url)}, which records no md5 to verify it against"
+        else:
+            return replace(partial, md5=dep_md5, legacy=src.legacy, url_source=src)
+        return replace(partial, unavailable=f"{source}: {why}")
+    if out is None:
+        raise DvcFileError(f"{where}: an import-url output must be cached")
+    return replace(out, url_source=src)
+
+
+def _display(url: str) -> str:
+    from ..redact import strip_userinfo
+    return strip_userinfo(url)[0]
 
 
 def _import_source(deps: object, source: str) -> ImportSource | None:
@@ -250,89 +329,41 @@ def _stage_outs(stage: dict, wdir: str, where: str, root: str) -> dict[str, OutF
                     raise DvcFileError(f"{where}: {section}[{i}]: options must be a mapping")
             else:
                 raise DvcFileError(f"{where}: {section}[{i}]: expected a path or {{path: options}}")
-            if not isinstance(raw, str) or "${" in raw:
-                continue   # templated (foreach/matrix/vars): matched by dvc.lock's rendered paths only
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+                raw = str(raw)   # `- ${item}` with a number: DVC takes it as a path
+            if not isinstance(raw, str):
+                raise DvcFileError(f"{where}: {section}[{i}]: path must be a string, got {raw!r}")
             cache = opts.get("cache", True)
             if not isinstance(cache, bool):
                 raise DvcFileError(f"{where}: {section}[{i}]: 'cache' must be true or false")
             remote = opts.get("remote")
+            if remote is not None and not isinstance(remote, str):
+                raise DvcFileError(f"{where}: {section}[{i}]: 'remote' must be a remote name")
+            push = opts.get("push", True)
+            if not isinstance(push, bool):
+                raise DvcFileError(f"{where}: {section}[{i}]: 'push' must be true or false")
             path = join_inside(wdir, raw, f"{where}: {section}[{i}]", "path", root)
-            flags[path] = OutFlags(cache=cache, remote=remote if isinstance(remote, str) else None)
+            flags[path] = OutFlags(cache=cache, remote=remote, push=push)
     return flags
 
 
-_TEMPLATE = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*\}")
-
-
-def _render(value: object, context: dict[str, object]) -> object:
-    """`${item}`, `${key}`, `${item.a.b}` of a foreach stage, substituted in strings, lists
-    and mappings (keys too); anything else templated stays as it is (and is skipped)."""
-    def one(text: str) -> str:
-        def sub(match: re.Match[str]) -> str:
-            head, *rest = match.group(1).split(".")
-            if head not in context:
-                return match.group(0)
-            found = context[head]
-            for part in rest:
-                if not isinstance(found, dict) or part not in found:
-                    return match.group(0)
-                found = found[part]
-            return match.group(0) if isinstance(found, (dict, list)) else str(found)
-        return _TEMPLATE.sub(sub, text)
-
-    if isinstance(value, str):
-        return one(value)
-    if isinstance(value, list):
-        return [_render(v, context) for v in value]
-    if isinstance(value, dict):
-        return {(one(k) if isinstance(k, str) else k): _render(v, context) for k, v in value.items()}
-    return value
-
-
-def _foreach_items(foreach: object) -> list[tuple[str, object]]:
-    """(key, item) pairs as DVC names them: `name@<value>` for a list of scalars,
-    `name@<index>` for a list of mappings, `name@<key>` for a mapping."""
-    if isinstance(foreach, dict):
-        return [(str(k), v) for k, v in foreach.items()]
-    if isinstance(foreach, list):
-        return [(str(i) if isinstance(v, (dict, list)) else str(v), v) for i, v in enumerate(foreach)]
-    return []   # `${params}` and friends: resolved from params files, not supported here
-
-
-def _stage_decl(body: object, folder: str, where: str, root: str) -> StageDecl:
-    if not isinstance(body, dict):
-        raise DvcFileError(f"{where}: expected a mapping")
-    wdir_raw = body.get("wdir", ".")
-    if isinstance(wdir_raw, str) and "${" in wdir_raw:
-        raise DvcFileError(f"{where}: a templated 'wdir' ({wdir_raw!r}) is not supported")
-    wdir = folder if wdir_raw in (".", "") else join_inside(folder, wdir_raw, where, "wdir", root)
-    return StageDecl(wdir, _stage_outs(body, wdir, where, root))
-
-
-def parse_dvc_yaml(text: bytes, source: str, root: str = "") -> dict[str, StageDecl]:
+def parse_dvc_yaml(text: bytes, source: str, root: str = "",
+                   read: "Callable[[str], bytes | None] | None" = None) -> dict[str, StageDecl]:
     """Stages of a dvc.yaml: working directory and output flags, keyed by the stage names
-    dvc.lock uses (a `foreach` stage's items as `name@key`, templates rendered)."""
+    dvc.lock uses (`foreach`/`matrix` items as `name@key`), rendered as DVC's parser renders
+    them (`vars`, params.yaml, `${...}`; see templating.py). `read(path)`: the bytes of a
+    repository file (params files), None when absent."""
     data = _load_yaml(text, source)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise DvcFileError(f"{source}: expected a mapping")
-    stages = data.get("stages") or {}
-    if not isinstance(stages, dict):
-        raise DvcFileError(f"{source}: 'stages' must be a mapping")
-    folder = posixpath.dirname(source)
-    found: dict[str, StageDecl] = {}
-    for name, stage in stages.items():
-        where = f"{source}: stage {name!r}"
-        if not isinstance(stage, dict):
-            raise DvcFileError(f"{where}: expected a mapping")
-        if "foreach" in stage:
-            for key, item in _foreach_items(stage.get("foreach")):
-                body = _render(stage.get("do"), {"item": item, "key": key})
-                found[f"{name}@{key}"] = _stage_decl(body, folder, f"{where} ({key})", root)
-            continue
-        found[str(name)] = _stage_decl(stage, folder, where, root)
-    return found
+    try:
+        stages = resolve_stages(data, source, read or (lambda _p: None), root)
+    except RecursionError:
+        raise DvcFileError(f"{source}: nested too deeply") from None
+    return {name: StageDecl(wdir, _stage_outs(body, wdir, f"{source}: stage {name!r}", root))
+            for name, (wdir, body) in stages.items()}
 
 
 def parse_dvc_lock(text: bytes, source: str, stages: dict[str, StageDecl] | None = None,
@@ -370,32 +401,12 @@ def parse_dvc_lock(text: bytes, source: str, stages: dict[str, StageDecl] | None
     return found
 
 
-def parse_manifest(text: bytes, source: str) -> list[ManifestEntry]:
-    """A `.dir` object: a JSON list of {md5, relpath[, size]}."""
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise DvcFileError(f"{source}: not a valid .dir manifest (nested too deeply)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DvcFileError(f"{source}: not a valid .dir manifest (JSON: {err})") from None
-    if not isinstance(data, list):
-        raise DvcFileError(f"{source}: a .dir manifest must be a JSON list")
-    entries: list[ManifestEntry] = []
-    for i, item in enumerate(data):
-        where = f"{source}: entry {i}"
-        if not isinstance(item, dict):
-            raise DvcFileError(f"{where}: expected an object")
-        md5, relpath = item.get("md5"), item.get("relpath")
-        if not isinstance(md5, str) or not _MD5.match(md5):
-            raise DvcFileError(f"{where}: 'md5' {md5!r} is not an md5 hash")
-        rel = join_inside("", relpath, where, "relpath")
-        if not rel:
-            raise DvcFileError(f"{where}: relpath {relpath!r} names the directory itself")
-        size = item.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise DvcFileError(f"{where}: 'size' must be a non-negative integer")
-        entries.append(ManifestEntry(rel, md5, size, item.get("isexec") is True))
-    return entries
+def parse_manifest(text: bytes, source: str) -> "Manifest":
+    """A `.dir` object: a JSON list of {md5, relpath[, size]}, parsed incrementally into a
+    compact `Manifest` (a sequence of ManifestEntry); see manifest.py."""
+    from .manifest import parse_manifest as parse
+
+    return parse(text, source)
 
 
 @dataclass(frozen=True)

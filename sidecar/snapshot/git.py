@@ -100,7 +100,7 @@ class GitSource:
         if _looks_local(url):
             path = Path(url).expanduser().resolve()
             if not path.exists():
-                raise GitError(f"repository {url}: no such directory")
+                raise GitError(f"repository {redact(url)}: no such directory")
             url = path.as_uri()
         clean, url_user, url_token = strip_userinfo(url)
         if url.lower().startswith("ssh://") and url_token is None:

@@ -56,6 +56,8 @@ async def resolve_import(source: ImportSource, *, cache_dir: Path, main_url: str
                   if source.path == o.path or source.path.startswith(o.path + "/")), None)
     if found is None:
         raise OutputUnavailable(f"{where}: {source.path!r} is not a DVC output there")
+    if found.unavailable is not None:
+        raise OutputUnavailable(f"{where}: {found.unavailable}")
     if found.imported is not None:
         return await resolve_import(found.imported, cache_dir=cache_dir, main_url=source.url, user=None,
                                     token=None, ca_bundle=ca_bundle, depth=depth + 1)

@@ -74,6 +74,10 @@ class AsyncStore:
         """Bytes of chunk data in the store (an index read: never blocked by a writer)."""
         return self.disk.used_bytes()
 
+    async def aclose_pool(self) -> None:
+        """Stop the threads (the store itself stays open: its owner closes it)."""
+        self._pool.shutdown(wait=False)
+
     async def aclose(self) -> None:
         """Write what is queued and close the store (off the loop)."""
         await asyncio.to_thread(self.disk.close)

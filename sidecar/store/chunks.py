@@ -102,6 +102,17 @@ class Store:
         except RuntimeError:     # closed meanwhile
             pass
 
+    def index_settled(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the index writes queued so far (False if they are
+        still waiting, e.g. on another process's lock). Blocking: call it from a thread."""
+        try:
+            self._index_writer.submit(lambda: None).result(timeout)
+            return True
+        except RuntimeError:     # closed
+            return True
+        except TimeoutError:
+            return False
+
     def _flush_uses(self) -> None:
         while not self._stop_flusher.wait(FLUSH_SECONDS):
             try:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WINDOW = 64            # bytes compared per proof
+SHORT_KEPT = 256 * 1024  # a streamed answer shorter than asked (a small object) is noted if this small
 KEY_FILE = "tenancy.key"
 PENDING_PATHS = 4096   # remembered deliveries awaiting their object's verification (LRU)
 PROVEN_MEMO = 65536    # proven pairs remembered in memory (the index holds them all)
@@ -104,18 +105,23 @@ class ProvingRemote(Remote):
             return await self.inner.stream(path, start, end, sink)
         lo, hi = window
         seen = bytearray()
+        head = bytearray()      # a short answer (an object smaller than asked for) is kept whole
         at = [start]
 
         def tee(piece: bytes) -> None:
             a, b = max(lo, at[0]), min(hi, at[0] + len(piece))
             if a < b:
                 seen.extend(piece[a - at[0]:b - at[0]])
+            if at[0] - start + len(piece) <= SHORT_KEPT:
+                head.extend(piece)
             at[0] += len(piece)
             sink(piece)
 
         total = await self.inner.stream(path, start, end, tee)
         if at[0] == end and len(seen) == hi - lo:
             self._tenancy._note(self.ident, path, start, end - start, lo, bytes(seen), total)
+        elif at[0] < end and len(head) == at[0] - start and (total is None or at[0] == total):
+            self._tenancy._delivered(self.ident, path, start, bytes(head), total)
         return total
 
     async def size(self, path: str) -> int:
@@ -166,10 +172,10 @@ class Tenancy:
         blob = json.dumps(material, sort_keys=True).encode()
         return hmac.new(self._key, kind.encode() + b"\0" + blob, hashlib.sha256).hexdigest()[:32]
 
-    def proven(self, ident: str, oid: str) -> bool:
+    async def proven(self, ident: str, oid: str) -> bool:
         """Whether identity `ident` showed the bytes of `oid` (a Git LFS object: the server's
         batch answer, or a verified download of ours)."""
-        found = self._lookup(ident, oid)
+        found = await self._lookup(ident, oid)
         return bool(found and found[1])
 
     def prove(self, ident: str, oid: str, size: int) -> None:
@@ -215,11 +221,11 @@ class Tenancy:
             self._answers.popitem(last=False)
 
     # -- proofs -------------------------------------------------------------------------------
-    def _lookup(self, ident: str, oid: str) -> tuple[int, bool] | None:
+    async def _lookup(self, ident: str, oid: str) -> tuple[int, bool] | None:
         memo = self._proven.get((ident, oid))
         if memo is not None:
             return memo
-        found = self.store.index.proof(ident, oid)
+        found = await self.fetcher.astore.run(self.store.index.proof, ident, oid)
         if found is not None:
             self._remember(ident, oid, None, *found)
         return found
@@ -246,7 +252,7 @@ class Tenancy:
         if isinstance(remote, ProvingRemote) and sizes:
             self.store.index.record_proofs([(remote.ident, oid, size, 0) for oid, size in sizes.items()])
 
-    def preload(self, refs: list["ObjectRef"]) -> None:
+    async def preload(self, refs: list["ObjectRef"]) -> None:
         """Look up the proofs of many refs at once (one query per identity and 500 objects),
         so the per-object checks of a bulk stat that follow are answered from memory."""
         wanted: dict[str, list[str]] = {}
@@ -255,14 +261,26 @@ class Tenancy:
             if isinstance(remote, ProvingRemote) and (remote.ident, ref.oid) not in self._proven:
                 wanted.setdefault(remote.ident, []).append(ref.oid)
         for ident, oids in wanted.items():
-            for oid, (size, content) in self.store.index.proofs(ident, oids).items():
+            found = await self.fetcher.astore.run(self.store.index.proofs, ident, oids)
+            for oid, (size, content) in found.items():
                 self._remember(ident, oid, None, size, content)
 
-    def size_proven(self, remote: Remote, oid: str) -> bool:
+    async def size_proven(self, remote: Remote, oid: str) -> bool:
         """Whether `remote`'s identity has shown a size (or the bytes) of `oid`."""
-        return not isinstance(remote, ProvingRemote) or self._lookup(remote.ident, oid) is not None
+        return not isinstance(remote, ProvingRemote) or await self._lookup(remote.ident, oid) is not None
 
-    def settle(self, ref: "ObjectRef") -> bool:
+    def size_shown_now(self, ref: "ObjectRef") -> bool:
+        """`size_proven` from what this process knows (no I/O: bulk stat callbacks on the
+        loop); an answer our remote just gave proves it here."""
+        remote = ref.remote
+        if not isinstance(remote, ProvingRemote):
+            return True
+        answer = self._answers.pop((remote.ident, ref.path), None)
+        if answer is not None and self.fetcher.known_size(replace(ref, size=None)) in (None, answer):
+            self._record(remote.ident, ref.oid, None, answer, False)
+        return (remote.ident, ref.oid) in self._proven
+
+    async def settle(self, ref: "ObjectRef") -> bool:
         """Turn what this identity's remote delivered or answered for `ref` into a proof, now
         that the store may hold the verified object. True when `ref` is proven for content."""
         remote = ref.remote
@@ -273,7 +291,7 @@ class Tenancy:
         if notes:
             keep = []
             for start, length, lo, window, total in notes:
-                verdict = self._compare(ref.oid, start, length, lo, window, total)
+                verdict = await self.fetcher.astore.run(self._compare, ref.oid, start, length, lo, window, total)
                 if verdict is None:
                     keep.append((start, length, lo, window, total))
                 elif verdict >= 0:
@@ -285,10 +303,10 @@ class Tenancy:
                 self._pending.pop(key, None)
         answer = self._answers.pop(key, None)
         if answer is not None:
-            local = self._local_size(ref)
+            local = await self._local_size(ref)
             if local is None or local == answer:
                 self._record(ident, ref.oid, None, answer, False)
-        found = self._lookup(ident, ref.oid)
+        found = await self._lookup(ident, ref.oid)
         return bool(found and found[1])
 
     def settle_all(self) -> None:
@@ -323,18 +341,18 @@ class Tenancy:
             return None
         return size if hmac.compare_digest(held, window) else -1
 
-    def _local_size(self, ref: "ObjectRef") -> int | None:
+    async def _local_size(self, ref: "ObjectRef") -> int | None:
         """A size of `ref`'s object this node knows from anyone (index, verified store)."""
-        size = self.fetcher.known_size(replace(ref, size=None))
-        return size if size is not None else self.store.object_size(ref.oid)
+        size = await self.fetcher.indexed_size(replace(ref, size=None))
+        return size if size is not None else await self.fetcher.astore.run(self.store.object_size, ref.oid)
 
     # -- the gate -----------------------------------------------------------------------------
     def admitted(self, ref: "ObjectRef", content: bool = True) -> bool:
-        """Cheap check (memory, then one index lookup) that `ref` may be served."""
+        """Cheap check (memory only, no I/O) that `ref` may be served."""
         remote = ref.remote
         if not isinstance(remote, ProvingRemote):
             return True
-        found = self._lookup(remote.ident, ref.oid)
+        found = self._proven.get((remote.ident, ref.oid))
         return found is not None and (found[1] or not content)
 
     async def admit(self, ref: "ObjectRef", content: bool = True) -> None:
@@ -343,7 +361,11 @@ class Tenancy:
         window, or a size request), under the read's deadline. Raises what the remote
         answered (ObjectMissing, RemoteAuthError, ...) when it does not hold it; returns at
         once when nothing of the object is on this node (the fetch then asks the remote)."""
-        if self.admitted(ref, content) or self.settle(ref) or (not content and self.admitted(ref, False)):
+        remote = ref.remote
+        if self.admitted(ref, content) or not isinstance(remote, ProvingRemote):
+            return
+        await self._lookup(remote.ident, ref.oid)
+        if self.admitted(ref, content) or await self.settle(ref) or (not content and self.admitted(ref, False)):
             return
         await self.fetcher._with_deadline(self._prove(ref, content), ref)
 
@@ -351,15 +373,16 @@ class Tenancy:
         remote = ref.remote
         assert isinstance(remote, ProvingRemote)
         cs = self.store.chunk_size
-        held = sorted(i for i in self.store.index.present(ref.oid)) if content else []
+        run = self.fetcher.astore.run
+        held = sorted(await run(self.store.index.present, ref.oid)) if content else []
         if held:
             idx = held[self._mac("chunk", remote.ident, ref.oid) % len(held)]
-            header = self.store.header(ref.oid, idx)
+            header = await run(self.store.header, ref.oid, idx)
             if header is not None:
                 length = header.length
                 width = min(WINDOW, length)
                 lo = idx * cs + self._mac("window", remote.ident, ref.path, idx * cs) % (length - width + 1)
-                mine = self.store.read(ref.oid, idx, lo - idx * cs, lo - idx * cs + width)
+                mine = await run(self.store.read, ref.oid, idx, lo - idx * cs, lo - idx * cs + width)
                 if mine is not None:
                     got = await self._ask(ref, lambda: remote.inner.read(ref.path, lo, lo + width))
                     if (got.total is not None and got.total != header.object_size) or \
@@ -369,10 +392,10 @@ class Tenancy:
                         raise ObjectMissing(f"{ref.path}: another object")
                     self._record(remote.ident, ref.oid, ref.path, header.object_size, True)
                     return
-        local = self._local_size(ref) if ref.size is None else None
+        local = await self._local_size(ref) if ref.size is None else None
         if local is None:
             return      # nothing of it here to leak: the fetch itself asks the remote
-        shown = self._lookup(remote.ident, ref.oid)
+        shown = await self._lookup(remote.ident, ref.oid)
         if shown is not None and shown[0] == local:
             return      # our remote told this size; the bytes (none here yet) come from it
         answer = await self._ask(ref, lambda: remote.inner.size(ref.path))
