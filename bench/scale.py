@@ -12,9 +12,11 @@ same files checked out on the local disk (the ext4 baseline), and for each remot
 - a remount on the same cache: `find -printf %s` again (requests should be 0);
 - HTTP only: `dda sizes publish`, then a fresh cache: `find -printf %s` with the index.
 
-Requests are counted from nginx's access log. No namespace or traffic shaping here (the
-first-byte delay is the dominant cost for small objects); everything started is stopped at
-the end. Results: a markdown table on stdout (and bench/scale-results.md).
+Requests are counted from nginx's access log. With --shape RATE (default 200mbit; "" for
+none) nginx runs in its own network namespace behind a veth pair with a tbf qdisc of that
+rate on both ends (needs root and iproute2), so the client reaches it over a link as slow as a
+real one; everything started is stopped at the end. Results: a markdown table on stdout (and
+bench/scale-results.md).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from dvclayout import write_layout          # noqa: E402
 from mounting import daemon_pid             # noqa: E402
-from servers import HttpRemoteServer         # noqa: E402
+from servers import NGINX, HttpRemoteServer  # noqa: E402
 
 DDA = shutil.which("dda") or str(Path(sys.executable).parent / "dda")
 LUA = ["/usr/lib/nginx/modules/ndk_http_module.so", "/usr/lib/nginx/modules/ngx_http_lua_module.so"]
@@ -56,6 +58,74 @@ def slow_nginx(srv: HttpRemoteServer, ttfb_ms: int) -> None:
         conf = conf.replace("location /dvc/ {", f"location /dvc/ {{\n            access_by_lua_block "
                                                 f"{{ ngx.sleep({ttfb_ms / 1000:.3f}) }}", 1)
     srv._nginx.conf.write_text(conf)
+
+
+class Shaped:
+    """A network namespace holding the remote, reached over a veth pair shaped by tbf."""
+
+    made = 0
+
+    def __init__(self, rate: str):
+        Shaped.made += 1
+        tag = f"{os.getpid() % 10000}{Shaped.made}"
+        self.rate, self.ns = rate, f"ddascale{tag}"
+        self.host_if, self.ns_if = f"dsh{tag}", f"dsp{tag}"
+        self.host_ip, self.ns_ip = "10.231.77.1", "10.231.77.2"
+
+    def _sh(self, *cmd: str, ns: bool = False) -> None:
+        subprocess.run((["ip", "netns", "exec", self.ns] if ns else []) + list(cmd), check=True, capture_output=True)
+
+    def __enter__(self) -> "Shaped":
+        self._sh("ip", "netns", "add", self.ns)
+        try:
+            self._sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+            self._sh("ip", "link", "set", self.ns_if, "netns", self.ns)
+            self._sh("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            self._sh("ip", "link", "set", self.host_if, "up")
+            self._sh("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if, ns=True)
+            self._sh("ip", "link", "set", self.ns_if, "up", ns=True)
+            self._sh("ip", "link", "set", "lo", "up", ns=True)
+            for dev, ns in ((self.host_if, False), (self.ns_if, True)):
+                self._sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", "256kb",
+                         "latency", "100ms", ns=ns)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)   # the pair goes with it
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+class ShapedRemoteServer(HttpRemoteServer):
+    """The test nginx remote, started inside `shaped`'s namespace and reached at its address."""
+
+    def __init__(self, workdir: Path, shaped: Shaped):
+        super().__init__(workdir)
+        self.shaped = shaped
+        conf = self._nginx.conf.read_text()
+        self._nginx.conf.write_text(conf.replace(f"listen 127.0.0.1:{self.port};", f"listen {shaped.ns_ip}:{self.port};"))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.shaped.ns_ip}:{self.port}/dvc"
+
+    def start(self) -> "ShapedRemoteServer":
+        import socket
+
+        n = self._nginx
+        n._stderr = open(n.stderr_path, "ab")
+        n.proc = subprocess.Popen(["ip", "netns", "exec", self.shaped.ns, NGINX, "-c", str(n.conf), "-p", str(n.workdir),
+                                   "-e", str(n.error_log)], stdout=n._stderr, stderr=n._stderr,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(200):
+            try:
+                with socket.create_connection((self.shaped.ns_ip, self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx in {self.shaped.ns} did not start: {n.error_log.read_text()[-500:]}")
 
 
 class Mounted:
@@ -96,9 +166,29 @@ def reads(root: Path, rels: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def bench_one(n: int, kinds: list[str], ttfb_ms: int, work: Path, rows: list[list[str]]) -> None:
+def hooks_reads(repo: Path, rels: list[str], cache: Path, env: dict[str, str], work: Path) -> float:
+    """The same reads through the in-process hooks (`install_hooks()`, a fresh cache), in a
+    child process: seconds for the reads alone (opening the repository is not counted)."""
+    root = work / "hooks-root"
+    root.mkdir(parents=True, exist_ok=True)
+    sample = work / "sample.txt"
+    sample.write_text("\n".join(rels))
+    code = ("import sys, time\nfrom sidecar import install_hooks\n"
+            f"install_hooks({str(repo)!r}, root={str(root)!r}, cache_dir={str(cache)!r})\n"
+            f"rels = open({str(sample)!r}).read().split()\nt = time.perf_counter()\n"
+            f"for r in rels:\n    f = open({str(root)!r} + '/' + r, 'rb'); f.read(); f.close()\n"
+            "print(time.perf_counter() - t)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, **env, "DDA_CACHE_DIR": str(cache)})
+    if out.returncode != 0:
+        raise RuntimeError(f"hooks reads: {out.stderr.strip()[-500:]}")
+    return float(out.stdout.split()[-1])
+
+
+def bench_one(n: int, kinds: list[str], ttfb_ms: int, work: Path, rows: list[list[str]],
+              shaped: Shaped | None = None) -> None:
     folders, per = (1000, n // 1000) if n >= 1_000_000 else (1, n)
-    srv = HttpRemoteServer(work / "nginx")
+    srv = ShapedRemoteServer(work / "nginx", shaped) if shaped else HttpRemoteServer(work / "nginx")
     slow_nginx(srv, ttfb_ms)
     t0 = time.perf_counter()
     layout = write_layout(work / "layout", folders=folders, per_folder=per, remote=srv.root,
@@ -116,7 +206,7 @@ def bench_one(n: int, kinds: list[str], ttfb_ms: int, work: Path, rows: list[lis
         "reads": reads(ext4, sample),
     }
     rows.append([f"{n:,}", "ext4", "-", f"{base['ls']:.2f}", f"{base['find']:.2f}", f"{base['printf']:.2f}",
-                 "-", "-", f"{base['reads']:.2f}", "-"])
+                 "-", "-", f"{base['reads']:.2f}", "-", "-"])
     srv.start()
     try:
         for kind in kinds:
@@ -142,9 +232,11 @@ def bench_one(n: int, kinds: list[str], ttfb_ms: int, work: Path, rows: list[lis
             with Mounted(layout.repo, mp, cache, env):
                 again = timed(f"find {mp / biggest} -type f -printf '%s\\n' | wc -l")[0]
             req_again = len(srv.requests_since(mark)) if counted else 0
+            hooks = hooks_reads(layout.repo, sample, work / f"cache-hooks-{kind}", env, work) if kind == "local" else None
             rows.append([f"{n:,}", kind, f"{mount_s:.2f} ({req_mount} req)", f"{ls:.2f}",
                          f"{find:.2f} ({req_names} req)", f"{printf:.2f} ({req_cold} req)",
-                         f"{again:.2f} ({req_again} req)", "", f"{rd:.2f}", f"{rss:.0f}"])
+                         f"{again:.2f} ({req_again} req)", "", f"{rd:.2f}",
+                         f"{hooks:.2f}" if hooks is not None else "", f"{rss:.0f}"])
             if kind == "http":
                 pub = subprocess.run([DDA, "sizes", "publish", str(layout.repo), "data"], capture_output=True,
                                      text=True, env={**os.environ, **env, "DDA_CACHE_DIR": str(cache)})
@@ -166,23 +258,30 @@ def main() -> int:
     parser.add_argument("--kinds", default="http,local")
     parser.add_argument("--ttfb-ms", type=int, default=20)
     parser.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
+    parser.add_argument("--shape", default="200mbit", help="tbf rate of the link to the remote ('' for loopback)")
     ns = parser.parse_args()
     rows: list[list[str]] = []
     for n in ns.files or [10_000]:
         work = Path(ns.workdir or tempfile.mkdtemp(prefix="dda-scale-")) / f"n{n}"
         try:
-            bench_one(n, ns.kinds.split(","), ns.ttfb_ms, work, rows)
+            if ns.shape:
+                with Shaped(ns.shape) as shaped:
+                    bench_one(n, ns.kinds.split(","), ns.ttfb_ms, work, rows, shaped)
+            else:
+                bench_one(n, ns.kinds.split(","), ns.ttfb_ms, work, rows)
         finally:
             if not ns.workdir:
                 shutil.rmtree(work.parent, ignore_errors=True)
     head = ["files", "where", "mount s", "ls biggest s", "find -type f s", "find -printf %s cold s",
-            "after remount s", "with size index s", "1,000 reads s", "RSS MB"]
+            "after remount s", "with size index s", "1,000 reads s", "hooks: 1,000 reads s", "RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
+    link = f"a {ns.shape} tbf link in a network namespace" if ns.shape else "loopback"
     (HERE / "scale-results.md").write_text(
-        f"# Scale benchmark\n\nfirst byte {ns.ttfb_ms} ms (nginx, Lua), {os.cpu_count()} CPUs\n\n{table}\n")
+        f"# Scale benchmark (bench/scale.py)\n\nfirst byte {ns.ttfb_ms} ms (nginx, Lua) over {link}, "
+        f"{os.cpu_count()} CPUs\n\n{table}\n")
     return 0
 
 

@@ -33,7 +33,9 @@ python_bin() {
 }
 
 base_packages=(git ca-certificates fuse3 libfuse3-dev pkg-config gcc)
-test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext prometheus git-lfs)
+# podman + runc + catatonit (a pod's infra container) + debootstrap: tests/test_pod_play.py builds
+# the image from our install steps and plays the webhook-mutated pod with `podman kube play`.
+test_packages=(nginx fcgiwrap libnginx-mod-http-dav-ext prometheus git-lfs podman runc catatonit debootstrap)
 
 case "$mode" in
   demo|install) apt_install "${base_packages[@]}" ;;

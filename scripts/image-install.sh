@@ -21,11 +21,15 @@ DDA_UID=10001
 # pyproject.toml later still resolve, unpinned, until they are added here).
 constraints() {
   cat <<'EOF'
+aiohappyeyeballs==2.7.1
+aiohttp==3.14.5
+aiosignal==1.4.0
 annotated-types==0.8.0
 anyio==4.16.0
 attrs==26.1.0
 botocore==1.43.117
 certifi==2026.10.19.post1
+frozenlist==1.8.0
 grpcio==1.85.3
 h11==0.16.0
 h2==4.4.1
@@ -36,9 +40,11 @@ hyperframe==6.1.0
 idna==3.20
 ijson==3.6.0
 jmespath==1.1.0
+multidict==7.2.1
 outcome==1.3.0.post0
 pathspec==1.1.1
 prometheus_client==0.26.0
+propcache==0.5.4
 protobuf==7.36.2
 pydantic==2.14.4
 pydantic-settings==2.16.3
@@ -57,6 +63,7 @@ trio==0.35.0
 typing_extensions==4.16.0
 typing-inspection==0.4.5
 urllib3==2.8.0
+yarl==1.25.1
 EOF
 }
 

@@ -22,7 +22,7 @@ from .fetch import Fetcher, ObjectRef
 from .fetch.priority import PREFETCH, current_priority
 from .fetch.sizing import size_all
 from .fetch.verify_stream import ReadCursor
-from .redact import strip_userinfo
+from .redact import redact, strip_userinfo
 from .remotes import Remote, build_remote, object_path
 from .remotes.base import versioned_path
 from .snapshot.build import DvcLayout, compose_tree, read_dvc_layout
@@ -94,6 +94,7 @@ class Engine:
         self._output_files: dict[str, int] = {}          # manifest md5 -> files it lists
         self._size_index_tried: set[str] = set()
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
+        self._preloads: set[asyncio.Task[bool]] = set()   # size indexes read ahead by a mount
         self._sizing: dict[tuple[str, int], asyncio.Future[int]] = {}   # (oid, remote) -> its size request
         self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
@@ -353,10 +354,16 @@ class Engine:
             size = await self.git.blob_size(entry.oid)
         else:
             ref = self.ref(entry)
-            if await self.fetcher.indexed_size(ref) is None:
-                await self._use_size_index(entry.output)
-                if stat_ahead and await self.fetcher.indexed_size(ref) is None:
-                    self._size_missed(entry.path)
+            size = await self.fetcher.indexed_size(ref)
+            if size is None and await self._use_size_index(entry.output):
+                size = await self.fetcher.indexed_size(ref)
+            if size is not None and not self.tenancy.admitted(ref, content=False):
+                await self.tenancy.admit(ref, content=False)    # a node-shared index: ours to show?
+            if size is not None:          # the common case of a walker: no task
+                self.fetcher.counters.add("dda_cache_reads", 1, "metadata", "hit")
+                return self._sized(entry, size)
+            if stat_ahead:
+                self._size_missed(entry.path)
             size = await self._size_of(ref)
         return self._sized(entry, size)
 
@@ -376,7 +383,7 @@ class Engine:
         remote identity is shown only once `ref`'s own remote answered for the object."""
         if not self.tenancy.admitted(ref, content=False):
             await self.tenancy.admit(ref, content=False)
-        size = await self.fetcher.size_of(ref)
+        size = await self.fetcher.size_of(ref)   # the index again: a gated caller may have skipped it
         await self.tenancy.settle(ref)
         return size
 
@@ -434,6 +441,30 @@ class Engine:
         """A verified object's size replaces one learned from a remote's answer."""
         self.tree.resize_object(oid, size)
 
+    async def known_sizes(self, entries: list[Entry]) -> list[Entry]:
+        """`entries` with the sizes this node already knows filled in - the fetcher's memory,
+        then the persistent index in one query (a published size index, once loaded, is
+        there; read on a store thread) - and recorded in the tree. Never a request: what a listing may do (a FUSE
+        readdirplus hands these sizes to the kernel, so a `find -printf %s` needs no lookups)."""
+        want = [e for e in entries if e.size is None and e.kind == "dvc"]
+        if not want:
+            return entries
+        fetcher = self.fetcher
+        known = {e.oid: fetcher._sizes[e.oid] for e in want if e.oid in fetcher._sizes}
+        rest = [e.oid for e in want if e.oid not in known and e.oid not in fetcher._contradicted]
+        if rest:
+            known.update(await fetcher.astore.sizes(rest))    # on a store thread
+        if known:   # only sizes our own remotes showed (the index is node-shared): store/tenancy.py
+            shown = [e for e in want if e.oid in known]
+            await self.tenancy.preload([self.ref(e) for e in shown])
+            for e in shown:
+                if not self._may_show(self.ref(e)):
+                    del known[e.oid]
+        if not known:
+            return entries
+        return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
+                for e in entries]
+
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
         indexes, then one request per object still unknown (bounded pool, each under its own
@@ -468,21 +499,22 @@ class Engine:
         return result
 
     # -- the shared size index ------------------------------------------------------------------
-    async def _use_size_index(self, output: str | None) -> None:
+    async def _use_size_index(self, output: str | None) -> bool:
         """Before the first request that sizes a file of a big directory output (at least
         SIZE_INDEX_MIN_FILES files), read that directory's published size index into the
         persistent index, where every sizing path looks first: then `find -printf %s` costs
         one request, not one per file. Once per output per engine; never again on this node
         once loaded (a marker in the index: a remount asks nothing). Listing, reading and
-        small directories never cause this request."""
+        small directories never cause this request. True when it waited for a load (the
+        persistent index may know more now)."""
         out = self._dir_outputs.get(output) if output else None
         if out is None or out.md5 in self._size_index_tried:
-            return
+            return False
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
                 (await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None and
                  await self.tenancy.size_proven(self.remote(out.remote, out.source, out.root), _loaded_marker(out.md5))):
             self._size_index_tried.add(out.md5)
-            return
+            return False
         task = self._size_index_loads.get(out.md5)
         if task is None:
             task = asyncio.ensure_future(self._load_size_index(out))
@@ -490,6 +522,24 @@ class Engine:
         await asyncio.shield(task)
         self._size_index_tried.add(out.md5)
         self._size_index_loads.pop(out.md5, None)
+        return True
+
+    def preload_size_indexes(self) -> None:
+        """For a mount (long-lived, walked by `find`/`du`/loaders): start reading the published
+        size index of every big directory output now, in the background, so the names the kernel
+        lists already carry their sizes (readdirplus) and a walk needs no lookup per file. One
+        request per big output at most, once per node (the loaded marker); a listing still never
+        waits on it, and one-shot commands (ls, cat, get) keep loading it lazily."""
+        for path, out in self._dir_outputs.items():
+            if self._output_files.get(out.md5, 0) >= SIZE_INDEX_MIN_FILES:
+                task = asyncio.ensure_future(self._use_size_index(path))
+                self._preloads.add(task)
+                task.add_done_callback(self._preload_done)
+
+    def _preload_done(self, task: "asyncio.Task[bool]") -> None:
+        self._preloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:   # an optimisation: logged, never raised
+            log.warning("size index preload failed: %s", redact(str(task.exception())))
 
     async def _load_size_index(self, out: DvcOut) -> None:
         remote = self.remote(out.remote, out.source, out.root)
@@ -512,6 +562,10 @@ class Engine:
         await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
         # our remote said so: proven for its identity
         await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
+        # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
+        todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
+        for e in todo:
+            self._sized(e, sizes[e.oid])
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
@@ -647,6 +701,9 @@ class Engine:
         await self.aclose(drain_seconds=30.0 if exc_type is None else 0.0)
 
     async def aclose(self, drain_seconds: float = 30.0) -> None:
+        for task in list(self._preloads):
+            task.cancel()
+        await asyncio.gather(*self._preloads, return_exceptions=True)
         for task in self._stat_ahead.values():
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)

@@ -107,3 +107,35 @@ def tmp_cache(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def have_dvc2() -> bool:
     return dvc2_bin() is not None
+
+
+# ---------------------------------------------------------------- the pod tests' image
+# tests/test_pod_play.py needs the image built from our install steps (several minutes, mostly
+# downloads and unpacking): when those tests are collected, the build starts in the background
+# at once, overlapping the tests that run before them; their fixture waits for it (a lock).
+_image_build = None
+
+
+def pytest_collection_finish(session):
+    global _image_build
+    import os
+    import shutil
+
+    if os.environ.get("DDA_IMAGE_PREBUILD", "1") == "0" or os.geteuid() != 0 or not shutil.which("podman"):
+        return
+    if not any(item.path.name == "test_pod_play.py" for item in session.items):
+        return
+    if len({item.path.name for item in session.items}) < 2:
+        return   # only the pod tests: nothing to overlap with
+    from podman_image import start_background_build
+
+    _image_build = start_background_build(Path("/var/tmp/dda-sidecar-test-image.log"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _image_build is not None and _image_build.poll() is None:
+        _image_build.terminate()   # the build removes its containers and folders
+        try:
+            _image_build.wait(120)
+        except subprocess.TimeoutExpired:
+            _image_build.kill()

@@ -573,3 +573,40 @@ class S3RemoteServer(_CountingLog):
                 request_checksum_calculation="when_required",
             ),
         )
+
+
+# --------------------------------------------------------------------------- git:// (git daemon)
+
+
+class GitDaemonServer:
+    """`git daemon` serving the bare repositories under ``root`` on git://127.0.0.1:PORT/NAME.git
+    (read-only, anonymous). The webhook accepts git:// (it refuses plain http://), so a pod
+    played from the webhook's own output can reach the test's repositories without TLS."""
+
+    def __init__(self, workdir: Path, root: Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)
+        self.port = free_port()
+        self.log = self.workdir / "git-daemon.log"
+        self._proc: subprocess.Popen | None = None
+
+    def url(self, name: str) -> str:
+        return f"git://127.0.0.1:{self.port}/{name}.git"
+
+    def start(self) -> "GitDaemonServer":
+        _RUNNING.add(self)
+        self._log = open(self.log, "ab")
+        self._proc = subprocess.Popen(
+            ["git", "daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", f"--port={self.port}",
+             f"--base-path={self.root}", "--informative-errors", str(self.root)],
+            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_for_port(self.port, self._proc, [self.log], "git daemon")
+        return self
+
+    def stop(self) -> None:
+        _terminate(self._proc, group=True)   # its forked per-connection children too
+        self._proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None

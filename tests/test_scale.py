@@ -177,11 +177,12 @@ def test_published_size_index_answers_every_stat_with_one_request(nginx, tmp_pat
 
     config = Config(repo=str(layout.repo), cache_dir=tmp_path / "client",
                     remotes={"storage": {"url": nginx.url, "user": nginx.user, "password": nginx.password}})
+    mark = nginx.mark()    # a mount reads the index ahead (in the background), else the first stat does
     with MountThread(config, mp):
-        mark = nginx.mark()
         sizes = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_size
                  for d, _, files in os.walk(mp / "data") for f in files}
-        during = nginx.requests_since(mark)
+        # all but the mount's read of the manifest itself
+        during = [r for r in nginx.requests_since(mark) if not r.uri.endswith(".dir")]
     assert len(sizes) == 3000
     assert [(r.method, r.uri.rsplit("/", 1)[-1]) for r in during] == [("GET", key.rsplit("/", 1)[-1])]
     for m in manifest[::500]:
@@ -373,3 +374,161 @@ def test_compose_tree_is_linear_in_outputs_and_still_replaces_what_git_has():
     assert tree.files["data/keep.txt"].kind == "git"
     assert tree.files["data/d0007/f000003.bin"].oid == hashlib.md5(b"7/3").hexdigest()
 
+
+def _count_file_lookups(ops, folder: str) -> list[str]:
+    """Patch the mount's FUSE lookup to record the names looked up in `folder` (a repository
+    path); pyfuse3 finds the handler on the instance at every request."""
+    seen: list[str] = []
+    real = ops.lookup
+
+    async def lookup(parent_inode, name, ctx):
+        if ops._path(parent_inode) == folder:
+            seen.append(os.fsdecode(name))
+        return await real(parent_inode, name, ctx)
+
+    ops.lookup = lookup
+    return seen
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_readdir_carries_the_sizes_this_node_knows_so_a_walk_needs_no_lookups(small_fake, tmp_path, mp):
+    """`find -printf %s` after a remount (or once a folder's sizes are known): readdir hands
+    the kernel each known size with its name (readdirplus, long timeouts), so stat-ing every
+    file asks neither the remote nor the daemon; a folder whose sizes are unknown still goes
+    out without sizes and each stat is a lookup with the true size."""
+    layout, fake, env = small_fake
+    fake.objects.pop(index_path(layout.manifest_md5, False), None)     # per-file sizing only
+    config = Config(repo=str(layout.repo), cache_dir=tmp_path / "c", remotes={"default": {"url": env["DDA_REMOTE_STORAGE_URL"]}})
+    manifest = json.loads((layout.remote_root / "files/md5" / layout.manifest_md5[:2] /
+                           (layout.manifest_md5[2:] + ".dir")).read_bytes())
+    true = {m["relpath"]: (layout.remote_root / "files/md5" / m["md5"][:2] / m["md5"][2:]).stat().st_size
+            for m in manifest}
+    with MountThread(config, mp):
+        first = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0000")}
+    assert len(first) == 1000 and all(first[n] == true[f"d0000/{n}"] for n in first)
+    with MountThread(config, mp) as m:
+        fake.calls.clear()
+        looked = _count_file_lookups(m.mount.ops, "data/d0000")
+        again = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0000")}
+        assert again == first
+        assert looked == [] and fake.calls == []
+        looked_other = _count_file_lookups(m.mount.ops, "data/d0001")
+        other = {e.name: e.stat().st_size for e in os.scandir(mp / "data/d0001")}
+        assert "f000000.bin" in looked_other and len(other) == 1000   # unknown: looked up (then sized ahead)
+        assert all(other[n] == true[f"d0001/{n}"] for n in other)
+
+
+class _HeadServer:
+    """A real HTTP server on 127.0.0.1 answering HEAD/GET by path: `routes` maps a path to
+    (status, headers); every request's (method, path, headers) is recorded."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str]]]):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self, body: bool) -> None:
+                seen.append((self.command, self.path, dict(self.headers)))
+                status, headers = routes.get(self.path, (404, {"Content-Length": "0"}))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v.replace("{path}", self.path))
+                self.end_headers()
+                if body and status == 200:
+                    self.wfile.write(b"x" * int(headers.get("Content-Length", "0")))
+
+            def do_HEAD(self):  # noqa: N802
+                self._answer(False)
+
+            def do_GET(self):  # noqa: N802
+                self._answer(True)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("auth", ["custom", "bearer", "basic"])
+def test_head_sizes_keep_credentials_at_their_origin_and_map_statuses(auth):
+    """Sizes go through the lean HEAD client (aiohttp): it sends the credentials to the remote,
+    leaves a redirect to the httpx path (which drops them for another origin), maps 404/401
+    as every request does."""
+    from sidecar.errors import ObjectMissing, RemoteAuthError
+    from sidecar.remotes.http import HttpRemote
+
+    secret = "s3cr3t-TOKEN-4711"
+    other = _HeadServer({"/store/moved": (200, {"Content-Length": "12"})})
+    origin = _HeadServer({
+        "/store/ok": (200, {"Content-Length": "1234"}),
+        "/store/moved": (302, {"Location": other.url + "{path}", "Content-Length": "0"}),
+        "/store/denied": (401, {"Content-Length": "0"}),
+    })
+    kwargs = {"custom": dict(auth="custom", custom_auth_header="X-Api-Key", password=secret),
+              "bearer": dict(auth="bearer", token=secret),
+              "basic": dict(auth="basic", user="u", password=secret)}[auth]
+    remote = HttpRemote("r", origin.url + "/store", **kwargs)
+    try:
+        async def go():
+            try:
+                assert await remote.size("ok") == 1234
+                assert await remote.size("moved") == 12
+                with pytest.raises(ObjectMissing):
+                    await remote.size("missing")
+                with pytest.raises(RemoteAuthError):
+                    await remote.size("denied")
+            finally:
+                await remote.aclose()
+
+        asyncio.run(go())
+        assert remote.size_concurrency == 128
+        carries = lambda h: any(secret in v or "dTpzM2NyM3Q" in v for v in h.values())  # noqa: E731
+        assert all(carries(h) for _, _, h in origin.seen), origin.seen
+        assert other.seen and not any(carries(h) for _, _, h in other.seen), other.seen
+        assert [m for m, p, _ in origin.seen if p == "/store/ok"] == ["HEAD"]
+    finally:
+        origin.close()
+        other.close()
+
+
+def test_listing_fills_known_sizes_from_the_index_and_a_cold_listing_asks_it_once(small_fake, tmp_path):
+    """`FileSystem.fill_known_sizes` (what a FUSE readdir pass starts with): with an empty
+    index, 1,000 names cost one index query (the probe) and no request; once the sizes are in
+    the persistent index (another engine learned them), a new engine's listing carries every
+    size with its name, in a few queries and still without a request."""
+    layout, fake, env = small_fake
+    fake.objects.pop(index_path(layout.manifest_md5, False), None)
+    cache = tmp_path / "c"
+
+    async def listing(engine):
+        asked = []
+        real = engine.store.index.sizes
+        engine.store.index.sizes = lambda oids: asked.append(len(oids)) or real(oids)
+        fake.calls.clear()
+        fs = FileSystem(engine)
+        await fs.fill_known_sizes("data/d0000")
+        return fs.listdir("data/d0000"), asked, list(fake.calls)
+
+    async def go():
+        async with await _engine(layout.repo, cache, env) as engine:
+            items, asked, calls = await listing(engine)
+            assert len(items) == 1000 and all(i.size is None for i in items)
+            assert len(asked) == 1 and calls == []
+            await FileSystem(engine).stat_many([i.path for i in items])
+        async with await _engine(layout.repo, cache, env) as engine:
+            items, asked, calls = await listing(engine)
+            true = _true_sizes(layout.remote_root, [engine.tree.files[i.path] for i in items])
+            assert [i.size for i in items] == [true[engine.tree.files[i.path].oid] for i in items]
+            assert calls == [] and 2 <= len(asked) <= 3
+
+    run(go())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
@@ -99,13 +100,16 @@ class Fetcher:
         self.retry = RetryPolicy(retries, backoff_base, backoff_cap)   # the one retry policy
         self.counters = Counters()      # counted where the event happens (sidecar/counters.py)
         self.stats = FetchStats(self.counters)   # a read-only view by field names
-        self._limits: dict[int, PriorityLimiter] = {}
+        self._limits: dict[tuple[int, bool], PriorityLimiter] = {}
         self._inflight: dict[tuple[str, int, str], ChunkJob] = {}    # (oid, idx, kind): the job in flight
         self._stream_tasks: set[asyncio.Task[None]] = set()            # verified passes under way
         self._job_ends: dict[ChunkJob, float] = {}     # when a shared download ends (loop time)
         self._passes: dict[str, ObjectPass] = {}
         self._digests: dict[str, tuple[int, list[bytes]]] = {}
         self._sizes = SizeMemo()
+        self._unrecorded: dict[str, int] = {}    # sizes learned, not yet in the persistent index
+        self._unrecorded_lock = threading.Lock()
+        self._record_queued = False
         self._contradicted: set[str] = set()     # sizes forgotten after a contradiction
         self.strict = strict
         # Called with (oid) when bytes of an object that readers may hold failed verification
@@ -174,7 +178,7 @@ class Fetcher:
             old = self.store.index.size(oid)
         if old != size:
             self._sizes[oid] = size
-            self.store.index_later(self.store.index.record_sizes, {oid: size})
+            self._record_size(oid, size)
             corrected = old is not None or oid in self._contradicted
             if verified and corrected:    # a correction: whoever showed the old size follows
                 self._contradicted.discard(oid)
@@ -189,18 +193,42 @@ class Fetcher:
         too (other processes and a remount look there)."""
         await asyncio.to_thread(self.store.index_settled, 2.0)
 
+    def _record_size(self, oid: str, size: int) -> None:
+        """Into the persistent index soon, in one transaction with the sizes learned meanwhile
+        (a walker's sizing learns thousands a second; one commit each would be the bottleneck)."""
+        with self._unrecorded_lock:
+            self._unrecorded[oid] = size
+            if self._record_queued:
+                return
+            self._record_queued = True
+        self.store.index_later(self._flush_sizes)
+
+    def _flush_sizes(self) -> None:
+        """On the store's index writer (in order with every other index change)."""
+        with self._unrecorded_lock:
+            sizes, self._unrecorded = self._unrecorded, {}
+            self._record_queued = False
+        self.store.index.record_sizes(sizes)
+
     def _size_contradicted(self, ref: ObjectRef, known: int, answered: int) -> None:
         """An answer's size disagrees with the one we had: forget ours (it came from an
         earlier answer, never from the repository) so the read learns it again."""
         log.warning("%s: remote says %s has %d bytes, the cache index said %d; learning the size again",
                     ref.display, ref.path, answered, known)
         self._sizes.pop(ref.oid, None)
+        with self._unrecorded_lock:
+            self._unrecorded.pop(ref.oid, None)
         self._contradicted.add(ref.oid)
         self.store.index_later(self.store.index.forget_size, ref.oid)
+        with self._unrecorded_lock:
+            self._record_queued = False   # a size learned from now on is written after the forget
         self.counters.add("dda_errors", 1, "size_contradiction")
 
-    async def size_of(self, ref: ObjectRef) -> int:
-        size = await self.indexed_size(ref)
+    async def size_of(self, ref: ObjectRef, *, index_asked: bool = False) -> int:
+        """The size of `ref`'s object: what is known (memory, the store's index, the cache),
+        else one request under its own deadline, recorded at once. index_asked=True: the
+        caller just found the store's index without it (no second query)."""
+        size = self.known_size(ref) if index_asked else await self.indexed_size(ref)
         if size is None:
             size = await self.astore.run(self.store.object_size, ref.oid)
             if size is not None:
@@ -779,15 +807,22 @@ class Fetcher:
         await asyncio.gather(*pending, return_exceptions=True)
 
     # plumbing --------------------------------------------------------------------------------
-    def _limit(self, remote: Remote) -> PriorityLimiter:
-        key = id(remote)
+    def _limit(self, remote: Remote, op: str = "read") -> PriorityLimiter:
+        # Sizes have their own slots where the remote's client carries many at once (tiny
+        # answers, no bandwidth): a walker's sizing never queues behind reads, nor reads behind it.
+        sizes = op == "size" and bool(remote.size_concurrency)
+        key = (id(remote), sizes)
         if key not in self._limits:
-            self._limits[key] = PriorityLimiter(self.jobs)
+            self._limits[key] = PriorityLimiter(remote.size_concurrency if sizes else self.jobs)  # type: ignore[arg-type]
         return self._limits[key]
+
+    def size_slots(self, remote: Remote) -> int:
+        """How many size requests `remote` may have in flight (the sizing pool's width)."""
+        return remote.size_concurrency or self.jobs
 
     async def _remote_call(self, remote: Remote, call, op: str):  # type: ignore[no-untyped-def]
         """One request (`op`: read, size or list) within the remote's concurrency limit."""
-        async with self._limit(remote).slot():
+        async with self._limit(remote, op).slot():
             self.counters.add("dda_remote_requests")
             if self.on_request is None:
                 return await call()

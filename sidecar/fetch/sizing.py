@@ -1,7 +1,7 @@
 """Sizing many objects without throwing progress away (issue 11, item 2).
 
 - the persistent md5 -> size index first, asked in batches;
-- then a pool of `workers` coroutines pulling from one iterator (no task per object created
+- then a pool of `workers` coroutines (default: the remote's size slots) pulling from one iterator (no task per object created
   up front, so 1M objects cost `workers` tasks), each object asked on its own (HEAD, or a
   stat for a local remote: cost per object asked, never a LIST of a whole `files/md5/XX/`
   prefix), each request under its own deadline (`Fetcher.size_of`), each size recorded in
@@ -22,6 +22,9 @@ from .scheduler import Fetcher, ObjectRef
 K = TypeVar("K", bound=Hashable)
 
 INDEX_BATCH = 512
+# The most coroutines in a sizing pool: an HTTP remote carries 128 HEADs at once
+# (Remote.size_concurrency); other remotes as many as their reads (the fetcher's jobs).
+WORKERS = 128
 
 
 async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_size: Callable[[K, int], object],
@@ -30,9 +33,15 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
     """Learn the size of every `(key, ref)` in `items` and call `on_size(key, size)` for each
     as soon as it is known (`size_of`: one object's request, default `fetcher.size_of`). Raises the first error any request met (after the requests
     already under way finish and are recorded); sizes learned before it stay recorded."""
-    workers = max(1, workers or fetcher.jobs)
-    ask = size_of or fetcher.size_of
     source = iter(items)
+    if workers is None:     # as many as the (first) remote carries at once: its size slots
+        first = next(source, None)
+        if first is None:
+            return
+        source = itertools.chain([first], source)
+        workers = min(WORKERS, fetcher.size_slots(first[1].remote))
+    workers = max(1, workers)
+    ask = size_of or fetcher.size_of
     pending: asyncio.Queue[tuple[K, ObjectRef] | None] = asyncio.Queue(maxsize=workers * 2)
     failed: list[BaseException] = []
 

@@ -66,6 +66,7 @@ class Mount:
         try:
             prefetcher = Prefetcher(engine)
             ops = DdaOperations(engine, prefetcher, subdir)
+            engine.preload_size_indexes()   # sizes with the names: a walk needs no lookup per file
             try:
                 pyfuse3.init(ops, str(mountpoint), _options())
             except RuntimeError as err:
@@ -86,6 +87,7 @@ class Mount:
         try:
             prefetcher = Prefetcher(engine)
             ops = DdaOperations(engine, prefetcher, subdir)
+            engine.preload_size_indexes()   # sizes with the names: a walk needs no lookup per file
             options = (set(pyfuse3.default_options) | {"fsname=dda", "subtype=dda", "ro"}) - {"default_permissions"}
             try:
                 pyfuse3.init(ops, f"/dev/fd/{fd}", options)

@@ -154,8 +154,13 @@ class DdaOperations(pyfuse3.Operations):
     @_never_crash
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Names and types from the snapshot: no request, no sizing (a 100k-entry folder
-        # answers at once). Sizes are learned when the kernel looks an entry up.
-        for index, item in enumerate(self.fs.iter_dir(self._path(fh), start_id), start_id):
+        # answers at once). A size this node already knows (index) goes with its name, with
+        # long timeouts (readdirplus: `find -printf %s` needs no lookup); an unknown one goes
+        # with zero timeouts and is learned when the kernel looks the entry up.
+        path = self._path(fh)
+        if start_id == 0:                 # a new pass: what the index knows goes with the names
+            await self.fs.fill_known_sizes(path)
+        for index, item in enumerate(self.fs.iter_dir(path, start_id), start_id):
             attr = self.fs.known_attr(item.path) if item.kind == "dir" or item.size is not None else None
             attrs = self._attrs(self._inode(item.path), attr, item.mode)
             if not pyfuse3.readdir_reply(token, os.fsencode(item.name), attrs, index + 1):

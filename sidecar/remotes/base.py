@@ -33,6 +33,9 @@ class Remote(abc.ABC):
     name: str
     display_url: str   # never holds credentials
     can_list = False   # list_sizes() answers with one request per folder
+    # size() requests this client carries at once without its own cost growing (None: as
+    # many as reads); the fetcher sizes a folder ahead of a walker with that many in flight
+    size_concurrency: int | None = None
 
     @abc.abstractmethod
     async def read(self, path: str, start: int, end: int | None) -> Range:

@@ -1,16 +1,30 @@
 """DVC HTTP(S) remote: plain GET/HEAD with Range, basic/bearer/custom-header auth, one
-pooled httpx client. This is how DagsHub serves DVC data (https://dagshub.com/<o>/<r>.dvc)."""
+pooled httpx client. This is how DagsHub serves DVC data (https://dagshub.com/<o>/<r>.dvc).
+
+Sizes (HEAD) go through aiohttp where it can carry them (see `_Heads`): sizing a 100k-file
+folder is 100k HEADs, and httpx spends ~1 ms of CPU on each (its pool's bookkeeping grows with
+connections x waiting requests; over h2 it is still ~0.9 ms), aiohttp ~0.17 ms (measured
+against nginx with a 20 ms first byte, 64 in flight: 175 and 814 (h2) against 2,800 HEAD/s).
+"""
 from __future__ import annotations
 
+import asyncio
+import base64
 import ssl
-from typing import Callable
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import aiohttp
 
 import httpx
 
-from ..errors import ConfigError, RemoteError
+from ..errors import ConfigError, RemoteError, RemoteUnavailable
 from .base import Range, Remote
 from .httpcommon import (
     HTTP2,
+    _short,
     check_status,
     credential_guard,
     range_from_response,
@@ -46,6 +60,15 @@ class HttpRemote(Remote):
         elif auth:
             raise ConfigError(f"remote {name!r}: unknown auth {auth!r} (basic, digest, bearer, custom)")
         secret_headers = [custom_auth_header] if auth == "custom" and custom_auth_header else []
+        # HEADs: every auth but digest (a challenge round trip: httpx does it)
+        self._heads: _Heads | None = None
+        if auth != "digest":
+            head_headers = dict(headers)
+            if auth == "basic":
+                pair = f"{user}:{password or token or ''}".encode()
+                head_headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            self._heads = _Heads(head_headers, verify, timeout)
+            self.size_concurrency = _Heads.IN_FLIGHT
         self.client = httpx.AsyncClient(
             verify=verify,
             http2=HTTP2,   # multiplexed HEADs/GETs where the server offers h2 (ALPN)
@@ -77,6 +100,10 @@ class HttpRemote(Remote):
                                 path, start, end, sink)
 
     async def size(self, path: str) -> int:
+        if self._heads is not None:
+            size = await self._heads.size(self._url(path), self._where(), path)
+            if size is not None:
+                return size
         try:
             resp = await self.client.head(self._url(path))
         except httpx.HTTPError as err:
@@ -95,4 +122,69 @@ class HttpRemote(Remote):
         check_status(resp, self._where(), path)
 
     async def aclose(self) -> None:
+        if self._heads is not None:
+            await self._heads.aclose()
         await self.client.aclose()
+
+
+class _Heads:
+    """HEAD requests through one aiohttp session (created on first use, on the caller's loop):
+    the object's Content-Length, or None where the httpx path must answer - a redirect (httpx
+    follows it and drops credentials on another origin), no Content-Length. Statuses map as
+    httpx's do (`check_status`), transport errors to RemoteUnavailable (retried)."""
+
+    IN_FLIGHT = 128      # connections (HTTP/1.1) = HEADs at once; nginx serves far more
+
+    def __init__(self, headers: dict[str, str], verify: "ssl.SSLContext | bool", timeout: float):
+        import aiohttp   # here: a process that never sizes over HTTP (the hooks' reader) does not load it
+
+        self.headers = headers
+        # the same trust as the httpx client: our context (CA bundle), or httpx's default (certifi)
+        self.ssl: ssl.SSLContext | bool = verify if isinstance(verify, ssl.SSLContext) else \
+            (httpx.create_ssl_context() if verify else False)
+        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        # Proxies from the environment, as httpx honours them - looked up once here: aiohttp's
+        # trust_env does it per request in a thread, reading ~/.netrc each time.
+        self.proxies = urllib.request.getproxies()
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop or self._session.closed:
+            self._loop = loop
+            self._session = aiohttp.ClientSession(
+                headers=self.headers, timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=self.IN_FLIGHT, ssl=self.ssl))
+        return self._session
+
+    async def size(self, url: str, where: str, path: str) -> int | None:
+        import aiohttp
+
+        try:
+            async with self._client().head(url, allow_redirects=False, proxy=self._proxy(url)) as resp:
+                status, headers = resp.status, resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            kind = type(err).__name__
+            raise RemoteUnavailable(f"{where}: connection failed ({kind}: {_short(err) if str(err) else kind})") from None
+        if 300 <= status < 400:
+            return None
+        if status >= 300:
+            check_status(httpx.Response(status, headers=list(headers.items())), where, path)
+        length = headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
+
+    def _proxy(self, url: str) -> str | None:
+        if not self.proxies:
+            return None
+        parts = urllib.parse.urlsplit(url)
+        if urllib.request.proxy_bypass_environment(parts.hostname or "", self.proxies):
+            return None
+        return self.proxies.get(parts.scheme) or self.proxies.get("all")
+
+    async def aclose(self) -> None:
+        if self._session is not None and not self._session.closed and self._loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = None
