@@ -130,7 +130,10 @@ class ProvingRemote(Remote):
         return size
 
     async def list_sizes(self, prefix: str) -> dict[str, int] | None:
-        return await self.inner.list_sizes(prefix)
+        listed = await self.inner.list_sizes(prefix)
+        if listed:
+            self._tenancy._listed(self.ident, listed)
+        return listed
 
     async def write(self, path: str, data: bytes) -> None:
         await self.inner.write(path, data)
@@ -213,6 +216,18 @@ class Tenancy:
         self._pending.move_to_end(key)
         while len(self._pending) > PENDING_PATHS:
             self._pending.popitem(last=False)
+
+    def _listed(self, ident: str, listed: dict[str, int]) -> None:
+        """A listing is the remote's own answer for every object in it: size proofs."""
+        rows = []
+        for path, size in listed.items():
+            match = _OBJECT_PATH.search(path)
+            if match is not None:
+                oid = match.group(1) + match.group(2)
+                self._remember(ident, oid, None, size, False)
+                rows.append((ident, oid, size, 0))
+        if rows:
+            self.store.index_later(self.store.index.record_proofs, rows)
 
     def _answered(self, ident: str, path: str, size: int) -> None:
         self._answers[(ident, path)] = size
