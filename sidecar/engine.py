@@ -30,6 +30,7 @@ from .snapshot.dvcfiles import DvcOut, ManifestEntry, parse_manifest
 from .snapshot.git import GitSource
 from .snapshot.tree import Entry, Problem, Tree
 from .store import Store
+from .store.tenancy import Tenancy
 
 _IMPORT = "\0import"   # Entry.root prefix of imported outputs: "\0import<index>:<root in the source>"
 _SOURCE = "\0source"   # Entry.root of import-url outputs read from their source: "\0source<index>"
@@ -72,11 +73,14 @@ class Engine:
         self.git = git
         self.store = store
         self.fetcher = fetcher
+        # The shared cache serves an object to a remote identity only once it showed it holds it.
+        self.tenancy = Tenancy(store, fetcher)
         self.tree: Tree = Tree({})
         self.info: SnapshotInfo | None = None
         self._remotes: dict[str, Remote] = {}
         self._layout: DvcLayout | None = None
         self._lfs: Any = None
+        self._lfs_ident = ""
         self._imports: dict[str, tuple[int, Any]] = {}   # source url@rev -> (index, ImportOrigin)
         self._sources: list[Remote] = []                 # import-url sources (see _url_import)
         self._blobs: OrderedDict[str, bytes] = OrderedDict()
@@ -91,7 +95,7 @@ class Engine:
         self._size_index_tried: set[str] = set()
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
         self._preloads: set[asyncio.Task[bool]] = set()   # size indexes read ahead by a mount
-        self._sizing: dict[str, asyncio.Future[int]] = {}      # oid -> its size request under way
+        self._sizing: dict[tuple[str, int], asyncio.Future[int]] = {}   # (oid, remote) -> its size request
         self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
 
@@ -231,7 +235,9 @@ class Engine:
                 remote = self.remote(out.remote, out.source, out.root)
                 ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
                                 f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+                await self.tenancy.admit(ref)
                 data = await self.fetcher.read_all(ref)
+                await self.tenancy.settle(ref)
                 found[out.md5] = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir")
             except DDAError as err:
                 problems.append(Problem(out.path, out.source, str(err), is_dir=True))
@@ -300,9 +306,9 @@ class Engine:
             settings.update(override)
             if repo_dir is not None and root:
                 repo_dir = repo_dir / root
-            self._remotes[key] = build_remote(wanted, settings, repo_dir=repo_dir,
-                                              jobs=self.config.jobs, timeout=self.config.request_timeout,
-                                              ca_bundle=self.config.ca_bundle)
+            self._remotes[key] = self.tenancy.wrap(
+                build_remote(wanted, settings, repo_dir=repo_dir, jobs=self.config.jobs,
+                             timeout=self.config.request_timeout, ca_bundle=self.config.ca_bundle), settings)
         return self._remotes[key]
 
     def _same_storage(self, name: str, spec: Any) -> bool:
@@ -351,6 +357,8 @@ class Engine:
             size = await self.fetcher.indexed_size(ref)
             if size is None and await self._use_size_index(entry.output):
                 size = await self.fetcher.indexed_size(ref)
+            if size is not None and not self.tenancy.admitted(ref, content=False):
+                await self.tenancy.admit(ref, content=False)    # a node-shared index: ours to show?
             if size is not None:          # the common case of a walker: no task
                 self.fetcher.counters.add("dda_cache_reads", 1, "metadata", "hit")
                 return self._sized(entry, size)
@@ -362,12 +370,27 @@ class Engine:
     async def _size_of(self, ref: ObjectRef) -> int:
         """`fetcher.size_of`, one request per object however many ask at once (a stat and
         the directory's stat-ahead)."""
-        task = self._sizing.get(ref.oid)
+        key = (ref.oid, id(ref.remote))    # per remote: each identity is gated on its own
+        task = self._sizing.get(key)
         if task is None:
-            task = asyncio.ensure_future(self.fetcher.size_of(ref, index_asked=True))   # callers asked it
-            self._sizing[ref.oid] = task
-            task.add_done_callback(lambda _t: self._sizing.pop(ref.oid, None))
+            task = asyncio.ensure_future(self._size_shown(ref))
+            self._sizing[key] = task
+            task.add_done_callback(lambda _t: self._sizing.pop(key, None))
         return await asyncio.shield(task)
+
+    async def _size_shown(self, ref: ObjectRef) -> int:
+        """`fetcher.size_of`, behind the tenancy gate: a size this node learned from another
+        remote identity is shown only once `ref`'s own remote answered for the object."""
+        if not self.tenancy.admitted(ref, content=False):
+            await self.tenancy.admit(ref, content=False)
+        size = await self.fetcher.size_of(ref)   # the index again: a gated caller may have skipped it
+        await self.tenancy.settle(ref)
+        return size
+
+    def _may_show(self, ref: ObjectRef) -> bool:
+        """Whether a size handed over in bulk (from the shared index) may be shown for `ref`
+        (no I/O: what this process knows; stat_many looks the proofs up first)."""
+        return self.tenancy.size_shown_now(ref)
 
     def _size_missed(self, path: str) -> None:
         """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
@@ -396,8 +419,12 @@ class Engine:
                 if entry is not None and entry.kind == "dvc" and entry.size is None:
                     yield entry, self.ref(entry)
 
+        def learned(entry: Entry, size: int) -> None:
+            if self._may_show(self.ref(entry)):     # else the stat that needs it asks itself
+                self._sized(entry, size)
+
         try:
-            await size_all(self.fetcher, todo(), self._sized, size_of=self._size_of)
+            await size_all(self.fetcher, todo(), learned, size_of=self._size_of)
         except DDAError as err:   # a stat that needs the failed one reports it itself
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
@@ -427,6 +454,12 @@ class Engine:
         rest = [e.oid for e in want if e.oid not in known and e.oid not in fetcher._contradicted]
         if rest:
             known.update(await fetcher.astore.sizes(rest))    # on a store thread
+        if known:   # only sizes our own remotes showed (the index is node-shared): store/tenancy.py
+            shown = [e for e in want if e.oid in known]
+            await self.tenancy.preload([self.ref(e) for e in shown])
+            for e in shown:
+                if not self._may_show(self.ref(e)):
+                    del known[e.oid]
         if not known:
             return entries
         return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
@@ -443,11 +476,26 @@ class Engine:
             if e.size is None and e.kind == "git":
                 result[i] = self._sized(e, await self.git.blob_size(e.oid))
 
-        def learned(i: int, size: int) -> None:
-            result[i] = self._sized(result[i], size)
+        unshown: list[int] = []
 
+        def learned(i: int, size: int) -> None:
+            if self._may_show(self.ref(result[i])):
+                result[i] = self._sized(result[i], size)
+            else:
+                unshown.append(i)
+
+        # the proofs in batches, off the loop, before the per-file checks (kept in a bounded memo)
+        await self.tenancy.preload([self.ref(e) for e in result if e.size is None and e.kind == "dvc"])
         await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
                        learned, size_of=self._size_of)
+        if unshown:     # sizes learned through another remote identity: asked of ours, bounded
+            slots = asyncio.Semaphore(self.fetcher.jobs)
+
+            async def one(i: int) -> None:
+                async with slots:
+                    result[i] = self._sized(result[i], await self._size_of(self.ref(result[i])))
+
+            await asyncio.gather(*(one(i) for i in unshown))
         return result
 
     # -- the shared size index ------------------------------------------------------------------
@@ -463,7 +511,8 @@ class Engine:
         if out is None or out.md5 in self._size_index_tried:
             return False
         if self._output_files.get(out.md5, 0) < SIZE_INDEX_MIN_FILES or \
-                await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None:
+                (await self.fetcher.astore.size(_loaded_marker(out.md5)) is not None and
+                 await self.tenancy.size_proven(self.remote(out.remote, out.source, out.root), _loaded_marker(out.md5))):
             self._size_index_tried.add(out.md5)
             return False
         task = self._size_index_loads.get(out.md5)
@@ -511,6 +560,8 @@ class Engine:
         # on a store thread; the marker after the sizes it vouches for
         await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
         await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
+        # our remote said so: proven for its identity
+        await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
         # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
         todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
         for e in todo:
@@ -521,6 +572,7 @@ class Engine:
         remote = self.remote(out.remote, out.source, out.root)
         ref = ObjectRef(out.md5, remote, object_path(out.md5, out.legacy, is_dir=True), out.legacy, None,
                         f"{out.path} (manifest {out.md5}.dir, from {out.source})")
+        await self.tenancy.admit(ref)
         data = await self.fetcher.read_all(ref)   # in the cache since the snapshot was built
         raw = parse_manifest(data, f"{out.source}: manifest {out.md5}.dir").md5   # 16 bytes per entry
         return {raw[i:i + 16].hex() for i in range(0, len(raw), 16)}
@@ -548,6 +600,7 @@ class Engine:
             await self.fetcher._remote_call(remote, lambda: remote.write(key, sizeindex.encode(out.md5, sizes)),
                                             "write")
             await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
+            await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {_loaded_marker(out.md5): len(sizes)})
             done.append((out.path, key, len(sizes)))
         return done
 
@@ -561,7 +614,15 @@ class Engine:
             problem = self.tree.broken.get(entry.output or entry.path)
             raise OutputUnavailable(problem.message() if problem else f"{entry.path}: unavailable")
         if entry.kind == "lfs":
-            data = await self._lfs_client(entry.path).read(entry.oid, entry.size or 0, offset, length, entry.path)
+            lfs = self._lfs_client(entry.path)
+            if await self.tenancy.proven(self._lfs_ident, entry.oid):
+                data = await lfs.read(entry.oid, entry.size or 0, offset, length, entry.path)
+            else:   # the store is node-shared: our server shows it holds it, or we download it
+                held = await self.fetcher.astore.has(entry.oid, 0)
+                if held:
+                    await lfs.holds(entry.oid, entry.size or 0, entry.path)
+                data = await lfs.read(entry.oid, entry.size or 0, offset, length, entry.path, download=not held)
+                self.tenancy.prove(self._lfs_ident, entry.oid, entry.size or 0)
             self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
         if entry.kind == "git":
@@ -569,7 +630,13 @@ class Engine:
             data = blob[offset:offset + length]
             self.fetcher.counters.add("dda_served_bytes", len(data))
             return data
-        return await self.fetcher.read(self.ref(entry), offset, length, reader)
+        ref = self.ref(entry)
+        if self.tenancy.admitted(ref):
+            return await self.fetcher.read(ref, offset, length, reader)
+        await self.tenancy.admit(ref)     # never another identity's bytes from the shared cache
+        data = await self.fetcher.read(ref, offset, length, reader)
+        await self.tenancy.settle(ref)    # a verified download from our remote proves it for free
+        return data
 
     async def iter_bytes(self, path: str, piece: int | None = None):  # type: ignore[no-untyped-def]
         """The whole file in pieces of one chunk (what `dda cat` and `dda get` stream)."""
@@ -603,8 +670,9 @@ class Engine:
                                   f"(.lfsconfig lfs.url) nor is it on http(s)")
             clean, url_user, url_token = strip_userinfo(url)
             same = _same_origin(clean, self.git.url)
-            self._lfs = LfsClient(clean, self.store, user=url_user or (self.git.user if same else None),
-                                  token=url_token or (self.git.token if same else None),
+            user, token = url_user or (self.git.user if same else None), url_token or (self.git.token if same else None)
+            self._lfs_ident = self.tenancy.identity_of("lfs", {"url": clean, "user": user, "token": token})
+            self._lfs = LfsClient(clean, self.store, user=user, token=token,
                                   verify=verify_for("lfs", None, self.config.ca_bundle),
                                   timeout=self.config.request_timeout)
         return self._lfs
@@ -640,6 +708,7 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
+        await self.fetcher.astore.run(self.tenancy.settle_all)   # before the store closes: its writer records them
         await self.git.aclose()
         for remote in [*self._remotes.values(), *self._sources]:
             await remote.aclose()

@@ -280,6 +280,8 @@ class Uploader:
         await remote.write(object_path(manifest_md5, legacy, is_dir=True), data)
         self.bytes_uploaded += len(data)
         await asyncio.to_thread(engine.store.index.record_sizes, {f.md5: f.size for f in local})
+        # We just put them on this remote: its identity shows these sizes without asking again.
+        await asyncio.to_thread(engine.tenancy.record_sizes, remote, {f.md5: f.size for f in local})
         size = await self._total_size(engine, remote, out, merged, legacy, placed, replaced_old + dropped)
         changes, dvc_file = await self._git_changes(engine, out, manifest_md5, size, len(merged), legacy)
         message = self.message or f"dda upload: add {added} file(s) to {self.target}" + (

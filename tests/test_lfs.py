@@ -29,6 +29,7 @@ class LfsServer:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.downloads = 0
+        self.batches = 0
         self.corrupt = False
         server = self
 
@@ -48,6 +49,7 @@ class LfsServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if not self.path.endswith("/objects/batch"):
                     return self._json(404, {"message": "not found"})
+                server.batches += 1
                 base = f"http://{self.headers['Host']}/lfs/objects/"
                 objects = []
                 for obj in body.get("objects", []):

@@ -57,13 +57,17 @@ class LfsClient:
             parts.append(got)
         return b"".join(parts)
 
-    async def read(self, oid: str, size: int, offset: int, length: int, display: str) -> bytes:
+    async def read(self, oid: str, size: int, offset: int, length: int, display: str,
+                   download: bool = False) -> bytes:
         """Bytes [offset, offset+length) of LFS object `oid` (`size` bytes, from its pointer).
         Served from the store; else the whole object is downloaded once (one flight per oid),
-        verified by its sha256, and cut into the store's chunks under the budget."""
-        data = await asyncio.to_thread(self._cached, oid, size, offset, length)
-        if data is not None:
-            return data
+        verified by its sha256, and cut into the store's chunks under the budget.
+        `download`: from this server even when the store holds it (the tenancy gate's way to
+        let a verified download of ours prove it)."""
+        if not download:
+            data = await asyncio.to_thread(self._cached, oid, size, offset, length)
+            if data is not None:
+                return data
         flight = self._flights.get(oid)
         if flight is None:
             flight = _Flight(asyncio.ensure_future(self._download(oid, size, display)))
@@ -105,8 +109,18 @@ class LfsClient:
             self._parked = None
         flight.close()
 
+    async def holds(self, oid: str, size: int, display: str) -> None:
+        """One batch request: returns when this server (with our credentials) holds `oid`;
+        raises ObjectMissing, RemoteAuthError, ... as a download would."""
+        await self._action(oid, size, display)
+
     async def _download(self, oid: str, size: int, display: str) -> int:
         """Download, verify and keep `oid`; the verified file's fd (closed by its _Flight)."""
+        action = await self._action(oid, size, display)
+        return await self._fetch(oid, size, display, action)
+
+    async def _action(self, oid: str, size: int, display: str) -> dict:
+        """The batch API's download action for `oid` (one request)."""
         body = {"operation": "download", "transfers": ["basic"], "objects": [{"oid": oid, "size": size}]}
         try:
             resp = await self.client.post(f"{self.endpoint}/objects/batch", json=body,
@@ -127,6 +141,9 @@ class LfsClient:
         action = (obj.get("actions") or {}).get("download") if isinstance(obj, dict) else None
         if not isinstance(action, dict) or not isinstance(action.get("href"), str):
             raise RemoteError(f"{self._where()}: no download action for {display}")
+        return action
+
+    async def _fetch(self, oid: str, size: int, display: str, action: dict) -> int:
         headers = {str(k): str(v) for k, v in (action.get("header") or {}).items()}
         tmp = self.store.root / "tmp" / f"{oid}.lfs.{os.getpid()}.{time.monotonic_ns()}"
         digest = hashlib.sha256()

@@ -23,6 +23,10 @@ CREATE TABLE IF NOT EXISTS chunks (oid TEXT NOT NULL, idx INTEGER NOT NULL, nbyt
 CREATE INDEX IF NOT EXISTS chunks_by_atime ON chunks (atime);
 CREATE TABLE IF NOT EXISTS sizes (oid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- Which remote identity showed it holds which object (store/tenancy.py): its size, and whether
+-- it showed the bytes too (content = 1) or only the size.
+CREATE TABLE IF NOT EXISTS proofs (ident TEXT NOT NULL, oid TEXT NOT NULL, size INTEGER NOT NULL,
+                                   content INTEGER NOT NULL, PRIMARY KEY (ident, oid)) WITHOUT ROWID;
 -- The bytes the chunk files take on disk, kept by triggers: every writer of every process
 -- reads the exact total in O(1) before it writes (the budget holds across processes).
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), disk INTEGER NOT NULL);
@@ -161,6 +165,32 @@ class Index:
 
     def forget_size(self, oid: str) -> None:
         self._run("DELETE FROM sizes WHERE oid=?", (oid,))
+
+    # proofs (store/tenancy.py) ---------------------------------------------------------------
+    def proof(self, ident: str, oid: str) -> tuple[int, bool] | None:
+        """(size, content shown) that remote identity `ident` proved for `oid`, or None."""
+        rows = self._read("SELECT size, content FROM proofs WHERE ident=? AND oid=?", (ident, oid))
+        return (rows[0][0], bool(rows[0][1])) if rows else None
+
+    def proofs(self, ident: str, oids: list[str]) -> dict[str, tuple[int, bool]]:
+        """`proof` for many objects of one identity (a query per 500)."""
+        found: dict[str, tuple[int, bool]] = {}
+        for i in range(0, len(oids), 500):
+            part = oids[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for oid, size, content in self._read(f"SELECT oid, size, content FROM proofs WHERE ident=? AND oid IN "
+                                                 f"({marks})", (ident, *part)):
+                found[oid] = (size, bool(content))
+        return found
+
+    def record_proofs(self, rows: list[tuple[str, str, int, int]]) -> None:
+        """(ident, oid, size, content): a content proof is never downgraded by a size proof
+        of the same size; another size replaces the row."""
+        if rows:
+            self._many("INSERT INTO proofs (ident, oid, size, content) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (ident, oid) DO UPDATE SET content = CASE WHEN size = excluded.size "
+                       "THEN max(content, excluded.content) ELSE excluded.content END, size = excluded.size",
+                       rows)
 
     # chunks ----------------------------------------------------------------------------------
     def add_chunk(self, oid: str, idx: int, nbytes: int, atime: float | None = None) -> None:
