@@ -161,3 +161,21 @@ def test_demo_mounts_and_reports(tmp_path):
     assert "49 DVC-tracked files read" in cold and "bytes fetched from the remote: 3." in cold
     assert "bytes fetched from the remote: 0.00 MB; cache hits 49, misses 0" in warm
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_short_sha_of_an_ancestor_after_the_cache_saw_the_tip(sample):
+    """`--rev` takes a short commit anywhere in history, also once the cache holds a shallow
+    fetch of the branch tip (a fetch without depth keeps a shallow repository's boundary)."""
+    repo, _, cache = sample
+    git(repo, "tag", "older")
+    (Path(repo) / "middle.txt").write_text("middle\n")
+    git(repo, "add", "middle.txt")
+    git(repo, "commit", "-qm", "middle")
+    old = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    (Path(repo) / "later.txt").write_text("later\n")
+    git(repo, "add", "later.txt")
+    git(repo, "commit", "-qm", "later")
+    assert "later.txt" in dda("ls", str(repo), cache=cache, check=True).stdout.decode()
+    out = dda("ls", str(repo), "--rev", old[:9], cache=cache, check=True).stdout.decode()
+    assert "later.txt" not in out and "middle.txt" in out
