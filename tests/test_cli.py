@@ -179,3 +179,23 @@ def test_short_sha_of_an_ancestor_after_the_cache_saw_the_tip(sample):
     assert "later.txt" in dda("ls", str(repo), cache=cache, check=True).stdout.decode()
     out = dda("ls", str(repo), "--rev", old[:9], cache=cache, check=True).stdout.decode()
     assert "later.txt" not in out and "middle.txt" in out
+
+
+def test_a_size_beyond_64_bits_is_one_bad_output_not_a_traceback(sample):
+    """Found by the breaker: `size: 99999999999999999999999999` in a .dvc file ended every
+    command of the revision in an OverflowError traceback (the tree keeps sizes in an int64
+    array). It is one unavailable output, named with its file; the rest lists."""
+    repo, _, cache = sample
+    (Path(repo) / "huge.dvc").write_text("outs:\n- md5: b1946ac92492d2347c6235b4d2611184\n"
+                                         "  size: 99999999999999999999999999\n  hash: md5\n  path: huge.txt\n")
+    git(repo, "add", "huge.dvc")
+    git(repo, "commit", "-qm", "huge")
+    proc = dda("ls", str(repo), cache=cache)
+    err = proc.stderr.decode()
+    assert proc.returncode == 3 and "Traceback" not in err, err
+    assert [l for l in err.splitlines() if l.strip()] == [
+        "dda: error: huge.txt: unavailable: huge.dvc: outs[0]: 'size' must be a non-negative integer below 2**63, "
+        "got 99999999999999999999999999"]
+    assert "data/" in proc.stdout.decode()
+    cat = one_line_error(dda("cat", str(repo), "huge.txt", cache=cache))
+    assert "huge.dvc" in cat and "Traceback" not in cat
