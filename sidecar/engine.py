@@ -206,7 +206,13 @@ class Engine:
             base = self.git.local_path / src.base if self.git.local_path is not None else None
             remote = build_source(src.url, base, version_id=src.version_id, jobs=self.config.jobs,
                                   timeout=self.config.request_timeout, ca_bundle=self.config.ca_bundle)
-            if await remote.exists(""):
+            try:
+                async with asyncio.timeout(self.config.deadline):    # a hung source must not hold the snapshot
+                    there = await remote.exists("")
+            except TimeoutError:
+                await remote.aclose()
+                raise DDAError(f"no answer from {remote.display_url} within {self.config.deadline:g}s") from None
+            if there:
                 index = len(self._sources)
                 self._sources.append(remote)
                 return replace(out, root=f"{_SOURCE}{index}")
@@ -219,8 +225,11 @@ class Engine:
     async def _on_own_remote(self, out: DvcOut) -> bool:
         try:
             remote = self.remote(out.remote, out.source, out.root)
-            return await remote.exists(object_path(out.md5, out.legacy, is_dir=out.is_dir))
-        except DDAError:
+            # Bounded by the deadline (not only the request timeout): a hung remote must not
+            # hold the whole snapshot; the output is then read from its source, verified.
+            async with asyncio.timeout(self.config.deadline):
+                return await remote.exists(object_path(out.md5, out.legacy, is_dir=out.is_dir))
+        except (DDAError, TimeoutError):
             return False
 
     async def _fetch_manifests(self, outputs: list[DvcOut]) -> tuple[dict[str, list[ManifestEntry]], list[Problem]]:

@@ -161,3 +161,41 @@ def test_demo_mounts_and_reports(tmp_path):
     assert "49 DVC-tracked files read" in cold and "bytes fetched from the remote: 3." in cold
     assert "bytes fetched from the remote: 0.00 MB; cache hits 49, misses 0" in warm
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_short_sha_of_an_ancestor_after_the_cache_saw_the_tip(sample):
+    """`--rev` takes a short commit anywhere in history, also once the cache holds a shallow
+    fetch of the branch tip (a fetch without depth keeps a shallow repository's boundary)."""
+    repo, _, cache = sample
+    git(repo, "tag", "older")
+    (Path(repo) / "middle.txt").write_text("middle\n")
+    git(repo, "add", "middle.txt")
+    git(repo, "commit", "-qm", "middle")
+    old = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    (Path(repo) / "later.txt").write_text("later\n")
+    git(repo, "add", "later.txt")
+    git(repo, "commit", "-qm", "later")
+    assert "later.txt" in dda("ls", str(repo), cache=cache, check=True).stdout.decode()
+    out = dda("ls", str(repo), "--rev", old[:9], cache=cache, check=True).stdout.decode()
+    assert "later.txt" not in out and "middle.txt" in out
+
+
+def test_a_size_beyond_64_bits_is_one_bad_output_not_a_traceback(sample):
+    """Found by the breaker: `size: 99999999999999999999999999` in a .dvc file ended every
+    command of the revision in an OverflowError traceback (the tree keeps sizes in an int64
+    array). It is one unavailable output, named with its file; the rest lists."""
+    repo, _, cache = sample
+    (Path(repo) / "huge.dvc").write_text("outs:\n- md5: b1946ac92492d2347c6235b4d2611184\n"
+                                         "  size: 99999999999999999999999999\n  hash: md5\n  path: huge.txt\n")
+    git(repo, "add", "huge.dvc")
+    git(repo, "commit", "-qm", "huge")
+    proc = dda("ls", str(repo), cache=cache)
+    err = proc.stderr.decode()
+    assert proc.returncode == 3 and "Traceback" not in err, err
+    assert [l for l in err.splitlines() if l.strip()] == [
+        "dda: error: huge.txt: unavailable: huge.dvc: outs[0]: 'size' must be a non-negative integer below 2**63, "
+        "got 99999999999999999999999999"]
+    assert "data/" in proc.stdout.decode()
+    cat = one_line_error(dda("cat", str(repo), "huge.txt", cache=cache))
+    assert "huge.dvc" in cat and "Traceback" not in cat

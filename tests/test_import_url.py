@@ -86,3 +86,25 @@ def test_s3_source_read_when_the_remote_lacks_it(s3_remote, tmp_path):
                  env={"AWS_ENDPOINT_URL": s3_remote.endpoint_url, "AWS_ACCESS_KEY_ID": "nobody",
                       "AWS_SECRET_ACCESS_KEY": "wrong"})
     assert denied.returncode == 3 and b"model.bin: unavailable" in denied.stderr
+
+
+def test_a_hung_remote_does_not_hold_an_import_url_snapshot(tmp_path):
+    """Found by the breaker: whether the DVC remote holds an import-url output was asked with
+    only the request timeout as a bound (30 s by default, here 600 s): a remote that accepts
+    connections and never answers held `dda ls/cat` far past `--deadline`. Now the check ends
+    at the deadline and the output is read from its source, verified."""
+    from faultremote import FaultRemote
+
+    env = _env(tmp_path)
+    source = tmp_path / "source.txt"
+    source.write_bytes(b"from the source\n")
+    work = _repo(tmp_path, env)
+    _run([DVC3_BIN, "import-url", "-q", str(source), "imported.txt"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-q", "-m", "import"], work, env)
+    with FaultRemote(tmp_path / "store") as hung:
+        hung.fault("stall", method=None, times=None, seconds=600)
+        got = dda("cat", str(work), "imported.txt", "--deadline", "3", cache=tmp_path / "cache",
+                  env={"DDA_REMOTE_DEFAULT_URL": hung.url, "DDA_REQUEST_TIMEOUT": "600", "DDA_RETRIES": "0"})
+    assert got.returncode == 0, got.stderr.decode()
+    assert got.stdout == b"from the source\n"

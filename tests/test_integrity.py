@@ -575,3 +575,23 @@ def test_random_faults_kills_and_budgets(tmp_path):
         made.server.stop()
     print(f"{rounds} rounds: {outcomes}", file=sys.stderr)
     assert rounds >= 5
+
+
+def test_a_remote_lying_about_the_total_never_cuts_cat_short(tmp_path):
+    """Found by the breaker: every ranged answer says the object is 7 bytes longer than its
+    .dvc says. `dda cat` of a multi-chunk file streamed a few whole chunks and then exited 0
+    (a reader woken by the bytes of an answer that was then rejected copied an emptied buffer,
+    and the empty read ended the stream). Right bytes with exit 0, or an error: never a cut."""
+    rng = random.Random(7)
+    made = Repo(tmp_path, {"big.bin": rng.randbytes(6 * MiB + 3)}, {})
+    try:
+        made.server.fault("range_total", times=None, delta=7)
+        for run in range(3):
+            proc = made.dda("cat", "big.bin", cache=tmp_path / f"cache{run}",
+                            env={"DDA_CHUNK_SIZE": "1M", "DDA_DEADLINE": "8", "DDA_RETRIES": "1"})
+            if proc.returncode == 0:
+                assert proc.stdout == made.content["big.bin"], (len(proc.stdout), proc.stderr)
+            else:
+                assert "big.bin" in one_line_error(proc)
+    finally:
+        made.server.stop()

@@ -114,10 +114,16 @@ class ObjectPass:
             await self._moved.wait()
         if idx < self.hashed or self.task.done():
             return None
-        job = await self._wait(idx, hi)
+        while True:
+            job = await self._wait(idx, hi)
+            data = await job.copy(lo, hi, self.fetcher.astore.run)
+            # The answer that woke us may have been rejected since (a wrong size: the job
+            # restarted with an empty buffer): wait for the bytes again, never hand out fewer.
+            if len(data) == hi - lo:
+                break
         if not self.ok:
             self.served_unverified = True
-        return await job.copy(lo, hi, self.fetcher.astore.run)
+        return data
 
     def job(self, idx: int) -> ChunkJob:
         """The download of chunk `idx`, joined or started (a finished one is kept until hashed)."""

@@ -25,7 +25,7 @@ from typing import AsyncIterator, Callable, Iterator, Mapping
 from ..engine import Engine
 from ..errors import (BadHandle, DDAError, IsADirectory, NotADirectory, NotASymlink, NotFound,
                       ObjectResized,
-                      OutputUnavailable,
+                      OutputUnavailable, RemoteError,
                       SymlinkLoop)
 from ..fetch.verify_stream import ReadCursor
 from ..snapshot.tree import Entry, Tree
@@ -312,8 +312,13 @@ class FileSystem:
         size = handle.size
         if offset >= size or length <= 0:
             return b""
-        data = await self.engine.read_entry(handle.entry, offset, min(length, size - offset), handle.cursor)
+        want = min(length, size - offset)
+        data = await self.engine.read_entry(handle.entry, offset, want, handle.cursor)
         self._check_size(handle)
+        if len(data) < want:
+            # A short answer inside the object would read as its end: a file cut short, exit 0.
+            raise RemoteError(f"{handle.path}: got {len(data)} of {want} bytes at offset {offset} "
+                              f"(the object has {size})", path=handle.path)
         return data
 
     @staticmethod

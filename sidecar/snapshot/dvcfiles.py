@@ -89,6 +89,14 @@ class StageDecl:
     outs: dict[str, OutFlags]
 
 
+MAX_SIZE = 2**63 - 1    # what a file system (st_size) and the tree's size array can hold
+
+
+def _is_size(value: object) -> bool:
+    """A size a .dvc file or manifest may state: an int (not a bool) in [0, 2**63)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SIZE
+
+
 def _parse_out(raw: object, base_dir: str, source: str, where: str, root: str = "",
                flags: OutFlags | None = None) -> DvcOut | None:
     if not isinstance(raw, dict):
@@ -107,7 +115,7 @@ def _parse_out(raw: object, base_dir: str, source: str, where: str, root: str = 
     if md5 is None and raw.get("files") is not None:
         files = _versioned_files(raw.get("files"), where)
         remote = raw.get("remote") if isinstance(raw.get("remote"), str) else (flags.remote if flags else None)
-        return DvcOut(path=path, md5="", is_dir=True, size=raw.get("size") if isinstance(raw.get("size"), int) else None,
+        return DvcOut(path=path, md5="", is_dir=True, size=raw.get("size") if _is_size(raw.get("size")) else None,
                       nfiles=len(files), legacy=False, remote=remote, source=source, root=root, files=files)
     if md5 is None:
         # An output that was declared but never computed (e.g. `dvc stage add` without repro).
@@ -119,8 +127,8 @@ def _parse_out(raw: object, base_dir: str, source: str, where: str, root: str = 
     if not _MD5.match(digest):
         raise DvcFileError(f"{where}: 'md5' {md5!r} is not an md5 hash")
     size = raw.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise DvcFileError(f"{where}: 'size' must be a non-negative integer, got {size!r}")
+    if size is not None and not _is_size(size):
+        raise DvcFileError(f"{where}: 'size' must be a non-negative integer below 2**63, got {str(size)[:40]}")
     nfiles = raw.get("nfiles")
     if nfiles is not None and (not isinstance(nfiles, int) or isinstance(nfiles, bool) or nfiles < 0):
         raise DvcFileError(f"{where}: 'nfiles' must be a non-negative integer, got {nfiles!r}")
@@ -171,8 +179,8 @@ def _versioned_files(files: object, where: str) -> tuple[ManifestEntry, ...]:
         if not rel:
             raise DvcFileError(f"{at}: relpath {item.get('relpath')!r} names the directory itself")
         size = item.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise DvcFileError(f"{at}: 'size' must be a non-negative integer")
+        if size is not None and not _is_size(size):
+            raise DvcFileError(f"{at}: 'size' must be a non-negative integer below 2**63")
         found.append(ManifestEntry(rel, md5, size, item.get("isexec") is True, _cloud_versions(item.get("cloud"), at)))
     return tuple(found)
 
@@ -233,7 +241,7 @@ def _url_source(data: dict, base: str, source: str) -> UrlSource | None:
         raise DvcFileError(f"{where}: 'path' must name the imported URL or file")
     md5 = dep.get("md5") if isinstance(dep.get("md5"), str) else None
     etag = dep.get("etag") if isinstance(dep.get("etag"), str) else None
-    size = dep.get("size") if isinstance(dep.get("size"), int) and not isinstance(dep.get("size"), bool) else None
+    size = dep.get("size") if _is_size(dep.get("size")) else None
     version = dep.get("version_id") if isinstance(dep.get("version_id"), str) else None
     return UrlSource(url, base, md5, etag, size, version, dep.get("hash") is None)
 

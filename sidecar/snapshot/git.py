@@ -303,17 +303,22 @@ class GitSource:
                 await self._fetch([f"+{name}:{_keep_ref(target)}"], depth=True)
                 return await self._peel(target, sha)
         # Servers that refuse unadvertised wants, or a short sha deep in history: fetch the
-        # history of every branch and tag (commits and trees only), then look again.
-        await self._fetch(["+refs/heads/*:refs/dda/heads/*", "+refs/tags/*:refs/dda/tags/*"], depth=False)
+        # history of every branch and tag (commits and trees only), then look again. A shallow
+        # repository (any earlier --depth 1 fetch) keeps its boundary on a plain fetch: unshallow it.
+        _, shallow, _ = await self._git("rev-parse", "--is-shallow-repository", check=False, timeout=30)
+        await self._fetch(["+refs/heads/*:refs/dda/heads/*", "+refs/tags/*:refs/dda/tags/*"], depth=False,
+                          unshallow=shallow.strip() == b"true")
         found = await self._rev_parse(sha)
         if not found:
             raise UnknownRevision(f"repository {self.display_url}: no commit {sha!r} on any branch or tag")
         return found
 
-    async def _fetch(self, refspecs: list[str], depth: bool) -> None:
+    async def _fetch(self, refspecs: list[str], depth: bool, unshallow: bool = False) -> None:
         args = ["fetch", "-q", "--no-tags", f"--filter=blob:limit={BLOB_LIMIT}"]
         if depth:
             args += ["--depth", "1"]
+        elif unshallow:
+            args += ["--unshallow"]
         await self._git(*args, "origin", *refspecs)
 
     async def _has_commit(self, sha: str) -> bool:

@@ -130,8 +130,8 @@ def _add(manifest: Manifest, item: object, source: str, i: int) -> None:
         if not rel:
             raise DvcFileError(f"{source}: entry {i}: relpath {relpath!r} names the directory itself")
     size = item.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise DvcFileError(f"{source}: entry {i}: 'size' must be a non-negative integer")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63):
+        raise DvcFileError(f"{source}: entry {i}: 'size' must be a non-negative integer below 2**63")
     manifest.append(rel, md5, size, item.get("isexec") is True)
 
 
