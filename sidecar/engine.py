@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hashlib
+import itertools
 import logging
 import posixpath
 import time
@@ -541,9 +542,17 @@ class Engine:
         waits on it, and one-shot commands (ls, cat, get) keep loading it lazily."""
         for path, out in self._dir_outputs.items():
             if self._output_files.get(out.md5, 0) >= SIZE_INDEX_MIN_FILES:
-                task = asyncio.ensure_future(self._use_size_index(path))
+                task = asyncio.ensure_future(self._preload_size_index(path))
                 self._preloads.add(task)
                 task.add_done_callback(self._preload_done)
+
+    async def _preload_size_index(self, path: str, probe: int = 32) -> bool:
+        """Read `path`'s size index unless this node already knows the sizes of its first
+        `probe` files (a remount after a walk: no request at all, index published or not)."""
+        first = list(itertools.islice((e for e in self.tree.walk_files(path) if e.kind == "dvc"), probe))
+        if first and all(e.size is not None for e in await self.known_sizes(first)):
+            return False
+        return await self._use_size_index(path)
 
     def _preload_done(self, task: "asyncio.Task[bool]") -> None:
         self._preloads.discard(task)
