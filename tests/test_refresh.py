@@ -125,10 +125,6 @@ def test_hooks_open_file_keeps_its_content_when_the_branch_changes_it(origin, tm
         hooks.uninstall_hooks()
 
 
-@pytest.mark.xfail(strict=True, reason="breaker: an open file whose path becomes a directory at a refresh "
-                                       "fails its next read (ENOENT/EIO) and its close() (EIO), and its "
-                                       "path does not list as "
-                                       "the new directory while it is open")
 def test_an_open_file_whose_path_becomes_a_directory_keeps_reading(origin, tmp_path):
     """README: open handles are pinned to the object they opened (a refresh never changes an
     open file). Found by the breaker with a DVC file replaced by a git directory."""
@@ -169,8 +165,6 @@ def test_an_open_file_whose_path_becomes_a_directory_keeps_reading(origin, tmp_p
             wait_until(lambda: not mounted(mp), 10)
 
 
-@pytest.mark.xfail(strict=True, reason="breaker: after a refresh that changes a DVC file's size, a reader "
-                                       "that had it open sees the new size (the kernel cuts its reads there)")
 def test_an_open_file_keeps_its_size_when_a_refresh_changes_it(origin, tmp_path):
     """README: a refresh never changes an open file. The existing test changes a folder
     beside the open file; here the open file's own .dvc changes (another md5 and size)."""

@@ -60,6 +60,7 @@ def _never_crash(handler):  # type: ignore[no-untyped-def]
 class _Open:
     handle: Handle
     state: ReadState
+    inode: int = 0                 # the inode it was opened through
     # (monotonic time, offset, end) of the last read that ran into the deadline
     timed_out: tuple[float, int, int] | None = None
 
@@ -91,6 +92,9 @@ class DdaOperations(pyfuse3.Operations):
         self._paths[pyfuse3.ROOT_INODE] = self.root
         self._inodes: dict[str, int] = {self.root: pyfuse3.ROOT_INODE}
         self._open: dict[int, _Open] = {}           # fh -> open file (metrics count these)
+        # Inodes a refresh took from their path while files were open on them: they keep
+        # answering with the entry of open time (the path gets a fresh inode).
+        self._retired: set[int] = set()
         self.status_extra: dict[str, object] = {}
         engine.fetcher.mismatch_observers.append(self._object_failed)
         engine.fetcher.size_observers.append(self._object_resized)
@@ -140,7 +144,17 @@ class DdaOperations(pyfuse3.Operations):
 
     @_never_crash
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode in self._retired:
+            return self._attrs(inode, self._pinned_attr(inode))
         return self._attrs(inode, await self.fs.stat(self._path(inode)))
+
+    def _pinned_attr(self, inode: int) -> Attr:
+        """Attributes of a retired inode: those of the entry its open files were opened on."""
+        for opened in self._open.values():
+            if opened.inode == inode:
+                handle = opened.handle
+                return Attr(handle.entry.mode, max(handle.size_at_open, 0), self.fs.mtime_ns, 1)
+        raise pyfuse3.FUSEError(errno.ENOENT)    # its last file closed: gone with the old revision
 
     @_never_crash
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -220,10 +234,16 @@ class DdaOperations(pyfuse3.Operations):
         if moved is None:
             return {"moved": False, "commit": self.fs.commit}
         stale: list[tuple[int, int | None, str]] = []      # (inode, parent inode, name)
+        held = {opened.inode for opened in self._open.values()}
         for path, inode in list(self._inodes.items()):
             if moved.changed(path):
                 parent = self._inodes.get(posixpath.dirname(path)) if path != self.root else None
                 stale.append((inode, parent, posixpath.basename(path)))
+                if inode in held and path != self.root:
+                    # Open files keep size and bytes of open time: the inode stays theirs and the
+                    # path's next lookup gets a fresh one (whatever it is now: other bytes, a folder).
+                    del self._inodes[path]
+                    self._retired.add(inode)
         # After this request has been answered: the kernel may lock what we invalidate.
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
         return {"moved": True, "old": moved.old_commit, "new": moved.new_commit}
@@ -279,8 +299,10 @@ class DdaOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if inode in self._retired:
+            raise pyfuse3.FUSEError(errno.ESTALE)   # a path of an older revision: look it up again
         handle = await self.fs.open(self._path(inode))
-        self._open[handle.id] = _Open(handle, ReadState())
+        self._open[handle.id] = _Open(handle, ReadState(), inode)
         self.prefetcher.on_open(handle.path)
         return pyfuse3.FileInfo(fh=handle.id, keep_cache=True, direct_io=False)
 
@@ -309,7 +331,7 @@ class DdaOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         opened = self._open.pop(fh, None)
         if opened is not None:
-            self.fs.release(opened.handle)
+            self.fs.release(opened.handle)    # a retired inode stays retired: ENOENT once unused
 
     @_never_crash
     async def releasedir(self, fh: int) -> None:
