@@ -96,3 +96,45 @@ def test_lock_files_go_away_with_their_download_and_stale_ones_at_open(tmp_path)
         assert sorted(p.name for p in locks.iterdir()) == ["held.0.lock"]
     finally:
         os.close(fd)
+
+
+def test_index_write_queue_is_bounded_with_back_pressure_on_store_threads(tmp_path, monkeypatch):
+    """Issue 10 (bounded queues): while another process holds the index lock, a store thread
+    queues at most INDEX_QUEUE_MAX index writes and then waits for room; the event loop never
+    waits (it queues past the bound); every queued write lands once the lock is free."""
+    import threading
+
+    from sidecar.store import chunks
+    monkeypatch.setattr(chunks, "INDEX_QUEUE_MAX", 4)
+    store = Store(tmp_path, 1 << 30, CS)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.root / "index.sqlite")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    done: list[int] = []
+    try:
+        assert holder.stdout.readline() == "locked\n"
+
+        def producer() -> None:
+            for i in range(10):
+                store.index_later(store.index.record_sizes, {f"{i:032x}": i + 1})
+                done.append(i)
+
+        thread = threading.Thread(target=producer)
+        thread.start()
+        thread.join(3)
+        # ordering, not timing: the writer is stuck on the lock, so the producer stopped at the bound
+        assert thread.is_alive() and len(done) == 4, done
+
+        async def from_the_loop() -> None:   # the loop queues past the bound without waiting
+            store.index_later(store.index.record_sizes, {"e" * 32: 99})
+        asyncio.run(asyncio.wait_for(from_the_loop(), 5))
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+    assert holder.stdout.readline() == "released\n"
+    holder.wait(10)
+    thread.join(60)
+    assert not thread.is_alive() and done == list(range(10))
+    assert store.index_settled(60)
+    assert store.index.sizes([f"{i:032x}" for i in range(10)] + ["e" * 32]) == \
+        {**{f"{i:032x}": i + 1 for i in range(10)}, "e" * 32: 99}
+    store.close()

@@ -36,6 +36,18 @@ __all__ = ["Store", "BLOCK", "HEADER", "MAX_BLOCKS"]
 
 LOCK_STRIPES = 64   # object locks share this many lock files: their number stays bounded
 FLUSH_SECONDS = 5.0  # how often recorded uses are written to the index (by a thread)
+INDEX_QUEUE_MAX = 4096   # index writes waiting for the writer thread (see Store.index_later)
+INDEX_QUEUE_WAIT = 60.0  # seconds a store thread waits for room before queueing anyway
+
+
+def _on_event_loop() -> bool:
+    """True on a thread that runs an asyncio event loop (which must never wait here)."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +99,36 @@ class Store:
         self._flusher = threading.Thread(target=self._flush_uses, name="store-index-flush", daemon=True)
         self._flusher.start()
         self._index_writer = ThreadPoolExecutor(1, thread_name_prefix="store-index-write")
+        self._index_queued = 0                      # writes submitted, not yet done
+        self._index_room = threading.Condition()
 
     def index_later(self, fn: Callable[..., object], *args: object) -> None:
         """Run an index write on the store's writer thread, in order, without waiting for it:
         the event loop must never wait for the index's write lock (another process may hold
-        it). Failures are logged; the index is a cache of the chunk files."""
+        it). Failures are logged; the index is a cache of the chunk files.
+
+        The queue is bounded (INDEX_QUEUE_MAX): a store thread that finds it full waits for
+        room (back-pressure on downloads while another process holds the index lock, at most
+        INDEX_QUEUE_WAIT s, then queues anyway); the event loop never waits - its writes are
+        batches of sizes and proofs, a few per request."""
         def run() -> None:
             try:
                 fn(*args)
             except Exception as err:
                 log.warning("cache index: a change was not recorded: %s", err)
+            finally:
+                with self._index_room:
+                    self._index_queued -= 1
+                    self._index_room.notify_all()
+        with self._index_room:
+            if self._index_queued >= INDEX_QUEUE_MAX and not _on_event_loop():
+                self._index_room.wait_for(lambda: self._index_queued < INDEX_QUEUE_MAX, INDEX_QUEUE_WAIT)
+            self._index_queued += 1
         try:
             self._index_writer.submit(run)
         except RuntimeError:     # closed meanwhile
-            pass
+            with self._index_room:
+                self._index_queued -= 1
 
     def index_settled(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the index writes queued so far (False if they are
