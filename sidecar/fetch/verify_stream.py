@@ -115,7 +115,12 @@ class ObjectPass:
         if idx < self.hashed or self.task.done():
             return None
         while True:
-            job = await self._wait(idx, hi)
+            try:
+                job = await self._wait(idx, hi)
+            except Exception:
+                if isinstance(self.failed, Exception):   # the pass failed and ended its jobs: say why
+                    raise self.failed from None
+                raise
             data = await job.copy(lo, hi, self.fetcher.astore.run)
             # The answer that woke us may have been rejected since (a wrong size: the job
             # restarted with an empty buffer): wait for the bytes again, never hand out fewer.
