@@ -415,9 +415,10 @@ class Tenancy:
             return      # our remote told this size; the bytes (none here yet) come from it
         answer = await self._ask(ref, lambda: remote.inner.size(ref.path))
         if answer != local:
-            log.warning("%s: remote %r says %s has %d bytes, this node knows another size; "
-                        "not served from the cache", ref.display, remote.name, ref.path, answer)
-            raise ObjectMissing(f"{ref.path}: another object")
+            # No bytes of it are held here (else the content proof above ran), so the size this
+            # node knew is only an earlier answer - maybe a lie, maybe another tenant's: this
+            # remote's answer stands for this read (the fetch learns it again and verifies).
+            self.fetcher._size_contradicted(ref, local, answer)
         self._record(remote.ident, ref.oid, None, answer, False)
 
     async def _ask(self, ref: "ObjectRef", call):  # type: ignore[no-untyped-def]
