@@ -256,17 +256,15 @@ def test_foreground_mount_exits_cleanly_on_signal(sample, mp, tmp_path, sig):
 
 def test_sigterm_with_reader_blocked_on_a_remote_that_never_answers(tmp_path, mp):
     """The daemon leaves within seconds; the blocked reader gets an error, not a hang."""
-    import socket
+    from faultremote import FaultRemote
 
     repo, remote = make_sample_repo(tmp_path / "s", images=4)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"),
-           "DDA_REMOTE_STORAGE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/nowhere"}
-    # the snapshot's manifest is fetched once from the real remote
-    subprocess.run([DDA, "ls", str(repo)], env={**env, "DDA_REMOTE_STORAGE_URL": str(remote)}, check=True,
-                   capture_output=True)
+    server = FaultRemote(Path(remote)).start()
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"), "DDA_REMOTE_STORAGE_URL": server.url}
+    # the snapshot's manifest is fetched once while the remote answers (the cache then holds
+    # it, proven for this remote: store/tenancy.py); from then on the remote never answers
+    subprocess.run([DDA, "ls", str(repo)], env=env, check=True, capture_output=True)
+    server.fault("stall", method=None, times=None, seconds=3600)
     proc = subprocess.Popen([DDA, "mount", str(repo), str(mp), "--deadline", "300"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -293,7 +291,7 @@ def test_sigterm_with_reader_blocked_on_a_remote_that_never_answers(tmp_path, mp
         assert not t.is_alive() and "errno" in outcome
         assert not mounted(mp)
     finally:
-        silent.close()
+        server.stop()
         if proc.poll() is None:
             proc.kill()
 
@@ -333,16 +331,14 @@ def test_unmount_while_a_directory_is_being_sized_ends_the_daemon(tmp_path, mp):
     (a busy mount; the kubelet's teardown is alike): the mount leaves the table at once, and
     the daemon must end within seconds too (it used to wait in pyfuse3.main() until the
     request's deadline, holding /dev/fuse); the lister then gets an error, not a hang."""
-    import socket
+    from faultremote import FaultRemote
 
     repo, remote = make_sample_repo(tmp_path / "s", images=6)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"),
-           "DDA_REMOTE_STORAGE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/nowhere"}
-    subprocess.run([DDA, "ls", str(repo)], env={**env, "DDA_REMOTE_STORAGE_URL": str(remote)}, check=True,
-                   capture_output=True)
+    server = FaultRemote(Path(remote)).start()
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"), "DDA_REMOTE_STORAGE_URL": server.url}
+    # the manifest once while the remote answers (cached and proven for it), then silence
+    subprocess.run([DDA, "ls", str(repo)], env=env, check=True, capture_output=True)
+    server.fault("stall", method=None, times=None, seconds=3600)
     proc = subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", "--deadline", "300"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -361,7 +357,7 @@ def test_unmount_while_a_directory_is_being_sized_ends_the_daemon(tmp_path, mp):
         assert time.monotonic() - started < 10
         assert lister.wait(10) != 0                   # an error, not a hang
     finally:
-        silent.close()
+        server.stop()
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
         if lister.poll() is None:
@@ -390,11 +386,12 @@ def test_unmount_during_a_directory_prefetch_ends_the_daemon(tmp_path, mp):
     open: a plain unmount) must end the daemon within seconds, its children (git cat-file
     readers) with it. It once stayed alive over 2 minutes holding /dev/fuse, waiting in
     pyfuse3.main()."""
-    import socket
+    from faultremote import FaultRemote
 
     repo, remote = make_sample_repo(tmp_path / "s", images=40)
+    server = FaultRemote(Path(remote)).start()
     cats = mp / "data" / "images" / "cats"
-    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"), "DDA_REMOTE_STORAGE_URL": str(remote)}
+    env = {**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache"), "DDA_REMOTE_STORAGE_URL": server.url}
     # a first mount learns every size (kept in the cache), so the second lists without the remote
     subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon"], env=env, check=True, capture_output=True)
     names = sorted(os.listdir(cats))
@@ -402,22 +399,18 @@ def test_unmount_during_a_directory_prefetch_ends_the_daemon(tmp_path, mp):
     subprocess.run([DDA, "unmount", str(mp)], check=True)
     assert wait_until(lambda: not mounted(mp), 10)
 
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(64)
-    silent.settimeout(20)
-    env["DDA_REMOTE_STORAGE_URL"] = f"http://127.0.0.1:{silent.getsockname()[1]}/nowhere"
+    server.fault("stall", method=None, times=None, seconds=3600)     # from now on it never answers
     proc = subprocess.run([DDA, "mount", str(repo), str(mp), "--daemon", "--deadline", "300"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     pid = daemon_pid(mp)
-    held = []
     try:
         assert (mp / "README.md").read_bytes()          # a git blob: a cat-file reader starts
+        mark = len(server.requests)
         for name in names[:8]:                          # in listing order: the walk is followed
             os.close(os.open(cats / name, os.O_RDONLY))
-        conn, _ = silent.accept()                       # the prefetch reached the remote ...
-        held.append(conn)
+        # the prefetch reached the remote ...
+        assert wait_until(lambda: any(r.method == "GET" for r in server.requests[mark:]), 20)
         time.sleep(0.5)                                 # ... and waits there
         children = _children(pid)
         assert any(b"cat-file" in Path(f"/proc/{c}/cmdline").read_bytes() for c in children), children
@@ -430,9 +423,7 @@ def test_unmount_during_a_directory_prefetch_ends_the_daemon(tmp_path, mp):
         assert wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 10), children
         assert "Traceback" not in (tmp_path / "cache" / "logs" / "mount.log").read_text()
     finally:
-        for conn in held:
-            conn.close()
-        silent.close()
+        server.stop()
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
         if mounted(mp):
