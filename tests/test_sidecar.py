@@ -9,7 +9,6 @@ import shutil
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -98,15 +97,17 @@ def test_unmounted_from_outside_exits_nonzero(sample, mp, tmp_path):
 def test_sigterm_with_reader_blocked_on_cold_read(sample, mp, tmp_path):
     """A remote that accepts connections and never answers; a reader blocked in read(); SIGTERM
     must still unmount and exit 0 within seconds, and the reader gets an error, not a hang."""
-    repo, _ = sample
+    from faultremote import FaultRemote
+
+    repo, remote = sample
     cache = tmp_path / "cache"
-    # the .dir manifest comes from the cache, filled by a first run against the real remote
-    subprocess.run([DDA, "ls", str(repo)], env={**os.environ, "DDA_CACHE_DIR": str(cache)}, check=True,
+    server = FaultRemote(Path(remote)).start()
+    env = {"DDA_REMOTE_STORAGE_URL": server.url, "DDA_DEADLINE": "120"}
+    # the .dir manifest comes from the cache, filled (and proven for this remote: tenancy) by a
+    # first run while the remote answers; then it accepts connections and never answers
+    subprocess.run([DDA, "ls", str(repo)], env={**os.environ, "DDA_CACHE_DIR": str(cache), **env}, check=True,
                    capture_output=True, timeout=60)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(64)
-    env = {"DDA_REMOTE_STORAGE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/dvc", "DDA_DEADLINE": "120"}
+    server.fault("stall", method=None, times=None, seconds=3600)
     reader = None
     try:
         with Sidecar(str(repo), mp, cache, env=env) as sc:
@@ -122,7 +123,7 @@ def test_sigterm_with_reader_blocked_on_cold_read(sample, mp, tmp_path):
             assert not mounted(mp)
             assert reader.wait(10) != 0
     finally:
-        silent.close()
+        server.stop()
         if reader is not None and reader.poll() is None:
             reader.kill()
 
