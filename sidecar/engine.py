@@ -718,7 +718,18 @@ class Engine:
         # After a failure, downloads still under way are abandoned, not waited for.
         await self.aclose(drain_seconds=30.0 if exc_type is None else 0.0)
 
+    def forget_credentials(self) -> None:
+        """Remove the credential files we wrote (git's 0600 config); sync, safe to call twice:
+        also from a caller whose aclose() ran out of time (the hooks at interpreter exit)."""
+        self.git._forget_credential_file()
+
     async def aclose(self, drain_seconds: float = 30.0) -> None:
+        try:
+            await self._aclose(drain_seconds)
+        finally:
+            self.forget_credentials()   # whatever happened above: no secret outlives us on disk
+
+    async def _aclose(self, drain_seconds: float) -> None:
         for task in list(self._preloads):
             task.cancel()
         await asyncio.gather(*self._preloads, return_exceptions=True)

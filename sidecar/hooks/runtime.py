@@ -76,6 +76,7 @@ class Runtime:
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
         finally:
+            self.engine.forget_credentials()    # also when the close ran out of time
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout)
             _retired_loops.append(self.loop)
