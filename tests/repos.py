@@ -56,6 +56,9 @@ class FixtureRepo:
     private_git_url: str = ""
     build_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    # remote kind -> the branch's commit as authored (tests that upload move the branches;
+    # a test comparing with `expected` pins this commit)
+    commits: dict[str, str] = field(default_factory=dict)
 
     def expected_files(self) -> dict[str, Path]:
         """Every regular file a user sees after clone + dvc pull, keyed by
@@ -355,6 +358,7 @@ def _author(
         work=work,
         build_seconds=round(time.monotonic() - t0, 2),
         info={"push_seconds": push_times, "pull_seconds": pull_time, "s3_via": s3_via},
+        commits={kind: _git(work, env, "rev-parse", br).stdout.strip() for kind, br in branches.items()},
     )
 
 

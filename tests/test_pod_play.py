@@ -139,7 +139,7 @@ def _expected(repo) -> dict[str, bytes]:
     models/model.bin, whose remote is a folder on this machine the pod cannot see."""
     files = {rel: p.read_bytes() for rel, p in repo.expected_files().items() if rel != "models/model.bin"}
     files[".dvc/config"] = subprocess.run(["git", "-C", str(repo.local_path), "show",
-                                           f"{repo.branches['http']}:.dvc/config"],
+                                           f"{repo.commits['http']}:.dvc/config"],
                                           capture_output=True, check=True).stdout
     return files
 
@@ -212,7 +212,7 @@ def test_privileged_pod_reads_every_byte_and_leaves_no_mount(podman, sidecar_ima
                                                              http_remote, world, played):
     started = time.monotonic()
     port = free_port()
-    pod, sidecar = _mutated(sidecar_image, git_daemon.url(dvc3_repo.name), dvc3_repo.branches["http"],
+    pod, sidecar = _mutated(sidecar_image, git_daemon.url(dvc3_repo.name), dvc3_repo.commits["http"],
                             "privileged", port)
     assert sidecar["securityContext"]["privileged"] is True
     data_volume = next(m["name"] for m in sidecar["volumeMounts"] if m.get("mountPropagation") == "Bidirectional")
@@ -250,7 +250,7 @@ def test_privileged_pod_deleted_while_serving(podman, sidecar_image, git_daemon,
     on the host. (A bare `podman kube down` SIGKILLs at once: see tests/podman_pod.py.)"""
     started = time.monotonic()
     port = free_port()
-    pod, sidecar = _mutated(sidecar_image, git_daemon.url(dvc3_repo.name), dvc3_repo.branches["http"],
+    pod, sidecar = _mutated(sidecar_image, git_daemon.url(dvc3_repo.name), dvc3_repo.commits["http"],
                             "privileged", port)
     data_volume = next(m["name"] for m in sidecar["volumeMounts"] if m.get("mountPropagation") == "Bidirectional")
     volumes = world / "volumes"
@@ -318,7 +318,7 @@ def test_csi_mode_pod_unprivileged_sidecar_reads_every_byte(podman, sidecar_imag
 
     started = time.monotonic()
     port = free_port()
-    pod, sidecar = _mutated(sidecar_image, git_daemon.url(dvc3_repo.name), dvc3_repo.branches["http"],
+    pod, sidecar = _mutated(sidecar_image, git_daemon.url(dvc3_repo.name), dvc3_repo.commits["http"],
                             "csi", port)
     security = sidecar["securityContext"]
     assert security["runAsUser"] == NOBODY and security["capabilities"] == {"drop": ["ALL"]}
