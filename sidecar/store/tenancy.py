@@ -338,6 +338,21 @@ class Tenancy:
                     self._record(ident, oid, path, size, True)
                     break
         self._pending.clear()
+        # Sizes our remotes answered that no caller got to look at (a bulk stat cut by its
+        # deadline): the fetcher recorded them in the index, so their proofs go there too -
+        # else the next process would ask again (sizing never throws progress away).
+        rows = []
+        for (ident, path), size in list(self._answers.items()):
+            match = _OBJECT_PATH.search(path)
+            if match is None:
+                continue
+            oid = match.group(1) + match.group(2)
+            if self.fetcher._sizes.get(oid) in (None, size):
+                self._remember(ident, oid, None, size, False)
+                rows.append((ident, oid, size, 0))
+        self._answers.clear()
+        if rows:
+            self.store.index_later(self.store.index.record_proofs, rows)
 
     def _compare(self, oid: str, start: int, length: int, lo: int, window: bytes,
                  total: int | None) -> int | None:
