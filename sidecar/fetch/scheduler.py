@@ -30,6 +30,7 @@ from ..errors import (CacheFull, DeadlineExceeded, HashMismatch, ObjectMissing, 
 from ..locks import FileLock
 from ..remotes import Remote
 from ..store import AsyncStore, Store
+from ..store.chunks import on_event_loop
 from ..store.identity import ChunkHeader, chunk_digest, expected_length
 from ..store.verify import md5_matches
 from .job import LOOP_COPY_MAX, ChunkJob, Kind, Superseded
@@ -47,15 +48,6 @@ fetch_observers: contextvars.ContextVar[tuple[Callable[[str, str, float], None] 
     contextvars.ContextVar("dda_fetch_observers", default=(None, None))
 
 SIZE_MEMO = 65536   # sizes kept in memory (the persistent index keeps them all): a bound, not one per size learned
-
-
-def _on_loop() -> bool:
-    """True when called from a thread running an event loop (where the index must not be read)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 class SizeMemo(OrderedDict[str, int]):
@@ -172,7 +164,7 @@ class Fetcher:
         complete answer, a HEAD) or from the verified object (`verified`). True when it
         corrected a size that was contradicted (see _index_settled)."""
         old = self._sizes.get(oid)
-        if old is None and verified and oid not in self._contradicted and not _on_loop():
+        if old is None and verified and oid not in self._contradicted and not on_event_loop():
             # known once, since dropped from the bounded memo; on the loop the index is not read
             # (the read paths ask indexed_size first, which puts it back in the memo)
             old = self.store.index.size(oid)

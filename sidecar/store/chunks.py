@@ -40,8 +40,8 @@ INDEX_QUEUE_MAX = 4096   # index writes waiting for the writer thread (see Store
 INDEX_QUEUE_WAIT = 60.0  # seconds a store thread waits for room before queueing anyway
 
 
-def _on_event_loop() -> bool:
-    """True on a thread that runs an asyncio event loop (which must never wait here)."""
+def on_event_loop() -> bool:
+    """True on a thread that runs an asyncio event loop (which must never wait on the index)."""
     import asyncio
     try:
         asyncio.get_running_loop()
@@ -121,7 +121,7 @@ class Store:
                     self._index_queued -= 1
                     self._index_room.notify_all()
         with self._index_room:
-            if self._index_queued >= INDEX_QUEUE_MAX and not _on_event_loop():
+            if self._index_queued >= INDEX_QUEUE_MAX and not on_event_loop():
                 self._index_room.wait_for(lambda: self._index_queued < INDEX_QUEUE_MAX, INDEX_QUEUE_WAIT)
             self._index_queued += 1
         try:
