@@ -241,6 +241,15 @@ async def cmd_sizes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _say_error(message: str) -> None:
+    """One `dda: error:` line on stderr. A reader of stderr that left (`2>&1 | head -1`) must
+    not turn a failure into exit 0: the line is dropped, the exit code stands."""
+    try:
+        print(f"dda: error: {redact(message)}", file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def _report_problems(engine: Any, path: str) -> int:
     """Name each unavailable output at, under or above `path` once on stderr; PARTIAL_EXIT (3)
     if there was one (the rest was listed or written), else 0."""
@@ -249,7 +258,7 @@ def _report_problems(engine: Any, path: str) -> int:
                 if (pr.path is None and not path) or (pr.path is not None and (
                     not path or pr.path == path or pr.path.startswith(prefix) or path.startswith(pr.path + "/")))]
     for problem in relevant:
-        print(f"dda: error: {redact(problem.message())}", file=sys.stderr)
+        _say_error(problem.message())
     return PARTIAL_EXIT if relevant else 0
 
 
@@ -430,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(handler(ns))
     except DDAError as err:
         info = describe(err)
-        print(f"dda: error: {redact(info.message)}", file=sys.stderr)
+        _say_error(info.message)
         return info.exit_code
     except BrokenPipeError:
         # `dda cat ... | head`: the reader left; that is not an error.

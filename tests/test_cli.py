@@ -199,3 +199,25 @@ def test_a_size_beyond_64_bits_is_one_bad_output_not_a_traceback(sample):
     assert "data/" in proc.stdout.decode()
     cat = one_line_error(dda("cat", str(repo), "huge.txt", cache=cache))
     assert "huge.dvc" in cat and "Traceback" not in cat
+
+
+def test_a_failure_keeps_its_exit_code_when_the_stderr_reader_left(sample):
+    """Found by a fresh tester: `dda get URL . -o g 2>&1 | head -1` exited 0 where the same
+    command exits 3 (the broken pipe on stderr was taken for `dda cat | head`). The reader of
+    stderr leaving drops the message, never the exit code."""
+    repo, _, cache = sample
+    (Path(repo) / "bad.dvc").write_text("outs:\n- md5: b1946ac92492d2347c6235b4d2611184\n"
+                                        "  size: -1\n  hash: md5\n  path: bad.txt\n")
+    git(repo, "add", "bad.dvc")
+    git(repo, "commit", "-qm", "bad")
+    env = {**{k: v for k, v in os.environ.items() if k != "DDA_REPO"}, "DDA_CACHE_DIR": str(cache)}
+    for args in (("ls", str(repo)), ("cat", str(repo), "bad.txt")):
+        told = dda(*args, cache=cache)
+        assert told.returncode != 0 and b"bad" in told.stderr
+        read_end, write_end = os.pipe()
+        os.close(read_end)                      # nobody reads stderr
+        try:
+            proc = subprocess.run([DDA, *args], stdout=subprocess.DEVNULL, stderr=write_end, env=env, timeout=120)
+        finally:
+            os.close(write_end)
+        assert proc.returncode == told.returncode, (args, proc.returncode, told.returncode)
