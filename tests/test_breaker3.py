@@ -196,3 +196,51 @@ def test_random_reads_in_a_mount_do_not_size_the_whole_folder(nginx, tmp_path, m
     finally:
         _dda("unmount", str(mp), env=env)
     assert len(heads) <= 3 + 32      # the files read, plus at most a prefetch window
+
+
+def _du(path: Path) -> int:
+    """Bytes on disk under `path` (what `du -s --block-size=1` says: blocks, folders included)."""
+    out = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.fixture
+def tiny_files(tmp_path):
+    """2,000 files of 100-1,000 B in one folder, local-directory remote (no server)."""
+    return write_layout(tmp_path / "l", folders=1, per_folder=2000)
+
+
+@pytest.mark.xfail(strict=True, reason="with --cache-size 4M, `dda get` of 2,000 tiny files leaves 4.7 MB "
+                   "on disk in the store: chunk blocks + index fill the budget, the 257 chunks/XX folders (1 MB) are not counted")
+def test_cache_budget_holds_for_what_the_store_takes_on_disk(tiny_files, tmp_path):
+    """README: one budget, counted as bytes on disk (headers, block rounding, index, lock and
+    temp files), made room for before each write. `dda get --cache-size 4M` of 2,000 files of
+    100-1,000 B: `du` of the store must stay within 4 MiB. Today it is about 3x over (on the
+    2,000 here: 800 chunk files in 3.3 MB of blocks + 0.4 MB index, plus 1 MB of chunks/XX
+    folders = 4.7 MB); nothing is left in locks/ or tmp/ (that part holds)."""
+    cache = tmp_path / "cache"
+    proc = _dda("get", str(tiny_files.repo), "data", "-o", str(tmp_path / "dest"), "--cache-size", "4M",
+                env={"DDA_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    store = cache / "store-v2"
+    assert not list((store / "locks").iterdir()) and not list((store / "tmp").iterdir())
+    assert _du(store) <= 4 * 1024 * 1024
+
+
+@pytest.mark.xfail(strict=True, reason="dda status reports 1.2 MB used for a store that takes 9.9 MB on disk "
+                   "(2,000 tiny objects; 5,000: 3.1 MB reported, 23.1 MB on disk)")
+def test_status_cache_use_is_what_du_says(tiny_files, tmp_path, mp):
+    """After `dda get` of 2,000 tiny files (budget large enough to keep them all), a mount on
+    the same cache reports `cache_used_bytes` in `dda status --json`; it should be what `du`
+    says the store takes (within 10%), as the README counts bytes on disk."""
+    cache = tmp_path / "cache"
+    env = {"DDA_CACHE_DIR": str(cache)}
+    assert _dda("get", str(tiny_files.repo), "data", "-o", str(tmp_path / "dest"), env=env).returncode == 0
+    mounted = _dda("mount", str(tiny_files.repo), str(mp), "--daemon", env=env)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        status = json.loads(_dda("status", str(mp), "--json", env=env).stdout)
+    finally:
+        _dda("unmount", str(mp), env=env)
+    on_disk = _du(cache / "store-v2")
+    assert status["cache_used_bytes"] >= 0.9 * on_disk, (status["cache_used_bytes"], on_disk)
