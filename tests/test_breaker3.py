@@ -244,3 +244,24 @@ def test_status_cache_use_is_what_du_says(tiny_files, tmp_path, mp):
         _dda("unmount", str(mp), env=env)
     on_disk = _du(cache / "store-v2")
     assert status["cache_used_bytes"] >= 0.9 * on_disk, (status["cache_used_bytes"], on_disk)
+
+
+@pytest.mark.xfail(strict=True, reason="a published size index holding a size >= 2**63 is a traceback "
+                   "(OverflowError into SQLite) in dda ls, and EIO for every file of the folder in the mount")
+def test_size_index_with_a_size_beyond_int64_is_ignored_not_a_traceback(tmp_path):
+    """Whoever can write the remote can write `<manifest>.dir.sizes`. An index whose sizes are
+    negative, floats or strings is ignored with one warning line (that holds); one size of
+    2**64 makes a fresh `dda ls` die with a traceback, and a fresh mount answers EIO to every
+    lookup in the folder (10,000 traceback lines in its log for a `find` of 5,000 files)."""
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=1000)
+    env = {"DDA_CACHE_DIR": str(tmp_path / "pub")}
+    assert _dda("sizes", "publish", str(layout.repo), "data", env=env).returncode == 0
+    key = next(layout.remote_root.glob("files/md5/*/*.dir.sizes"))
+    doc = json.loads(key.read_bytes())
+    victim = sorted(doc["sizes"])[3]
+    doc["sizes"][victim] = 2 ** 64
+    key.write_text(json.dumps(doc))
+    proc = _dda("ls", str(layout.repo), "data", env={"DDA_CACHE_DIR": str(tmp_path / "fresh")})
+    assert "Traceback" not in proc.stderr and proc.returncode == 0, proc.stderr[-600:]
+    sizes = {line.split()[2]: int(line.split()[1]) for line in proc.stdout.splitlines()}
+    assert {f"data/{m['relpath']}": len(_object(layout, m["md5"])) for m in _manifest(layout)} == sizes
