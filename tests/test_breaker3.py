@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,33 @@ def test_size_requests_run_128_at_a_time_against_a_slow_remote(tmp_path):
     finally:
         remote.stop()
     assert len(heads) >= 100, len(heads)
+
+
+@pytest.mark.xfail(strict=True, reason="os.path.exists/isfile on 5 files through install_hooks() HEAD each "
+                   "one, then the whole 2,000-file folder in the background (a type question, no size needed)")
+def test_hooks_exists_checks_do_not_size_the_folder(nginx, tmp_path):
+    """Training code often checks `os.path.exists(p)` / `os.path.isfile(p)` per sample. Names
+    and types come from the snapshot (README), so these need no request; at worst one HEAD per
+    file asked. Today two such checks make the hooks size every file of the folder in the
+    background (the 'walker' stat-ahead): 5 checks in a 2,000-file folder -> ~2,000 HEADs (a
+    DagsHub folder of 112k files: 112k HEADs for 5 exists checks)."""
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=2000, remote=nginx.root, remote_url=nginx.url)
+    root = tmp_path / "work"
+    root.mkdir()
+    code = f"""
+import os
+from sidecar import install_hooks, uninstall_hooks
+install_hooks({str(layout.repo)!r}, revision="main", root={str(root)!r}, cache_dir={str(tmp_path / 'cache')!r})
+names = [f"f{{i:06d}}.bin" for i in (3, 500, 999, 1500, 1999)]
+assert all(os.path.exists(os.path.join({str(root / 'data')!r}, n)) for n in names)
+assert all(os.path.isfile(os.path.join({str(root / 'data')!r}, n)) for n in names)
+import time; time.sleep(3)      # what the engine does in the background meanwhile
+uninstall_hooks()
+"""
+    mark = _settled(nginx)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DDA_REMOTE_STORAGE_USER": nginx.user,
+                               "DDA_REMOTE_STORAGE_PASSWORD": nginx.password})
+    assert proc.returncode == 0, proc.stderr[-800:]
+    heads = [r for r in nginx.requests_since(mark) if r.method == "HEAD"]
+    assert len(heads) <= 5, len(heads)
