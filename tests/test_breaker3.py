@@ -315,3 +315,21 @@ uninstall_hooks()
     assert proc.returncode == 0, proc.stderr[-800:]
     heads = [r for r in nginx.requests_since(mark) if r.method == "HEAD"]
     assert len(heads) <= 5, len(heads)
+
+
+@pytest.mark.xfail(strict=True, reason="every `dda ls` of a 1,000+ file folder asks for the size index "
+                   "(404) again, though this node knows every size and sends no per-file request")
+def test_second_ls_of_a_fully_sized_folder_sends_no_request(nginx, tmp_path):
+    """README: a client reads the size index 'before its first per-file request in a directory
+    of 1,000 files or more ...; listing and reading never ask for it'. After one `dda ls data`
+    has learned all 1,000 sizes (no index published), the same listing again with the same
+    cache needs nothing from the remote; today each run GETs `<manifest>.dir.sizes` (404)."""
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=1000, remote=nginx.root, remote_url=nginx.url)
+    env = {"DDA_REMOTE_STORAGE_USER": nginx.user, "DDA_REMOTE_STORAGE_PASSWORD": nginx.password,
+           "DDA_CACHE_DIR": str(tmp_path / "cache")}
+    first = _dda("ls", str(layout.repo), "data", env=env)
+    assert first.returncode == 0 and len(first.stdout.splitlines()) == 1000
+    mark = _settled(nginx, quiet=0.5)
+    again = _dda("ls", str(layout.repo), "data", env=env)
+    assert again.stdout == first.stdout
+    assert [(r.method, r.uri) for r in nginx.requests_since(mark)] == []
