@@ -21,6 +21,7 @@ from .errors import DDAError
 from .remotes import object_path
 
 FORMAT = "dda-sizes/1"
+MAX_SIZE = 2 ** 63     # a file size fits a signed 64-bit off_t (and SQLite INTEGER)
 
 
 class SizeIndexInvalid(DDAError):
@@ -58,6 +59,6 @@ def decode(data: bytes, manifest_md5: str, expected: set[str], where: str) -> di
         extra, missing = len(sizes.keys() - expected), len(expected - sizes.keys())
         raise SizeIndexInvalid(f"{where}: lists {extra} md5s the manifest lacks and lacks {missing} it lists")
     for md5, size in sizes.items():
-        if type(size) is not int or size < 0:
+        if type(size) is not int or not 0 <= size < MAX_SIZE:
             raise SizeIndexInvalid(f"{where}: size of {md5} is not a byte count")
     return sizes

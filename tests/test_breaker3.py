@@ -247,8 +247,6 @@ def test_status_cache_use_is_what_du_says(tiny_files, tmp_path, mp):
     assert status["cache_used_bytes"] >= 0.9 * on_disk, (status["cache_used_bytes"], on_disk)
 
 
-@pytest.mark.xfail(strict=True, reason="a published size index holding a size >= 2**63 is a traceback "
-                   "(OverflowError into SQLite) in dda ls, and EIO for every file of the folder in the mount")
 def test_size_index_with_a_size_beyond_int64_is_ignored_not_a_traceback(tmp_path):
     """Whoever can write the remote can write `<manifest>.dir.sizes`. An index whose sizes are
     negative, floats or strings is ignored with one warning line (that holds); one size of
