@@ -113,6 +113,8 @@ class Store:
             self._clean_pending()
         self._used = self.index.used_bytes()
         self._used_read = time.monotonic()
+        self._disk_est = self.index.disk_bytes()
+        self._overhead(fresh=True)
         # Use times are written by this thread, never by a reader: a warm read must not wait
         # for the index's write lock (another process may hold it).
         self._stop_flusher = threading.Event()
@@ -167,6 +169,11 @@ class Store:
                 self.index.flush()
             except Exception as err:    # use times are a hint for eviction: kept for the next try
                 log.debug("cache index: use times not written yet: %s", err)
+            try:    # keeps disk_used() current for the metrics (other processes write too)
+                self._disk_est = self.index.disk_bytes()
+                self._overhead()
+            except Exception as err:
+                log.debug("cache: usage not measured: %s", err)
 
     # -- housekeeping ----------------------------------------------------------------------------
     def _clean_tmp(self) -> None:
@@ -520,6 +527,11 @@ class Store:
         file and folder): the files of `chunks/` from the index (exact, shared by every
         process), the rest measured now. This is what the budget is held against."""
         return self.index.disk_bytes() + self._overhead(fresh=True)
+
+    def disk_used(self) -> int:
+        """`disk_usage()` as last measured (by a write, an eviction, or the store's thread
+        every FLUSH_SECONDS): no I/O, for the metrics and `dda status` on the event loop."""
+        return self._disk_est + self._overhead_cached[0]
 
     def evict(self, target: float | None = None, extra: int = 0) -> None:
         """Remove least recently used chunks until the directory fits the shared budget with

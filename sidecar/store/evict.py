@@ -26,13 +26,15 @@ def evict_to_budget(index: Index, budget: int, unlink: Callable[[str, int], None
         batch = index.oldest(256)
         if not batch:
             break
+        gone: list[tuple[str, int]] = []
         for oid, idx, nbytes in batch:
             unlink(oid, idx)
-            index.forget_chunk(oid, idx)
+            gone.append((oid, idx))
             used -= nbytes
-            removed += 1
             if idx >= 0:
                 touched.append(oid)
             if used <= goal:
                 break
+        index.forget_chunks(gone)    # one transaction per batch: tiny files evict thousands
+        removed += len(gone)
     return used, removed, touched

@@ -269,6 +269,11 @@ class Index:
     def forget_chunk(self, oid: str, idx: int) -> None:
         self._run("DELETE FROM chunks WHERE oid=? AND idx=?", (oid, idx))
 
+    def forget_chunks(self, rows: list[tuple[str, int]]) -> None:
+        """`forget_chunk` for many (oid, idx) in one transaction."""
+        if rows:
+            self._many("DELETE FROM chunks WHERE oid=? AND idx=?", rows)
+
     def forget_object(self, oid: str) -> None:
         self._run("DELETE FROM chunks WHERE oid=?", (oid,))
 
