@@ -202,3 +202,54 @@ def test_budget_holds_on_disk_over_a_streamed_pass_and_leaves_no_lock_or_temp_fi
     assert 0 < kept < 3000 and proven > 0
     # an object evicted between its proof and the eviction's clean-up may keep one (16 readers)
     assert orphans <= 16, (orphans, proven, kept)
+
+
+def test_rebuilt_and_migrated_index_count_the_same_bytes(tmp_path):
+    """The index is a cache of the files: rebuilt from them (a lost index, or one from before
+    the `disk` column), it counts the chunk and digest files again, and the total still
+    equals `du`."""
+    import random
+    import sqlite3
+
+    from sidecar.store import Store
+
+    rng = random.Random(9)
+    cs = 128 * 1024
+    store = Store(tmp_path, budget=1 << 30, chunk_size=cs)
+    for i in range(300):
+        store.write(f"{i:032x}", 0, rng.randbytes(rng.randint(100, 1000)))
+    store.write_sums("ab" * 16, 3 * cs, [bytes(32)] * 3)
+    for idx in range(3):
+        store.write("ab" * 16, idx, rng.randbytes(cs), object_size=3 * cs)
+    counted, truth = store.disk_usage(), du(tmp_path)
+    store.close()
+    assert abs(counted - truth) <= WAL_SLACK, (counted, truth)
+
+    for p in (tmp_path / "store-v2").glob("index.sqlite*"):
+        p.unlink()
+    again = Store(tmp_path, budget=1 << 30, chunk_size=cs)
+    assert again.index.rebuilt and again.read_sums("ab" * 16) is not None
+    assert again.index.chunk_row("ab" * 16, -1) is not None
+    files = again.index.disk_bytes()
+    again.close()
+    assert abs(files + _not_chunk_files(tmp_path) - du(tmp_path)) <= WAL_SLACK
+
+    # an index written before the `disk` column: its chunk rows are dropped and refilled
+    db = sqlite3.connect(tmp_path / "store-v2" / "index.sqlite", isolation_level=None)
+    db.executescript("DROP TABLE chunks; CREATE TABLE chunks (oid TEXT NOT NULL, idx INTEGER NOT NULL, "
+                     "nbytes INTEGER NOT NULL, atime REAL NOT NULL, PRIMARY KEY (oid, idx)) WITHOUT ROWID;")
+    db.close()
+    migrated = Store(tmp_path, budget=1 << 30, chunk_size=cs)
+    try:
+        assert migrated.index.rebuilt
+        assert migrated.index.disk_bytes() == files
+        assert abs(migrated.disk_usage() - du(tmp_path)) <= WAL_SLACK
+    finally:
+        migrated.close()
+
+
+def _not_chunk_files(root: Path) -> int:
+    """`du` of everything under `root` but the files of store-v2/chunks/XX/."""
+    chunks = root / "store-v2" / "chunks"
+    files = sum(os.lstat(os.path.join(d, n)).st_blocks * 512 for d, _, names in os.walk(chunks) for n in names)
+    return du(root) - files
