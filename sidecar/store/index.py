@@ -48,6 +48,10 @@ _OLD_CHUNKS = """
 DROP TRIGGER IF EXISTS chunks_add; DROP TRIGGER IF EXISTS chunks_del; DROP TRIGGER IF EXISTS chunks_upd;
 DROP TABLE IF EXISTS chunks; DROP TABLE IF EXISTS totals; DELETE FROM meta WHERE key = 'built';
 """
+# The distinct identities of `proofs`, by a skip scan of its primary key (O(identities)).
+_IDENTS = """WITH RECURSIVE t(i) AS (SELECT min(ident) FROM proofs
+  UNION ALL SELECT (SELECT min(ident) FROM proofs WHERE ident > t.i) FROM t WHERE t.i IS NOT NULL)
+SELECT i FROM t WHERE i IS NOT NULL"""
 SUMS_IDX = -1       # the row of an object's digest file (store/identity.py pack_sums)
 FILE_BLOCK = 4096   # the allocation unit assumed when the file system reports less
 
@@ -259,10 +263,15 @@ class Index:
         rows removed."""
         if not oids:
             return 0
+        # Proofs are keyed (ident, oid): one key lookup per identity (a handful), never a scan.
+        idents = [row[0] for row in self._read(_IDENTS)]
+        if not idents:
+            return 0
         with self._lock:
             before = self._db.total_changes
-        self._many("DELETE FROM proofs WHERE oid = ? AND content = 1 AND NOT EXISTS "
-                   "(SELECT 1 FROM chunks WHERE chunks.oid = ? AND chunks.idx >= 0)", [(o, o) for o in set(oids)])
+        self._many("DELETE FROM proofs WHERE ident = ? AND oid = ? AND content = 1 AND NOT EXISTS "
+                   "(SELECT 1 FROM chunks WHERE chunks.oid = ? AND chunks.idx >= 0)",
+                   [(ident, oid, oid) for oid in set(oids) for ident in idents])
         with self._lock:
             return self._db.total_changes - before
 
