@@ -112,6 +112,8 @@ def test_store_counts_what_du_counts(tmp_path):
             truth = du(cache)
             payload = store.index.used_bytes()
             assert abs(counted - truth) <= WAL_SLACK, (counted, truth)
+            # what the metrics and `dda status` show (no I/O): the same, as last measured
+            assert abs(store.disk_used() - truth) <= WAL_SLACK, (store.disk_used(), truth)
             # the tiny files really are the case: the disk holds several times the payload
             md5 = layout.manifest_md5
             manifest = (layout.remote_root / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir").stat().st_size
