@@ -180,7 +180,8 @@ def test_budget_holds_on_disk_over_a_streamed_pass_and_leaves_no_lock_or_temp_fi
                 await _read_all(engine, paths)
                 await asyncio.to_thread(engine.store.index_settled, 30)
             assert engine.store.evictions > 1000
-            assert await asyncio.to_thread(engine.store.disk_usage) <= budget
+            # live: the index WAL and folders may have grown since the last write measured them
+            assert await asyncio.to_thread(engine.store.disk_usage) <= budget + WAL_SLACK
         return sampler
 
     sampler = asyncio.run(go())
