@@ -44,9 +44,10 @@ CREATE TRIGGER IF NOT EXISTS chunks_upd2 AFTER UPDATE OF disk ON chunks BEGIN
 """
 # An index from before the `disk` column: its chunk rows and totals are dropped (the store
 # refills them from the chunk files, as for a lost index); sizes and proofs are kept.
-_OLD_CHUNKS = """
+_OLD_CHUNKS = """BEGIN IMMEDIATE;
 DROP TRIGGER IF EXISTS chunks_add; DROP TRIGGER IF EXISTS chunks_del; DROP TRIGGER IF EXISTS chunks_upd;
 DROP TABLE IF EXISTS chunks; DROP TABLE IF EXISTS totals; DELETE FROM meta WHERE key = 'built';
+COMMIT;
 """
 # The distinct identities of `proofs`, by a skip scan of its primary key (O(identities)).
 _IDENTS = """WITH RECURSIVE t(i) AS (SELECT min(ident) FROM proofs
