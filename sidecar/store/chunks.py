@@ -105,6 +105,7 @@ class Store:
         self._disk_est, self._disk_read = 0, 0.0
         self._overhead_cached = (0, 0.0)
         self._beside_cached = (0, -BESIDE_SECONDS)
+        self._evicting = threading.Lock()
         self._clean_tmp()
         self._clean_locks()
         if self.index.rebuilt:
@@ -536,8 +537,11 @@ class Store:
     def evict(self, target: float | None = None, extra: int = 0) -> None:
         """Remove least recently used chunks until the directory fits the shared budget with
         `extra` bytes to spare (down to `target` of it, when given)."""
-        budget = self.effective_budget() - self._overhead() - extra
-        self._disk_est, removed, gone = evict_to_budget(self.index, max(0, budget), self._unlink, target)
+        # One evictor per process: store threads evicting at once took the same oldest files,
+        # each counting them (evictions were counted several times) and stopping too early.
+        with self._evicting:
+            budget = self.effective_budget() - self._overhead() - extra
+            self._disk_est, removed, gone = evict_to_budget(self.index, max(0, budget), self._unlink, target)
         if gone:
             self.index_later(self.index.forget_proofs_of_gone, gone)
         self._disk_read = time.monotonic()
