@@ -22,7 +22,7 @@ _SCHEMA = """
 -- chunk digests of a verified object (idx = -1, nbytes 0); `disk` is what the file takes on
 -- disk (st_blocks, at least its size in 4 KiB blocks). Digests are evicted LRU like chunks.
 CREATE TABLE IF NOT EXISTS chunks (oid TEXT NOT NULL, idx INTEGER NOT NULL, nbytes INTEGER NOT NULL,
-                                   disk INTEGER NOT NULL, atime REAL NOT NULL,
+                                   atime REAL NOT NULL, disk INTEGER NOT NULL DEFAULT 0,
                                    PRIMARY KEY (oid, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_atime ON chunks (atime);
 CREATE TABLE IF NOT EXISTS sizes (oid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
@@ -35,12 +35,17 @@ CREATE TABLE IF NOT EXISTS proofs (ident TEXT NOT NULL, oid TEXT NOT NULL, size 
 -- process reads the exact total in O(1) before it writes (the budget holds across processes).
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), disk INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals (id, disk) VALUES (0, 0);
-CREATE TRIGGER IF NOT EXISTS chunks_add2 AFTER INSERT ON chunks BEGIN
+-- The names of the triggers before the `disk` column, so that an older dda sharing the cache
+-- (a node cache during an upgrade) creates none of its own; its rows (no `disk`) get the size
+-- it assumed: header and data in 4 KiB blocks.
+CREATE TRIGGER IF NOT EXISTS chunks_add AFTER INSERT ON chunks BEGIN
   UPDATE totals SET disk = disk + new.disk WHERE id = 0; END;
-CREATE TRIGGER IF NOT EXISTS chunks_del2 AFTER DELETE ON chunks BEGIN
+CREATE TRIGGER IF NOT EXISTS chunks_del AFTER DELETE ON chunks BEGIN
   UPDATE totals SET disk = disk - old.disk WHERE id = 0; END;
-CREATE TRIGGER IF NOT EXISTS chunks_upd2 AFTER UPDATE OF disk ON chunks BEGIN
+CREATE TRIGGER IF NOT EXISTS chunks_upd AFTER UPDATE OF disk ON chunks BEGIN
   UPDATE totals SET disk = disk - old.disk + new.disk WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_older_writer AFTER INSERT ON chunks WHEN new.disk = 0 BEGIN
+  UPDATE chunks SET disk = ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE oid = new.oid AND idx = new.idx; END;
 """
 # An index from before the `disk` column: its chunk rows and totals are dropped (the store
 # refills them from the chunk files, as for a lost index); sizes and proofs are kept.
