@@ -184,8 +184,9 @@ def test_budget_holds_on_disk_over_a_streamed_pass_and_leaves_no_lock_or_temp_fi
             # used to take the same oldest files, each counting them: 5,316 for 3,000 files)
             rows = engine.store.index._read("SELECT COUNT(*) FROM chunks")[0][0]
             assert engine.store.evictions + rows <= len(paths) + 8 + 1 + 4, (engine.store.evictions, rows)
-            # live: the index WAL and folders may have grown since the last write measured them
-            assert await asyncio.to_thread(engine.store.disk_usage) <= budget + WAL_SLACK
+            # live: the index WAL (up to its 256 KiB limit) and folders may have grown since the
+            # last write measured them
+            assert await asyncio.to_thread(engine.store.disk_usage) <= budget + 320 * 1024
         return sampler
 
     sampler = asyncio.run(go())
