@@ -330,8 +330,8 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if status.get("update_available"):
         print(f"update:    the branch has moved to {status['latest_commit']}; `dda refresh {path}` serves it")
     print(f"files:     {status['files']}" + (f"  (subdir {status['subdir']})" if status["subdir"] else ""))
-    print(f"cache:     {status['cache_used_bytes'] / gib:.2f} GiB of {status['cache_budget_bytes'] / gib:.2f} GiB"
-          f" in {status['cache_dir']}")
+    print(f"cache:     {status['cache_disk_bytes'] / gib:.2f} GiB on disk of {status['cache_budget_bytes'] / gib:.2f} GiB"
+          f" ({status['cache_used_bytes'] / gib:.2f} GiB of data) in {status['cache_dir']}")
     print(f"reads:     {status['cache_hits']} cache hits, {status['cache_misses']} misses; "
           f"{status['bytes_served']} bytes served")
     print(f"remote:    {status['requests']} requests, {status['bytes_fetched']} bytes fetched, "

@@ -123,6 +123,9 @@ INSTRUMENTS: tuple[Instrument, ...] = (
     Instrument("dda_errors", "counter", "Reads that failed, by reason.", ("reason",), _errors, "errors"),
     Instrument("dda_cache_used_bytes", "gauge", "Bytes held in the local cache.", (),
                lambda s: s.engine.store.used_bytes(), "cache_used_bytes"),
+    Instrument("dda_cache_disk_bytes", "gauge", "Bytes the cache directory takes on disk (st_blocks of every file "
+               "and folder, as du counts them): what --cache-size holds.", (),
+               lambda s: s.engine.store.disk_used(), "cache_disk_bytes"),
     Instrument("dda_cache_budget_bytes", "gauge", "Cache budget (--cache-size).", (),
                lambda s: s.engine.store.budget, "cache_budget_bytes"),
     Instrument("dda_cache_evictions", "counter", "Chunks evicted from the cache to stay within its budget.", (),

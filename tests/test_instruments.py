@@ -58,7 +58,8 @@ def _fake_sources() -> Sources:
                             meta_hits=16, meta_misses=17, retries=18, hash_mismatches=19, size_lookups=20,
                             errors={"deadline": 2})
     engine = SimpleNamespace(fetcher=SimpleNamespace(stats=stats), info=SimpleNamespace(files=21, commit="c0ffee",
-                             resolve_seconds=0.5), store=SimpleNamespace(used_bytes=lambda: 22, budget=23, evictions=24))
+                             resolve_seconds=0.5), store=SimpleNamespace(used_bytes=lambda: 22, budget=23, evictions=24,
+                             disk_used=lambda: 25))
     prefetcher = SimpleNamespace(stats=SimpleNamespace(issued_files=31, issued_bytes=32, used_files=33,
                                                        wasted_files=34, readahead_chunks=35, failures=36))
     return Sources(engine, prefetcher, lambda: 41)

@@ -20,6 +20,7 @@ import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -501,6 +502,7 @@ class Fetcher:
             def gone(_t: "asyncio.Task[None]", k: tuple[str, int, str] = key, j: ChunkJob = job) -> None:
                 if self._inflight.get(k) is j:
                     del self._inflight[k]
+                self._job_ends.pop(j, None)     # else its chunk-size buffer lives until the deadline
             job.task.add_done_callback(gone)
         self._job_deadline(job)
         return job
@@ -560,20 +562,24 @@ class Fetcher:
             return
         first = job not in self._job_ends
         self._job_ends[job] = ends
+        if first:   # the timer holds the job weakly: a finished job (and its buffer) goes at once
+            loop.call_at(ends + JOB_GRACE, self._deadline_check, weakref.ref(job))
 
-        def check() -> None:
-            if job.done:
+    def _deadline_check(self, held: "weakref.ref[ChunkJob]") -> None:
+        job = held()
+        if job is None or job.done:
+            if job is not None:
                 self._job_ends.pop(job, None)
-                return
-            due = self._job_ends[job]
-            if loop.time() < due:
-                loop.call_at(due + JOB_GRACE, check)
-                return
-            self._job_ends.pop(job, None)
-            self._end_job(job, "deadline")
-
-        if first:
-            loop.call_at(ends + JOB_GRACE, check)
+            return
+        due = self._job_ends.get(job)
+        if due is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            loop.call_at(due + JOB_GRACE, self._deadline_check, held)
+            return
+        self._job_ends.pop(job, None)
+        self._end_job(job, "deadline")
 
     async def _run_job(self, job: ChunkJob) -> None:
         ref, idx = job.ref, job.idx

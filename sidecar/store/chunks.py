@@ -30,12 +30,15 @@ from .budget import SharedBudget
 from .evict import evict_to_budget
 from .identity import BLOCK, HEADER, MAX_BLOCKS, BadChunk, ChunkHeader, pack_header, pack_sums, parse_header, \
     parse_sums
-from .index import Index
+from .index import SUMS_IDX, Index, disk_size
 
 __all__ = ["Store", "BLOCK", "HEADER", "MAX_BLOCKS"]
 
 LOCK_STRIPES = 64   # object locks share this many lock files: their number stays bounded
 FLUSH_SECONDS = 5.0  # how often recorded uses are written to the index (by a thread)
+OVERHEAD_SECONDS = 1.0   # how often the store's folders and metadata files are measured
+BESIDE_SECONDS = 30.0    # how often the cache directory's other folders (git, logs) are walked
+BESIDE = ("git", "logs", "tls")   # what else dda keeps in a cache directory (counted, never evicted)
 INDEX_QUEUE_MAX = 4096   # index writes waiting for the writer thread (see Store.index_later)
 INDEX_QUEUE_WAIT = 60.0  # seconds a store thread waits for room before queueing anyway
 
@@ -50,6 +53,22 @@ def on_event_loop() -> bool:
     return True
 
 log = logging.getLogger(__name__)
+
+
+def _blocks(path: Path) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _tree_blocks(path: Path) -> int:
+    """st_blocks * 512 of a folder and everything under it (0 if absent)."""
+    total = _blocks(path)
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            total += _blocks(Path(folder) / name)
+    return total
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,6 +104,8 @@ class Store:
         self._effective = (budget, 0.0)
         self._disk_est, self._disk_read = 0, 0.0
         self._overhead_cached = (0, 0.0)
+        self._beside_cached = (0, -BESIDE_SECONDS)
+        self._evicting = threading.Lock()
         self._clean_tmp()
         self._clean_locks()
         if self.index.rebuilt:
@@ -93,6 +114,8 @@ class Store:
             self._clean_pending()
         self._used = self.index.used_bytes()
         self._used_read = time.monotonic()
+        self._disk_est = self.index.disk_bytes()
+        self._overhead(fresh=True)
         # Use times are written by this thread, never by a reader: a warm read must not wait
         # for the index's write lock (another process may hold it).
         self._stop_flusher = threading.Event()
@@ -147,6 +170,11 @@ class Store:
                 self.index.flush()
             except Exception as err:    # use times are a hint for eviction: kept for the next try
                 log.debug("cache index: use times not written yet: %s", err)
+            try:    # keeps disk_used() current for the metrics (other processes write too)
+                self._disk_est = self.index.disk_bytes()
+                self._overhead()
+            except Exception as err:
+                log.debug("cache: usage not measured: %s", err)
 
     # -- housekeeping ----------------------------------------------------------------------------
     def _clean_tmp(self) -> None:
@@ -190,6 +218,11 @@ class Store:
                 name = entry.name
                 try:
                     if name.endswith(".sums"):
+                        oid = sub.name + name[:-len(".sums")]
+                        with open(entry.path, "rb") as f:
+                            parse_sums(f.read(), oid, self.chunk_size)
+                        st = entry.stat()
+                        rows.append((oid, SUMS_IDX, 0, disk_size(st.st_size, st.st_blocks), st.st_atime))
                         continue
                     stem, _, idx_text = name.rpartition(".")
                     if not idx_text.isdigit():      # a pending file: its pass cannot finish any more
@@ -197,9 +230,10 @@ class Store:
                     oid, idx = sub.name + stem, int(idx_text)
                     with open(entry.path, "rb") as f:
                         header = parse_header(f.read(HEADER), oid, idx, self.chunk_size)
-                    if entry.stat().st_size != HEADER + header.length:
+                    st = entry.stat()
+                    if st.st_size != HEADER + header.length:
                         raise BadChunk("truncated")
-                    rows.append((oid, idx, header.length, entry.stat().st_atime))
+                    rows.append((oid, idx, header.length, disk_size(st.st_size, st.st_blocks), st.st_atime))
                     kept += 1
                 except (BadChunk, OSError, ValueError):
                     dropped += 1
@@ -316,7 +350,7 @@ class Store:
             object_size = idx * self.chunk_size + len(data)
         key = f"{oid}~{pending}" if pending else oid
         header = pack_header(oid, idx, self.chunk_size, object_size, data)
-        need = (len(data) + HEADER + 4095) // 4096 * 4096
+        need = disk_size(len(data) + HEADER)
         if self._over_budget(need):     # make room first: the budget holds while we write too
             if need > self.effective_budget() - self._overhead():
                 return                  # larger than the whole budget: served, never cached
@@ -329,6 +363,8 @@ class Store:
                 with open(tmp, "wb") as f:
                     f.write(header)
                     f.write(data)
+                    f.flush()
+                    disk = disk_size(HEADER + len(data), os.fstat(f.fileno()).st_blocks)
                 os.replace(tmp, path)
                 break
             except OSError as err:
@@ -340,15 +376,15 @@ class Store:
                     raise self._os_error(err, "writing a chunk") from None
                 self.evict(target=0.5, extra=need)      # make room, then try once more
         if index_later:     # the async store: the file now, its index row from the writer thread
-            self.index_later(self._record_chunk, key, idx, len(data))
+            self.index_later(self._record_chunk, key, idx, len(data), disk)
         else:
-            self._record_chunk(key, idx, len(data))
+            self._record_chunk(key, idx, len(data), disk)
         self._used += len(data)
-        self._disk_est += need
+        self._disk_est += disk
 
-    def _record_chunk(self, key: str, idx: int, nbytes: int) -> None:
+    def _record_chunk(self, key: str, idx: int, nbytes: int, disk: int) -> None:
         try:
-            self.index.add_chunk(key, idx, nbytes)
+            self.index.add_chunk(key, idx, nbytes, disk)
         except CacheFull:
             self._unlink(key, idx)      # a chunk the index does not know would escape the budget
             raise
@@ -360,9 +396,10 @@ class Store:
         except FileNotFoundError:
             self.index.forget_chunk(f"{oid}~{tag}", idx)
             return False
-        rows = self.index._run("SELECT nbytes FROM chunks WHERE oid=? AND idx=?", (f"{oid}~{tag}", idx))
+        row = self.index.chunk_row(f"{oid}~{tag}", idx)
         self.index.forget_chunk(f"{oid}~{tag}", idx)
-        self.index.add_chunk(oid, idx, rows[0][0] if rows else self.chunk_size)
+        nbytes, disk = row if row else (self.chunk_size, disk_size(HEADER + self.chunk_size))
+        self.index.add_chunk(oid, idx, nbytes, disk)
         return True
 
     def discard(self, oid: str, idx: int, tag: str | None = None) -> None:
@@ -384,17 +421,30 @@ class Store:
         except FileNotFoundError:
             return None
         try:
-            return parse_sums(raw, oid, self.chunk_size)
+            found = parse_sums(raw, oid, self.chunk_size)
+            self.index.touch(oid, SUMS_IDX)
+            return found
         except BadChunk as err:
             log.warning("cache: digests of object %s are unusable (%s); dropping them", oid, err)
             self.drop_sums(oid)
             return None
 
     def write_sums(self, oid: str, size: int, digests: list[bytes]) -> None:
+        """Keep the sha256 of each chunk of verified object `oid` (a file beside its chunks,
+        counted and evicted LRU like them). Raises CacheFull when the disk is full."""
+        blob = pack_sums(oid, size, self.chunk_size, digests)
+        need = disk_size(len(blob))
+        if self._over_budget(need):
+            if need > self.effective_budget() - self._overhead():
+                return
+            self.evict(extra=need)
         tmp = self.root / "tmp" / f"{oid}.sums.{os.getpid()}.{time.monotonic_ns()}"
         try:
             os.makedirs(os.path.dirname(self.sums_file(oid)), exist_ok=True)
-            tmp.write_bytes(pack_sums(oid, size, self.chunk_size, digests))
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                disk = disk_size(len(blob), os.fstat(f.fileno()).st_blocks)
             os.replace(tmp, self.sums_file(oid))
         except OSError as err:
             try:
@@ -402,12 +452,16 @@ class Store:
             except OSError:
                 pass
             raise self._os_error(err, "writing chunk digests") from None
+        try:
+            self.index.add_chunk(oid, SUMS_IDX, 0, disk)
+        except CacheFull:
+            self._unlink(oid, SUMS_IDX)     # a file the index does not know would escape the budget
+            raise
+        self._disk_est += disk
 
     def drop_sums(self, oid: str) -> None:
-        try:
-            os.unlink(self.sums_file(oid))
-        except FileNotFoundError:
-            pass
+        self._unlink(oid, SUMS_IDX)
+        self.index.forget_chunk(oid, SUMS_IDX)
 
     def object_size(self, oid: str) -> int | None:
         """The size of an object that was verified into this store, or None."""
@@ -435,39 +489,68 @@ class Store:
             self._disk_est, self._disk_read = self.index.disk_bytes(), now
         return self._disk_est + self._overhead() + extra > self.effective_budget()
 
-    def _overhead(self) -> int:
-        """On-disk bytes besides the chunk files: the index, lock and budget files, temp
-        files (measured at most every second)."""
+    def _overhead(self, fresh: bool = False) -> int:
+        """On-disk bytes of the cache directory besides the files of `chunks/` (which the
+        index counts): every folder (the cache directory, the store's, `chunks/` and its
+        256 `XX/` folders, which grow with their entries and never shrink), the index with
+        its WAL and shm, lock, budget, temp and key files, and what else dda keeps there
+        (BESIDE: git clones, logs, CA bundles; walked every BESIDE_SECONDS). Measured at
+        most every OVERHEAD_SECONDS unless `fresh`. st_blocks * 512, as `du` counts."""
         value, read_at = self._overhead_cached
-        if time.monotonic() - read_at < 1.0:
+        now = time.monotonic()
+        if not fresh and now - read_at < OVERHEAD_SECONDS:
             return value
-        total = 0
-        for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        total = _blocks(self.root.parent) + _blocks(self.root)
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            entries = []
+        for entry in entries:
             try:
-                total += os.stat(self.root / name).st_blocks * 512
-            except OSError:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                for inner in os.scandir(entry.path):
+                    # chunks/XX: the folder only (its files are in the index); tmp, locks, budgets: all
+                    total += inner.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:     # removed meanwhile
                 pass
-        for sub in ("tmp", "locks", "budgets"):
-            try:
-                for entry in os.scandir(self.root / sub):
-                    total += entry.stat().st_blocks * 512
-            except OSError:
-                pass
+        beside, walked_at = self._beside_cached
+        if fresh or now - walked_at >= BESIDE_SECONDS:
+            beside = sum(_tree_blocks(self.root.parent / name) for name in BESIDE)
+            self._beside_cached = (beside, now)
+        total += beside
         self._overhead_cached = (total, time.monotonic())
         return total
+
+    def disk_usage(self) -> int:
+        """Bytes the cache directory takes on disk, as `du` counts them (st_blocks of every
+        file and folder): the files of `chunks/` from the index (exact, shared by every
+        process), the rest measured now. This is what the budget is held against."""
+        return self.index.disk_bytes() + self._overhead(fresh=True)
+
+    def disk_used(self) -> int:
+        """`disk_usage()` as last measured (by a write, an eviction, or the store's thread
+        every FLUSH_SECONDS): no I/O, for the metrics and `dda status` on the event loop."""
+        return self._disk_est + self._overhead_cached[0]
 
     def evict(self, target: float | None = None, extra: int = 0) -> None:
         """Remove least recently used chunks until the directory fits the shared budget with
         `extra` bytes to spare (down to `target` of it, when given)."""
-        budget = self.effective_budget() - self._overhead() - extra
-        self._disk_est, removed = evict_to_budget(self.index, max(0, budget), self._unlink, target)
+        # One evictor per process: store threads evicting at once took the same oldest files,
+        # each counting them (evictions were counted several times) and stopping too early.
+        with self._evicting:
+            budget = self.effective_budget() - self._overhead() - extra
+            self._disk_est, removed, gone = evict_to_budget(self.index, max(0, budget), self._unlink, target)
+        if gone:
+            self.index_later(self.index.forget_proofs_of_gone, gone)
         self._disk_read = time.monotonic()
         self._used = self.index.used_bytes()
         self.evictions += removed
 
     def _unlink(self, oid: str, idx: int) -> None:
         try:
-            os.unlink(self.chunk_file(oid, idx))
+            os.unlink(self.sums_file(oid) if idx == SUMS_IDX else self.chunk_file(oid, idx))
         except FileNotFoundError:
             pass
 

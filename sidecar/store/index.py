@@ -18,8 +18,12 @@ from ..errors import CacheFull
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
+-- One row per file of the store's `chunks/` folders: a chunk (idx >= 0, nbytes of data) or the
+-- chunk digests of a verified object (idx = -1, nbytes 0); `disk` is what the file takes on
+-- disk (st_blocks, at least its size in 4 KiB blocks). Digests are evicted LRU like chunks.
 CREATE TABLE IF NOT EXISTS chunks (oid TEXT NOT NULL, idx INTEGER NOT NULL, nbytes INTEGER NOT NULL,
-                                   atime REAL NOT NULL, PRIMARY KEY (oid, idx)) WITHOUT ROWID;
+                                   atime REAL NOT NULL, disk INTEGER NOT NULL DEFAULT 0,
+                                   PRIMARY KEY (oid, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_atime ON chunks (atime);
 CREATE TABLE IF NOT EXISTS sizes (oid TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -27,20 +31,44 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 -- it showed the bytes too (content = 1) or only the size.
 CREATE TABLE IF NOT EXISTS proofs (ident TEXT NOT NULL, oid TEXT NOT NULL, size INTEGER NOT NULL,
                                    content INTEGER NOT NULL, PRIMARY KEY (ident, oid)) WITHOUT ROWID;
--- The bytes the chunk files take on disk, kept by triggers: every writer of every process
--- reads the exact total in O(1) before it writes (the budget holds across processes).
+-- The bytes the files of `chunks/` take on disk, kept by triggers: every writer of every
+-- process reads the exact total in O(1) before it writes (the budget holds across processes).
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), disk INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals (id, disk) VALUES (0, 0);
+-- The names of the triggers before the `disk` column, so that an older dda sharing the cache
+-- (a node cache during an upgrade) creates none of its own; its rows (no `disk`) get the size
+-- it assumed: header and data in 4 KiB blocks.
 CREATE TRIGGER IF NOT EXISTS chunks_add AFTER INSERT ON chunks BEGIN
-  UPDATE totals SET disk = disk + ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
+  UPDATE totals SET disk = disk + new.disk WHERE id = 0; END;
 CREATE TRIGGER IF NOT EXISTS chunks_del AFTER DELETE ON chunks BEGIN
-  UPDATE totals SET disk = disk - ((old.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
-CREATE TRIGGER IF NOT EXISTS chunks_upd AFTER UPDATE OF nbytes ON chunks BEGIN
-  UPDATE totals SET disk = disk - ((old.nbytes + 512 + 4095) / 4096) * 4096
-                              + ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE id = 0; END;
+  UPDATE totals SET disk = disk - old.disk WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_upd AFTER UPDATE OF disk ON chunks BEGIN
+  UPDATE totals SET disk = disk - old.disk + new.disk WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS chunks_older_writer AFTER INSERT ON chunks WHEN new.disk = 0 BEGIN
+  UPDATE chunks SET disk = ((new.nbytes + 512 + 4095) / 4096) * 4096 WHERE oid = new.oid AND idx = new.idx; END;
 """
-# Bytes a chunk file takes on disk: its 512-byte header plus data, in 4 KiB blocks.
-DISK_BYTES = "((nbytes + 512 + 4095) / 4096) * 4096"
+# An index from before the `disk` column: its chunk rows and totals are dropped (the store
+# refills them from the chunk files, as for a lost index); sizes and proofs are kept.
+_OLD_CHUNKS = """BEGIN IMMEDIATE;
+DROP TRIGGER IF EXISTS chunks_add; DROP TRIGGER IF EXISTS chunks_del; DROP TRIGGER IF EXISTS chunks_upd;
+DROP TABLE IF EXISTS chunks; DROP TABLE IF EXISTS totals; DELETE FROM meta WHERE key = 'built';
+COMMIT;
+"""
+# The distinct identities of `proofs`, by a skip scan of its primary key (O(identities)).
+_IDENTS = """WITH RECURSIVE t(i) AS (SELECT min(ident) FROM proofs
+  UNION ALL SELECT (SELECT min(ident) FROM proofs WHERE ident > t.i) FROM t WHERE t.i IS NOT NULL)
+SELECT i FROM t WHERE i IS NOT NULL"""
+SUMS_IDX = -1       # the row of an object's digest file (store/identity.py pack_sums)
+FILE_BLOCK = 4096   # the allocation unit assumed when the file system reports less
+
+
+def disk_size(nbytes: int, blocks: int = 0) -> int:
+    """Bytes a file of `nbytes` takes on disk: its st_blocks (`blocks`, 512-byte units) when
+    known, never less than its size in whole 4 KiB blocks (a file system may report blocks
+    late, e.g. ZFS before its transaction commits)."""
+    return max(-(-nbytes // FILE_BLOCK) * FILE_BLOCK, blocks * 512)
+
+
 READ_BUSY_SECONDS = 2.0     # a reader (WAL: almost never blocked) gives up after this
 
 
@@ -85,6 +113,9 @@ class Index:
             db.execute("PRAGMA journal_size_limit=262144")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+            if columns and "disk" not in columns:
+                db.executescript(_OLD_CHUNKS)
             db.executescript(_SCHEMA)
             built = db.execute("SELECT value FROM meta WHERE key='built'").fetchone()
             if built is None:
@@ -193,13 +224,21 @@ class Index:
                        rows)
 
     # chunks ----------------------------------------------------------------------------------
-    def add_chunk(self, oid: str, idx: int, nbytes: int, atime: float | None = None) -> None:
-        self._run("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, atime) VALUES (?, ?, ?, ?)",
-                  (oid, idx, nbytes, atime or time.time()))
+    def add_chunk(self, oid: str, idx: int, nbytes: int, disk: int, atime: float | None = None) -> None:
+        """A file of the store: chunk `idx` holding `nbytes` of data (idx SUMS_IDX: a digest
+        file, nbytes 0), taking `disk` bytes on disk (disk_size())."""
+        self._run("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, disk, atime) VALUES (?, ?, ?, ?, ?)",
+                  (oid, idx, nbytes, disk, atime or time.time()))
 
-    def add_chunks(self, rows: list[tuple[str, int, int, float]]) -> None:
+    def add_chunks(self, rows: list[tuple[str, int, int, int, float]]) -> None:
+        """Many `add_chunk` rows (oid, idx, nbytes, disk, atime) in one transaction."""
         if rows:
-            self._many("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, atime) VALUES (?, ?, ?, ?)", rows)
+            self._many("INSERT OR REPLACE INTO chunks (oid, idx, nbytes, disk, atime) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def chunk_row(self, oid: str, idx: int) -> tuple[int, int] | None:
+        """(nbytes, disk) of one file's row, or None."""
+        rows = self._read("SELECT nbytes, disk FROM chunks WHERE oid=? AND idx=?", (oid, idx))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def touch(self, oid: str, idx: int) -> None:
         """Record a use, in memory only: a warm read never waits on SQLite (another process
@@ -221,10 +260,34 @@ class Index:
                 raise
 
     def present(self, oid: str) -> set[int]:
-        return {row[0] for row in self._read("SELECT idx FROM chunks WHERE oid=?", (oid,))}
+        """Indices of the chunks of `oid` in the store (its digest file is not a chunk)."""
+        return {row[0] for row in self._read("SELECT idx FROM chunks WHERE oid=? AND idx >= 0", (oid,))}
+
+    def forget_proofs_of_gone(self, oids: list[str]) -> int:
+        """Content proofs (store/tenancy.py) of objects none of whose chunks is left: they
+        go with the bytes they proved (a later download proves again, for free). Returns the
+        rows removed."""
+        if not oids:
+            return 0
+        # Proofs are keyed (ident, oid): one key lookup per identity (a handful), never a scan.
+        idents = [row[0] for row in self._read(_IDENTS)]
+        if not idents:
+            return 0
+        with self._lock:
+            before = self._db.total_changes
+        self._many("DELETE FROM proofs WHERE ident = ? AND oid = ? AND content = 1 AND NOT EXISTS "
+                   "(SELECT 1 FROM chunks WHERE chunks.oid = ? AND chunks.idx >= 0)",
+                   [(ident, oid, oid) for oid in set(oids) for ident in idents])
+        with self._lock:
+            return self._db.total_changes - before
 
     def forget_chunk(self, oid: str, idx: int) -> None:
         self._run("DELETE FROM chunks WHERE oid=? AND idx=?", (oid, idx))
+
+    def forget_chunks(self, rows: list[tuple[str, int]]) -> None:
+        """`forget_chunk` for many (oid, idx) in one transaction."""
+        if rows:
+            self._many("DELETE FROM chunks WHERE oid=? AND idx=?", rows)
 
     def forget_object(self, oid: str) -> None:
         self._run("DELETE FROM chunks WHERE oid=?", (oid,))
@@ -233,13 +296,14 @@ class Index:
         return self._read("SELECT COALESCE(SUM(nbytes), 0) FROM chunks")[0][0]
 
     def disk_bytes(self) -> int:
-        """What the chunk files take on disk (headers and block rounding included)."""
+        """What the files of `chunks/` take on disk (chunk headers, digest files and block
+        rounding included; not the folders themselves: Store.disk_usage())."""
         return self._read("SELECT disk FROM totals WHERE id = 0")[0][0]
 
     def oldest(self, limit: int) -> list[tuple[str, int, int]]:
-        """(oid, idx, bytes on disk) of the least recently used chunks."""
+        """(oid, idx, bytes on disk) of the least recently used files (chunks, digests)."""
         self.flush()
-        return self._read(f"SELECT oid, idx, {DISK_BYTES} FROM chunks ORDER BY atime LIMIT ?", (limit,))
+        return self._read("SELECT oid, idx, disk FROM chunks ORDER BY atime LIMIT ?", (limit,))
 
     def pending(self) -> list[tuple[str, int]]:
         """Rows of unverified chunk files (their oid reads `<oid>~<tag>`)."""
