@@ -350,7 +350,8 @@ class FileSystem:
         want = min(length, size - offset)
         data = await self.engine.read_entry(handle.entry, offset, want, handle.cursor)
         self._check_size(handle)
-        if len(data) < want and not handle.shown and await self._settle_size(handle):
+        if len(data) < want and not handle.shown:
+            await self._settle_size(handle)     # (an observer may have resized it already)
             want = min(want, max(0, handle.size - offset))     # the verified object is shorter
             data = data[:want]
         if len(data) < want:
