@@ -22,7 +22,8 @@ ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE
 URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,
 ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD, SSL_VERIFY (NAME=DEFAULT: the default
 remote). Private CA for git and every remote: --ca-bundle / DDA_CA_BUNDLE.
-`dda ls` exits 3 when it listed the revision but some outputs are unavailable (named on stderr).
+`dda ls` exits 3 when it listed the revision but some outputs are unavailable or some sizes could not be
+learned (named on stderr; such a size shows as `-`). `dda get` writes every file it can and exits 1 naming the rest.
 Git credentials: DDA_GIT_USER, DDA_GIT_TOKEN (or in the URL). A YAML config file: --config or DDA_CONFIG."""
 
 
