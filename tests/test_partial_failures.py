@@ -171,3 +171,26 @@ def test_get_of_a_tampered_size_index_writes_the_true_bytes(tampered, tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = (dest / victim["relpath"]).read_bytes()
     assert len(got) == true and hashlib.md5(got).hexdigest() == victim["md5"]
+
+
+def test_mount_over_a_tampered_size_index_fails_only_the_reader_told_the_wrong_size(tampered, tmp_path, mp):
+    """The mount's kernel is given the published (wrong) size before any byte is read: that
+    reader gets the right bytes or EIO, never a file cut or padded to the wrong size; the read
+    corrects it, and the next stat and open see the true size and bytes (README, item 6)."""
+    from mounting import wait_until
+
+    layout, victim, true, env = tampered
+    env = {**env, "DDA_CACHE_DIR": str(tmp_path / "m")}
+    mounted = _dda("mount", str(layout.repo), str(mp), "--daemon", env=env)
+    assert mounted.returncode == 0, mounted.stderr
+    target = mp / "data" / victim["relpath"]
+    try:
+        assert os.stat(target).st_size != true           # the index's size, as published
+        try:
+            assert hashlib.md5(target.read_bytes()).hexdigest() == victim["md5"]
+        except OSError:
+            pass
+        assert wait_until(lambda: os.stat(target).st_size == true)
+        assert hashlib.md5(target.read_bytes()).hexdigest() == victim["md5"]
+    finally:
+        _dda("unmount", str(mp), env=env)
