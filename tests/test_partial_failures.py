@@ -21,7 +21,7 @@ from dvclayout import write_layout
 from faultremote import FaultRemote
 from mounting import DDA
 from servers import HttpRemoteServer
-from test_integrity import MiB, repo  # noqa: F401 - the fault-remote repository fixture
+from test_integrity import repo  # noqa: F401 - the fault-remote repository fixture
 
 
 def _manifest(layout) -> list[dict]:

@@ -5,7 +5,8 @@ these methods and turns the answers and errors into its own shapes.
 Rules it keeps for every frontend:
 - names and types come from the snapshot alone: `listdir` never asks a remote and never sizes;
 - a size is learned only when someone asks for it (`stat`, `lookup`, `open`), one entry at a
-  time, or in bulk where a frontend wants many at once (`stat_many`, for `dda ls` and `get`);
+  time, or in bulk where a frontend wants many at once (`stat_many`; `stat_each` for `dda ls`/`get`,
+  where one file that cannot be sized is an error in its own row, never the batch's);
 - a handle is pinned to the entry (object id, size, mode) it was opened on: a refresh to a new
   commit never changes what an open file reads;
 - errors are `sidecar.errors.DDAError`s carrying errno and reason; frontends map them with
