@@ -22,7 +22,8 @@ ENV_HELP = """Environment: every flag has a DDA_ twin (--cache-size -> DDA_CACHE
 URL -> DDA_REPO). Remote settings: DDA_REMOTE_<NAME>_<KEY> with KEY one of URL, ENDPOINT_URL, REGION,
 ACCESS_KEY_ID, SECRET_ACCESS_KEY, USER, PASSWORD, TOKEN, AUTH, METHOD, SSL_VERIFY (NAME=DEFAULT: the default
 remote). Private CA for git and every remote: --ca-bundle / DDA_CA_BUNDLE.
-`dda ls` exits 3 when it listed the revision but some outputs are unavailable (named on stderr).
+`dda ls` exits 3 when it listed the revision but some outputs are unavailable or some sizes could not be
+learned (named on stderr; such a size shows as `-`). `dda get` writes every file it can and exits 1 naming the rest.
 Git credentials: DDA_GIT_USER, DDA_GIT_TOKEN (or in the URL). A YAML config file: --config or DDA_CONFIG."""
 
 
@@ -161,7 +162,8 @@ async def _open(ns: argparse.Namespace, repo: str | None):  # type: ignore[no-un
 
 async def cmd_ls(ns: argparse.Namespace) -> int:
     """List a revision. Exit 0; or PARTIAL_EXIT (3) when it listed everything it could but
-    some outputs are unavailable (each named once on stderr, shown with kind `broken`)."""
+    some outputs are unavailable (each named once on stderr, shown with kind `broken`) or some
+    files' sizes could not be learned (each named on stderr, shown with size `-`, JSON null)."""
     from .fs import FileSystem
 
     repo, path = _split_repo_args(ns.args, True, False, _default_repo(ns))
@@ -176,8 +178,9 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
                 raise OutputUnavailable(problem.message(), path=path)
             raise NotFound(f"{path}: not in revision {fs.revision}", path=path)
         prefix = path + "/" if path else ""
+        unsized = 0
         if kind != "dir":
-            await _print_rows(fs, tree, [path], [], ns.json)
+            unsized += await _print_rows(fs, tree, [path], [], ns.json)
         elif ns.recursive:
             # Streamed: sizes learned and rows printed a batch at a time, in path order, so a
             # 1M-file tree needs memory for one batch, and what was sized stays sized.
@@ -192,28 +195,36 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
                     cut = 0
                     while cut < len(dirs) and dirs[cut] < batch[-1]:
                         cut += 1
-                    await _print_rows(fs, tree, batch, dirs[:cut], ns.json)
+                    unsized += await _print_rows(fs, tree, batch, dirs[:cut], ns.json)
                     batch, dirs = [], dirs[cut:]
-            await _print_rows(fs, tree, batch, dirs, ns.json)
+            unsized += await _print_rows(fs, tree, batch, dirs, ns.json)
         else:
             items = fs.listdir(path)
-            await _print_rows(fs, tree, [i.path for i in items if i.kind != "dir"],
-                              [i.path for i in items if i.kind == "dir"], ns.json)
+            unsized += await _print_rows(fs, tree, [i.path for i in items if i.kind != "dir"],
+                                         [i.path for i in items if i.kind == "dir"], ns.json)
         sys.stdout.flush()
-        return _report_problems(engine, path)
+        return PARTIAL_EXIT if _report_problems(engine, path) or unsized else 0
 
 
 LS_BATCH = 4096
 
 
-async def _print_rows(fs, tree, files: list[str], dirs: list[str], as_json: bool) -> None:  # type: ignore[no-untyped-def]
+async def _print_rows(fs, tree, files: list[str], dirs: list[str], as_json: bool) -> int:  # type: ignore[no-untyped-def]
     """Print `files` with their sizes (learned in bulk: one listing per remote folder, or
-    bounded HEADs) and `dirs` (kind `broken` for an unavailable output), sorted by path."""
+    bounded HEADs) and `dirs` (kind `broken` for an unavailable output), sorted by path.
+    A file whose size could not be learned (object missing, its request past its own
+    deadline) is printed with size `-` (JSON: null) and named on stderr once its batch is
+    out; returns how many there were."""
     rows: list[tuple[str, str, int | None, Any]] = []
+    failures: list[tuple[str, DDAError]] = []
     if files:
-        for p, attr in await fs.stat_many(files):
+        for p, attr in await fs.stat_each(files):
             e = fs.entry(p)
-            rows.append((p, e.kind, attr.size, e))
+            if isinstance(attr, DDAError):
+                failures.append((p, attr))
+                rows.append((p, e.kind, None, e))
+            else:
+                rows.append((p, e.kind, attr.size, e))
     rows += [(d, "broken" if d in tree.broken else "dir", None, None) for d in dirs]
     lines = []
     for p, kind, size, e in sorted(rows, key=lambda r: r[0]):
@@ -229,6 +240,11 @@ async def _print_rows(fs, tree, files: list[str], dirs: list[str], as_json: bool
             lines.append(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
     if lines:
         print("\n".join(lines))
+    if failures:
+        sys.stdout.flush()     # the rows first, then what is wrong with some of them
+    for p, err in failures:
+        _say_failure(p, err)
+    return len(failures)
 
 
 async def cmd_sizes(ns: argparse.Namespace) -> int:
@@ -250,6 +266,12 @@ def _say_error(message: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
+def _say_failure(path: str, err: BaseException) -> None:
+    """One `dda: error: PATH: CAUSE` line (PATH not repeated when the cause names it)."""
+    message = describe(err).message
+    _say_error(message if path in message else f"{path}: {message}")
+
+
 def _report_problems(engine: Any, path: str) -> int:
     """Name each unavailable output at, under or above `path` once on stderr; PARTIAL_EXIT (3)
     if there was one (the rest was listed or written), else 0."""
@@ -269,7 +291,7 @@ async def cmd_cat(ns: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     async with await _open(ns, repo) as engine:
         fs = FileSystem(engine)
-        handle = await fs.open(fs.normalize(path))
+        handle = await fs.open(fs.normalize(path), shown=False)   # a stream: the object has the last word
         try:
             async for piece in fs.iter_bytes(handle):
                 # A slow reader on the pipe must not stall the loop (downloads, locks others wait on).
@@ -281,14 +303,23 @@ async def cmd_cat(ns: argparse.Namespace) -> int:
 
 
 async def cmd_get(ns: argparse.Namespace) -> int:
-    from .download import download
+    """`dda get URL PATH [-o DEST]`. Exit 0; 1 when some files could not be fetched (each
+    named on stderr, every other one written); PARTIAL_EXIT (3) for unavailable outputs."""
+    from .download import IncompleteDownload, download
     from .fs import FileSystem
 
     repo, path = _split_repo_args(ns.args, True, True, _default_repo(ns))
     async with await _open(ns, repo) as engine:
         fs = FileSystem(engine)
-        await download(fs, path, Path(ns.out) if ns.out else None,
-                       progress=not ns.no_progress and sys.stderr.isatty())
+        try:
+            await download(fs, path, Path(ns.out) if ns.out else None,
+                           progress=not ns.no_progress and sys.stderr.isatty())
+        except IncompleteDownload as err:    # like `dvc pull`: the others were written
+            for p, cause in err.failures:
+                _say_failure(p, cause)
+            _report_problems(engine, fs.normalize(path))
+            _say_error(f"{len(err.failures)} of {err.total} files not written (named above); the others were")
+            return err.exit_code
         # everything else was written; outputs that cannot be shown are named (exit 3)
         return _report_problems(engine, fs.normalize(path))
 

@@ -11,17 +11,33 @@ import posixpath
 from pathlib import Path
 
 from . import safewrite
-from .errors import NotFound
+from .errors import DDAError, NotFound, describe
 from .fs import FileSystem
 from .safewrite import UnsafePath, split_safe
+
+
+class IncompleteDownload(DDAError):
+    """Some files could not be fetched (each named in `failures`); every other one was written."""
+
+    reason = "incomplete"
+
+    def __init__(self, failures: list[tuple[str, BaseException]], total: int):
+        first = describe(failures[0][1])
+        super().__init__(f"{len(failures)} of {total} files not written (the others were): first "
+                         f"{failures[0][0]}: {first.message}", path=failures[0][0], errno=first.errno)
+        self.failures = failures
+        self.total = total
 
 
 async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool = False) -> list[Path]:
     """Write `path` of the revision (a file, or a folder with everything below it) to `dest`;
     returns the paths written. Sizes are learned in bulk first (for the progress bar).
 
-    Raises NotFound for a path not in the revision and UnsafePath (before writing anything) for a
-    repository name that would land outside `dest`.
+    Like `dvc pull`, one file that cannot be fetched (its object missing on the remote, its
+    request past its own deadline, a wrong object) never stops the others: every other file
+    is written, then IncompleteDownload names each failure. Raises NotFound for a path not in
+    the revision and UnsafePath (before writing anything) for a repository name that would
+    land outside `dest`; a single file's own error is raised as it is.
     """
     path = fs.normalize(path)
     kind = fs.kind(path)
@@ -44,8 +60,14 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     else:
         prefix = path + "/" if path else ""
         root, jobs = dest, [(rel, split_safe(rel[len(prefix):])) for rel in paths]
-    attrs = await fs.stat_many(paths)
-    total = sum(a.size for _, a in attrs if a.kind == "file")
+    failures: list[tuple[str, BaseException]] = []
+    attrs = await fs.stat_each(paths)
+    unsized = {p for p, a in attrs if isinstance(a, DDAError)}
+    if single and unsized:
+        raise next(a for _, a in attrs if isinstance(a, DDAError))
+    failures += [(p, a) for p, a in attrs if isinstance(a, DDAError)]
+    jobs = [(rel, parts) for rel, parts in jobs if rel not in unsized]
+    total = sum(a.size for _, a in attrs if not isinstance(a, DDAError) and a.kind == "file")
     root_fd = await asyncio.to_thread(safewrite.open_root, root)
     bar = None
     if progress:
@@ -71,7 +93,8 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
             written.append(root.joinpath(*parts))
 
     async def _write_file(rel: str, name: str, dir_fd: int) -> None:
-        handle = await fs.open(rel)
+        # Nobody is shown this handle's size: the verified object has the last word on it.
+        handle = await fs.open(rel, shown=False)
         tmp, fd = await asyncio.to_thread(safewrite.create_temp, name, dir_fd)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -99,7 +122,11 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
         os.close(root_fd)
         if bar is not None:
             bar.close()
-    for result in results:
-        if isinstance(result, BaseException):
+    for (rel, _), result in zip(jobs, results):
+        if isinstance(result, DDAError) and not isinstance(result, UnsafePath) and not single:
+            failures.append((rel, result))     # that file's own failure: the others stand
+        elif isinstance(result, BaseException):
             raise result
+    if failures:
+        raise IncompleteDownload(sorted(failures, key=lambda f: f[0]), len(paths))
     return written

@@ -475,16 +475,28 @@ class Engine:
         return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
                 for e in entries]
 
-    async def stat_many(self, entries: list[Entry]) -> list[Entry]:
+    async def stat_many(self, entries: list[Entry], failed: dict[str, Exception] | None = None) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
         indexes, then one request per object still unknown (bounded pool, each under its own
-        deadline, each size recorded as it lands: an error keeps what was learned before it)."""
+        deadline, each size recorded as it lands: an error keeps what was learned before it).
+        Raises the first error; with `failed` given, each entry whose size could not be learned
+        stays unsized and its error goes into `failed[entry.path]` instead (`dda ls`/`get`
+        show or write the others)."""
         result = list(entries)
         for output in {e.output for e in entries if e.size is None and e.kind == "dvc"}:
             await self._use_size_index(output)
+
+        def failing(i: int, err: Exception) -> None:
+            if failed is None:
+                raise err
+            failed[result[i].path] = err
+
         for i, e in enumerate(result):
             if e.size is None and e.kind == "git":
-                result[i] = self._sized(e, await self.git.blob_size(e.oid))
+                try:
+                    result[i] = self._sized(e, await self.git.blob_size(e.oid))
+                except DDAError as err:
+                    failing(i, err)
 
         unshown: list[int] = []
 
@@ -496,14 +508,18 @@ class Engine:
 
         # the proofs in batches, off the loop, before the per-file checks (kept in a bounded memo)
         await self.tenancy.preload([self.ref(e) for e in result if e.size is None and e.kind == "dvc"])
-        await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
-                       learned, size_of=self._size_of)
+        await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result)
+                                      if e.size is None and e.path not in (failed or ())),
+                       learned, size_of=self._size_of, on_error=None if failed is None else failing)
         if unshown:     # sizes learned through another remote identity: asked of ours, bounded
             slots = asyncio.Semaphore(self.fetcher.jobs)
 
             async def one(i: int) -> None:
                 async with slots:
-                    result[i] = self._sized(result[i], await self._size_of(self.ref(result[i])))
+                    try:
+                        result[i] = self._sized(result[i], await self._size_of(self.ref(result[i])))
+                    except Exception as err:   # noqa: BLE001 - that entry's own failure
+                        failing(i, err)
 
             await asyncio.gather(*(one(i) for i in unshown))
         return result

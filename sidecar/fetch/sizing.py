@@ -29,10 +29,13 @@ WORKERS = 128
 
 async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_size: Callable[[K, int], object],
                    *, workers: int | None = None,
-                   size_of: Callable[[ObjectRef], Awaitable[int]] | None = None) -> None:
+                   size_of: Callable[[ObjectRef], Awaitable[int]] | None = None,
+                   on_error: Callable[[K, Exception], object] | None = None) -> None:
     """Learn the size of every `(key, ref)` in `items` and call `on_size(key, size)` for each
     as soon as it is known (`size_of`: one object's request, default `fetcher.size_of`). Raises the first error any request met (after the requests
-    already under way finish and are recorded); sizes learned before it stay recorded."""
+    already under way finish and are recorded); sizes learned before it stay recorded.
+    With `on_error`, a failed request is handed to `on_error(key, error)` instead and the
+    others go on (one missing or stuck object costs its own request, not the batch)."""
     source = iter(items)
     if workers is None:     # as many as the (first) remote carries at once: its size slots
         first = next(source, None)
@@ -72,7 +75,10 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
             try:
                 on_size(key, await ask(ref))   # own deadline; recorded in the index at once
             except Exception as err:   # noqa: BLE001 - the first error ends the batch, after the rest land
-                failed.append(err)
+                if on_error is None:
+                    failed.append(err)
+                else:
+                    on_error(key, err)
 
     tasks = [asyncio.ensure_future(work()) for _ in range(workers)]
     try:

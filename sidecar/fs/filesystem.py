@@ -5,7 +5,8 @@ these methods and turns the answers and errors into its own shapes.
 Rules it keeps for every frontend:
 - names and types come from the snapshot alone: `listdir` never asks a remote and never sizes;
 - a size is learned only when someone asks for it (`stat`, `lookup`, `open`), one entry at a
-  time, or in bulk where a frontend wants many at once (`stat_many`, for `dda ls` and `get`);
+  time, or in bulk where a frontend wants many at once (`stat_many`; `stat_each` for `dda ls`/`get`,
+  where one file that cannot be sized is an error in its own row, never the batch's);
 - a handle is pinned to the entry (object id, size, mode) it was opened on: a refresh to a new
   commit never changes what an open file reads;
 - errors are `sidecar.errors.DDAError`s carrying errno and reason; frontends map them with
@@ -26,7 +27,7 @@ from ..engine import Engine
 from ..errors import (BadHandle, DDAError, IsADirectory, NotADirectory, NotASymlink, NotFound,
                       ObjectResized,
                       OutputUnavailable, RemoteError,
-                      SymlinkLoop)
+                      SymlinkLoop, describe)
 from ..fetch.verify_stream import ReadCursor
 from ..snapshot.tree import Entry, Tree
 from .attr import Attr, DirEntry, Kind, dir_attr
@@ -49,6 +50,9 @@ class Handle:
     # the size this reader was told at open (st_size): if the verified object proves it wrong,
     # every later read of this handle fails - the reader's idea of the file's length is wrong
     size_at_open: int = -1
+    # whether anyone was told the size (a mount's st_size, a seek to the end): a handle nobody
+    # was told it (`dda cat/get`, a hooks read from the start) follows the verified object
+    shown: bool = True
 
     def __post_init__(self) -> None:
         if self.size_at_open < 0:
@@ -232,7 +236,19 @@ class FileSystem:
 
     async def stat_many(self, paths: list[str]) -> list[tuple[str, Attr]]:
         """Attributes of many paths at once, sizes learned in bulk (one listing per remote
-        folder where the remote lists, else bounded requests): for `dda ls` and `dda get`."""
+        folder where the remote lists, else bounded requests). Raises the first error."""
+        return [(p, a) for p, a in await self._stat_batch(paths, None)]   # type: ignore[misc]
+
+    async def stat_each(self, paths: list[str]) -> list[tuple[str, Attr | DDAError]]:
+        """`stat_many`, but a path whose size could not be learned (its object missing on the
+        remote, its request past its own deadline) gets its error in place of its attributes
+        and the others are answered: for `dda ls` and `dda get`, which show or write the rest
+        and name the failures. A path not in the snapshot still raises."""
+        failed: dict[str, Exception] = {}
+        return await self._stat_batch(paths, failed)
+
+    async def _stat_batch(self, paths: list[str], failed: dict[str, Exception] | None
+                          ) -> list[tuple[str, Attr | DDAError]]:
         tree = self.tree
         entries = []
         for p in paths:
@@ -241,8 +257,15 @@ class FileSystem:
                 raise self._missing(p)
             if entry is not None:
                 entries.append(entry)
-        sized = {e.path: e for e in await self.engine.stat_many(entries)} if entries else {}
-        return [(p, self.attr_of(sized.get(p))) for p in paths]
+        sized = {e.path: e for e in await self.engine.stat_many(entries, failed)} if entries else {}
+        rows: list[tuple[str, Attr | DDAError]] = []
+        for p in paths:
+            err = failed.get(p) if failed else None
+            if err is not None:
+                rows.append((p, _as_error(err, p)))
+            else:
+                rows.append((p, self.attr_of(sized.get(p))))
+        return rows
 
     async def readlink(self, path: str) -> str:
         entry = self.tree.files.get(path)
@@ -279,9 +302,12 @@ class FileSystem:
         raise SymlinkLoop(f"{seen}: too many levels of symbolic links", path=seen)
 
     # -- data -----------------------------------------------------------------------------------
-    async def open(self, path: str, *, follow: bool = False) -> Handle:
+    async def open(self, path: str, *, follow: bool = False, shown: bool = True) -> Handle:
         """A handle pinned to the entry at `path` now (sized): reads through it see this
-        object even after a refresh moves the snapshot to another commit."""
+        object even after a refresh moves the snapshot to another commit. shown=False: the
+        caller tells nobody the size (a stream to its end): when the verified object proves a
+        size learned from a remote wrong, reads follow the object instead of failing
+        (`show_size` marks the moment someone is told)."""
         if follow:
             path = await self.resolve(path)
         self._available(path)
@@ -290,9 +316,17 @@ class FileSystem:
             if path in self.tree.dirs:
                 raise IsADirectory(f"{path}: is a directory", path=path)
             raise self._missing(path)
-        handle = Handle(next(self._ids), path, await self.engine.sized(entry), self.commit)
+        handle = Handle(next(self._ids), path, await self.engine.sized(entry), self.commit, shown=shown)
         self._handles[handle.id] = handle
         return handle
+
+    @staticmethod
+    def show_size(handle: Handle) -> int:
+        """The handle's size, as told to someone (a seek to the end, an fstat): from now on a
+        verified object that proves it wrong fails this handle's reads (never a file cut short)."""
+        if not handle.shown:
+            handle.shown, handle.size_at_open = True, handle.size
+        return handle.size_at_open
 
     def handle(self, handle_id: int) -> Handle:
         try:
@@ -309,23 +343,44 @@ class FileSystem:
         Raises HashMismatch on a read after the object failed verification (its earlier
         bytes were wrong), and ObjectResized when the size this reader was given proved wrong."""
         self._check_size(handle)
-        size = handle.size
-        if offset >= size or length <= 0:
+        if length <= 0:
             return b""
+        if offset >= handle.size and not (await self._settle_size(handle) and offset < handle.size):
+            return b""
+        size = handle.size
         want = min(length, size - offset)
         data = await self.engine.read_entry(handle.entry, offset, want, handle.cursor)
         self._check_size(handle)
+        if len(data) < want and not handle.shown:
+            await self._settle_size(handle)     # (an observer may have resized it already)
+            want = min(want, max(0, handle.size - offset))     # the verified object is shorter
+            data = data[:want]
         if len(data) < want:
             # A short answer inside the object would read as its end: a file cut short, exit 0.
             raise RemoteError(f"{handle.path}: got {len(data)} of {want} bytes at offset {offset} "
                               f"(the object has {size})", path=handle.path)
         return data
 
+    async def _settle_size(self, handle: Handle) -> bool:
+        """For a handle nobody was told the size of, whose size came from a remote's answer (a
+        HEAD, a size index): take the size the fetcher has learned since from the object
+        itself (a read contradicted the answer and learned it again). True when it changed.
+        A large object's truth arrives with its first chunk, before its md5 is checked: that
+        check still fails the read that reaches the end if its bytes were wrong."""
+        entry = handle.entry
+        if handle.shown or not entry.looked_up or entry.kind != "dvc":
+            return False
+        truth = await self.engine.fetcher.indexed_size(self.engine.ref(entry))
+        if truth is None or truth == handle.size:
+            return False
+        handle.entry = replace(entry, size=truth)
+        return True
+
     @staticmethod
     def _check_size(handle: Handle) -> None:
         # The size came from a remote's answer and the verified object says otherwise: fail
         # rather than hand out a file cut at the wrong length (the next open is right).
-        if handle.size != handle.size_at_open:
+        if handle.shown and handle.size != handle.size_at_open:
             raise ObjectResized(f"{handle.path}: its size changed from {handle.size_at_open} to {handle.size} "
                                 f"while open; open it again", path=handle.path)
 
@@ -333,7 +388,7 @@ class FileSystem:
         """The handle's whole object in pieces of one chunk (what `dda cat` and `get` stream)."""
         piece = piece or self.engine.store.chunk_size
         offset = 0
-        while offset < handle.size:
+        while offset < handle.size or not handle.shown:   # unshown: the read at the end settles it
             data = await self.read(handle, offset, piece)
             if not data:
                 return
@@ -354,3 +409,11 @@ class FileSystem:
         if moved is None:
             return None
         return Refreshed(moved[0], moved[1], old_files, self.tree)
+
+
+def _as_error(err: Exception, path: str) -> DDAError:
+    """`err` as a DDAError (a deadline may arrive as a bare TimeoutError), about `path`."""
+    if isinstance(err, DDAError):
+        return err
+    info = describe(err)
+    return DDAError(info.message, path=path, errno=info.errno, reason=info.reason)

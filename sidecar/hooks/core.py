@@ -330,7 +330,7 @@ class Hooks:
         if kind == "dir":
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), fsname(file))
         # Pinned: the handle keeps this entry's object, whatever refresh_hooks() does later.
-        handle = self.call(self.fs(file).open(entry.path), file)
+        handle = self.call(self.fs(file).open(entry.path, shown=False), file)
         raw = RemoteFile(self, handle, name, file)
         binary = "b" in mode
         if buffering == 0:

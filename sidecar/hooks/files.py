@@ -7,6 +7,7 @@ import os
 from types import GenericAlias
 from typing import Any, Iterable
 
+from ..fs import FileSystem
 from .core import Hooks, inode
 
 _READALL_PIECE = 64 * 1024 * 1024
@@ -19,12 +20,17 @@ class RemoteFile(io.RawIOBase):
     def __init__(self, hooks: Hooks, handle: Any, name: Any, original: Any):
         super().__init__()
         self._hooks = hooks
-        self._handle = handle
-        self._size: int = handle.size
+        self._handle = handle     # opened shown=False: told to nobody until a seek to the end
         self._pos = 0
         self._orig_name = original
         self.name = name
         self.mode = "rb"
+
+    @property
+    def _size(self) -> int:
+        # live: until someone is told the size (a seek to the end), a size learned from a
+        # remote that the verified object contradicts is replaced, and the read goes on
+        return self._handle.size
 
     def __repr__(self) -> str:
         return f"<dda streamed file name={self.name!r} size={self._size}>"
@@ -57,7 +63,9 @@ class RemoteFile(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         want = min(len(view), self._size - self._pos)
         if want <= 0:
-            return 0
+            if self._handle.shown or not len(view):
+                return 0
+            want = len(view)     # at the end of a size nobody was told: the read there settles it
         data = self._read(self._pos, want)
         n = len(data)
         view[:n] = data
@@ -68,8 +76,9 @@ class RemoteFile(io.RawIOBase):
         if self.closed:
             raise ValueError("I/O operation on closed file.")
         pieces = []
-        while self._pos < self._size:
-            data = self._read(self._pos, min(_READALL_PIECE, self._size - self._pos))
+        while self._pos < self._size or not self._handle.shown:   # unshown: the read at the end settles it
+            left = self._size - self._pos
+            data = self._read(self._pos, min(_READALL_PIECE, left) if left > 0 else _READALL_PIECE)
             if not data:
                 break
             pieces.append(data)
@@ -84,7 +93,7 @@ class RemoteFile(io.RawIOBase):
         elif whence == io.SEEK_CUR:
             pos = self._pos + offset
         elif whence == io.SEEK_END:
-            pos = self._size + offset
+            pos = FileSystem.show_size(self._handle) + offset     # told: from now on it must hold
         else:
             raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
         if pos < 0:
@@ -126,6 +135,12 @@ class RemoteDirEntry:
 
     def __fspath__(self) -> Any:
         return self.path
+
+    @property
+    def _size(self) -> int:
+        # live: until someone is told the size (a seek to the end), a size learned from a
+        # remote that the verified object contradicts is replaced, and the read goes on
+        return self._handle.size
 
     def __repr__(self) -> str:
         return f"<DirEntry {self.name!r}>"
