@@ -254,8 +254,6 @@ def test_size_index_with_a_size_beyond_int64_is_ignored_not_a_traceback(tmp_path
     assert {f"data/{m['relpath']}": len(_object(layout, m["md5"])) for m in _manifest(layout)} == sizes
 
 
-@pytest.mark.xfail(strict=True, reason="HEADs for sizes go out --jobs (16) at a time, not the README's 128 "
-                   "in flight in slots of their own: a slow remote sizes a folder 8x slower")
 def test_size_requests_run_128_at_a_time_against_a_slow_remote(tmp_path):
     """README: sizes (HEAD) go through aiohttp, 128 in flight in slots of their own. Every HEAD
     of a 400-file folder is held 20 s by the remote (a slow object store), `dda ls --deadline 4`:
