@@ -178,3 +178,56 @@ def test_walking_100k_files_through_the_mount_keeps_the_inode_table_per_folder(t
                 assert os.stat(entry.path).st_ino == entry.inode()
     finally:
         FakeRemote.unregister(name)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_after_a_refresh_every_inode_names_its_file_and_only_the_changed_folder_is_renumbered(tmp_path):
+    """A refresh that adds a file to data/images/cats (a new manifest for the output): the
+    kernel's inode of every listed file names that file in the daemon's table, stat and
+    readdir agree, cats' files get fresh inodes (its listing changed), dogs' and labels.csv
+    keep theirs, an unchanged file of cats reads its own bytes through the new inode and a
+    file open across the refresh keeps reading."""
+    import subprocess
+
+    import sidecar
+    from mounting import MountThread, wait_until
+    from sidecar.config import Config
+    from sidecar.sample import make_sample_repo
+
+    repo, _ = make_sample_repo(tmp_path / "s", images=12, sizes=(100, 2000))
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(origin)], check=True)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cats, dogs = mp / "data/images/cats", mp / "data/images/dogs"
+
+    def inodes(folder):
+        return {e.name: e.inode() for e in os.scandir(folder)}
+
+    with MountThread(Config(repo=str(origin), revision="main", cache_dir=tmp_path / "c"), mp) as m:
+        table = m.mount.ops.inodes
+        before_cats, before_dogs = inodes(cats), inodes(dogs)
+        labels = os.stat(mp / "data/labels.csv").st_ino
+        first = sorted(before_cats)[0]
+        whole = (cats / first).read_bytes()
+        reader = open(cats / first, "rb")
+        head = reader.read(10)
+        new = tmp_path / "new" / "fresh.bin"
+        new.parent.mkdir()
+        new.write_bytes(b"brand new")
+        sidecar.upload(str(origin), [new], to="data/images/cats", revision="main", cache_dir=str(tmp_path / "up"))
+        assert b'"moved": true' in os.getxattr(mp, "user.dda.refresh")
+        assert wait_until(lambda: "fresh.bin" in os.listdir(cats), 10)
+        after_cats, after_dogs = inodes(cats), inodes(dogs)
+        assert set(after_cats) == set(before_cats) | {"fresh.bin"}
+        for folder, listed in (("data/images/cats", after_cats), ("data/images/dogs", after_dogs)):
+            for name, inode in listed.items():
+                assert table.path(inode) == f"{folder}/{name}"
+                assert os.stat(mp / folder / name).st_ino == inode
+        assert after_dogs == before_dogs
+        assert os.stat(mp / "data/labels.csv").st_ino == labels
+        assert not set(after_cats.values()) & set(before_cats.values())
+        assert (cats / first).read_bytes() == whole
+        assert (cats / "fresh.bin").read_bytes() == b"brand new"
+        assert head + reader.read() == whole
+        reader.close()
