@@ -71,7 +71,8 @@ def test_a_subdir_root_is_inode_one_and_its_children_number_below_it():
     assert table.known("data/b") == a + 1
 
 
-def test_refresh_gives_a_changed_folder_fresh_inodes_and_keeps_the_rest():
+@pytest.mark.parametrize("bulk", [False, True], ids=["per-path", "bulk"])
+def test_refresh_gives_a_changed_folder_fresh_inodes_and_keeps_the_rest(bulk):
     old = {"data/a/keep.bin": "k", "data/a/gone.bin": "g", "data/b/same.bin": "s", "data/b/edit.bin": "1",
            "data/c/open.bin": "1", "data/c/other.bin": "o"}
     snap = _Snap(_tree(old))
@@ -83,9 +84,15 @@ def test_refresh_gives_a_changed_folder_fresh_inodes_and_keeps_the_rest():
            "data/b/same.bin": "s", "data/b/edit.bin": "2",           # b: same names, one file changed
            "data/c/open.bin": "2", "data/c/other.bin": "o"}          # c: the changed file is open
     old_tree, snap.tree = snap.tree, _tree(new)
-    moved = Refreshed("old", "new", old_tree.files, snap.tree)
+    moved = Refreshed("old", "new", old_tree.files, snap.tree, old_tree)
     held = {before["data/c/open.bin"]}
-    stale, retired = table.refresh(moved.changed, held)
+    if bulk:      # what the mount passes: the two trees compared by their arrays
+        from sidecar.fuse.ops import _rows_changed
+
+        stale, retired = table.refresh(lambda path: pytest.fail(f"asked per path: {path}"), held,
+                                       _rows_changed(moved))
+    else:
+        stale, retired = table.refresh(moved.changed, held)
 
     assert retired == {before["data/c/open.bin"]}
     # b kept its block: every inode is what it was; its changed file is invalidated in place

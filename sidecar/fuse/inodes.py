@@ -144,12 +144,15 @@ class InodeTable:
         del self._blocks[at]
 
     # -- a new snapshot -------------------------------------------------------------------------------
-    def refresh(self, changed: Callable[[str], bool], held: set[int]) -> tuple[list[tuple[int, int, str]], set[int]]:
+    def refresh(self, changed: Callable[[str], bool], held: set[int],
+                changed_rows: Callable[[str, list[str]], Iterable[int] | None] | None = None,
+                ) -> tuple[list[tuple[int, int, str]], set[int]]:
         """Follow a new snapshot (`names_of` answers from it now). `changed(path)`: whether what
-        the kernel knows of `path` may be stale; `held`: inodes with open files. Returns (what
-        the kernel must drop: (inode or 0 for the name alone, parent inode or 0, name) - the
-        root is (1, 0, its name) - and the inodes retired: held, changed, kept by their open
-        files while their path gets a fresh inode)."""
+        the kernel knows of `path` may be stale; `changed_rows(folder, old names)`, if given:
+        the indexes of those names that changed, in bulk (None: ask `changed` per path);
+        `held`: inodes with open files. Returns (what the kernel must drop: (inode or 0 for the
+        name alone, parent inode or 0, name) - the root is (1, 0, its name) - and the inodes
+        retired: held, changed, kept by their open files while their path gets a fresh inode)."""
         stale: list[tuple[int, int, str]] = [(ROOT_INODE, 0, posixpath.basename(self.root))]
         retired: set[int] = set()
         folders = list(self._current.items())
@@ -159,13 +162,15 @@ class InodeTable:
             drop = now is None or (now is not block.names and now != block.names)
             parent = parents[folder]
             prefix = folder + "/" if folder else ""
-            for i, name in enumerate(block.names):
+            rows = changed_rows(folder, block.names) if changed_rows is not None else None
+            if rows is None:
+                rows = [i for i, name in enumerate(block.names) if changed(prefix + name)]
+            for i in rows:
                 inode = block.start + i
-                if changed(prefix + name):
-                    stale.append((inode, parent, name))
-                    if inode in held:
-                        retired.add(inode)
-                        drop = True
+                stale.append((inode, parent, block.names[i]))
+                if inode in held:
+                    retired.add(inode)
+                    drop = True
             if drop:
                 # Its children get fresh inodes: the kernel drops every name of the old listing,
                 # so it forgets the old inodes (then the block is freed) instead of mixing both.

@@ -12,6 +12,7 @@ unknown goes out with zero timeouts, so the kernel asks (lookup/getattr) before 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import functools
 import json
@@ -19,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyfuse3
 
@@ -26,6 +28,7 @@ from ..engine import Engine
 from ..errors import DDAError, HashMismatch, NotFound, describe
 from ..fetch.prefetch import Prefetcher, ReadState
 from ..fs import Attr, FileSystem, Handle
+from ..fs.filesystem import Refreshed
 from ..fs.attr import DIR_MODE, DIR_SIZE
 from .inodes import InodeTable
 
@@ -76,6 +79,30 @@ class _Open:
 RETRY_AFTER_DEADLINE_WINDOW = 1.0
 
 
+def _rows_changed(moved: Refreshed) -> Callable[[str, list[str]], list[int] | None]:
+    """`InodeTable.refresh`'s bulk comparison: indexes of a folder's old names whose entry
+    changed (a directory always counts: its listing may differ), from the two trees' arrays
+    (a 1M-file walk's table compared without an Entry per file). None: compare per path."""
+    old, new = moved.old_tree, moved.new_tree
+
+    def rows(folder: str, names: list[str]) -> list[int] | None:
+        if old is None or old.dirs.get(folder) is not names:
+            return None
+        now = new.dirs.get(folder)
+        if now is None:
+            return list(range(len(names)))
+        before, after = old.row_keys(folder), new.row_keys(folder)
+        found, j = [], 0
+        for i, name in enumerate(names):
+            j = bisect.bisect_left(now, name, j)
+            if j == len(now) or now[j] != name:
+                found.append(i)              # gone
+            elif before[i] is None or after[j] is None or before[i] != after[j]:
+                found.append(i)
+        return found
+    return rows
+
+
 class DdaOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -113,9 +140,14 @@ class DdaOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        held = {opened.inode for opened in self._open.values()}
-        for inode, count in inode_list:
-            self.inodes.forget(inode, count, held)
+        """The kernel dropped its references: old blocks nobody holds are freed. Never raises
+        (pyfuse3 has no reply to send a FORGET's error with)."""
+        try:
+            held = {opened.inode for opened in self._open.values()}
+            for inode, count in inode_list:
+                self.inodes.forget(inode, count, held)
+        except Exception:
+            log.exception("internal error in forget")
 
     def _attrs(self, inode: int, attr: Attr | None, mode: int = 0) -> pyfuse3.EntryAttributes:
         """FUSE attributes of `attr`; None: a size not known yet (zero timeouts: the kernel
@@ -281,7 +313,7 @@ class DdaOperations(pyfuse3.Operations):
         held = {opened.inode for opened in self._open.values()}
         # Open files keep size and bytes of open time: a changed path's inode stays theirs and
         # the path's next lookup gets a fresh one (whatever it is now: other bytes, a folder).
-        stale, retired = self.inodes.refresh(moved.changed, held)
+        stale, retired = self.inodes.refresh(moved.changed, held, _rows_changed(moved))
         self._retired |= retired
         # After this request has been answered: the kernel may lock what we invalidate.
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))

@@ -492,6 +492,23 @@ class Tree:
         sizes = self._sizes
         return any(fid != _DIR and sizes[fid] < 0 for fid in self._ids.get(path, ()))
 
+    def row_keys(self, path: str) -> list[tuple[bytes | str, int] | None]:
+        """Per child of directory `path`, in name order: None for a subdirectory, else (its
+        object id - 16 md5 bytes or the odd id -, its mode); equal keys mean the same content
+        and mode (comparing two snapshots without making Entry objects). KeyError: not a
+        directory."""
+        oids, odd, groups = self._oids, self._odd, self._groups
+        modes = [group[1] for group in self._group_table]
+        keys: list[tuple[bytes | str, int] | None] = []
+        for fid in self._ids[path]:
+            if fid == _DIR:
+                keys.append(None)
+            else:
+                other = odd.get(fid)
+                at = fid * _MD5_LEN
+                keys.append((oids[at:at + _MD5_LEN] if other is None else other, modes[groups[fid]]))
+        return keys
+
     def file_ids_of(self, oid: str) -> set[int]:
         """File ids of object `oid` (a scan of the md5 bytes in C; for rare events)."""
         if len(oid) == 2 * _MD5_LEN and oid == oid.lower() and _is_hex(oid):
