@@ -238,3 +238,21 @@ def test_after_a_refresh_every_inode_names_its_file_and_only_the_changed_folder_
         assert (cats / "fresh.bin").read_bytes() == b"brand new"
         assert head + reader.read() == whole
         reader.close()
+
+
+def test_a_file_open_through_an_old_block_is_retired_when_a_later_refresh_changes_it():
+    """Open across a refresh that renumbered its folder (the file itself unchanged: not
+    retired, its inode in the old block), then a second refresh changes the file: its inode
+    must be retired then (it keeps the open-time entry), though its block is no longer current."""
+    snap = _Snap(_tree({"d/open.bin": "1", "d/x": "1"}))
+    table = InodeTable(snap.names_of, "")
+    opened = table.inode("d/open.bin")
+    table.looked_up(opened)
+    trees = [snap.tree, _tree({"d/open.bin": "1", "d/x": "1", "d/y": "1"}),
+             _tree({"d/open.bin": "2", "d/x": "1", "d/y": "1"})]
+    snap.tree = trees[1]
+    _, retired = table.refresh(Refreshed("a", "b", trees[0].files, trees[1], trees[0]).changed, {opened})
+    assert retired == set() and table.inode("d/open.bin") != opened and table.path(opened) == "d/open.bin"
+    snap.tree = trees[2]
+    stale, retired = table.refresh(Refreshed("b", "c", trees[1].files, trees[2], trees[1]).changed, {opened})
+    assert retired == {opened} and (opened, 0, "") in stale

@@ -179,6 +179,13 @@ class InodeTable:
                 del self._current[folder]
             else:
                 block.names = now           # the same names: the old list can go
+        # A file open through an inode of an older block (its folder was renumbered while it
+        # stayed open) is checked too: its path may have changed under it since.
+        for inode in held:
+            found = self._block_at(inode) if inode != ROOT_INODE and inode not in retired else None
+            if found is not None and not found[1].current and changed(found[1].path(inode - found[1].start)):
+                stale.append((inode, 0, ""))
+                retired.add(inode)
         for at in range(len(self._blocks) - 1, -1, -1):
             self._maybe_free(at, self._blocks[at], held)
         return stale, retired
