@@ -327,8 +327,8 @@ class DdaOperations(pyfuse3.Operations):
             try:
                 if inode:
                     pyfuse3.invalidate_inode(inode, attr_only=False)
-                if parent:
-                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name))
+                if parent:   # names the kernel never looked up answer ENOENT: not worth a log line
+                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
             except OSError:
                 pass   # never looked up by the kernel, or already forgotten
 
