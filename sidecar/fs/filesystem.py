@@ -72,6 +72,7 @@ class Refreshed:
     new_commit: str
     old_files: Mapping[str, Entry]   # the old snapshot's files (a view, not a copy)
     new_tree: Tree
+    old_tree: Tree | None = None     # the old snapshot (bulk comparisons: Tree.row_keys)
 
     def changed(self, path: str) -> bool:
         """Whether what the kernel (or anyone) knows about `path` may be stale: a directory
@@ -404,11 +405,11 @@ class FileSystem:
 
     async def refresh(self) -> Refreshed | None:
         """Move to the branch's new tip, if it moved. Open handles keep their entries."""
-        old_files = self.tree.files       # the old tree is never changed but for sizes
+        old_tree = self.tree              # never changed but for sizes
         moved = await self.engine.refresh()
         if moved is None:
             return None
-        return Refreshed(moved[0], moved[1], old_files, self.tree)
+        return Refreshed(moved[0], moved[1], old_tree.files, self.tree, old_tree)
 
 
 def _as_error(err: Exception, path: str) -> DDAError:

@@ -12,14 +12,15 @@ unknown goes out with zero timeouts, so the kernel asks (lookup/getattr) before 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import functools
 import json
 import logging
 import os
-import posixpath
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyfuse3
 
@@ -27,6 +28,9 @@ from ..engine import Engine
 from ..errors import DDAError, HashMismatch, NotFound, describe
 from ..fetch.prefetch import Prefetcher, ReadState
 from ..fs import Attr, FileSystem, Handle
+from ..fs.filesystem import Refreshed
+from ..fs.attr import DIR_MODE, DIR_SIZE
+from .inodes import InodeTable
 
 log = logging.getLogger(__name__)
 TIMEOUT = 24 * 3600.0
@@ -75,6 +79,30 @@ class _Open:
 RETRY_AFTER_DEADLINE_WINDOW = 1.0
 
 
+def _rows_changed(moved: Refreshed) -> Callable[[str, list[str]], list[int] | None]:
+    """`InodeTable.refresh`'s bulk comparison: indexes of a folder's old names whose entry
+    changed (a directory always counts: its listing may differ), from the two trees' arrays
+    (a 1M-file walk's table compared without an Entry per file). None: compare per path."""
+    old, new = moved.old_tree, moved.new_tree
+
+    def rows(folder: str, names: list[str]) -> list[int] | None:
+        if old is None or old.dirs.get(folder) is not names:
+            return None
+        now = new.dirs.get(folder)
+        if now is None:
+            return list(range(len(names)))
+        before, after = old.row_keys(folder), new.row_keys(folder)
+        found, j = [], 0
+        for i, name in enumerate(names):
+            j = bisect.bisect_left(now, name, j)
+            if j == len(now) or now[j] != name:
+                found.append(i)              # gone
+            elif before[i] is None or after[j] is None or before[i] != after[j]:
+                found.append(i)
+        return found
+    return rows
+
+
 class DdaOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -88,9 +116,8 @@ class DdaOperations(pyfuse3.Operations):
         if not engine.tree.is_dir(self.root):
             raise NotFound(f"--subdir {subdir!r}: no such directory in revision {engine.info.revision}")
         self.uid, self.gid = os.getuid(), os.getgid()
-        self._paths: list[str] = ["", ""]           # inode -> repository path (1 is the root)
-        self._paths[pyfuse3.ROOT_INODE] = self.root
-        self._inodes: dict[str, int] = {self.root: pyfuse3.ROOT_INODE}
+        # inode <-> repository path, numbered per directory (O(directories) memory; 1 is the root)
+        self.inodes = InodeTable(lambda folder: engine.tree.dirs.get(folder), self.root)
         self._open: dict[int, _Open] = {}           # fh -> open file (metrics count these)
         # Inodes a refresh took from their path while files were open on them: they keep
         # answering with the entry of open time (the path gets a fresh inode).
@@ -101,18 +128,26 @@ class DdaOperations(pyfuse3.Operations):
 
     # -- inode bookkeeping ----------------------------------------------------------------------
     def _inode(self, path: str) -> int:
-        inode = self._inodes.get(path)
-        if inode is None:
-            inode = len(self._paths)
-            self._paths.append(path)
-            self._inodes[path] = inode
-        return inode
+        try:
+            return self.inodes.inode(path)
+        except KeyError:                # gone from the snapshot (a refresh while we answered)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     def _path(self, inode: int) -> str:
         try:
-            return self._paths[inode]
-        except IndexError:
+            return self.inodes.path(inode)
+        except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        """The kernel dropped its references: old blocks nobody holds are freed. Never raises
+        (pyfuse3 has no reply to send a FORGET's error with)."""
+        try:
+            held = {opened.inode for opened in self._open.values()}
+            for inode, count in inode_list:
+                self.inodes.forget(inode, count, held)
+        except Exception:
+            log.exception("internal error in forget")
 
     def _attrs(self, inode: int, attr: Attr | None, mode: int = 0) -> pyfuse3.EntryAttributes:
         """FUSE attributes of `attr`; None: a size not known yet (zero timeouts: the kernel
@@ -140,7 +175,9 @@ class DdaOperations(pyfuse3.Operations):
         if text == ".." and parent == self.root:
             text = "."                              # never above the mounted subdir
         path, attr = await self.fs.lookup(parent, text)
-        return self._attrs(self._inode(path), attr)
+        inode = self._inode(path)
+        self.inodes.looked_up(inode)            # the kernel holds it until it sends a FORGET
+        return self._attrs(inode, attr)
 
     @_never_crash
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -171,14 +208,54 @@ class DdaOperations(pyfuse3.Operations):
         # answers at once). A size this node already knows (index) goes with its name, with
         # long timeouts (readdirplus: `find -printf %s` needs no lookup); an unknown one goes
         # with zero timeouts and is learned when the kernel looks the entry up.
+        # Per entry: no Entry, Attr or path string; three EntryAttributes serve every entry
+        # (readdir_reply copies one into the reply buffer at once) and only what differs is set.
         path = self._path(fh)
-        if start_id == 0:                 # a new pass: what the index knows goes with the names
+        self.fs.names(path)                       # ENOENT / ENOTDIR / EIO of a broken output
+        tree = self.fs.tree
+        if start_id == 0 and tree.has_unsized(path):    # a new pass: what the index knows goes with the names
             await self.fs.fill_known_sizes(path)
-        for index, item in enumerate(self.fs.iter_dir(path, start_id), start_id):
-            attr = self.fs.known_attr(item.path) if item.kind == "dir" or item.size is not None else None
-            attrs = self._attrs(self._inode(item.path), attr, item.mode)
-            if not pyfuse3.readdir_reply(token, os.fsencode(item.name), attrs, index + 1):
-                return
+            tree = self.fs.tree
+        try:
+            block = self.inodes.children(path)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        if block.names is not tree.dirs.get(path):       # the snapshot moved while we waited
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        mtime = self.fs.mtime_ns
+        unknown = self._entry_attrs(0, mtime)
+        known = self._entry_attrs(TIMEOUT, mtime)
+        folder = self._entry_attrs(TIMEOUT, mtime)
+        folder.st_mode, folder.st_nlink, folder.st_size, folder.st_blocks = DIR_MODE, 2, DIR_SIZE, DIR_SIZE // 512
+        inode = block.start + start_id
+        sent = 0
+        reply = pyfuse3.readdir_reply
+        for name, fid, mode, size in tree.dir_rows(path, start_id):
+            if fid < 0:
+                out = folder
+            elif size < 0:
+                out = unknown
+                out.st_mode = mode
+            else:
+                out = known
+                out.st_mode, out.st_size, out.st_blocks = mode, size, -(-size // 512)
+            out.st_ino = inode
+            inode += 1
+            if not reply(token, os.fsencode(name), out, start_id + sent + 1):
+                break
+            sent += 1
+        if sent:
+            self.inodes.looked_up(block.start + start_id, sent)   # readdirplus: one lookup per entry
+
+    def _entry_attrs(self, timeout: float, mtime_ns: int) -> pyfuse3.EntryAttributes:
+        """A template for readdir entries: owner, times, timeouts set; mode/size/inode per entry."""
+        out = pyfuse3.EntryAttributes()
+        out.entry_timeout = out.attr_timeout = timeout
+        out.st_uid, out.st_gid = self.uid, self.gid
+        out.st_blksize = 128 * 1024
+        out.st_nlink = 1
+        out.st_atime_ns = out.st_mtime_ns = out.st_ctime_ns = mtime_ns
+        return out
 
     @_never_crash
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -233,36 +310,48 @@ class DdaOperations(pyfuse3.Operations):
         moved = await self.fs.refresh()
         if moved is None:
             return {"moved": False, "commit": self.fs.commit}
-        stale: list[tuple[int, int | None, str]] = []      # (inode, parent inode, name)
         held = {opened.inode for opened in self._open.values()}
-        for path, inode in list(self._inodes.items()):
-            if moved.changed(path):
-                parent = self._inodes.get(posixpath.dirname(path)) if path != self.root else None
-                stale.append((inode, parent, posixpath.basename(path)))
-                if inode in held and path != self.root:
-                    # Open files keep size and bytes of open time: the inode stays theirs and the
-                    # path's next lookup gets a fresh one (whatever it is now: other bytes, a folder).
-                    del self._inodes[path]
-                    self._retired.add(inode)
+        # Open files keep size and bytes of open time: a changed path's inode stays theirs and
+        # the path's next lookup gets a fresh one (whatever it is now: other bytes, a folder).
+        stale, retired = self.inodes.refresh(moved.changed, held, _rows_changed(moved))
+        self._retired |= retired
         # After this request has been answered: the kernel may lock what we invalidate.
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))
         return {"moved": True, "old": moved.old_commit, "new": moved.new_commit}
 
     @staticmethod
-    def _invalidate(stale: list[tuple[int, int | None, str]]) -> None:
+    def _invalidate(stale: list[tuple[int, int, str]]) -> None:
+        """(inode or 0, parent inode or 0, name): drop the inode's attributes and pages, and
+        the parent's entry of that name."""
         for inode, parent, name in stale:
             try:
-                pyfuse3.invalidate_inode(inode, attr_only=False)
-                if parent is not None:
-                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name))
+                if inode:
+                    pyfuse3.invalidate_inode(inode, attr_only=False)
+                if parent:   # names the kernel never looked up answer ENOENT: not worth a log line
+                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
             except OSError:
                 pass   # never looked up by the kernel, or already forgotten
 
     # -- integrity: pages and sizes of an object that failed verification -------------------------
     def _inodes_of(self, oid: str) -> list[tuple[int, str]]:
-        files = self.engine.tree.files
-        return [(inode, path) for path, inode in self._inodes.items()
-                if path in files and files[path].oid == oid]
+        """(inode, path) of every inode given out for a file of object `oid` (a walk of the
+        blocks: a rare event; current blocks are compared by file id, old ones by path)."""
+        tree = self.engine.tree
+        fids = tree.file_ids_of(oid)
+        if not fids:
+            return []
+        found = []
+        for start, folder, names, current in self.inodes.blocks():
+            prefix = folder + "/" if folder else ""
+            if current and names is tree.dirs.get(folder):
+                found += [(start + i, prefix + name) for i, (name, fid, _, _) in enumerate(tree.dir_rows(folder))
+                          if fid in fids]
+            else:
+                for i, name in enumerate(names):
+                    entry = tree.files.get(prefix + name)
+                    if entry is not None and entry.oid == oid:
+                        found.append((start + i, prefix + name))
+        return found
 
     def _object_failed(self, oid: str) -> None:
         """Bytes of `oid` given out unverified were wrong (or could not be verified): the kernel
@@ -284,7 +373,7 @@ class DdaOperations(pyfuse3.Operations):
         self._invalidate_object(oid)
 
     def _invalidate_object(self, oid: str) -> None:
-        stale = [(inode, None, "") for inode, _ in self._inodes_of(oid)]
+        stale = [(inode, 0, "") for inode, _ in self._inodes_of(oid)]
         if stale:
             asyncio.get_running_loop().call_soon(
                 lambda: asyncio.ensure_future(asyncio.to_thread(self._invalidate, stale)))

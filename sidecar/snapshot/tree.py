@@ -62,6 +62,7 @@ class Problem:
 
 
 _DIR = -1            # a directory's slot in its parent's id array
+_DIR_MODE = stat.S_IFDIR | 0o755
 _MD5_LEN = 16
 
 
@@ -471,6 +472,53 @@ class Tree:
                 self._sizes[fid] = size
                 changed += 1
         return changed
+
+    def dir_rows(self, path: str, start: int = 0) -> Iterator[tuple[str, int, int, int]]:
+        """(name, file id, st_mode, size) of each child of directory `path` from index `start`,
+        in name order, straight from the arrays (no Entry, no path string): file id -1 is a
+        subdirectory (mode S_IFDIR|0755), size -1 not known yet. KeyError: not a directory."""
+        names, ids = self._names[path], self._ids[path]
+        sizes, groups = self._sizes, self._groups
+        modes = [group[1] for group in self._group_table]
+        for i in range(start, len(names)):
+            fid = ids[i]
+            if fid == _DIR:
+                yield names[i], -1, _DIR_MODE, -1
+            else:
+                yield names[i], fid, modes[groups[fid]], sizes[fid]
+
+    def has_unsized(self, path: str) -> bool:
+        """Whether directory `path` has a file whose size is not known yet (no Entry made)."""
+        sizes = self._sizes
+        return any(fid != _DIR and sizes[fid] < 0 for fid in self._ids.get(path, ()))
+
+    def row_keys(self, path: str) -> list[tuple[bytes | str, int] | None]:
+        """Per child of directory `path`, in name order: None for a subdirectory, else (its
+        object id - 16 md5 bytes or the odd id -, its mode); equal keys mean the same content
+        and mode (comparing two snapshots without making Entry objects). KeyError: not a
+        directory."""
+        oids, odd, groups = self._oids, self._odd, self._groups
+        modes = [group[1] for group in self._group_table]
+        keys: list[tuple[bytes | str, int] | None] = []
+        for fid in self._ids[path]:
+            if fid == _DIR:
+                keys.append(None)
+            else:
+                other = odd.get(fid)
+                at = fid * _MD5_LEN
+                keys.append((oids[at:at + _MD5_LEN] if other is None else other, modes[groups[fid]]))
+        return keys
+
+    def file_ids_of(self, oid: str) -> set[int]:
+        """File ids of object `oid` (a scan of the md5 bytes in C; for rare events)."""
+        if len(oid) == 2 * _MD5_LEN and oid == oid.lower() and _is_hex(oid):
+            raw, fids, at = bytes.fromhex(oid), set(), self._oids.find(bytes.fromhex(oid))
+            while at >= 0:
+                if at % _MD5_LEN == 0 and at // _MD5_LEN not in self._odd:
+                    fids.add(at // _MD5_LEN)
+                at = self._oids.find(raw, at + 1)
+            return fids
+        return {fid for fid, other in self._odd.items() if other == oid}
 
     def memory_bytes(self) -> int:
         """Bytes the tree's own structures take (names counted once each), for benches."""
