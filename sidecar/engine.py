@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import hashlib
 import itertools
 import logging
@@ -291,7 +292,7 @@ class Engine:
         assert self._layout is not None
         if root.startswith(_SOURCE):   # an import-url output read from its recorded source
             return self._sources[int(root[len(_SOURCE):])]
-        layout, repo_dir, identity = self._layout, self.git.local_path, root
+        layout, identity, repo_dir = self._layout, root, None
         if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
             index, _, root = root[len(_IMPORT):].partition(":")
             origin = next(o for i, o in self._imports.values() if i == int(index))
@@ -306,6 +307,8 @@ class Engine:
             wanted = "default"
         key = f"{identity}\0{wanted}"
         if key not in self._remotes:
+            if not identity.startswith(_IMPORT):   # our checkout's folder: looked up only here (per file, it showed)
+                repo_dir = self.git.local_path
             spec = config.remotes.get(wanted)
             settings = dict(spec.settings) if spec else {}
             override = self.config.remote_override(remote_settings_key(wanted), wanted == config.default_remote)
@@ -377,16 +380,28 @@ class Engine:
             size = await self._size_of(ref)
         return self._sized(entry, size)
 
-    async def _size_of(self, ref: ObjectRef) -> int:
+    async def _size_of(self, ref: ObjectRef, *, cold: bool = False) -> int:
         """`fetcher.size_of`, one request per object however many ask at once (a stat and
-        the directory's stat-ahead)."""
+        the directory's stat-ahead). cold=True: a bulk sizing found nothing of the object on
+        this node (the index and the store, asked for its whole batch): only the request is
+        left, and our remote's answer proves the size for our identity (`_may_show` records it)."""
         key = (ref.oid, id(ref.remote))    # per remote: each identity is gated on its own
         task = self._sizing.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._size_shown(ref))
+            task = asyncio.ensure_future(self._size_asked(ref) if cold else self._size_shown(ref))
             self._sizing[key] = task
             task.add_done_callback(lambda _t: self._sizing.pop(key, None))
         return await asyncio.shield(task)
+
+    async def _size_asked(self, ref: ObjectRef) -> int:
+        """One request for a size nothing on this node knew; our remote's answer proves it
+        for our identity at once (a caller cancelled meanwhile leaves no unproven size)."""
+        size = self.fetcher.known_size(ref)    # learned since its batch was checked (a stat's own request)
+        if size is not None:
+            return size
+        size = await self.fetcher.ask_size(ref)
+        self.tenancy.size_shown_now(ref)
+        return size
 
     async def _size_shown(self, ref: ObjectRef) -> int:
         """`fetcher.size_of`, behind the tenancy gate: a size this node learned from another
@@ -434,7 +449,7 @@ class Engine:
                 self._sized(entry, size)
 
         try:
-            await size_all(self.fetcher, todo(), learned, size_of=self._size_of)
+            await size_all(self.fetcher, todo(), learned, size_of=functools.partial(self._size_of, cold=True))
         except DDAError as err:   # a stat that needs the failed one reports it itself
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
 
@@ -497,7 +512,7 @@ class Engine:
         # the proofs in batches, off the loop, before the per-file checks (kept in a bounded memo)
         await self.tenancy.preload([self.ref(e) for e in result if e.size is None and e.kind == "dvc"])
         await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result) if e.size is None),
-                       learned, size_of=self._size_of)
+                       learned, size_of=functools.partial(self._size_of, cold=True))
         if unshown:     # sizes learned through another remote identity: asked of ours, bounded
             slots = asyncio.Semaphore(self.fetcher.jobs)
 
@@ -736,6 +751,10 @@ class Engine:
         for task in self._stat_ahead.values():
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
+        sizing = list(self._sizing.values())     # requests no caller waits for any more
+        for task in sizing:
+            task.cancel()
+        await asyncio.gather(*sizing, return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.fetcher.astore.run(self.tenancy.settle_all)   # before the store closes: its writer records them
         await self.git.aclose()
