@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
 STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
 SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
+FILL_BATCH = 4096            # sizes a listing looks up per trip (below the tenancy's proof memo)
 
 
 def _give_back_memory() -> None:
@@ -490,6 +491,55 @@ class Engine:
         return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
                 for e in entries]
 
+    async def fill_known_sizes(self, folder: str, probe: int = 32) -> int:
+        """Put into the tree every size of the files directly in `folder` that this node
+        knows and our remotes showed (the fetcher's memory, then the persistent index: one
+        trip per FILL_BATCH files; never a request), so a listing hands them out with the
+        names (a FUSE readdirplus: `find -printf %s` needs no lookup per file). The first
+        `probe` unsized files are asked first: a cold folder costs that one query. No Entry
+        is made per file (a 100k-file folder). Returns how many sizes were set."""
+        tree = self.tree     # the tree listed (a refresh may replace self.tree meanwhile)
+        rows = tree.unsized(folder)
+        if not rows:
+            return 0
+        refs: dict[tuple, Any] = {}      # group -> (remote, legacy, source root), per call
+        first = await self._shown_sizes(rows[:probe], refs)
+        if not first:
+            return 0
+        for i in range(probe, len(rows), FILL_BATCH):
+            first.update(await self._shown_sizes(rows[i:i + FILL_BATCH], refs))
+        return tree.set_sizes(folder, first)     # one pass over the folder
+
+    async def _shown_sizes(self, rows: list[tuple[str, str, tuple]], groups: dict[tuple, Any]) -> dict[str, int]:
+        """md5 -> size for the `rows` (Tree.unsized) this node knows, kept only where our own
+        remote showed the size (the index is node-shared: store/tenancy.py)."""
+        fetcher = self.fetcher
+        known: dict[str, int] = {}
+        rest = []
+        for _, oid, _ in rows:
+            size = fetcher._sizes.get(oid)
+            if size is not None:
+                known[oid] = size
+            elif oid not in fetcher._contradicted:
+                rest.append(oid)
+        if rest:
+            known.update(await fetcher.astore.sizes(rest))    # on a store thread
+        if not known:
+            return known
+        refs: dict[str, ObjectRef] = {}
+        for _, oid, group in rows:
+            if oid in known and oid not in refs:
+                made = groups.get(group)
+                if made is None:
+                    _, _, legacy, remote_name, output, root = group
+                    made = groups[group] = (self.remote(remote_name, output or oid, root), legacy,
+                                            root.startswith(_SOURCE))
+                remote, legacy, source = made
+                refs[oid] = ObjectRef(oid, remote, remote.display_url if source else object_path(oid, legacy),
+                                      legacy, None, oid)
+        await self.tenancy.preload(list(refs.values()))
+        return {oid: known[oid] for oid, ref in refs.items() if self._may_show(ref)}
+
     async def stat_many(self, entries: list[Entry]) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
         indexes, then one request per object still unknown (bounded pool, each under its own
@@ -554,12 +604,20 @@ class Engine:
         size index of every big directory output now, in the background, so the names the kernel
         lists already carry their sizes (readdirplus) and a walk needs no lookup per file. One
         request per big output at most, once per node (the loaded marker); a listing still never
-        waits on it, and one-shot commands (ls, cat, get) keep loading it lazily."""
+        waits on it (a mount waits for it before it serves: `preloaded`), and one-shot
+        commands (ls, cat, get) keep loading it lazily."""
         for path, out in self._dir_outputs.items():
             if self._output_files.get(out.md5, 0) >= SIZE_INDEX_MIN_FILES:
                 task = asyncio.ensure_future(self._preload_size_index(path))
                 self._preloads.add(task)
                 task.add_done_callback(self._preload_done)
+
+    async def preloaded(self) -> None:
+        """Wait until the size indexes `preload_size_indexes` started are read (each bounded
+        by SIZE_INDEX_SECONDS; a failure is logged, never raised): a mount is ready once the
+        names it will list carry every size published for them."""
+        if self._preloads:
+            await asyncio.wait(list(self._preloads))
 
     async def _preload_size_index(self, path: str, probe: int = 32) -> bool:
         """Read `path`'s size index unless this node already knows the sizes of its first
@@ -590,15 +648,19 @@ class Engine:
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
             log.warning("%s ignored: %s", where, err or "timed out")
             return
-        # on a store thread; the marker after the sizes it vouches for
-        await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
-        await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
-        # our remote said so: proven for its identity
-        await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
-        # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
-        todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
-        for e in todo:
-            self._sized(e, sizes[e.oid])
+        # Into the tree at once, folder by folder (no Entry per file): a walker's next lookups
+        # and readdirs answer from memory.
+        tree = self.tree
+        for folder in [d for d in tree.dirs if d == out.path or d.startswith(out.path + "/")]:
+            tree.set_sizes(folder, sizes)
+
+        def record() -> None:   # on a store thread, in one trip; the marker after the sizes it vouches for
+            self.store.index.record_sizes(sizes)
+            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            # our remote said so: proven for its identity
+            self.tenancy.record_sizes(remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
+
+        await self.fetcher.astore.run(record)
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
