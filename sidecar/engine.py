@@ -6,6 +6,7 @@ more than the chunks a read touches, plus the .dir manifests of the snapshot.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
 import functools
 import hashlib
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
 STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
+STAT_AHEAD_WINDOW = 8192     # the most files a directory's stat-ahead runs past its reader's last stat
+STAT_AHEAD_STEP = 2048       # files sized per round of the stat-ahead (its pool drains between rounds)
 SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
 FILL_BATCH = 4096            # sizes a listing looks up per trip (below the tenancy's proof memo)
 
@@ -101,6 +104,8 @@ class Engine:
         self._sizing: dict[tuple[str, int], asyncio.Future[int]] = {}   # (oid, remote) -> its size request
         self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
+        self._read_at: dict[str, int] = {}          # directory sized ahead -> where its reader stats now
+        self._reader_moved: dict[str, asyncio.Event] = {}
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -362,6 +367,8 @@ class Engine:
         none when the persistent index or the directory's published size index knows it).
         stat_ahead=True (a stat/lookup, not an open): a walker stat-ing its way through a
         directory gets the rest of it sized in the background (see _size_missed)."""
+        if stat_ahead and self._read_at:
+            self._reader_at(entry.path)
         if entry.size is not None:
             return entry
         if entry.kind == "git":
@@ -434,25 +441,56 @@ class Engine:
         finally:
             current_priority.reset(token)
 
+    def _reader_at(self, path: str) -> None:
+        """A stat in a directory being sized ahead: its reader is at `path`'s name now."""
+        parent, _, name = path.rpartition("/")
+        if parent not in self._read_at:
+            return
+        names = self.tree.dirs.get(parent)
+        if names:
+            at = bisect.bisect_left(names, name)
+            if at > self._read_at[parent]:
+                self._read_at[parent] = at
+                self._reader_moved[parent].set()
+
     async def _stat_ahead_dir(self, parent: str) -> None:
+        """Size `parent`'s files in name order (a walker's order) in rounds of
+        STAT_AHEAD_STEP, never more than STAT_AHEAD_WINDOW past the reader's last stat: a
+        reader that stops (`ls -l | head`) stops it too."""
         tree = self.tree
         names = tree.dirs.get(parent) or []
         prefix = parent + "/" if parent else ""
+        self._read_at.setdefault(parent, 0)
+        moved = self._reader_moved.setdefault(parent, asyncio.Event())
 
-        def todo():  # type: ignore[no-untyped-def]
-            for name in names:
+        def todo(start: int, stop: int):  # type: ignore[no-untyped-def]
+            for name in names[start:stop]:
                 entry = tree.files.get(prefix + name)
                 if entry is not None and entry.kind == "dvc" and entry.size is None:
-                    yield entry, self.ref(entry)
+                    ref = self.ref(entry)
+                    yield (entry, ref), ref
 
-        def learned(entry: Entry, size: int) -> None:
-            if self._may_show(self.ref(entry)):     # else the stat that needs it asks itself
+        def learned(item: tuple[Entry, ObjectRef], size: int) -> None:
+            entry, ref = item
+            if self._may_show(ref):     # else the stat that needs it asks itself
                 self._sized(entry, size)
 
+        ask = functools.partial(self._size_of, cold=True)
+        done = 0
         try:
-            await size_all(self.fetcher, todo(), learned, size_of=functools.partial(self._size_of, cold=True))
+            while done < len(names):
+                stop = min(len(names), done + STAT_AHEAD_STEP, self._read_at[parent] + STAT_AHEAD_WINDOW)
+                if stop <= done:    # far enough ahead: wait for the reader
+                    moved.clear()
+                    await moved.wait()
+                    continue
+                await size_all(self.fetcher, todo(done, stop), learned, size_of=ask)
+                done = stop
         except DDAError as err:   # a stat that needs the failed one reports it itself
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
+        finally:
+            self._read_at.pop(parent, None)
+            self._reader_moved.pop(parent, None)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
         # Sizes of an object never change: remember them in the current tree where it holds the

@@ -192,3 +192,45 @@ def test_tree_fills_a_folders_sizes_by_object_without_entries():
     assert tree.files["d/z"].size == 7 and tree.files["d/y"].size is None
     assert tree.files["d/s/w"].size is None and tree.files["d/g"].size is None
     assert [n for n, _, _ in tree.unsized("d")] == ["y"]
+
+
+def test_stat_ahead_follows_the_reader_within_its_window(slow_fake, tmp_path, monkeypatch):
+    """The stat-ahead runs at most STAT_AHEAD_WINDOW files past the reader's last stat: a
+    reader that stops after two files (`ls -l | head`) costs a window of requests, not the
+    folder; when it goes on, the sizing follows; every object is asked once."""
+    import sidecar.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STAT_AHEAD_WINDOW", 100)
+    monkeypatch.setattr(engine_mod, "STAT_AHEAD_STEP", 40)
+    layout, fake, env = slow_fake
+    fake.faults.clear()
+
+    async def settle(engine, fake):
+        stable = 0
+        for _ in range(1000):    # until no size request is under way or starts for 0.5 s
+            before = fake.count("size")
+            await asyncio.sleep(0.02)
+            stable = stable + 1 if fake.sizing == 0 and fake.count("size") == before else 0
+            if stable == 25:
+                return before
+        raise AssertionError("sizing never settled")
+
+    async def go():
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            fake.calls.clear()
+            for p in paths[:2]:
+                await fs.stat(p)
+            first = await settle(engine, fake)
+            await fs.stat(paths[500])
+            second = await settle(engine, fake)
+            sizes = [(await fs.stat(p)).size for p in paths]
+            asked = [c.path for c in fake.calls if c.op == "size"]
+            return first, second, sizes, asked
+
+    first, second, sizes, asked = run(go())
+    assert 100 <= first <= 100 + 2, first           # the window past the reader's position 1
+    assert 500 <= second <= 600 + 2, second         # it follows the reader to 500 + window
+    assert all(s is not None for s in sizes)
+    assert len(asked) == len(set(asked)) == 1000
