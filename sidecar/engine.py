@@ -650,12 +650,13 @@ class Engine:
                 self._preloads.add(task)
                 task.add_done_callback(self._preload_done)
 
-    async def preloaded(self) -> None:
-        """Wait until the size indexes `preload_size_indexes` started are read (each bounded
-        by SIZE_INDEX_SECONDS; a failure is logged, never raised): a mount is ready once the
-        names it will list carry every size published for them."""
+    async def preloaded(self, timeout: float = 2 * SIZE_INDEX_SECONDS) -> None:
+        """Wait until the size indexes `preload_size_indexes` started are read (the request
+        bounded by SIZE_INDEX_SECONDS, the whole wait by `timeout` seconds, after which they
+        go on in the background; a failure is logged, never raised): a mount is ready once
+        the names it will list carry every size published for them."""
         if self._preloads:
-            await asyncio.wait(list(self._preloads))
+            await asyncio.wait(list(self._preloads), timeout=timeout)
 
     async def _preload_size_index(self, path: str, probe: int = 32) -> bool:
         """Read `path`'s size index unless this node already knows the sizes of its first
