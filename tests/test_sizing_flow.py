@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import uuid
 import warnings
 from pathlib import Path
@@ -234,3 +235,31 @@ def test_stat_ahead_follows_the_reader_within_its_window(slow_fake, tmp_path, mo
     assert 500 <= second <= 600 + 2, second         # it follows the reader to 500 + window
     assert all(s is not None for s in sizes)
     assert len(asked) == len(set(asked)) == 1000
+
+
+def test_a_mount_serves_once_its_published_size_index_is_read(nginx, tmp_path, mp):
+    """With a published size index, a fresh client's mount is ready only when every file of
+    the big folder has its size (the first listing hands them all to the kernel with the
+    names: no lookup per file), having asked for the manifest and the index alone."""
+    from mounting import MountThread
+    from sidecar.config import Config
+
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=2000, remote=nginx.root)
+    env = {"DDA_REMOTE_STORAGE_URL": nginx.url, "DDA_REMOTE_STORAGE_USER": nginx.user,
+           "DDA_REMOTE_STORAGE_PASSWORD": nginx.password, "DDA_REMOTE_STORAGE_METHOD": "PUT"}
+
+    async def publish():
+        async with await _engine(layout.repo, tmp_path / "publisher", env) as engine:
+            return await engine.publish_sizes("data")
+
+    assert [n for _, _, n in run(publish())] == [2000]
+    config = Config(repo=str(layout.repo), cache_dir=tmp_path / "client",
+                    remotes={"storage": {"url": nginx.url, "user": nginx.user, "password": nginx.password}})
+    mark = nginx.mark()
+    with MountThread(config, mp) as m:
+        unsized = [e.path for e in m.mount.engine.tree.walk_files("data") if e.size is None]
+        asked = [r.uri.rsplit(".", 1)[-1] for r in nginx.requests_since(mark)]
+        listed = sorted(os.listdir(mp / "data"))
+    assert unsized == []
+    assert sorted(asked) == ["dir", "sizes"]
+    assert len(listed) == 2000
