@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
-STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
+STAT_AHEAD_AFTER = 2         # size misses in one directory, in name order, before the rest of it is sized ahead
+STAT_AHEAD_GAP = 8           # names between two misses that still count as "in order" (a walker)
 STAT_AHEAD_WINDOW = 8192     # the most files a directory's stat-ahead runs past its reader's last stat
 STAT_AHEAD_STEP = 2048       # files sized per round of the stat-ahead (its pool drains between rounds)
 SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
@@ -102,7 +103,7 @@ class Engine:
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
         self._preloads: set[asyncio.Task[bool]] = set()   # size indexes read ahead by a mount
         self._sizing: dict[tuple[str, int], asyncio.Future[int]] = {}   # (oid, remote) -> its size request
-        self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
+        self._size_misses: dict[str, tuple[int, int]] = {}     # directory -> (name index of its last miss, misses in a row)
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
         self._read_at: dict[str, int] = {}          # directory sized ahead -> where its reader stats now
         self._reader_moved: dict[str, asyncio.Event] = {}
@@ -426,14 +427,20 @@ class Engine:
         return self.tenancy.size_shown_now(ref)
 
     def _size_missed(self, path: str) -> None:
-        """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
-        `find -printf %s`, `ls -l`, a scandir+stat loop), size the rest of that directory in
-        the background - bounded pool, background priority, each size recorded as it lands -
-        so the walker's next stats find their answers instead of one round trip each."""
-        parent = posixpath.dirname(path)
-        misses = self._size_misses.get(parent, 0) + 1
-        self._size_misses[parent] = misses
-        if misses < STAT_AHEAD_AFTER or parent in self._stat_ahead:
+        """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory, each
+        a few names after the one before (a walker in name order: `find -printf %s`, `ls -l`,
+        a scandir+stat loop; not a reader opening random files), size the rest of that
+        directory in the background - bounded pool, background priority, each size recorded
+        as it lands - so the walker's next stats find their answers instead of one round trip
+        each."""
+        parent, _, name = path.rpartition("/")
+        if parent in self._stat_ahead:
+            return
+        at = bisect.bisect_left(self.tree.dirs.get(parent) or [], name)
+        last, misses = self._size_misses.get(parent, (-1, 0))
+        misses = misses + 1 if last >= 0 and 0 < at - last <= STAT_AHEAD_GAP else 1
+        self._size_misses[parent] = (at, misses)
+        if misses < STAT_AHEAD_AFTER:
             return
         token = current_priority.set(PREFETCH)
         try:

@@ -263,3 +263,27 @@ def test_a_mount_serves_once_its_published_size_index_is_read(nginx, tmp_path, m
     assert unsized == []
     assert sorted(asked) == ["dir", "sizes"]
     assert len(listed) == 2000
+
+
+def test_random_stats_size_only_those_files(slow_fake, tmp_path):
+    """A reader that opens random files (each open stats it first) is not a walker: three
+    misses far apart in name order size those three files and start no stat-ahead; two
+    misses in order do."""
+    layout, fake, env = slow_fake
+    fake.faults.clear()
+
+    async def go():
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            fake.calls.clear()
+            for i in (700, 12, 430):
+                await fs.stat(paths[i])
+            random_ahead = dict(engine._stat_ahead)
+            random_asked = fake.count("size")
+            await fs.stat(paths[431])
+            return random_ahead, random_asked, list(engine._stat_ahead)
+
+    random_ahead, random_asked, after = run(go())
+    assert random_ahead == {} and random_asked == 3
+    assert after == ["data"]
