@@ -153,6 +153,11 @@ class Mounted:
             pass
         return float("nan")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the daemon used so far (/proc/PID/stat)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["fusermount3", "-u", str(self.mp)], capture_output=True)
         time.sleep(0.5)
@@ -223,8 +228,13 @@ def bench_one(n: int, kinds: list[str], ttfb_ms: int, work: Path, rows: list[lis
                 ls = timed(f"ls {mp / biggest} > /dev/null")[0]
                 find = timed(f"find {mp} -type f | wc -l")[0]
                 req_names = len(srv.requests_since(mark)) if counted else 0
+                cpu = m.cpu_seconds()
                 printf, out = timed(f"find {mp / biggest} -type f -printf '%s\\n' | wc -l")
+                cpu = m.cpu_seconds() - cpu
                 req_cold = (len(srv.requests_since(mark)) if counted else 0) - req_names
+                # on a shared machine the wall time follows the load; the daemon's CPU does not
+                print(f"[{n}] {kind} cold find -printf: {printf:.2f} s, daemon CPU {cpu:.2f} s "
+                      f"({cpu / per * 1e6:.0f} us per file)", file=sys.stderr)
                 rd = reads(mp, sample)
                 rss = m.rss_mb()
                 mount_s = m.seconds

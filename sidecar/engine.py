@@ -6,7 +6,9 @@ more than the chunks a read touches, plus the .dir manifests of the snapshot.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
+import functools
 import hashlib
 import itertools
 import logging
@@ -39,8 +41,12 @@ log = logging.getLogger(__name__)
 
 
 SIZE_INDEX_SECONDS = 10.0   # the most a stat waits for a published size index
-STAT_AHEAD_AFTER = 2         # size misses in one directory before the rest of it is sized ahead
+STAT_AHEAD_AFTER = 2         # size misses in one directory, in name order, before the rest of it is sized ahead
+STAT_AHEAD_GAP = 8           # names between two misses that still count as "in order" (a walker)
+STAT_AHEAD_WINDOW = 8192     # the most files a directory's stat-ahead runs past its reader's last stat
+STAT_AHEAD_STEP = 2048       # files sized per round of the stat-ahead (its pool drains between rounds)
 SIZE_INDEX_MIN_FILES = 1000  # smaller directories are sized per file (an index saves little)
+FILL_BATCH = 4096            # sizes a listing looks up per trip (below the tenancy's proof memo)
 
 
 def _give_back_memory() -> None:
@@ -97,8 +103,10 @@ class Engine:
         self._size_index_loads: dict[str, asyncio.Task[None]] = {}
         self._preloads: set[asyncio.Task[bool]] = set()   # size indexes read ahead by a mount
         self._sizing: dict[tuple[str, int], asyncio.Future[int]] = {}   # (oid, remote) -> its size request
-        self._size_misses: dict[str, int] = {}                 # directory -> sizes it had to ask for
+        self._size_misses: dict[str, tuple[int, int]] = {}     # directory -> (name index of its last miss, misses in a row)
         self._stat_ahead: dict[str, asyncio.Future[None]] = {}  # directory -> its background sizing
+        self._read_at: dict[str, int] = {}          # directory sized ahead -> where its reader stats now
+        self._reader_moved: dict[str, asyncio.Event] = {}
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -291,7 +299,7 @@ class Engine:
         assert self._layout is not None
         if root.startswith(_SOURCE):   # an import-url output read from its recorded source
             return self._sources[int(root[len(_SOURCE):])]
-        layout, repo_dir, identity = self._layout, self.git.local_path, root
+        layout, identity, repo_dir = self._layout, root, None
         if root.startswith(_IMPORT):   # an imported output: the source repository's remotes
             index, _, root = root[len(_IMPORT):].partition(":")
             origin = next(o for i, o in self._imports.values() if i == int(index))
@@ -306,6 +314,8 @@ class Engine:
             wanted = "default"
         key = f"{identity}\0{wanted}"
         if key not in self._remotes:
+            if not identity.startswith(_IMPORT):   # our checkout's folder: looked up only here (per file, it showed)
+                repo_dir = self.git.local_path
             spec = config.remotes.get(wanted)
             settings = dict(spec.settings) if spec else {}
             override = self.config.remote_override(remote_settings_key(wanted), wanted == config.default_remote)
@@ -358,6 +368,8 @@ class Engine:
         none when the persistent index or the directory's published size index knows it).
         stat_ahead=True (a stat/lookup, not an open): a walker stat-ing its way through a
         directory gets the rest of it sized in the background (see _size_missed)."""
+        if stat_ahead and self._read_at:
+            self._reader_at(entry.path)
         if entry.size is not None:
             return entry
         if entry.kind == "git":
@@ -377,16 +389,28 @@ class Engine:
             size = await self._size_of(ref)
         return self._sized(entry, size)
 
-    async def _size_of(self, ref: ObjectRef) -> int:
+    async def _size_of(self, ref: ObjectRef, *, cold: bool = False) -> int:
         """`fetcher.size_of`, one request per object however many ask at once (a stat and
-        the directory's stat-ahead)."""
+        the directory's stat-ahead). cold=True: a bulk sizing found nothing of the object on
+        this node (the index and the store, asked for its whole batch): only the request is
+        left, and our remote's answer proves the size for our identity (`_may_show` records it)."""
         key = (ref.oid, id(ref.remote))    # per remote: each identity is gated on its own
         task = self._sizing.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._size_shown(ref))
+            task = asyncio.ensure_future(self._size_asked(ref) if cold else self._size_shown(ref))
             self._sizing[key] = task
             task.add_done_callback(lambda _t: self._sizing.pop(key, None))
         return await asyncio.shield(task)
+
+    async def _size_asked(self, ref: ObjectRef) -> int:
+        """One request for a size nothing on this node knew; our remote's answer proves it
+        for our identity at once (a caller cancelled meanwhile leaves no unproven size)."""
+        size = self.fetcher.known_size(ref)    # learned since its batch was checked (a stat's own request)
+        if size is not None:
+            return size
+        size = await self.fetcher.ask_size(ref)
+        self.tenancy.size_shown_now(ref)
+        return size
 
     async def _size_shown(self, ref: ObjectRef) -> int:
         """`fetcher.size_of`, behind the tenancy gate: a size this node learned from another
@@ -403,14 +427,20 @@ class Engine:
         return self.tenancy.size_shown_now(ref)
 
     def _size_missed(self, path: str) -> None:
-        """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory (a
-        `find -printf %s`, `ls -l`, a scandir+stat loop), size the rest of that directory in
-        the background - bounded pool, background priority, each size recorded as it lands -
-        so the walker's next stats find their answers instead of one round trip each."""
-        parent = posixpath.dirname(path)
-        misses = self._size_misses.get(parent, 0) + 1
-        self._size_misses[parent] = misses
-        if misses < STAT_AHEAD_AFTER or parent in self._stat_ahead:
+        """Count a size the index did not know; after STAT_AHEAD_AFTER in one directory, each
+        a few names after the one before (a walker in name order: `find -printf %s`, `ls -l`,
+        a scandir+stat loop; not a reader opening random files), size the rest of that
+        directory in the background - bounded pool, background priority, each size recorded
+        as it lands - so the walker's next stats find their answers instead of one round trip
+        each."""
+        parent, _, name = path.rpartition("/")
+        if parent in self._stat_ahead:
+            return
+        at = bisect.bisect_left(self.tree.dirs.get(parent) or [], name)
+        last, misses = self._size_misses.get(parent, (-1, 0))
+        misses = misses + 1 if last >= 0 and 0 < at - last <= STAT_AHEAD_GAP else 1
+        self._size_misses[parent] = (at, misses)
+        if misses < STAT_AHEAD_AFTER:
             return
         token = current_priority.set(PREFETCH)
         try:
@@ -418,25 +448,56 @@ class Engine:
         finally:
             current_priority.reset(token)
 
+    def _reader_at(self, path: str) -> None:
+        """A stat in a directory being sized ahead: its reader is at `path`'s name now."""
+        parent, _, name = path.rpartition("/")
+        if parent not in self._read_at:
+            return
+        names = self.tree.dirs.get(parent)
+        if names:
+            at = bisect.bisect_left(names, name)
+            if at > self._read_at[parent]:
+                self._read_at[parent] = at
+                self._reader_moved[parent].set()
+
     async def _stat_ahead_dir(self, parent: str) -> None:
+        """Size `parent`'s files in name order (a walker's order) in rounds of
+        STAT_AHEAD_STEP, never more than STAT_AHEAD_WINDOW past the reader's last stat: a
+        reader that stops (`ls -l | head`) stops it too."""
         tree = self.tree
         names = tree.dirs.get(parent) or []
         prefix = parent + "/" if parent else ""
+        self._read_at.setdefault(parent, 0)
+        moved = self._reader_moved.setdefault(parent, asyncio.Event())
 
-        def todo():  # type: ignore[no-untyped-def]
-            for name in names:
+        def todo(start: int, stop: int):  # type: ignore[no-untyped-def]
+            for name in names[start:stop]:
                 entry = tree.files.get(prefix + name)
                 if entry is not None and entry.kind == "dvc" and entry.size is None:
-                    yield entry, self.ref(entry)
+                    ref = self.ref(entry)
+                    yield (entry, ref), ref
 
-        def learned(entry: Entry, size: int) -> None:
-            if self._may_show(self.ref(entry)):     # else the stat that needs it asks itself
+        def learned(item: tuple[Entry, ObjectRef], size: int) -> None:
+            entry, ref = item
+            if self._may_show(ref):     # else the stat that needs it asks itself
                 self._sized(entry, size)
 
+        ask = functools.partial(self._size_of, cold=True)
+        done = 0
         try:
-            await size_all(self.fetcher, todo(), learned, size_of=self._size_of)
+            while done < len(names):
+                stop = min(len(names), done + STAT_AHEAD_STEP, self._read_at[parent] + STAT_AHEAD_WINDOW)
+                if stop <= done:    # far enough ahead: wait for the reader
+                    moved.clear()
+                    await moved.wait()
+                    continue
+                await size_all(self.fetcher, todo(done, stop), learned, size_of=ask)
+                done = stop
         except DDAError as err:   # a stat that needs the failed one reports it itself
             log.info("%s: sizing ahead stopped: %s", parent or ".", err)
+        finally:
+            self._read_at.pop(parent, None)
+            self._reader_moved.pop(parent, None)
 
     def _sized(self, entry: Entry, size: int) -> Entry:
         # Sizes of an object never change: remember them in the current tree where it holds the
@@ -475,6 +536,55 @@ class Engine:
         return [self._sized(e, known[e.oid]) if e.size is None and e.kind == "dvc" and e.oid in known else e
                 for e in entries]
 
+    async def fill_known_sizes(self, folder: str, probe: int = 32) -> int:
+        """Put into the tree every size of the files directly in `folder` that this node
+        knows and our remotes showed (the fetcher's memory, then the persistent index: one
+        trip per FILL_BATCH files; never a request), so a listing hands them out with the
+        names (a FUSE readdirplus: `find -printf %s` needs no lookup per file). The first
+        `probe` unsized files are asked first: a cold folder costs that one query. No Entry
+        is made per file (a 100k-file folder). Returns how many sizes were set."""
+        tree = self.tree     # the tree listed (a refresh may replace self.tree meanwhile)
+        rows = tree.unsized(folder)
+        if not rows:
+            return 0
+        refs: dict[tuple, Any] = {}      # group -> (remote, legacy, source root), per call
+        first = await self._shown_sizes(rows[:probe], refs)
+        if not first:
+            return 0
+        for i in range(probe, len(rows), FILL_BATCH):
+            first.update(await self._shown_sizes(rows[i:i + FILL_BATCH], refs))
+        return tree.set_sizes(folder, first)     # one pass over the folder
+
+    async def _shown_sizes(self, rows: list[tuple[str, str, tuple]], groups: dict[tuple, Any]) -> dict[str, int]:
+        """md5 -> size for the `rows` (Tree.unsized) this node knows, kept only where our own
+        remote showed the size (the index is node-shared: store/tenancy.py)."""
+        fetcher = self.fetcher
+        known: dict[str, int] = {}
+        rest = []
+        for _, oid, _ in rows:
+            size = fetcher._sizes.get(oid)
+            if size is not None:
+                known[oid] = size
+            elif oid not in fetcher._contradicted:
+                rest.append(oid)
+        if rest:
+            known.update(await fetcher.astore.sizes(rest))    # on a store thread
+        if not known:
+            return known
+        refs: dict[str, ObjectRef] = {}
+        for _, oid, group in rows:
+            if oid in known and oid not in refs:
+                made = groups.get(group)
+                if made is None:
+                    _, _, legacy, remote_name, output, root = group
+                    made = groups[group] = (self.remote(remote_name, output or oid, root), legacy,
+                                            root.startswith(_SOURCE))
+                remote, legacy, source = made
+                refs[oid] = ObjectRef(oid, remote, remote.display_url if source else object_path(oid, legacy),
+                                      legacy, None, oid)
+        await self.tenancy.preload(list(refs.values()))
+        return {oid: known[oid] for oid, ref in refs.items() if self._may_show(ref)}
+
     async def stat_many(self, entries: list[Entry], failed: dict[str, Exception] | None = None) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
         indexes, then one request per object still unknown (bounded pool, each under its own
@@ -510,7 +620,8 @@ class Engine:
         await self.tenancy.preload([self.ref(e) for e in result if e.size is None and e.kind == "dvc"])
         await size_all(self.fetcher, ((i, self.ref(e)) for i, e in enumerate(result)
                                       if e.size is None and e.path not in (failed or ())),
-                       learned, size_of=self._size_of, on_error=None if failed is None else failing)
+                       learned, size_of=functools.partial(self._size_of, cold=True),
+                       on_error=None if failed is None else failing)
         if unshown:     # sizes learned through another remote identity: asked of ours, bounded
             slots = asyncio.Semaphore(self.fetcher.jobs)
 
@@ -555,12 +666,21 @@ class Engine:
         size index of every big directory output now, in the background, so the names the kernel
         lists already carry their sizes (readdirplus) and a walk needs no lookup per file. One
         request per big output at most, once per node (the loaded marker); a listing still never
-        waits on it, and one-shot commands (ls, cat, get) keep loading it lazily."""
+        waits on it (a mount waits for it before it serves: `preloaded`), and one-shot
+        commands (ls, cat, get) keep loading it lazily."""
         for path, out in self._dir_outputs.items():
             if self._output_files.get(out.md5, 0) >= SIZE_INDEX_MIN_FILES:
                 task = asyncio.ensure_future(self._preload_size_index(path))
                 self._preloads.add(task)
                 task.add_done_callback(self._preload_done)
+
+    async def preloaded(self, timeout: float = 2 * SIZE_INDEX_SECONDS) -> None:
+        """Wait until the size indexes `preload_size_indexes` started are read (the request
+        bounded by SIZE_INDEX_SECONDS, the whole wait by `timeout` seconds, after which they
+        go on in the background; a failure is logged, never raised): a mount is ready once
+        the names it will list carry every size published for them."""
+        if self._preloads:
+            await asyncio.wait(list(self._preloads), timeout=timeout)
 
     async def _preload_size_index(self, path: str, probe: int = 32) -> bool:
         """Read `path`'s size index unless this node already knows the sizes of its first
@@ -591,15 +711,19 @@ class Engine:
         except (DDAError, TimeoutError) as err:     # unreadable or wrong: never trusted
             log.warning("%s ignored: %s", where, err or "timed out")
             return
-        # on a store thread; the marker after the sizes it vouches for
-        await self.fetcher.astore.run(self.store.index.record_sizes, sizes)
-        await self.fetcher.astore.run(self.store.index.record_sizes, {_loaded_marker(out.md5): len(sizes)})
-        # our remote said so: proven for its identity
-        await self.fetcher.astore.run(self.tenancy.record_sizes, remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
-        # Into the tree at once: a walker's next lookups (and readdirs) answer from memory.
-        todo = [e for e in self.tree.walk_files(out.path) if e.size is None and e.kind == "dvc" and e.oid in sizes]
-        for e in todo:
-            self._sized(e, sizes[e.oid])
+        # Into the tree at once, folder by folder (no Entry per file): a walker's next lookups
+        # and readdirs answer from memory.
+        tree = self.tree
+        for folder in [d for d in tree.dirs if d == out.path or d.startswith(out.path + "/")]:
+            tree.set_sizes(folder, sizes)
+
+        def record() -> None:   # on a store thread, in one trip; the marker after the sizes it vouches for
+            self.store.index.record_sizes(sizes)
+            self.store.index.record_sizes({_loaded_marker(out.md5): len(sizes)})
+            # our remote said so: proven for its identity
+            self.tenancy.record_sizes(remote, {**sizes, _loaded_marker(out.md5): len(sizes)})
+
+        await self.fetcher.astore.run(record)
         log.info("%s: %d sizes", where, len(sizes))
 
     async def _manifest_md5s(self, out: DvcOut) -> set[str]:
@@ -752,6 +876,10 @@ class Engine:
         for task in self._stat_ahead.values():
             task.cancel()
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
+        sizing = list(self._sizing.values())     # requests no caller waits for any more
+        for task in sizing:
+            task.cancel()
+        await asyncio.gather(*sizing, return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.fetcher.astore.run(self.tenancy.settle_all)   # before the store closes: its writer records them
         await self.git.aclose()

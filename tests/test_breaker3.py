@@ -161,8 +161,6 @@ def _settled(srv: HttpRemoteServer, quiet: float = 2.0, limit: float = 60.0) -> 
     return last
 
 
-@pytest.mark.xfail(strict=True, reason="reading 3 random files of a fresh mount sizes the whole folder in "
-                   "the background (one HEAD per file: 2,000 here, 100k on a 100k folder); hooks ask 3")
 def test_random_reads_in_a_mount_do_not_size_the_whole_folder(nginx, tmp_path, mp):
     """A fresh `dda mount` of a 2,000-file folder over HTTP; a training reader opens and reads
     3 random files (no listing, no stat walk). README: a file is sized when something asks

@@ -227,14 +227,31 @@ class Fetcher:
             if size is not None:
                 self._learned_size(ref.oid, size)
         if size is None:
-            self.counters.add("dda_cache_reads", 1, "metadata", "miss")
-            size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
-                                                               "size"), ref)
-            self.counters.add("dda_remote_size_lookups")
-            self._learned_size(ref.oid, size)
-        else:
-            self.counters.add("dda_cache_reads", 1, "metadata", "hit")
+            return await self.ask_size(ref)
+        self.counters.add("dda_cache_reads", 1, "metadata", "hit")
         return size
+
+    async def ask_size(self, ref: ObjectRef) -> int:
+        """One size request for `ref` (a HEAD, a stat) under its own deadline and the remote's
+        size slots, recorded at once (memory now, the persistent index in the next batch).
+        For a caller that found no size on this node (`size_of`, or a bulk sizing that asked
+        the index and the store for a whole batch in one trip each: `stored_sizes`)."""
+        self.counters.add("dda_cache_reads", 1, "metadata", "miss")
+        size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
+                                                           "size"), ref)
+        self.counters.add("dda_remote_size_lookups")
+        self._learned_size(ref.oid, size)
+        return size
+
+    async def stored_sizes(self, oids: list[str]) -> dict[str, int]:
+        """Sizes of the objects among `oids` verified into the store (one trip to a store
+        thread for the whole list, not one per object: bulk sizing asks this of every batch
+        the index did not know), remembered as learned."""
+        store = self.store
+        found = await self.astore.run(lambda: {o: n for o in oids if (n := store.object_size(o)) is not None})
+        for oid, size in found.items():
+            self._learned_size(oid, size)
+        return found
 
     async def sizes_of(self, refs: list[ObjectRef]) -> dict[str, int]:
         """True sizes for many objects: the index first, then one listing per remote folder

@@ -1,6 +1,7 @@
 """Sizing many objects without throwing progress away (issue 11, item 2).
 
-- the persistent md5 -> size index first, asked in batches;
+- the persistent md5 -> size index first, then the store's verified objects, each asked
+  once per batch (one trip to a store thread each, never one per object);
 - then a pool of `workers` coroutines (default: the remote's size slots) pulling from one iterator (no task per object created
   up front, so 1M objects cost `workers` tasks), each object asked on its own (HEAD, or a
   stat for a local remote: cost per object asked, never a LIST of a whole `files/md5/XX/`
@@ -32,10 +33,12 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
                    size_of: Callable[[ObjectRef], Awaitable[int]] | None = None,
                    on_error: Callable[[K, Exception], object] | None = None) -> None:
     """Learn the size of every `(key, ref)` in `items` and call `on_size(key, size)` for each
-    as soon as it is known (`size_of`: one object's request, default `fetcher.size_of`). Raises the first error any request met (after the requests
-    already under way finish and are recorded); sizes learned before it stay recorded.
-    With `on_error`, a failed request is handed to `on_error(key, error)` instead and the
-    others go on (one missing or stuck object costs its own request, not the batch)."""
+    as soon as it is known. `size_of`: the request for one object that neither the index nor
+    the store knew (checked for its whole batch first), default `fetcher.ask_size`. Raises the
+    first error any request met (after the requests already under way finish and are
+    recorded); sizes learned before it stay recorded. With `on_error`, a failed request is
+    handed to `on_error(key, error)` instead and the others go on (one missing or stuck
+    object costs its own request, not the batch)."""
     source = iter(items)
     if workers is None:     # as many as the (first) remote carries at once: its size slots
         first = next(source, None)
@@ -44,7 +47,7 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
         source = itertools.chain([first], source)
         workers = min(WORKERS, fetcher.size_slots(first[1].remote))
     workers = max(1, workers)
-    ask = size_of or fetcher.size_of
+    ask = size_of or fetcher.ask_size
     pending: asyncio.Queue[tuple[K, ObjectRef] | None] = asyncio.Queue(maxsize=workers * 2)
     failed: list[BaseException] = []
 
@@ -54,6 +57,8 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
             if failed:
                 break
             unknown = await _from_index(fetcher, batch, on_size)
+            if unknown:
+                unknown = await _from_store(fetcher, unknown, on_size)
             for k, r in batch:
                 if r.size is not None:
                     on_size(k, r.size)
@@ -101,6 +106,22 @@ async def _from_index(fetcher: Fetcher, batch: list, on_size: Callable) -> list:
     for k, r in batch:
         if r.size is not None:
             continue
+        size = stored.get(r.oid)
+        if size is None:
+            rest.append((k, r))
+        else:
+            on_size(k, size)
+    return rest
+
+
+async def _from_store(fetcher: Fetcher, batch: list, on_size: Callable) -> list:  # type: ignore[type-arg]
+    """Answer what the store holds verified (one trip for the batch); return the rest."""
+    stored = await fetcher.stored_sizes([r.oid for _, r in batch])
+    if not stored:
+        return batch
+    fetcher.counters.add("dda_cache_reads", len(stored), "metadata", "hit")
+    rest = []
+    for k, r in batch:
         size = stored.get(r.oid)
         if size is None:
             rest.append((k, r))

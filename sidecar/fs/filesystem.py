@@ -172,22 +172,15 @@ class FileSystem:
             else:
                 yield DirEntry(name, child, "symlink" if entry.is_symlink else "file", entry.mode, entry.size)
 
-    async def fill_known_sizes(self, path: str, probe: int = 32, batch: int = 500) -> None:
+    async def fill_known_sizes(self, path: str, probe: int = 32) -> None:
         """Put every size of folder `path` this node already knows into the snapshot (the
         persistent index, a loaded size index; read on a store thread, never a request), so
         a listing hands them out with the names (a FUSE readdirplus: `find -printf %s` needs
         no lookup). It probes with the first `probe` unsized files: when the index knows none
-        of them (a cold folder) that one query is all; else a query per `batch` files. A size
+        of them (a cold folder) that one query is all (Engine.fill_known_sizes). A size
         missed either way is only a lookup later, never a wrong size."""
-        files = self.tree.files
-        prefix = path + "/" if path else ""
-        todo = (e for e in (files.get(prefix + n) for n in self.names(path))
-                if e is not None and e.size is None and e.kind == "dvc")
-        first = list(itertools.islice(todo, probe))
-        if not first or all(e.size is None for e in await self.engine.known_sizes(first)):
-            return
-        while chunk := list(itertools.islice(todo, batch)):
-            await self.engine.known_sizes(chunk)
+        self.names(path)       # ENOENT / ENOTDIR
+        await self.engine.fill_known_sizes(path, probe)
 
     def walk_files(self, path: str) -> Iterator[Entry]:
         """Every file and symlink at or below `path`, in path order."""

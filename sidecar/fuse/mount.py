@@ -67,6 +67,7 @@ class Mount:
             prefetcher = Prefetcher(engine)
             ops = DdaOperations(engine, prefetcher, subdir)
             engine.preload_size_indexes()   # sizes with the names: a walk needs no lookup per file
+            await engine.preloaded()        # bounded; else the first listing goes out without them
             try:
                 pyfuse3.init(ops, str(mountpoint), _options())
             except RuntimeError as err:
@@ -88,6 +89,7 @@ class Mount:
             prefetcher = Prefetcher(engine)
             ops = DdaOperations(engine, prefetcher, subdir)
             engine.preload_size_indexes()   # sizes with the names: a walk needs no lookup per file
+            await engine.preloaded()
             options = (set(pyfuse3.default_options) | {"fsname=dda", "subtype=dda", "ro"}) - {"default_permissions"}
             try:
                 pyfuse3.init(ops, f"/dev/fd/{fd}", options)

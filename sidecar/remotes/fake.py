@@ -53,6 +53,8 @@ class FakeRemote(Remote):
     faults: list[Fault] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     hung: list[asyncio.Event] = field(default_factory=list)    # requests waiting in a `hang` fault
+    sizing: int = 0            # size requests under way now
+    most_sizing: int = 0       # the most size requests ever under way at once
 
     def __post_init__(self) -> None:
         self.display_url = f"fake://{self.name}"
@@ -134,7 +136,12 @@ class FakeRemote(Remote):
 
     async def size(self, path: str) -> int:
         self.calls.append(Call("size", path))
-        wrong = await self._apply("size", path)
+        self.sizing += 1
+        self.most_sizing = max(self.most_sizing, self.sizing)
+        try:
+            wrong = await self._apply("size", path)
+        finally:
+            self.sizing -= 1
         return len(self._object(path) if wrong is None else wrong)
 
     async def list_sizes(self, prefix: str) -> dict[str, int] | None:

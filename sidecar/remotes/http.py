@@ -148,11 +148,14 @@ class _Heads:
         self.proxies = urllib.request.getproxies()
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     def _client(self) -> aiohttp.ClientSession:
         import aiohttp
 
         loop = asyncio.get_running_loop()
+        if self._closed:    # a late request after aclose() must not open a session nobody closes
+            raise RemoteUnavailable("the remote's client is closed")
         if self._session is None or self._loop is not loop or self._session.closed:
             self._loop = loop
             self._session = aiohttp.ClientSession(
@@ -185,6 +188,7 @@ class _Heads:
         return self.proxies.get(parts.scheme) or self.proxies.get("all")
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None and not self._session.closed and self._loop is asyncio.get_running_loop():
             await self._session.close()
         self._session = None

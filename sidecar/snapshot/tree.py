@@ -520,6 +520,51 @@ class Tree:
             return fids
         return {fid for fid, other in self._odd.items() if other == oid}
 
+    def unsized(self, folder: str) -> list[tuple[str, str, tuple]]:
+        """(name, md5, group) of the DVC files directly in `folder` (not below) whose size is
+        not known, in name order - no path or Entry made: a 100k-file folder's sizes are
+        filled in bulk (Engine.fill_known_sizes). `group`: (kind, mode, legacy, remote, output,
+        root), shared by the files of one output. Cloud-versioned files are left out (their
+        objects are found by version, not by md5)."""
+        names, ids = self._names.get(folder), self._ids.get(folder)
+        if names is None or ids is None:
+            return []
+        sizes, groups, table, oids, odd = self._sizes, self._groups, self._group_table, self._oids, self._odd
+        out = []
+        for name, fid in zip(names, ids):
+            if fid == _DIR or sizes[fid] >= 0 or fid in self._versions:
+                continue
+            group = table[groups[fid]]
+            if group[0] != "dvc":
+                continue
+            oid = odd.get(fid)
+            out.append((name, oid if oid is not None else oids[fid * _MD5_LEN:(fid + 1) * _MD5_LEN].hex(), group))
+        return out
+
+    def set_sizes(self, folder: str, sizes: "Mapping[str, int]", looked_up: bool = True) -> int:
+        """Set the size of every unsized file directly in `folder` whose object (md5) is in
+        `sizes` (object sizes never change); returns how many were set. No path or Entry
+        made, like `unsized`. looked_up: the sizes came from a remote's answer."""
+        names, ids = self._names.get(folder), self._ids.get(folder)
+        if names is None or ids is None or not sizes:
+            return 0
+        own, oids, odd, groups, table = self._sizes, self._oids, self._odd, self._groups, self._group_table
+        done = []
+        for fid in ids:
+            if fid == _DIR or own[fid] >= 0 or fid in self._versions or table[groups[fid]][0] != "dvc":
+                continue
+            oid = odd.get(fid)
+            size = sizes.get(oid if oid is not None else oids[fid * _MD5_LEN:(fid + 1) * _MD5_LEN].hex())
+            if size is not None:
+                own[fid] = size
+                done.append(fid)
+        if done and looked_up:
+            if not self._looked:
+                self._looked = bytearray(len(own))
+            for fid in done:
+                self._looked[fid] = 1
+        return len(done)
+
     def memory_bytes(self) -> int:
         """Bytes the tree's own structures take (names counted once each), for benches."""
         seen: set[int] = set()
