@@ -269,8 +269,6 @@ def test_size_requests_run_128_at_a_time_against_a_slow_remote(tmp_path):
     assert len(heads) >= 100, len(heads)
 
 
-@pytest.mark.xfail(strict=True, reason="os.path.exists/isfile on 5 files through install_hooks() HEAD each "
-                   "one, then the whole 2,000-file folder in the background (a type question, no size needed)")
 def test_hooks_exists_checks_do_not_size_the_folder(nginx, tmp_path):
     """Training code often checks `os.path.exists(p)` / `os.path.isfile(p)` per sample. Names
     and types come from the snapshot (README), so these need no request; at worst one HEAD per
