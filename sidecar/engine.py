@@ -592,8 +592,10 @@ class Engine:
         Raises the first error; with `failed` given, each entry whose size could not be learned
         stays unsized and its error goes into `failed[entry.path]` instead (`dda ls`/`get`
         show or write the others)."""
-        result = list(entries)
-        for output in {e.output for e in entries if e.size is None and e.kind == "dvc"}:
+        # What this node knows first: a listing of a folder sized before asks nothing (not
+        # even for the published size index).
+        result = await self.known_sizes(list(entries))
+        for output in {e.output for e in result if e.size is None and e.kind == "dvc"}:
             await self._use_size_index(output)
 
         def failing(i: int, err: Exception) -> None:

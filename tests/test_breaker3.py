@@ -297,8 +297,6 @@ uninstall_hooks()
     assert len(heads) <= 5, len(heads)
 
 
-@pytest.mark.xfail(strict=True, reason="every `dda ls` of a 1,000+ file folder asks for the size index "
-                   "(404) again, though this node knows every size and sends no per-file request")
 def test_second_ls_of_a_fully_sized_folder_sends_no_request(nginx, tmp_path):
     """README: a client reads the size index 'before its first per-file request in a directory
     of 1,000 files or more ...; listing and reading never ask for it'. After one `dda ls data`
