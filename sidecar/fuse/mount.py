@@ -17,6 +17,7 @@ from ..fetch.prefetch import Prefetcher
 from ..redact import redact
 from . import pyfuse3_fix
 from .mountpoint import MountError, force_unmount, mount_entry, prepare, why_mount_failed
+from .memory import limit_malloc_arenas
 from .ops import DdaOperations
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Mount:
         mountpoint = mountpoint.resolve()
         for note in prepare(mountpoint, allow_non_empty):
             log.warning("%s", note)
+        limit_malloc_arenas()       # before the engine's threads start (fuse/memory.py)
         engine = await Engine.open(config)
         for problem in engine.problems:   # each once, in the mount's log
             log.error("%s", redact(problem.message()))
@@ -82,6 +84,7 @@ class Mount:
         """Serve a FUSE connection someone else mounted (the CSI node plugin handed us `fd`,
         an open /dev/fuse): libfuse >= 3.3 takes /dev/fd/N as the mountpoint and mounts
         nothing, so this needs no privileges. `label` names the mount in logs and metrics."""
+        limit_malloc_arenas()
         engine = await Engine.open(config)
         for problem in engine.problems:
             log.error("%s", redact(problem.message()))
