@@ -30,6 +30,7 @@ from ..fetch.prefetch import Prefetcher, ReadState
 from ..fs import Attr, FileSystem, Handle
 from ..fs.filesystem import Refreshed
 from ..fs.attr import DIR_MODE, DIR_SIZE
+from .unlinked import NodeIdSlot
 from .inodes import InodeTable
 
 log = logging.getLogger(__name__)
@@ -227,25 +228,36 @@ class DdaOperations(pyfuse3.Operations):
         known = self._entry_attrs(TIMEOUT, mtime)
         folder = self._entry_attrs(TIMEOUT, mtime)
         folder.st_mode, folder.st_nlink, folder.st_size, folder.st_blocks = DIR_MODE, 2, DIR_SIZE, DIR_SIZE // 512
+        # An entry of unknown size goes out without a node id (fuse/unlinked.py): the kernel
+        # makes no inode for it and takes no reference (it looks the name up when it needs one).
+        unlink = NodeIdSlot(unknown).clear
         inode = block.start + start_id
-        sent = 0
+        sent = linked = 0
         reply = pyfuse3.readdir_reply
         for name, fid, mode, size in tree.dir_rows(path, start_id):
             if fid < 0:
                 out = folder
+                out.st_ino = inode
+                counted = True
             elif size < 0:
                 out = unknown
                 out.st_mode = mode
+                out.st_ino = inode
+                counted = not unlink()
             else:
                 out = known
                 out.st_mode, out.st_size, out.st_blocks = mode, size, -(-size // 512)
-            out.st_ino = inode
+                out.st_ino = inode
+                counted = True
             inode += 1
             if not reply(token, os.fsencode(name), out, start_id + sent + 1):
                 break
             sent += 1
-        if sent:
-            self.inodes.looked_up(block.start + start_id, sent)   # readdirplus: one lookup per entry
+            linked += counted
+        if linked:
+            # readdirplus: one kernel reference per entry sent with its node id (the counts
+            # are per block: which entries does not matter)
+            self.inodes.looked_up(block.start + start_id, linked)
 
     def _entry_attrs(self, timeout: float, mtime_ns: int) -> pyfuse3.EntryAttributes:
         """A template for readdir entries: owner, times, timeouts set; mode/size/inode per entry."""
