@@ -256,3 +256,43 @@ def test_a_file_open_through_an_old_block_is_retired_when_a_later_refresh_change
     snap.tree = trees[2]
     stale, retired = table.refresh(Refreshed("b", "c", trees[1].files, trees[2], trees[1]).changed, {opened})
     assert retired == {opened} and (opened, 0, "") in stale
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_entries_of_unknown_size_go_out_without_a_node_id_and_cost_the_kernel_no_reference(tmp_path):
+    """A names-only walk of a cold tree (no size known): readdirplus entries go out without a
+    node id (fuse/unlinked.py), so the kernel takes no reference on them (no inode, no FORGET
+    later); the name, type and d_ino still reach getdents, and a stat looks the entry up and
+    finds the same inode number. Folders and sized files keep theirs."""
+    from dvclayout import write_layout
+    from mounting import MountThread
+    from sidecar.config import Config
+    from sidecar.fuse import unlinked
+    from sidecar.remotes.fake import FakeRemote
+
+    assert unlinked.AVAILABLE, "pyfuse3's EntryAttributes layout changed: entries keep their node id"
+    name = f"u{uuid.uuid4().hex[:8]}"
+    layout = write_layout(tmp_path / "l", folders=2, per_folder=3000, remote_url=f"fake://{name}",
+                          min_size=1, max_size=2)
+    FakeRemote.register(name, layout.remote_root)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        config = Config(repo=str(layout.repo), cache_dir=tmp_path / "c", remotes={"default": {"url": f"fake://{name}"}})
+        with MountThread(config, mp) as m:
+            table = m.mount.ops.inodes
+
+            def refs(folder: str) -> int:
+                return table.children(folder).refs
+
+            walked = {e.name: e for e in os.scandir(mp / "data/d0001")}
+            assert len(walked) == 3000 and all(e.is_file(follow_symlinks=False) for e in walked.values())
+            assert refs("data/d0001") == 0
+            assert sum(1 for _, _, files in os.walk(mp / "data") for _ in files) == 6000
+            assert refs("data/d0000") == 0 and refs("data") >= 2        # the folders went out linked
+            first = sorted(walked)[0]
+            st = os.stat(mp / "data/d0001" / first)                      # a lookup: one reference
+            assert st.st_ino == walked[first].inode() and st.st_size >= 1
+            assert refs("data/d0001") == 1
+    finally:
+        FakeRemote.unregister(name)
