@@ -704,8 +704,13 @@ class Engine:
         try:
             # Bounded apart from the deadline: an unresponsive remote must not hold a stat
             # long (the index is an optimisation; per-file sizing still works).
+            cap = sizeindex.max_bytes(self._output_files.get(out.md5, 0))
             async with asyncio.timeout(min(self.fetcher.deadline, SIZE_INDEX_SECONDS)):
-                got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, None), "size")
+                # One byte past what a true index can take: more means it is not one.
+                got = await self.fetcher._remote_call(remote, lambda: remote.read(key, 0, cap + 1), "size")
+            if len(got.data) > cap or (got.total is not None and got.total > cap):
+                raise sizeindex.SizeIndexInvalid(f"{where}: larger than an index of "
+                                                 f"{self._output_files.get(out.md5, 0)} files can be")
             # The manifest's md5s only once an index exists (a 1M-entry set is not free).
             sizes = sizeindex.decode(got.data, out.md5, await self._manifest_md5s(out), where)
         except ObjectMissing:

@@ -35,6 +35,13 @@ def index_path(manifest_md5: str, legacy: bool) -> str:
     return object_path(manifest_md5, legacy, is_dir=True) + ".sizes"
 
 
+def max_bytes(files: int) -> int:
+    """The most bytes an index of `files` entries can take as `encode` writes it (an entry:
+    a quoted md5, a colon, at most 19 digits and a comma; plus the header). A reader asks for
+    no more than this, so a padded or foreign object cannot cost it more memory."""
+    return 64 * files + 1024
+
+
 def encode(manifest_md5: str, sizes: dict[str, int]) -> bytes:
     """The published bytes for `sizes` (file md5 -> bytes) of manifest `manifest_md5`."""
     return json.dumps({"format": FORMAT, "manifest": f"{manifest_md5}.dir",

@@ -311,3 +311,24 @@ def test_second_ls_of_a_fully_sized_folder_sends_no_request(nginx, tmp_path):
     again = _dda("ls", str(layout.repo), "data", env=env)
     assert again.stdout == first.stdout
     assert [(r.method, r.uri) for r in nginx.requests_since(mark)] == []
+
+
+def test_a_padded_size_index_is_not_read_past_what_a_true_one_can_take(tmp_path):
+    """Whoever can write the remote can pad `<manifest>.dir.sizes` (valid JSON, 400 MB of
+    whitespace took `dda ls` to 894 MB). A reader asks for at most what an index of the
+    manifest's file count can take (sizeindex.max_bytes) and ignores a larger object with one
+    warning: the sizes still come out right, learned per file."""
+    from sidecar import sizeindex
+
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=1000)
+    env = {"DDA_CACHE_DIR": str(tmp_path / "pub")}
+    assert _dda("sizes", "publish", str(layout.repo), "data", env=env).returncode == 0
+    key = next(layout.remote_root.glob("files/md5/*/*.dir.sizes"))
+    body = key.read_bytes()
+    assert len(body) <= sizeindex.max_bytes(1000)          # what dda writes fits its own cap
+    key.write_bytes(body[:-1] + b" " * (2 * sizeindex.max_bytes(1000)) + body[-1:])   # still valid JSON
+    proc = _dda("ls", str(layout.repo), "data", "-v", env={"DDA_CACHE_DIR": str(tmp_path / "fresh")})
+    assert proc.returncode == 0, proc.stderr[-600:]
+    assert "larger than an index of 1000 files can be" in proc.stderr
+    sizes = {line.split()[2]: int(line.split()[1]) for line in proc.stdout.splitlines()}
+    assert {f"data/{m['relpath']}": len(_object(layout, m["md5"])) for m in _manifest(layout)} == sizes
