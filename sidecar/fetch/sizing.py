@@ -99,26 +99,19 @@ async def size_all(fetcher: Fetcher, items: Iterable[tuple[K, ObjectRef]], on_si
 async def _from_index(fetcher: Fetcher, batch: list, on_size: Callable) -> list:  # type: ignore[type-arg]
     """Answer what the persistent index knows (one query per batch, on a store thread);
     return the rest."""
-    asked = [r.oid for _, r in batch if r.size is None]
-    stored = await fetcher.astore.sizes(asked) if asked else {}
-    fetcher.counters.add("dda_cache_reads", len(stored), "metadata", "hit")
-    rest = []
-    for k, r in batch:
-        if r.size is not None:
-            continue
-        size = stored.get(r.oid)
-        if size is None:
-            rest.append((k, r))
-        else:
-            on_size(k, size)
-    return rest
+    unsized = [(k, r) for k, r in batch if r.size is None]
+    stored = await fetcher.astore.sizes([r.oid for _, r in unsized]) if unsized else {}
+    return _answered(fetcher, unsized, stored, on_size)
 
 
 async def _from_store(fetcher: Fetcher, batch: list, on_size: Callable) -> list:  # type: ignore[type-arg]
     """Answer what the store holds verified (one trip for the batch); return the rest."""
     stored = await fetcher.stored_sizes([r.oid for _, r in batch])
-    if not stored:
-        return batch
+    return _answered(fetcher, batch, stored, on_size) if stored else batch
+
+
+def _answered(fetcher: Fetcher, batch: list, stored: dict[str, int], on_size: Callable) -> list:  # type: ignore[type-arg]
+    """Hand `on_size` each size `stored` (oid -> bytes) holds for `batch`; return the rest."""
     fetcher.counters.add("dda_cache_reads", len(stored), "metadata", "hit")
     rest = []
     for k, r in batch:
