@@ -7,6 +7,7 @@ DVC layout through a real FUSE mount (tests/dvclayout.py, the in-memory fake rem
 measures what the daemon allocated for it."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -141,19 +142,17 @@ def test_an_old_block_is_freed_once_the_kernel_forgets_it():
         table.path(z)
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-def test_walking_100k_files_through_the_mount_keeps_the_inode_table_per_folder(tmp_path):
-    """`os.walk` / `os.scandir` of 100,000 files in 4 folders: readdirplus gives the kernel an
-    inode per entry, and the daemon's inode table must not grow with them. Before this
-    change every entry cost a path string, a dict entry and a list slot (~170 B: 17 MB here);
-    now a block per folder."""
+@contextlib.contextmanager
+def _fake_mount(tmp_path, folders: int, per_folder: int):  # type: ignore[no-untyped-def]
+    """A FUSE mount (in this process) of a DVC-identical layout of `folders` x `per_folder`
+    files of 1-2 bytes on the in-memory fake remote: yields (MountThread, mountpoint)."""
     from dvclayout import write_layout
     from mounting import MountThread
     from sidecar.config import Config
     from sidecar.remotes.fake import FakeRemote
 
     name = f"i{uuid.uuid4().hex[:8]}"
-    layout = write_layout(tmp_path / "l", folders=4, per_folder=25_000, remote_url=f"fake://{name}",
+    layout = write_layout(tmp_path / "l", folders=folders, per_folder=per_folder, remote_url=f"fake://{name}",
                           min_size=1, max_size=2)
     FakeRemote.register(name, layout.remote_root)
     mp = tmp_path / "mnt"
@@ -161,30 +160,40 @@ def test_walking_100k_files_through_the_mount_keeps_the_inode_table_per_folder(t
     try:
         config = Config(repo=str(layout.repo), cache_dir=tmp_path / "c", remotes={"default": {"url": f"fake://{name}"}})
         with MountThread(config, mp) as m:
-            ops = m.mount.ops
-            os.listdir(mp / "data")                       # warm up: the tree and the folder blocks
-            tracemalloc.start()
-            try:
-                before = tracemalloc.get_traced_memory()[0]
-                walked = sum(len(files) for _, _, files in os.walk(mp / "data"))
-                walked += sum(1 for _ in os.scandir(mp / "data/d0003"))     # a second pass
-                grown = tracemalloc.get_traced_memory()[0] - before
-                if os.environ.get("DDA_TRACE_TOP"):
-                    for stat_ in tracemalloc.take_snapshot().statistics("lineno")[:8]:
-                        print(stat_)
-            finally:
-                tracemalloc.stop()
-            inodes = {e.inode() for e in os.scandir(mp / "data/d0003")}
-            assert walked == 125_000 and len(inodes) == 25_000
-            assert grown < 1_000_000, f"the walk left {grown:,} bytes allocated in the daemon"
-            assert len(ops.inodes) <= 4 + 2                # "", data, d0000..d0003
-            # every inode the kernel was given names its file (and stat agrees with readdir)
-            sample = sorted(os.scandir(mp / "data/d0002"), key=lambda e: e.name)[::5000]
-            for entry in sample:
-                assert ops.inodes.path(entry.inode()) == f"data/d0002/{entry.name}"
-                assert os.stat(entry.path).st_ino == entry.inode()
+            yield m, mp
     finally:
         FakeRemote.unregister(name)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_walking_100k_files_through_the_mount_keeps_the_inode_table_per_folder(tmp_path):
+    """`os.walk` / `os.scandir` of 100,000 files in 4 folders: readdirplus gives the kernel an
+    inode per entry, and the daemon's inode table must not grow with them. Before this
+    change every entry cost a path string, a dict entry and a list slot (~170 B: 17 MB here);
+    now a block per folder."""
+    with _fake_mount(tmp_path, folders=4, per_folder=25_000) as (m, mp):
+        ops = m.mount.ops
+        os.listdir(mp / "data")                       # warm up: the tree and the folder blocks
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            walked = sum(len(files) for _, _, files in os.walk(mp / "data"))
+            walked += sum(1 for _ in os.scandir(mp / "data/d0003"))     # a second pass
+            grown = tracemalloc.get_traced_memory()[0] - before
+            if os.environ.get("DDA_TRACE_TOP"):
+                for stat_ in tracemalloc.take_snapshot().statistics("lineno")[:8]:
+                    print(stat_)
+        finally:
+            tracemalloc.stop()
+        inodes = {e.inode() for e in os.scandir(mp / "data/d0003")}
+        assert walked == 125_000 and len(inodes) == 25_000
+        assert grown < 1_000_000, f"the walk left {grown:,} bytes allocated in the daemon"
+        assert len(ops.inodes) <= 4 + 2                # "", data, d0000..d0003
+        # every inode the kernel was given names its file (and stat agrees with readdir)
+        sample = sorted(os.scandir(mp / "data/d0002"), key=lambda e: e.name)[::5000]
+        for entry in sample:
+            assert ops.inodes.path(entry.inode()) == f"data/d0002/{entry.name}"
+            assert os.stat(entry.path).st_ino == entry.inode()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -264,35 +273,21 @@ def test_entries_of_unknown_size_go_out_without_a_node_id_and_cost_the_kernel_no
     node id (fuse/unlinked.py), so the kernel takes no reference on them (no inode, no FORGET
     later); the name, type and d_ino still reach getdents, and a stat looks the entry up and
     finds the same inode number. Folders and sized files keep theirs."""
-    from dvclayout import write_layout
-    from mounting import MountThread
-    from sidecar.config import Config
     from sidecar.fuse import unlinked
-    from sidecar.remotes.fake import FakeRemote
 
     assert unlinked.AVAILABLE, "pyfuse3's EntryAttributes layout changed: entries keep their node id"
-    name = f"u{uuid.uuid4().hex[:8]}"
-    layout = write_layout(tmp_path / "l", folders=2, per_folder=3000, remote_url=f"fake://{name}",
-                          min_size=1, max_size=2)
-    FakeRemote.register(name, layout.remote_root)
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    try:
-        config = Config(repo=str(layout.repo), cache_dir=tmp_path / "c", remotes={"default": {"url": f"fake://{name}"}})
-        with MountThread(config, mp) as m:
-            table = m.mount.ops.inodes
+    with _fake_mount(tmp_path, folders=2, per_folder=3000) as (m, mp):
+        table = m.mount.ops.inodes
 
-            def refs(folder: str) -> int:
-                return table.children(folder).refs
+        def refs(folder: str) -> int:
+            return table.children(folder).refs
 
-            walked = {e.name: e for e in os.scandir(mp / "data/d0001")}
-            assert len(walked) == 3000 and all(e.is_file(follow_symlinks=False) for e in walked.values())
-            assert refs("data/d0001") == 0
-            assert sum(1 for _, _, files in os.walk(mp / "data") for _ in files) == 6000
-            assert refs("data/d0000") == 0 and refs("data") >= 2        # the folders went out linked
-            first = sorted(walked)[0]
-            st = os.stat(mp / "data/d0001" / first)                      # a lookup: one reference
-            assert st.st_ino == walked[first].inode() and st.st_size >= 1
-            assert refs("data/d0001") == 1
-    finally:
-        FakeRemote.unregister(name)
+        walked = {e.name: e for e in os.scandir(mp / "data/d0001")}
+        assert len(walked) == 3000 and all(e.is_file(follow_symlinks=False) for e in walked.values())
+        assert refs("data/d0001") == 0
+        assert sum(1 for _, _, files in os.walk(mp / "data") for _ in files) == 6000
+        assert refs("data/d0000") == 0 and refs("data") >= 2        # the folders went out linked
+        first = sorted(walked)[0]
+        st = os.stat(mp / "data/d0001" / first)                      # a lookup: one reference
+        assert st.st_ino == walked[first].inode() and st.st_size >= 1
+        assert refs("data/d0001") == 1
