@@ -395,12 +395,45 @@ class Engine:
         this node (the index and the store, asked for its whole batch): only the request is
         left, and our remote's answer proves the size for our identity (`_may_show` records it)."""
         key = (ref.oid, id(ref.remote))    # per remote: each identity is gated on its own
-        task = self._sizing.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._size_asked(ref) if cold else self._size_shown(ref))
-            self._sizing[key] = task
-            task.add_done_callback(lambda _t: self._sizing.pop(key, None))
-        return await asyncio.shield(task)
+        while True:
+            task = self._sizing.get(key)
+            if task is None:
+                if cold:
+                    return await self._size_inline(ref, key)
+                task = asyncio.ensure_future(self._size_shown(ref))
+                self._sizing[key] = task
+                task.add_done_callback(lambda _t: self._sizing.pop(key, None))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if task.cancelled() and me is not None and not me.cancelling():
+                    continue      # the bulk sizing that asked was stopped, not us: ask ourselves
+                raise
+
+    async def _size_inline(self, ref: ObjectRef, key: tuple[str, int]) -> int:
+        """A bulk sizing's request, run in the caller's own task (no task per object: a 100k
+        stat-ahead is 100k of these); a stat of the same object meanwhile waits on the future
+        it leaves in `_sizing` (one request however many ask)."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._sizing[key] = future
+        try:
+            size = await self._size_asked(ref)
+        except BaseException as err:
+            if not future.done():
+                if isinstance(err, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(err)
+                    future.exception()    # retrieved: nobody may be waiting (no "never retrieved" log)
+            raise
+        else:
+            if not future.done():
+                future.set_result(size)
+            return size
+        finally:
+            if self._sizing.get(key) is future:
+                del self._sizing[key]
 
     async def _size_asked(self, ref: ObjectRef) -> int:
         """One request for a size nothing on this node knew; our remote's answer proves it
@@ -455,10 +488,15 @@ class Engine:
             return
         names = self.tree.dirs.get(parent)
         if names:
-            at = bisect.bisect_left(names, name)
-            if at > self._read_at[parent]:
-                self._read_at[parent] = at
-                self._reader_moved[parent].set()
+            self.reader_at(parent, bisect.bisect_left(names, name))
+
+    def reader_at(self, parent: str, at: int) -> None:
+        """A stat of the child at name index `at` of directory `parent` (answered without
+        `sized`: its size was known): a stat-ahead of `parent` follows its reader there."""
+        read_at = self._read_at.get(parent)
+        if read_at is not None and at > read_at:
+            self._read_at[parent] = at
+            self._reader_moved[parent].set()
 
     async def _stat_ahead_dir(self, parent: str) -> None:
         """Size `parent`'s files in name order (a walker's order) in rounds of
@@ -470,17 +508,19 @@ class Engine:
         self._read_at.setdefault(parent, 0)
         moved = self._reader_moved.setdefault(parent, asyncio.Event())
 
-        def todo(start: int, stop: int):  # type: ignore[no-untyped-def]
-            for name in names[start:stop]:
-                entry = tree.files.get(prefix + name)
-                if entry is not None and entry.kind == "dvc" and entry.size is None:
-                    ref = self.ref(entry)
-                    yield (entry, ref), ref
+        groups: dict[tuple, Any] = {}     # group -> (remote, legacy, source root)
 
-        def learned(item: tuple[Entry, ObjectRef], size: int) -> None:
-            entry, ref = item
-            if self._may_show(ref):     # else the stat that needs it asks itself
-                self._sized(entry, size)
+        def todo(start: int, stop: int):  # type: ignore[no-untyped-def]
+            # from the tree's arrays: no Entry per file (Tree.unsized_between)
+            for fid, name, oid, group in tree.unsized_between(parent, start, stop):
+                ref = self._group_ref(groups, group, oid, prefix + name)
+                yield (fid, ref), ref
+
+        def learned(item: tuple[int, ObjectRef], size: int) -> None:
+            fid, ref = item
+            # else the stat that needs it asks itself; a refresh meanwhile: the new tree's stat asks
+            if self._may_show(ref) and self.tree is tree:
+                tree.set_looked_up_size(fid, size)
 
         ask = functools.partial(self._size_of, cold=True)
         done = 0
@@ -574,16 +614,21 @@ class Engine:
         refs: dict[str, ObjectRef] = {}
         for _, oid, group in rows:
             if oid in known and oid not in refs:
-                made = groups.get(group)
-                if made is None:
-                    _, _, legacy, remote_name, output, root = group
-                    made = groups[group] = (self.remote(remote_name, output or oid, root), legacy,
-                                            root.startswith(_SOURCE))
-                remote, legacy, source = made
-                refs[oid] = ObjectRef(oid, remote, remote.display_url if source else object_path(oid, legacy),
-                                      legacy, None, oid)
+                refs[oid] = self._group_ref(groups, group, oid, oid)
         await self.tenancy.preload(list(refs.values()))
         return {oid: known[oid] for oid, ref in refs.items() if self._may_show(ref)}
+
+    def _group_ref(self, groups: dict[tuple, Any], group: tuple, oid: str, display: str) -> ObjectRef:
+        """`ref` of an unsized DVC file given by its tree group and md5 (Tree.unsized rows; no
+        Entry): the remote is looked up once per group (`groups` is the caller's memo)."""
+        made = groups.get(group)
+        if made is None:
+            _, _, legacy, remote_name, output, root = group
+            made = groups[group] = (self.remote(remote_name, output or display, root), legacy,
+                                    root.startswith(_SOURCE))
+        remote, legacy, source = made
+        return ObjectRef(oid, remote, remote.display_url if source else object_path(oid, legacy), legacy, None,
+                         display)
 
     async def stat_many(self, entries: list[Entry], failed: dict[str, Exception] | None = None) -> list[Entry]:
         """True sizes for many entries: the persistent index, the directories' published size
@@ -885,7 +930,8 @@ class Engine:
         await asyncio.gather(*self._stat_ahead.values(), return_exceptions=True)
         sizing = list(self._sizing.values())     # requests no caller waits for any more
         for task in sizing:
-            task.cancel()
+            if not task.done():
+                task.cancel()
         await asyncio.gather(*sizing, return_exceptions=True)
         await self.fetcher.drain(drain_seconds)
         await self.fetcher.astore.run(self.tenancy.settle_all)   # before the store closes: its writer records them

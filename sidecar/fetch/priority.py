@@ -5,8 +5,6 @@ import asyncio
 import contextvars
 import heapq
 import itertools
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 DEMAND, READAHEAD, PREFETCH = 0, 1, 2
 
@@ -28,24 +26,24 @@ class PriorityLimiter:
     def _can_take(self, priority: int) -> bool:
         return self._free > (0 if priority == DEMAND else self.reserve)
 
-    @asynccontextmanager
-    async def slot(self, priority: int | None = None) -> AsyncIterator[None]:
-        priority = current_priority.get() if priority is None else priority
+    def slot(self, priority: int | None = None) -> "_Slot":
+        """`async with limiter.slot():` holds one slot (`priority`: default the context's).
+        A plain class, not a generator context manager: every request takes one (a 100k
+        stat-ahead is 100k of them)."""
+        return _Slot(self, current_priority.get() if priority is None else priority)
+
+    async def _take(self, priority: int) -> None:
         if not self._waiters and self._can_take(priority):
             self._free -= 1
-        else:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (priority, next(self._order), future))
-            try:
-                await future
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled():
-                    self._release()   # we were handed a slot as we were cancelled: pass it on
-                raise
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), future))
         try:
-            yield
-        finally:
-            self._release()
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()   # we were handed a slot as we were cancelled: pass it on
+            raise
 
     def _release(self) -> None:
         self._free += 1
@@ -63,3 +61,22 @@ class PriorityLimiter:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+
+class _Slot:
+    """One slot of a PriorityLimiter, held for an `async with` block."""
+
+    __slots__ = ("limiter", "priority")
+
+    def __init__(self, limiter: PriorityLimiter, priority: int):
+        self.limiter, self.priority = limiter, priority
+
+    async def __aenter__(self) -> None:
+        limiter = self.limiter
+        if not limiter._waiters and limiter._can_take(self.priority):
+            limiter._free -= 1      # the common case: no await, no future
+        else:
+            await limiter._take(self.priority)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.limiter._release()

@@ -151,6 +151,10 @@ class Fetcher:
             return ref.size
         return self._sizes.get(ref.oid)
 
+    def remembered_size(self, oid: str) -> int | None:
+        """The size this process learned for `oid` and still holds in memory (no I/O)."""
+        return self._sizes.get(oid)
+
     async def indexed_size(self, ref: ObjectRef) -> int | None:
         """The size if known here or in the store's index (read on a store thread)."""
         size = self.known_size(ref)

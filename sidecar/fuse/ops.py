@@ -175,7 +175,8 @@ class DdaOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == ".." and parent == self.root:
             text = "."                              # never above the mounted subdir
-        path, attr = await self.fs.lookup(parent, text)
+        known = self.fs.known_child(parent, text)    # a size already known: no await, no Entry
+        path, attr = known if known is not None else await self.fs.lookup(parent, text)
         inode = self._inode(path)
         self.inodes.looked_up(inode)            # the kernel holds it until it sends a FORGET
         return self._attrs(inode, attr)

@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import aiohttp
+    import yarl
 
 import httpx
+
+import re
 
 from ..errors import ConfigError, RemoteError, RemoteUnavailable
 from .base import Range, Remote
@@ -68,6 +71,7 @@ class HttpRemote(Remote):
                 pair = f"{user}:{password or token or ''}".encode()
                 head_headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
             self._heads = _Heads(head_headers, verify, timeout)
+            self._heads.set_base(self.base)
             self.size_concurrency = _Heads.IN_FLIGHT
         self.client = httpx.AsyncClient(
             verify=verify,
@@ -127,6 +131,9 @@ class HttpRemote(Remote):
         await self.client.aclose()
 
 
+_PLAIN_KEY = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*(?:/[0-9A-Za-z][0-9A-Za-z._-]*)*")   # an object key: nothing to encode
+
+
 class _Heads:
     """HEAD requests through one aiohttp session (created on first use, on the caller's loop):
     the object's Content-Length, or None where the httpx path must answer - a redirect (httpx
@@ -149,6 +156,7 @@ class _Heads:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._base_for, self._encoded_base = "", None    # see set_base
 
     def _client(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -158,16 +166,47 @@ class _Heads:
             raise RemoteUnavailable("the remote's client is closed")
         if self._session is None or self._loop is not loop or self._session.closed:
             self._loop = loop
+            # Per HEAD, as little as aiohttp allows (a 100k-file folder is 100k of them): no
+            # cookies, no Accept-Encoding (an encoded answer's Content-Length would not be the
+            # object's size anyway), nothing to decompress.
             self._session = aiohttp.ClientSession(
-                headers=self.headers, timeout=self.timeout,
+                headers=self.headers, timeout=self.timeout, cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Accept-Encoding",), auto_decompress=False,
                 connector=aiohttp.TCPConnector(limit=self.IN_FLIGHT, ssl=self.ssl))
         return self._session
+
+    def _request_url(self, url: str) -> "str | yarl.URL":
+        """`url` as aiohttp's URL, built without parsing where it is safe to: an object key
+        (hex and slashes) after a base URL already in its encoded form (`_encoded_base`)."""
+        import yarl
+
+        base = self._encoded_base
+        if base is None or self._base_for != url[:len(self._base_for)]:
+            return url
+        rest = url[len(self._base_for):]
+        if not _PLAIN_KEY.fullmatch(rest):
+            return url
+        return yarl.URL(base + rest, encoded=True)
+
+    def set_base(self, base: str) -> None:
+        """The remote's base URL: object URLs under it are built from its encoded form."""
+        import yarl
+
+        parsed = yarl.URL(base)
+        encoded = str(parsed)
+        # only a plain absolute URL (no credentials, query or fragment) is extended by text
+        if parsed.absolute and not parsed.user and not parsed.password and not parsed.query_string \
+                and not parsed.fragment and not base.endswith("/") and not encoded.endswith("/"):
+            self._base_for, self._encoded_base = base + "/", encoded + "/"
 
     async def size(self, url: str, where: str, path: str) -> int | None:
         import aiohttp
 
+        proxy = self._proxy(url)
         try:
-            async with self._client().head(url, allow_redirects=False, proxy=self._proxy(url)) as resp:
+            request = self._client().head(self._request_url(url), allow_redirects=False, proxy=proxy) \
+                if proxy else self._client().head(self._request_url(url), allow_redirects=False)
+            async with request as resp:
                 status, headers = resp.status, resp.headers
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             kind = type(err).__name__

@@ -541,6 +541,55 @@ class Tree:
             out.append((name, oid if oid is not None else oids[fid * _MD5_LEN:(fid + 1) * _MD5_LEN].hex(), group))
         return out
 
+    def unsized_between(self, folder: str, start: int, stop: int) -> list[tuple[int, str, str, tuple]]:
+        """`unsized`, for the children of `folder` at name indexes [start, stop) only, each as
+        (file id, name, md5, group): a stat-ahead round of a 100k-file folder makes no Entry
+        and looks at no other row. Empty when `folder` is not a directory."""
+        names, ids = self._names.get(folder), self._ids.get(folder)
+        if names is None or ids is None:
+            return []
+        sizes, groups, table, oids, odd, versions = (self._sizes, self._groups, self._group_table, self._oids,
+                                                     self._odd, self._versions)
+        out = []
+        for i in range(max(0, start), min(stop, len(names))):
+            fid = ids[i]
+            if fid == _DIR or sizes[fid] >= 0 or fid in versions:
+                continue
+            group = table[groups[fid]]
+            if group[0] != "dvc":
+                continue
+            oid = odd.get(fid)
+            out.append((fid, names[i], oid if oid is not None else oids[fid * _MD5_LEN:(fid + 1) * _MD5_LEN].hex(),
+                        group))
+        return out
+
+    def set_looked_up_size(self, fid: int, size: int) -> bool:
+        """Set the size of file `fid` (from `unsized_between`) learned from a remote's answer,
+        if it is still unknown; True when set. No path, no Entry."""
+        own = self._sizes
+        if own[fid] >= 0:
+            return False
+        own[fid] = size
+        if not self._looked:
+            self._looked = bytearray(len(own))
+        self._looked[fid] = 1
+        return True
+
+    def child(self, parent: str, name: str) -> tuple[int, int, int, int] | None:
+        """(name index, file id, st_mode, size or -1) of the child `name` of directory
+        `parent` (file id -1: a subdirectory), straight from the arrays; None when there is
+        no such child."""
+        names = self._names.get(parent)
+        if names is None:
+            return None
+        i = bisect.bisect_left(names, name)
+        if i == len(names) or names[i] != name:
+            return None
+        fid = self._ids[parent][i]
+        if fid == _DIR:
+            return i, -1, _DIR_MODE, -1
+        return i, fid, self._group_table[self._groups[fid]][1], self._sizes[fid]
+
     def set_sizes(self, folder: str, sizes: "Mapping[str, int]", looked_up: bool = True) -> int:
         """Set the size of every unsized file directly in `folder` whose object (md5) is in
         `sizes` (object sizes never change); returns how many were set. No path or Entry

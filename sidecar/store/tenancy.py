@@ -315,7 +315,7 @@ class Tenancy:
         if not isinstance(remote, ProvingRemote):
             return True
         answer = self._answers.pop((remote.ident, ref.path), None)
-        if answer is not None and self.fetcher.known_size(replace(ref, size=None)) in (None, answer):
+        if answer is not None and self.fetcher.remembered_size(ref.oid) in (None, answer):
             self._record(remote.ident, ref.oid, None, answer, False)
         return (remote.ident, ref.oid) in self._proven
 
