@@ -60,6 +60,27 @@ class ProfiledMount(Mounted):
         self.proc.wait(60)
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of process `pid` and all its descendants (nginx's workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+    return total
+
+
+def idle_seconds() -> float:
+    """Idle CPU seconds of the whole machine so far (/proc/stat: idle + iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
@@ -102,7 +123,7 @@ def main() -> int:
                 took, out = timed(f"find {ext4} -type f -printf '%f %s\\n'")
                 expected = sorted(out.splitlines())
                 ext4_times.append(took)
-                rows.append([str(r + 1), "ext4", f"{took:.2f}", "-", "-", "-", f"{os.getloadavg()[0]:.1f}"])
+                rows.append([str(r + 1), "ext4", f"{took:.2f}", "-", "-", "-", "-", "-", f"{os.getloadavg()[0]:.1f}"])
                 order = sources if r % 2 == 0 else sources[::-1]     # neither always goes first
                 for name, path in order:
                     cache = work / f"cache-{name}"
@@ -118,22 +139,24 @@ def main() -> int:
                         timed(f"ls {folder} > /dev/null")
                         timed(f"find {mp} -type f | wc -l")
                         mark = srv.mark()
-                        cpu = m.cpu_seconds()
+                        cpu, ngx, idle = m.cpu_seconds(), tree_cpu(srv._nginx.proc.pid), idle_seconds()
                         took, out = timed(f"find {folder} -type f -printf '%f %s\\n'")
                         cpu = m.cpu_seconds() - cpu
+                        ngx, idle = tree_cpu(srv._nginx.proc.pid) - ngx, idle_seconds() - idle
                         req = len(srv.requests_since(mark))
                     if sorted(out.splitlines()) != expected:    # sizes shown must be the files' own
                         raise SystemExit(f"{name}: sizes differ from the ext4 checkout's")
                     results[name].append((took, cpu))
                     rows.append([str(r + 1), name, f"{took:.2f}", f"{cpu:.2f}", f"{cpu / ns.files * 1e6:.0f}",
-                                 str(req), f"{os.getloadavg()[0]:.1f}"])
+                                 str(req), f"{ngx:.2f}", f"{idle:.2f}", f"{os.getloadavg()[0]:.1f}"])
                     print(" | ".join(rows[-1]), file=sys.stderr)
         finally:
             srv.stop()
     finally:
         if shaped:
             shaped.__exit__()
-    head = ["round", "where", "cold find -printf %s s", "daemon CPU s", "CPU us/file", "requests", "load avg"]
+    head = ["round", "where", "cold find -printf %s s", "daemon CPU s", "CPU us/file", "requests", "nginx CPU s",
+            "machine idle CPU s", "load avg"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -1,0 +1,242 @@
+"""Issue 11 (cold `find -printf %s` of 100k files over HTTP): what each cold file costs the
+daemon - tasks, Entry objects, the stat-ahead following a reader whose lookups are answered
+from the tree's arrays, one request per object, and what a HEAD carries. Counts, never
+timings (bench/headab.py measures those).
+
+Real parts: DVC-identical layouts (tests/dvclayout.py), the in-memory fake remote where every
+size request must be slow, a real HTTP server (http.server in a thread) that records what
+each HEAD carried.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dvclayout import write_layout
+from sidecar.config import load_config
+from sidecar.engine import Engine
+from sidecar.fs import FileSystem
+from sidecar.remotes.fake import FakeRemote
+from sidecar.snapshot.tree import Tree
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def _engine(repo: Path, cache: Path, env: dict[str, str]) -> "asyncio.Future[Engine]":
+    return Engine.open(load_config({"repo": str(repo), "revision": "main", "cache_dir": str(cache)}, env=env))
+
+
+@pytest.fixture
+def slow_fake(tmp_path):
+    """1,000 files in one folder on a fake remote whose size requests each take 20 ms, 48 at once."""
+    name = f"r{uuid.uuid4().hex[:8]}"
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=1000, remote_url=f"fake://{name}")
+    fake = FakeRemote.register(name, layout.remote_root)
+    fake.size_concurrency = 48
+    fake.script(op="size", delay=0.02)
+    yield layout, fake, {"DDA_REMOTE_STORAGE_URL": f"fake://{name}"}
+    FakeRemote.unregister(name)
+
+
+def _true_size(layout, oid: str) -> int:
+    return (layout.remote_root / "files" / "md5" / oid[:2] / oid[2:]).stat().st_size
+
+
+async def _settle(fake) -> int:
+    """Size requests made once none is under way or starts for 0.5 s."""
+    stable = 0
+    for _ in range(1000):
+        before = fake.count("size")
+        await asyncio.sleep(0.02)
+        stable = stable + 1 if fake.sizing == 0 and fake.count("size") == before else 0
+        if stable == 25:
+            return before
+    raise AssertionError("sizing never settled")
+
+
+def test_stat_ahead_makes_no_task_and_no_entry_per_file(slow_fake, tmp_path, monkeypatch):
+    """Sizing a 1,000-file folder ahead of a walker creates tasks for its pool (48 wide), not
+    one per object, and no Entry per file (it reads the tree's arrays); every size lands in
+    the tree, equal to the object's, each object asked once."""
+    layout, fake, env = slow_fake
+    fake.faults.clear()
+    fake.script(op="size", delay=0.02)
+    made = [0]
+    real_make = Tree._make
+
+    def counted_make(self, path, fid):
+        made[0] += 1
+        return real_make(self, path, fid)
+
+    monkeypatch.setattr(Tree, "_make", counted_make)
+
+    async def go():
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            fake.calls.clear()
+            loop = asyncio.get_running_loop()
+            tasks = [0]
+
+            def factory(loop, coro, **kwargs):
+                tasks[0] += 1
+                return asyncio.Task(coro, loop=loop, **kwargs)
+
+            for p in paths[:2]:
+                await fs.stat(p)
+            loop.set_task_factory(factory)
+            made[0] = 0
+            await asyncio.gather(*engine._stat_ahead.values())
+            loop.set_task_factory(None)
+            entries, created = made[0], tasks[0]
+            sizes = {e.path: (e.size, e.oid) for e in fs.walk_files("data")}
+            asked = [c.path for c in fake.calls if c.op == "size"]
+            return entries, created, sizes, asked
+
+    entries, created, sizes, asked = run(go())
+    assert entries == 0, entries
+    assert created < 200, created       # one task per object made it >= 998
+    assert all(size == _true_size(layout, oid) for size, oid in sizes.values())
+    assert len(asked) == len(set(asked)) == 1000
+
+
+def test_a_stat_joins_the_stat_aheads_request_and_survives_its_cancellation(slow_fake, tmp_path):
+    """A stat of an object the stat-ahead is asking for right now waits for that request (one
+    request, not two); when the stat-ahead is stopped while a stat waits on its request, the
+    stat still gets the object's size (it asks itself) instead of a cancellation."""
+    layout, fake, env = slow_fake
+    fake.faults.clear()
+    fake.script(op="size", delay=0.3)
+
+    async def in_flight(engine, fs, paths, skip=()):
+        for _ in range(500):
+            for p in paths[2:]:
+                entry = fs.entry(p)
+                if p not in skip and entry.size is None and any(k[0] == entry.oid for k in engine._sizing):
+                    return p
+            await asyncio.sleep(0.01)
+        raise AssertionError("no request of the stat-ahead under way")
+
+    async def go():
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            fake.calls.clear()
+            for p in paths[:2]:
+                await fs.stat(p)
+            joined = await in_flight(engine, fs, paths)
+            first = (await fs.stat(joined)).size
+            asked_joined = sum(1 for c in fake.calls if c.op == "size" and c.path.endswith(fs.entry(joined).oid[2:]))
+            other = await in_flight(engine, fs, paths, skip={joined})
+            waiting = asyncio.ensure_future(fs.stat(other))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            for task in engine._stat_ahead.values():
+                task.cancel()
+            second = (await waiting).size
+            return first, asked_joined, fs.entry(joined).oid, second, fs.entry(other).oid
+
+    first, asked_joined, joined_oid, second, other_oid = run(go())
+    assert asked_joined == 1
+    assert first == _true_size(layout, joined_oid)
+    assert second == _true_size(layout, other_oid)
+
+
+def test_known_sizes_are_answered_from_the_arrays_and_still_lead_the_stat_ahead(slow_fake, tmp_path, monkeypatch):
+    """A lookup of a file whose size is known (`FileSystem.known_child`, what a FUSE lookup
+    asks first) answers what `lookup` would, makes no Entry and sends no request - and the
+    stat-ahead still hears where its reader is: a walker whose stats all hit sizes learned
+    ahead keeps the sizing going past the first window. A directory, an unknown size, a
+    missing name, `.` and `..` are left to `lookup`."""
+    import sidecar.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "STAT_AHEAD_WINDOW", 100)
+    monkeypatch.setattr(engine_mod, "STAT_AHEAD_STEP", 40)
+    layout, fake, env = slow_fake
+    fake.faults.clear()
+    fake.script(op="size", delay=0.02)
+    made = [0]
+    real_make = Tree._make
+
+    def counted_make(self, path, fid):
+        made[0] += 1
+        return real_make(self, path, fid)
+
+    async def go():
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            fake.calls.clear()
+            for p in paths[:2]:
+                await fs.stat(p)
+            first = await _settle(fake)
+            names = [p.rsplit("/", 1)[1] for p in paths]
+            monkeypatch.setattr(Tree, "_make", counted_make)
+            answers = [fs.known_child("data", n) for n in names[2:100]]
+            entries = made[0]
+            monkeypatch.setattr(Tree, "_make", real_make)
+            second = await _settle(fake)
+            expected = [await fs.lookup("data", n) for n in names[2:100]]
+            left = [fs.known_child("data", n) for n in ("nope", ".", "..", names[-1])] + [fs.known_child("", "data")]
+            return first, second, answers, expected, entries, left
+
+    first, second, answers, expected, entries, left = run(go())
+    assert 100 <= first <= 102, first
+    assert answers == expected and all(a is not None for a in answers)
+    assert entries == 0, entries
+    assert second >= 190, second         # the reader's known-size lookups moved it on (else: stuck at ~100)
+    assert left == [None] * 5
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        type(self).seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+        self.send_response(200)
+        self.send_header("Content-Length", "1234")
+        self.send_header("Set-Cookie", "session=abc; Path=/")
+        self.end_headers()
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+@pytest.mark.parametrize("base_path", ["/dvc", "/my%20data/dvc"])
+def test_head_requests_carry_no_cookie_nor_accept_encoding_and_the_right_path(base_path):
+    """The HEADs that size objects ask for the object's own length: no Accept-Encoding (an
+    encoded answer's length is not the object's), no cookie sent back after a Set-Cookie;
+    the path is the object's key under the remote's base, percent-encoding kept."""
+    from sidecar.remotes.http import HttpRemote
+
+    _Recorder.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}{base_path}"
+        remote = HttpRemote("r", url, user="u", password="p")
+
+        async def go():
+            try:
+                return [await remote.size("files/md5/ab/cdef0123456789"), await remote.size("files/md5/ab/cdef0123456789")]
+            finally:
+                await remote.aclose()
+
+        sizes = run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sizes == [1234, 1234]
+    assert [p for p, _ in _Recorder.seen] == [f"{base_path}/files/md5/ab/cdef0123456789"] * 2
+    for _, headers in _Recorder.seen:
+        assert "accept-encoding" not in headers
+        assert "cookie" not in headers
+        assert headers["authorization"].startswith("Basic ")
