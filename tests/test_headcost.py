@@ -240,3 +240,57 @@ def test_head_requests_carry_no_cookie_nor_accept_encoding_and_the_right_path(ba
         assert "accept-encoding" not in headers
         assert "cookie" not in headers
         assert headers["authorization"].startswith("Basic ")
+
+
+def test_bulk_sizing_opens_no_store_file_for_objects_the_store_does_not_hold(slow_fake, tmp_path, monkeypatch):
+    """A cold folder's stat-ahead asks the index which objects the store holds (one query per
+    batch) and opens files only for those: none for 1,000 cold objects (each used to cost two
+    failed opens), while an object verified into the store whose size row was forgotten is
+    still answered from the store, with no request."""
+    from sidecar.store import Store
+
+    layout, fake, env = slow_fake
+    fake.faults.clear()
+    fake.script(op="size", delay=0.005)
+
+    async def verify_one(path):
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            handle = await fs.open(path)
+            data = b"".join([piece async for piece in fs.iter_bytes(handle)])
+            fs.release(handle)
+            return handle.entry.oid, len(data), engine.store.index.path
+
+    opened = []
+    real = Store.object_size
+
+    def counted(self, oid):
+        opened.append(oid)
+        return real(self, oid)
+
+    async def walk():
+        async with await _engine(layout.repo, tmp_path / "c", env) as engine:
+            fs = FileSystem(engine)
+            paths = [e.path for e in fs.walk_files("data")]
+            fake.calls.clear()
+            for p in paths[:2]:
+                await fs.stat(p)
+            await asyncio.gather(*engine._stat_ahead.values())
+            asked = [c.path for c in fake.calls if c.op == "size"]
+            size = (await fs.stat(target)).size      # the store's verified object answers it
+            return {fs.entry(p).oid for p in paths[:2]}, size, asked, [c.path for c in fake.calls if c.op == "size"]
+
+    target = "data/f000500.bin"
+    oid, size, index = run(verify_one(target))
+    import sqlite3
+
+    with sqlite3.connect(index) as db:    # the store holds it verified; its sizes row is gone
+        db.execute("DELETE FROM sizes WHERE oid=?", (oid,))
+        held = db.execute("SELECT COUNT(*) FROM chunks WHERE oid=?", (oid,)).fetchone()[0]
+    assert held >= 1
+    monkeypatch.setattr(Store, "object_size", counted)
+    stats, shown, ahead, asked = run(walk())
+    assert set(opened) - stats == {oid}, len(opened)     # the two stats look in the store themselves
+    assert shown == size == _true_size(layout, oid)
+    assert not any(p.endswith(oid[2:]) for p in asked)
+    assert len(ahead) == len(set(ahead)) == 999

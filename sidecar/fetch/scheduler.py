@@ -252,7 +252,13 @@ class Fetcher:
         thread for the whole list, not one per object: bulk sizing asks this of every batch
         the index did not know), remembered as learned."""
         store = self.store
-        found = await self.astore.run(lambda: {o: n for o in oids if (n := store.object_size(o)) is not None})
+
+        def look() -> dict[str, int]:
+            # only what the index says the store holds is opened (a cold batch: one query, no file)
+            held = store.index.holding(oids)
+            return {o: n for o in oids if o in held and (n := store.object_size(o)) is not None}
+
+        found = await self.astore.run(look)
         for oid, size in found.items():
             self._learned_size(oid, size)
         return found

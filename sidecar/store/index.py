@@ -190,6 +190,18 @@ class Index:
             found.update(self._read(f"SELECT oid, size FROM sizes WHERE oid IN ({marks})", tuple(part)))
         return found
 
+    def holding(self, oids: list[str]) -> set[str]:
+        """The objects among `oids` that have a file in the store (a chunk or a digest file:
+        the index knows every file of `chunks/`), in one query per 500: a cold folder's bulk
+        sizing opens no file for objects the store does not hold."""
+        found: set[str] = set()
+        for i in range(0, len(oids), 500):
+            part = oids[i:i + 500]
+            marks = ",".join("?" * len(part))
+            found.update(o for (o,) in self._read(f"SELECT DISTINCT oid FROM chunks WHERE oid IN ({marks})",
+                                                  tuple(part)))
+        return found
+
     def record_sizes(self, sizes: dict[str, int]) -> None:
         if sizes:
             self._many("INSERT OR REPLACE INTO sizes (oid, size) VALUES (?, ?)", list(sizes.items()))
