@@ -393,13 +393,13 @@ class GitHttpServer(_CountingLog):
 
 
 class HttpRemoteServer(_CountingLog):
-    """nginx serving ``root`` at ``/dvc`` with basic auth, WebDAV-writable,
-    Range-capable. ``url`` carries no credentials."""
+    """nginx serving ``root`` at ``/dvc`` with basic auth, WebDAV-writable (unless
+    ``read_only``), Range-capable. ``url`` carries no credentials."""
 
     user = DVC_HTTP_USER
     password = DVC_HTTP_PASSWORD
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, read_only: bool = False):
         self.workdir = Path(workdir)
         self.root = self.workdir / "data"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -407,6 +407,8 @@ class HttpRemoteServer(_CountingLog):
         self.htpasswd = self.workdir / "htpasswd"
         self.htpasswd.write_text(_htpasswd_line(self.user, self.password))
         self.access_log = self.workdir / "logs" / "access.log"
+        # read_only: a remote that serves reads and answers every write 403 (a read-only token)
+        deny_writes = "\n            limit_except GET PROPFIND OPTIONS { deny all; }" if read_only else ""
         block = f"""
     server {{
         listen 127.0.0.1:{self.port};
@@ -421,7 +423,7 @@ class HttpRemoteServer(_CountingLog):
             dav_ext_methods PROPFIND OPTIONS;
             create_full_put_path on;
             dav_access user:rw group:rw all:r;
-            client_max_body_size 0;
+            client_max_body_size 0;{deny_writes}
         }}
     }}
 """
