@@ -451,14 +451,15 @@ class HttpRemoteServer(_CountingLog):
 
 class S3RemoteServer(_CountingLog):
     """``rclone serve s3`` on a private port, with a counting nginx reverse
-    proxy in front (``endpoint_url``). Objects of ``url`` live under ``root``."""
+    proxy in front (``endpoint_url``; it refuses writes when ``read_only``). Objects of
+    ``url`` live under ``root``."""
 
     access_key = S3_ACCESS_KEY
     secret_key = S3_SECRET_KEY
     bucket = S3_BUCKET
     prefix = "store"
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, read_only: bool = False):
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "data"
         self.bucket_dir = self.data_dir / self.bucket
@@ -472,6 +473,8 @@ class S3RemoteServer(_CountingLog):
         self.access_log = self.workdir / "logs" / "access.log"
         self._rclone: subprocess.Popen | None = None
         self.rclone_log = self.workdir / "logs" / "rclone.log"
+        # read_only: the proxy answers every write 403 (a read-only key)
+        deny_writes = "\n            limit_except GET { deny all; }" if read_only else ""
         block = f"""
     upstream rclone_s3 {{
         server 127.0.0.1:{self.rclone_port};
@@ -490,7 +493,7 @@ class S3RemoteServer(_CountingLog):
             proxy_request_buffering off;
             proxy_read_timeout 300s;
             proxy_send_timeout 300s;
-            client_max_body_size 0;
+            client_max_body_size 0;{deny_writes}
         }}
     }}
 """

@@ -11,7 +11,7 @@ import pytest
 
 from dvclayout import write_layout
 from mounting import DDA
-from servers import HttpRemoteServer
+from servers import HttpRemoteServer, S3RemoteServer
 from sidecar.sizeindex import index_path
 
 FILES = 40
@@ -63,6 +63,27 @@ def test_a_refused_upload_is_reported_as_refused_on_one_line(tmp_path, read_only
     assert "missing" not in line and "Traceback" not in proc.stderr
     assert srv.password not in proc.stderr and srv.password not in proc.stdout
     assert not (srv.root / key).exists()
+
+
+def test_a_read_only_s3_remote_refuses_the_upload_on_one_line(tmp_path):
+    srv = S3RemoteServer(tmp_path / "s3", read_only=True).start()
+    try:
+        layout = write_layout(tmp_path / "l", folders=1, per_folder=FILES, remote=srv.root, remote_url=srv.url)
+        env = {**os.environ, "DDA_REMOTE_STORAGE_ENDPOINT_URL": srv.endpoint_url,
+               "DDA_REMOTE_STORAGE_ACCESS_KEY_ID": srv.access_key,
+               "DDA_REMOTE_STORAGE_SECRET_ACCESS_KEY": srv.secret_key, "DDA_CACHE_DIR": str(tmp_path / "cache")}
+        proc = subprocess.run([DDA, "sizes", "publish", str(layout.repo), "data"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        refused = [r for r in srv.requests_since(0) if r.method == "PUT"]
+    finally:
+        srv.stop()
+    key = f"/{srv.bucket}/{srv.prefix}/{index_path(layout.manifest_md5, False)}"
+    assert [r.status for r in refused] == [403]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "refused the upload" in lines[0], proc.stderr
+    assert f"PUT {key} answered HTTP 403" in lines[0], lines[0]
+    assert srv.secret_key not in proc.stderr and "Signature" not in proc.stderr
 
 
 def test_publishing_sizes_this_node_knows_sends_only_the_upload(tmp_path):

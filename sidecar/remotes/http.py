@@ -20,12 +20,13 @@ if TYPE_CHECKING:
 
 import httpx
 
-from ..errors import ConfigError, RemoteError, RemoteUnavailable, UploadRefused
+from ..errors import ConfigError, RemoteError, RemoteUnavailable
 from .base import Range, Remote
 from .httpcommon import (
     HTTP2,
     _short,
     check_status,
+    check_upload_status,
     credential_guard,
     range_from_response,
     range_header,
@@ -119,14 +120,7 @@ class HttpRemote(Remote):
             resp = await self.client.request(self.upload_method, self._url(path), content=data)
         except httpx.HTTPError as err:
             raise transport_error(self._where(), err) from None
-        code = resp.status_code
-        if 400 <= code < 500 and code not in (401, 408, 429):   # a refusal, never "missing" (a 404 to a POST)
-            # the path alone: the base URL carries no credentials, a redirect's query might
-            hint = {404: f"; does the server take {self.upload_method} uploads there? (the remote's `method`)",
-                    405: f"; the server does not allow {self.upload_method} there (the remote's `method`)"}
-            raise UploadRefused(f"{self._where()} refused the upload: {self.upload_method} {resp.request.url.path} "
-                                f"answered HTTP {code} {resp.reason_phrase}{hint.get(code, '')}", path=path)
-        check_status(resp, self._where(), path)
+        check_upload_status(resp, self._where(), path, "the remote's `method`")
 
     async def aclose(self) -> None:
         if self._heads is not None:
