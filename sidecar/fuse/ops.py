@@ -31,6 +31,7 @@ from ..fetch.prefetch import Prefetcher, ReadState
 from ..fs import Attr, FileSystem, Handle
 from ..fs.filesystem import Refreshed
 from ..fs.attr import DIR_MODE, DIR_SIZE
+from ..snapshot.tree import DIR_ID
 from .unlinked import unlinked_ino
 from .inodes import InodeTable
 
@@ -40,7 +41,6 @@ XATTR_COMMIT = b"user.dda.commit"
 XATTR_STATUS = b"user.dda.status"
 XATTR_REFRESH = b"user.dda.refresh"   # reading it on the root moves the mount to the branch's new tip
 READDIR_CHUNK = 1024      # names encoded per step of a readdir (a reply takes ~780 at most)
-_DIR_ID = -1              # Tree.dir_columns: a subdirectory's file id
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
@@ -257,7 +257,7 @@ class DdaOperations(pyfuse3.Operations):
             chunk = _fsencode_all(names[i:i + READDIR_CHUNK])
             for bname in chunk:
                 fid = ids[i]
-                if fid == _DIR_ID:
+                if fid == DIR_ID:
                     out = folder
                     out.st_ino = base + i
                 else:

@@ -62,6 +62,7 @@ class Problem:
 
 
 _DIR = -1            # a directory's slot in its parent's id array
+DIR_ID = _DIR        # the same, for readers of Tree.dir_columns
 _DIR_MODE = stat.S_IFDIR | 0o755
 _MD5_LEN = 16
 
