@@ -29,6 +29,15 @@ class IncompleteDownload(DDAError):
         self.total = total
 
 
+def _empty_dirs(fs: FileSystem, path: str) -> list[str]:
+    """The folders strictly below `path` with nothing in them, outside any output the snapshot
+    cannot show (one pass over the tree's folders, not its files)."""
+    tree = fs.tree
+    prefix = path + "/" if path else ""
+    return sorted(d for d in tree.dirs if d.startswith(prefix) and d != path and not tree.dirs[d]
+                  and tree.problem_at(d) is None)
+
+
 async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool = False) -> list[Path]:
     """Write `path` of the revision (a file, or a folder with everything below it) to `dest`;
     returns the paths written. Sizes are learned in bulk first (for the progress bar).
@@ -53,6 +62,7 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     paths = [e.path for e in fs.walk_files(path)
              if single or (e.kind != "broken" and fs.tree.problem_at(e.path) is None)]
     # Every target is checked before anything is written: one hostile name fails the whole get.
+    empty: list[list[str]] = []
     if single:
         if dest.name in ("", ".", ".."):
             raise UnsafePath(f"{str(dest)!r}: name a file to write, not a folder reference")
@@ -60,6 +70,7 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     else:
         prefix = path + "/" if path else ""
         root, jobs = dest, [(rel, split_safe(rel[len(prefix):])) for rel in paths]
+        empty = [split_safe(d[len(prefix):]) for d in _empty_dirs(fs, path)]
     failures: list[tuple[str, BaseException]] = []
     attrs = await fs.stat_each(paths)
     unsized = {p for p, a in attrs if isinstance(a, DDAError)}
@@ -69,6 +80,12 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     jobs = [(rel, parts) for rel, parts in jobs if rel not in unsized]
     total = sum(a.size for _, a in attrs if not isinstance(a, DDAError) and a.kind == "file")
     root_fd = await asyncio.to_thread(safewrite.open_root, root)
+    if empty:   # a checkout has them (a submodule's path, an empty tracked directory)
+        try:
+            await asyncio.to_thread(lambda: [safewrite.make_dir(root_fd, parts) for parts in empty])
+        except BaseException:
+            os.close(root_fd)
+            raise
     bar = None
     if progress:
         from tqdm import tqdm

@@ -584,13 +584,14 @@ class Engine:
         `probe` unsized files are asked first: a cold folder costs that one query. No Entry
         is made per file (a 100k-file folder). Returns how many sizes were set."""
         tree = self.tree     # the tree listed (a refresh may replace self.tree meanwhile)
-        rows = tree.unsized(folder)
+        rows = tree.unsized(folder, probe)       # a cold folder (the common case) costs only these
         if not rows:
             return 0
         refs: dict[tuple, Any] = {}      # group -> (remote, legacy, source root), per call
-        first = await self._shown_sizes(rows[:probe], refs)
+        first = await self._shown_sizes(rows, refs)
         if not first:
             return 0
+        rows = tree.unsized(folder)     # same tree: its first `probe` rows are the ones asked
         for i in range(probe, len(rows), FILL_BATCH):
             first.update(await self._shown_sizes(rows[i:i + FILL_BATCH], refs))
         return tree.set_sizes(folder, first)     # one pass over the folder

@@ -89,6 +89,14 @@ class ObjectMissing(RemoteError):
     reason = "missing"
 
 
+class UploadRefused(RemoteError):
+    """The remote answered an upload with a client error (403, 405, a 404 from a server that
+    takes no uploads there): not worth retrying, and not a missing object."""
+
+    reason = "upload_refused"
+    errno = _errno.EACCES
+
+
 class HashMismatch(DDAError):
     reason = "hash_mismatch"
 

@@ -83,6 +83,12 @@ def open_parent(root_fd: int, parts: list[str]) -> int:
     return fd
 
 
+def make_dir(root_fd: int, parts: list[str]) -> None:
+    """Create (as needed) the directory `parts` under `root_fd`, each level as open_parent
+    makes a file's folders (relative to its parent's fd; a symlink or file in the way replaced)."""
+    os.close(open_parent(root_fd, [*parts, ""]))
+
+
 def open_root(dest: str | os.PathLike[str]) -> int:
     """Create (if needed) and open the destination folder the user named; its own path may be a symlink."""
     os.makedirs(dest, exist_ok=True)

@@ -78,12 +78,15 @@ def shape_foreach(work: Path, dvc, git, remotes: Path) -> None:
 
 def shape_names(work: Path, dvc, git, remotes: Path) -> None:
     """13.7: backslashes are ordinary characters, in a tracked directory and in git; a
-    submodule is an empty directory; a git symlink and an executable git file."""
+    submodule is an empty directory, and so is a DVC-tracked directory with no file (an
+    empty manifest); a git symlink and an executable git file."""
     for base in ("tracked", "plain"):
         _write(work / base / "back\\slash.txt", f"{base} backslash\n")
         _write(work / base / "sub\\dir\\deep.txt", f"{base} deep\n")
         _write(work / base / "normal" / "a.txt", f"{base} a\n")
     dvc("add", "tracked")
+    (work / "nothing").mkdir()
+    dvc("add", "nothing")
     _write(work / "run.sh", "#!/bin/sh\necho hi\n", 0o755)
     os.symlink("plain/normal/a.txt", work / "link.txt")
     # A submodule: a gitlink entry (its content is not part of a plain clone).

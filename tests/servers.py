@@ -393,13 +393,13 @@ class GitHttpServer(_CountingLog):
 
 
 class HttpRemoteServer(_CountingLog):
-    """nginx serving ``root`` at ``/dvc`` with basic auth, WebDAV-writable,
-    Range-capable. ``url`` carries no credentials."""
+    """nginx serving ``root`` at ``/dvc`` with basic auth, WebDAV-writable (unless
+    ``read_only``), Range-capable. ``url`` carries no credentials."""
 
     user = DVC_HTTP_USER
     password = DVC_HTTP_PASSWORD
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, read_only: bool = False):
         self.workdir = Path(workdir)
         self.root = self.workdir / "data"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -407,6 +407,8 @@ class HttpRemoteServer(_CountingLog):
         self.htpasswd = self.workdir / "htpasswd"
         self.htpasswd.write_text(_htpasswd_line(self.user, self.password))
         self.access_log = self.workdir / "logs" / "access.log"
+        # read_only: a remote that serves reads and answers every write 403 (a read-only token)
+        deny_writes = "\n            limit_except GET PROPFIND OPTIONS { deny all; }" if read_only else ""
         block = f"""
     server {{
         listen 127.0.0.1:{self.port};
@@ -421,7 +423,7 @@ class HttpRemoteServer(_CountingLog):
             dav_ext_methods PROPFIND OPTIONS;
             create_full_put_path on;
             dav_access user:rw group:rw all:r;
-            client_max_body_size 0;
+            client_max_body_size 0;{deny_writes}
         }}
     }}
 """
@@ -449,14 +451,15 @@ class HttpRemoteServer(_CountingLog):
 
 class S3RemoteServer(_CountingLog):
     """``rclone serve s3`` on a private port, with a counting nginx reverse
-    proxy in front (``endpoint_url``). Objects of ``url`` live under ``root``."""
+    proxy in front (``endpoint_url``; it refuses writes when ``read_only``). Objects of
+    ``url`` live under ``root``."""
 
     access_key = S3_ACCESS_KEY
     secret_key = S3_SECRET_KEY
     bucket = S3_BUCKET
     prefix = "store"
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, read_only: bool = False):
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "data"
         self.bucket_dir = self.data_dir / self.bucket
@@ -470,6 +473,8 @@ class S3RemoteServer(_CountingLog):
         self.access_log = self.workdir / "logs" / "access.log"
         self._rclone: subprocess.Popen | None = None
         self.rclone_log = self.workdir / "logs" / "rclone.log"
+        # read_only: the proxy answers every write 403 (a read-only key)
+        deny_writes = "\n            limit_except GET { deny all; }" if read_only else ""
         block = f"""
     upstream rclone_s3 {{
         server 127.0.0.1:{self.rclone_port};
@@ -488,7 +493,7 @@ class S3RemoteServer(_CountingLog):
             proxy_request_buffering off;
             proxy_read_timeout 300s;
             proxy_send_timeout 300s;
-            client_max_body_size 0;
+            client_max_body_size 0;{deny_writes}
         }}
     }}
 """

@@ -57,8 +57,8 @@ def test_cli_bytes_match_checkout(shape, tmp_path):
     got = tmp_path / "got"
     dda("get", str(shape.repo), ".", "-o", str(got), cache=cache)
     expected = reference_listing(shape.reference)
-    # `dda get` writes files and symlinks (empty folders have nothing to fetch)
-    assert reference_listing(got) == {p: v for p, v in expected.items() if v["type"] != "dir"}
+    # files, symlinks and empty folders (a submodule's path, an empty tracked directory), as a checkout
+    assert reference_listing(got) == expected
     for path, item in expected.items():
         if item["type"] == "file":
             assert (got / path).read_bytes() == (shape.reference / path).read_bytes(), path
@@ -214,3 +214,18 @@ def test_repo_import_no_download_read_from_the_source_repository(tmp_path_factor
             assert data == (shape.reference / rel).read_bytes()
     assert dda("cat", str(shape.repo), "lazy_one.txt", cache=cache).stdout == \
         (shape.reference / "inputs" / "one.txt").read_bytes()
+
+
+def test_get_of_a_folder_makes_its_empty_folders(tmp_path_factory, tmp_path):
+    """`dda get` of a folder holding only a submodule's path, and of an empty tracked
+    directory itself: the empty folders are made, as a checkout has them."""
+    shape = build_shape("names", tmp_path_factory.mktemp("corpus"))
+    cache = tmp_path / "cache"
+    dda("get", str(shape.repo), "vendor", "-o", str(tmp_path / "v"), cache=cache)
+    assert reference_listing(tmp_path / "v") == {"lib": {"type": "dir"}}
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "old.txt").write_text("kept\n")       # a get adds, it never empties a folder
+    dda("get", str(shape.repo), "nothing", "-o", str(tmp_path / "n"), cache=cache)
+    assert reference_listing(tmp_path / "n") == {"old.txt": {"type": "file", "size": 5, "exec": False}}
+    dda("get", str(shape.repo), "nothing", "-o", str(tmp_path / "m"), cache=cache)
+    assert (tmp_path / "m").is_dir() and list((tmp_path / "m").iterdir()) == []

@@ -3,8 +3,9 @@
 Every missing chunk is fetched by a `ChunkJob`: a reader of a few bytes, a reader of the
 whole chunk, readahead, a prefetch and the verifying pass over a large object all get the
 job already in flight for that chunk (single flight) or start one. The chunk streams into one
-buffer allocated once; waiters ask for a prefix of it (`wait(need)`) or for its end
-(`until_done`). What a job checks before it ends depends on its `kind`:
+buffer (allocated once when the size is known, else grown as bytes arrive); waiters ask for a
+prefix of it (`wait(need)`) or for its end (`until_done`). What a job checks before it ends
+depends on its `kind`:
 
 - "whole": a chunk verified on its own, against the object's md5 (one-chunk objects) or the
   chunk's sha256 from an earlier verified pass, then stored; its readers wait for the end;
@@ -45,7 +46,11 @@ class ChunkJob:
         self.kind = kind
         self.digest = digest            # the chunk's sha256 from a verified pass, when known
         self.gate = gate                # set when the job may start (a pass holds the object's lock)
-        self.buf: bytearray | bytes = bytearray(capacity)
+        self.capacity = capacity        # the most bytes the chunk can hold
+        # A known size: the chunk's exact length at once. A probe (size unknown): grown with what
+        # arrives, so a tiny object costs its own bytes, not a whole chunk (8 MiB by default),
+        # for as long as the job lives.
+        self.buf: bytearray | bytes = bytearray(capacity if size is not None else 0)
         self.received = 0
         self.length: int | None = None  # bytes of the chunk, once known
         self.total: int | None = None   # the object's size the answer told
@@ -73,13 +78,23 @@ class ChunkJob:
 
     def feed(self, piece: bytes) -> None:
         end = self.received + len(piece)
-        if end > len(self.buf):     # more than a chunk (a server that ignored the range end)
-            piece = piece[:len(self.buf) - self.received]
-            end = len(self.buf)
+        if end > self.capacity:     # more than a chunk (a server that ignored the range end)
+            piece = piece[:self.capacity - self.received]
+            end = self.capacity
+        if end > len(self.buf):
+            self._grow(end)
         self.buf[self.received:end] = piece
         self.received = end
         self.progressed_at = asyncio.get_running_loop().time()
         self._wake()
+
+    def _grow(self, need: int) -> None:
+        """Room for `need` bytes: a new buffer of at least twice the old (capped at the chunk),
+        the bytes so far copied in. Never resized in place: views handed out (`view`) keep the
+        old buffer alive, and the bytes they cover are the same in both."""
+        grown = bytearray(min(self.capacity, max(need, 2 * len(self.buf))))
+        grown[:self.received] = memoryview(self.buf)[:self.received]
+        self.buf = grown
 
     def fill(self, data: bytes) -> None:
         """The whole chunk at once (found in the store): kept as it is, not copied."""

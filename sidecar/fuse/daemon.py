@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import subprocess
@@ -21,6 +22,25 @@ from pathlib import Path
 from ..config import Config
 from ..errors import DDAError
 from ..redact import redact, strip_userinfo
+
+# The log lives in the cache directory and counts against its budget (store/chunks.py BESIDE),
+# and a long-lived mount may log an error per read: rotated, it takes at most
+# LOG_MAX_BYTES * (1 + LOG_BACKUPS) = 16 MiB (mount.log, mount.log.1 .. .3).
+LOG_MAX_BYTES = 4 * 1024 * 1024
+LOG_BACKUPS = 3
+
+
+class _RotatingLog(logging.handlers.RotatingFileHandler):
+    """The daemon's log file, rotated by size. Each file it opens also becomes the process's
+    stdout and stderr, so what is written there (a library's print, a traceback at exit) goes
+    to the current file, never on into a rotated one that nothing bounds. Files are 0600."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        stream = open(fd, "a", encoding=self.encoding, errors=self.errors)
+        for std in (1, 2):
+            os.dup2(fd, std)
+        return stream
 
 
 def _secrets(config: Config) -> list[str]:
@@ -38,8 +58,10 @@ def child_env(config: Config, env: "os._Environ[str] | dict[str, str]") -> dict[
     return {k: v for k, v in env.items() if not any(s in v for s in secrets)}
 
 
-def spawn(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool, log_file: Path) -> int:
-    """Start the daemon and return once the mount is live (0) or the daemon said why not (1)."""
+def spawn(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool, log_file: Path,
+          log_max_bytes: int = LOG_MAX_BYTES) -> int:
+    """Start the daemon and return once the mount is live (0) or the daemon said why not (1).
+    The daemon logs to `log_file`, rotated past `log_max_bytes` (LOG_BACKUPS kept)."""
     status_r, status_w = os.pipe()
     config_r, config_w = os.pipe()
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +71,8 @@ def spawn(config: Config, mountpoint: Path, subdir: str, allow_non_empty: bool, 
             "--", "dda", "mount", shown, str(mountpoint)]
     payload = {"config": config.model_dump(mode="json"),
                "mountpoint": str(mountpoint), "subdir": subdir, "allow_non_empty": allow_non_empty,
-               "log_level": logging.getLogger().getEffectiveLevel()}
+               "log_level": logging.getLogger().getEffectiveLevel(),
+               "log_file": str(log_file), "log_max_bytes": log_max_bytes}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(status_w, config_r),
                                 start_new_session=True, env=child_env(config, os.environ), close_fds=True)
@@ -81,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     with os.fdopen(ns.config_fd, "rb") as pipe:
         payload = json.loads(pipe.read())
-    logging.basicConfig(level=payload["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] | None = None
+    if payload.get("log_file"):   # else stderr, as spawn() left it
+        handlers = [_RotatingLog(payload["log_file"], maxBytes=payload["log_max_bytes"], backupCount=LOG_BACKUPS)]
+    logging.basicConfig(level=payload["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers)
     raw = payload["config"]
     config = Config(**raw)
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,6 +18,8 @@ import ctypes
 import pyfuse3
 
 _NODEID_OFFSET = object.__basicsize__      # PyObject header; fuse_entry_param.ino comes first
+# fuse_entry_param: ino, generation, then struct stat, whose st_ino follows st_dev (8 bytes)
+_STAT_INO_OFFSET = _NODEID_OFFSET + 16 + 8
 
 
 def _layout_holds() -> bool:
@@ -26,9 +28,10 @@ def _layout_holds() -> bool:
     probe.generation = 0x0102030405060708
     base = id(probe) + _NODEID_OFFSET
     try:
-        return (type(probe).__basicsize__ >= _NODEID_OFFSET + 16
+        return (type(probe).__basicsize__ >= _STAT_INO_OFFSET + 8
                 and ctypes.c_uint64.from_address(base).value == 0x1122334455667788
-                and ctypes.c_uint64.from_address(base + 8).value == 0x0102030405060708)
+                and ctypes.c_uint64.from_address(base + 8).value == 0x0102030405060708
+                and ctypes.c_uint64.from_address(id(probe) + _STAT_INO_OFFSET).value == 0x1122334455667788)
     finally:
         del probe
 
@@ -36,16 +39,12 @@ def _layout_holds() -> bool:
 AVAILABLE = _layout_holds()
 
 
-class NodeIdSlot:
-    """The node id of one EntryAttributes (kept alive here). `clear()` after each
-    `st_ino = ...`: the entry then goes out without a node id; False when not available."""
-
-    def __init__(self, attrs: pyfuse3.EntryAttributes):
-        self._attrs = attrs
-        self._slot = ctypes.c_uint64.from_address(id(attrs) + _NODEID_OFFSET) if AVAILABLE else None
-
-    def clear(self) -> bool:
-        if self._slot is None:
-            return False
-        self._slot.value = 0
-        return True
+def unlinked_ino(attrs: pyfuse3.EntryAttributes) -> "ctypes.c_uint64 | None":
+    """Make `attrs` an entry without a node id and return a view of its st_ino: set
+    `view.value = inode` per entry (pyfuse3's st_ino setter would set the node id again). The
+    caller keeps `attrs` alive while it uses the view. None when the layout is not the known
+    one: then set `attrs.st_ino` (entries keep their node id)."""
+    if not AVAILABLE:
+        return None
+    attrs.st_ino = 0
+    return ctypes.c_uint64.from_address(id(attrs) + _STAT_INO_OFFSET)

@@ -29,6 +29,7 @@ from .httpcommon import (
     HTTP2,
     _short,
     check_status,
+    check_upload_status,
     credential_guard,
     range_from_response,
     range_header,
@@ -123,7 +124,7 @@ class HttpRemote(Remote):
             resp = await self.client.request(self.upload_method, self._url(path), content=data)
         except httpx.HTTPError as err:
             raise transport_error(self._where(), err) from None
-        check_status(resp, self._where(), path)
+        check_upload_status(resp, self._where(), path, "the remote's `method`")
 
     async def aclose(self) -> None:
         if self._heads is not None:

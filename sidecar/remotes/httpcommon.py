@@ -9,7 +9,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable, RetryAfter
+from ..errors import ObjectMissing, RemoteAuthError, RemoteError, RemoteUnavailable, RetryAfter, UploadRefused
 from .base import Range
 
 try:    # httpx speaks HTTP/2 only with the `h2` package; without it, HTTP/1.1 as before
@@ -59,6 +59,22 @@ def check_status(resp: httpx.Response, where: str, path: str) -> None:
     if code >= 500 or code == 408:
         raise RemoteUnavailable(f"{where}: server error HTTP {code} for {path}")
     raise RemoteError(f"{where}: unexpected HTTP {code} for {path}")
+
+
+def check_upload_status(resp: httpx.Response, where: str, path: str, method_hint: str | None = None) -> None:
+    """`check_status` for an upload: a client error (403 read-only, 405 method not allowed, a
+    404 from a server that takes no uploads there...) raises UploadRefused naming the method,
+    the URL's path (never its query: a signed URL's credentials live there) and the status,
+    not "missing" or "access denied". 401 stays an authentication error; 408/429 are retried.
+    `method_hint`: the setting that chooses the method, named when the server refused it."""
+    code = resp.status_code
+    if 400 <= code < 500 and code not in (401, 408, 429):
+        method = resp.request.method
+        hint = f"; does the server take {method} uploads there? ({method_hint})" if code == 404 and method_hint \
+            else f"; the server does not allow {method} there ({method_hint})" if code == 405 and method_hint else ""
+        raise UploadRefused(f"{where} refused the upload: {method} {resp.request.url.path} answered "
+                            f"HTTP {code} {resp.reason_phrase}{hint}", path=path)
+    check_status(resp, where, path)
 
 
 _STATUS_WORDS = {429: "rate limited", 503: "service unavailable"}

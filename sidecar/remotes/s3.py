@@ -22,7 +22,15 @@ from botocore.session import Session
 
 from ..errors import ConfigError, RemoteError
 from .base import Range, Remote, split_version
-from .httpcommon import HTTP2, check_status, range_from_response, range_header, stream_get, transport_error
+from .httpcommon import (
+    HTTP2,
+    check_status,
+    check_upload_status,
+    range_from_response,
+    range_header,
+    stream_get,
+    transport_error,
+)
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
@@ -107,14 +115,15 @@ class S3Remote(Remote):
             S3SigV4Auth(credentials, "s3", self.region).add_auth(request)
         return url, {k: v for k, v in request.headers.items()}
 
-    async def _send(self, method: str, key: str | None, path_for_errors: str, **kw: object) -> httpx.Response:
+    async def _send(self, method: str, key: str | None, path_for_errors: str, *, upload: bool = False,
+                    **kw: object) -> httpx.Response:
         body = kw.pop("body", b"")
         url, headers = await self._signed(method, key, body=body, **kw)  # type: ignore[arg-type]
         try:
             resp = await self.client.request(method, url, headers=headers, content=body or None)
         except httpx.HTTPError as err:
             raise transport_error(self._where(), err) from None
-        check_status(resp, self._where(), path_for_errors)
+        (check_upload_status if upload else check_status)(resp, self._where(), path_for_errors)
         return resp
 
     def _target(self, path: str) -> tuple[str, dict[str, str] | None, str]:
@@ -163,7 +172,7 @@ class S3Remote(Remote):
                 return found
 
     async def write(self, path: str, data: bytes) -> None:
-        await self._send("PUT", self._key(path), path, body=data)
+        await self._send("PUT", self._key(path), path, body=data, upload=True)
 
     async def aclose(self) -> None:
         await self.client.aclose()

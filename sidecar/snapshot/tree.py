@@ -62,6 +62,7 @@ class Problem:
 
 
 _DIR = -1            # a directory's slot in its parent's id array
+DIR_ID = _DIR        # the same, for readers of Tree.dir_columns
 _DIR_MODE = stat.S_IFDIR | 0o755
 _MD5_LEN = 16
 
@@ -487,6 +488,15 @@ class Tree:
             else:
                 yield names[i], fid, modes[groups[fid]], sizes[fid]
 
+    def dir_columns(self, path: str) -> tuple[list[str], "array[int]", "array[int]", "array[int]", list[int]]:
+        """The arrays behind directory `path`'s listing, for a per-entry loop that must make
+        no object (FUSE readdir of 1M files): (names in name order, file id per name - -1 a
+        subdirectory -, size per file id - -1 not known -, group per file id, st_mode per
+        group). Read only: the sizes array fills in place as sizes are learned. KeyError: not
+        a directory."""
+        return (self._names[path], self._ids[path], self._sizes, self._groups,
+                [group[1] for group in self._group_table])
+
     def has_unsized(self, path: str) -> bool:
         """Whether directory `path` has a file whose size is not known yet (no Entry made)."""
         sizes = self._sizes
@@ -520,14 +530,15 @@ class Tree:
             return fids
         return {fid for fid, other in self._odd.items() if other == oid}
 
-    def unsized(self, folder: str) -> list[tuple[str, str, tuple]]:
+    def unsized(self, folder: str, limit: int | None = None) -> list[tuple[str, str, tuple]]:
         """(name, md5, group) of the DVC files directly in `folder` (not below) whose size is
         not known, in name order - no path or Entry made: a 100k-file folder's sizes are
         filled in bulk (Engine.fill_known_sizes). `group`: (kind, mode, legacy, remote, output,
         root), shared by the files of one output. Cloud-versioned files are left out (their
-        objects are found by version, not by md5)."""
+        objects are found by version, not by md5). limit: at most that many rows (the first
+        ones), so a probe of a cold folder builds no row for the rest."""
         names, ids = self._names.get(folder), self._ids.get(folder)
-        if names is None or ids is None:
+        if names is None or ids is None or limit == 0:
             return []
         sizes, groups, table, oids, odd = self._sizes, self._groups, self._group_table, self._oids, self._odd
         out = []
@@ -539,6 +550,8 @@ class Tree:
                 continue
             oid = odd.get(fid)
             out.append((name, oid if oid is not None else oids[fid * _MD5_LEN:(fid + 1) * _MD5_LEN].hex(), group))
+            if len(out) == limit:
+                break
         return out
 
     def unsized_between(self, folder: str, start: int, stop: int) -> list[tuple[int, str, str, tuple]]:

@@ -51,6 +51,8 @@ PROVEN_MEMO = 65536    # proven pairs remembered in memory (the index holds them
 _OBJECT_PATH = re.compile(r"(?:^|/)([0-9a-f]{2})/([0-9a-f]{30})$")   # DVC 2 and 3 object keys (md5)
 _ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                     "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
+# remote settings that change neither who reads nor what is read (upload verb, pacing)
+_NOT_IDENTITY = frozenset({"method", "jobs", "timeout", "read_timeout", "connect_timeout"})
 
 
 def node_key(cache_dir: Path) -> bytes:
@@ -174,7 +176,9 @@ class Tenancy:
     def identity(self, remote: Remote, settings: dict[str, str]) -> str:
         """The identity of `remote` as built from `settings` (its .dvc/config section with our
         overrides): an HMAC over the URL and every setting, credentials included."""
-        material = {k: str(v) for k, v in settings.items()}
+        # every setting but those that shape only uploads or pacing: a publish retried with
+        # another upload `method` must not ask again for every size it already knows
+        material = {k: str(v) for k, v in settings.items() if k not in _NOT_IDENTITY}
         material["\0display"] = remote.display_url.rstrip("/")
         if str(settings.get("url", "")).lower().startswith("s3://"):
             # botocore also takes credentials from the environment and profiles
