@@ -294,3 +294,46 @@ def test_bulk_sizing_opens_no_store_file_for_objects_the_store_does_not_hold(slo
     assert shown == size == _true_size(layout, oid)
     assert not any(p.endswith(oid[2:]) for p in asked)
     assert len(ahead) == len(set(ahead)) == 999
+
+
+def test_request_slots_keep_their_order_reserve_and_hand_over_on_cancel():
+    """`PriorityLimiter.slot` (every request takes one): background work never takes the
+    reserved last slot; a demand request takes it at once even while background work waits
+    for more (it used to queue behind them until some request ended: a lookup's own HEAD
+    behind a stat-ahead); a waiting demand request goes before waiting background ones, and
+    a waiter cancelled as it is handed a slot passes the slot on (none is lost)."""
+    from sidecar.fetch.priority import DEMAND, PREFETCH, PriorityLimiter
+
+    async def go():
+        limiter = PriorityLimiter(4)          # reserve: 1
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def hold(name, priority):
+            async with limiter.slot(priority):
+                order.append(name)
+                await release.wait()
+
+        held = [asyncio.ensure_future(hold(f"bg{i}", PREFETCH)) for i in range(3)]
+        await asyncio.sleep(0)
+        late_bg = asyncio.ensure_future(hold("bg3", PREFETCH))      # would take the reserve: waits
+        await asyncio.sleep(0)
+        demand = asyncio.ensure_future(hold("demand", DEMAND))      # takes the reserved slot at once
+        await asyncio.sleep(0)
+        first = list(order)
+        waiter = asyncio.ensure_future(hold("cancelled", DEMAND))   # no slot left: waits, ahead of bg3
+        await asyncio.sleep(0)
+        held[0].cancel()                     # frees one slot: handed to the demand waiter...
+        waiter.cancel()                      # ...which is cancelled in the same step: passes it on
+        await asyncio.gather(held[0], waiter, return_exceptions=True)
+        await asyncio.sleep(0)
+        second = list(order)
+        release.set()
+        await asyncio.gather(*held[1:], late_bg, demand, return_exceptions=True)
+        return first, second, limiter._free, limiter.waiting
+
+    first, second, free, waiting = run(go())
+    assert first == ["bg0", "bg1", "bg2", "demand"]
+    assert "cancelled" not in second
+    assert free == 4 and waiting == 0
+    assert second[-1] == "bg3" or "bg3" not in second   # bg3 runs only once a slot beyond the reserve is free

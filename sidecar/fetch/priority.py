@@ -32,8 +32,13 @@ class PriorityLimiter:
         stat-ahead is 100k of them)."""
         return _Slot(self, current_priority.get() if priority is None else priority)
 
+    def _may_take_now(self, priority: int) -> bool:
+        """A free slot for `priority`, and no one waiting who is as urgent (a demand request
+        passes background work that waits for more than the reserve)."""
+        return self._can_take(priority) and (not self._waiters or priority < self._waiters[0][0])
+
     async def _take(self, priority: int) -> None:
-        if not self._waiters and self._can_take(priority):
+        if self._may_take_now(priority):
             self._free -= 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -73,7 +78,7 @@ class _Slot:
 
     async def __aenter__(self) -> None:
         limiter = self.limiter
-        if not limiter._waiters and limiter._can_take(self.priority):
+        if limiter._may_take_now(self.priority):
             limiter._free -= 1      # the common case: no await, no future
         else:
             await limiter._take(self.priority)
