@@ -12,7 +12,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import posixpath
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace

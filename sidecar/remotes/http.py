@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 import urllib.parse
 import urllib.request
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
     import yarl
 
 import httpx
-
-import re
 
 from ..errors import ConfigError, RemoteError, RemoteUnavailable
 from .base import Range, Remote
