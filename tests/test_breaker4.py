@@ -257,3 +257,53 @@ def test_mount_size_index_claiming_zero_bytes_never_serves_an_empty_file(tmp_pat
     assert not any(isinstance(r, bytes) and hashlib.md5(r).hexdigest() != victim["md5"] for r in reads), \
         [len(r) if isinstance(r, bytes) else r for r in reads]
     assert isinstance(reads[1], bytes) and hashlib.md5(reads[1]).hexdigest() == victim["md5"]
+
+
+@pytest.fixture
+def head_says_zero(tmp_path):
+    """10 files on the fault-injecting HTTP remote whose HEAD says 0 bytes for one of them
+    (its GET is right): (layout, victim manifest entry)."""
+    import json
+
+    from dvclayout import write_layout
+    from faultremote import FaultRemote
+
+    remote = FaultRemote(tmp_path / "remote").start()
+    layout = write_layout(tmp_path / "l", folders=1, per_folder=10, remote=tmp_path / "remote", remote_url=remote.url)
+    m = layout.manifest_md5
+    victim = json.loads((layout.remote_root / "files/md5" / m[:2] / (m[2:] + ".dir")).read_bytes())[5]
+    md5 = victim["md5"]
+    remote.fault("lie_length", method="HEAD", path=f"files/md5/{md5[:2]}/{md5[2:]}", times=None, value=0)
+    yield layout, victim
+    remote.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="dda get writes an empty file, exit 0, when the remote's HEAD says 0 bytes for a non-empty object")
+def test_get_writes_true_bytes_when_a_head_claims_zero_bytes(head_says_zero, tmp_path):
+    """`dda get URL data -o DEST`: README, a reader nobody told the size (`dda get`) gets the
+    whole verified object. With a HEAD of Content-Length: 0 the file lands empty and the
+    command exits 0: a wrong file on disk, unverified, no error."""
+    import hashlib
+
+    layout, victim = head_says_zero
+    dest = tmp_path / "dest"
+    proc = _dda("get", str(layout.repo), "data", "-o", str(dest), cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert hashlib.md5((dest / victim["relpath"]).read_bytes()).hexdigest() == victim["md5"]
+
+
+@pytest.mark.xfail(strict=True, reason="install_hooks(): open().read() returns b'' for a non-empty file when the remote's HEAD says 0 bytes")
+def test_hooks_read_true_bytes_when_a_head_claims_zero_bytes(head_says_zero, tmp_path):
+    """A hooks `open(p, 'rb').read()` (README: gets the whole verified object, a reader nobody
+    told the size). With a HEAD of Content-Length: 0 it returns b'' without error."""
+    import sys
+
+    layout, victim = head_says_zero
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    code = (f"import hashlib\nfrom sidecar import install_hooks\n"
+            f"install_hooks({str(layout.repo)!r}, root={str(clone)!r}, cache_dir={str(tmp_path / 'cache')!r})\n"
+            f"print(hashlib.md5(open({str(clone / 'data' / victim['relpath'])!r}, 'rb').read()).hexdigest())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert proc.stdout.strip() == victim["md5"]
