@@ -380,3 +380,25 @@ def test_one_transient_503_on_a_head_is_retried(tmp_path, mp, status):
         remote.stop()
     assert cat.returncode == 0 and len(cat.stdout) > 0, cat.stderr
     assert found.returncode == 0 and len(found.stdout.splitlines()) == 5, found.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="dda get of a folder holding both X and .X.dda-part writes the bytes of .X.dda-part into X and drops .X.dda-part, exit 0")
+def test_get_folder_with_a_file_named_like_its_temp_file(tmp_path):
+    """`dda get` writes each file through a temporary `.NAME.dda-part` beside it. A repository
+    that holds both `a` and `.a.dda-part` (a leftover someone committed, or a hostile
+    repository) gets `a` with the other file's bytes and no `.a.dda-part`, exit 0: wrong
+    bytes on disk, no error (git files and DVC-tracked files alike). A `git clone` has both."""
+    env = _env(tmp_path)
+    work = tmp_path / "work"
+    (work / "d").mkdir(parents=True)
+    for n in "abcdefgh":
+        (work / "d" / n).write_text(f"real {n}\n")
+        (work / "d" / f".{n}.dda-part").write_text(f"other {n}\n")
+    _run(["git", "init", "-q", "-b", "main"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-q", "-m", "names"], work, env)
+    dest = tmp_path / "dest"
+    proc = _dda("get", str(work), "d", "-o", str(dest), cache=tmp_path / "cache")
+    got = {p.name: p.read_text() for p in dest.iterdir()} if dest.is_dir() else {}
+    want = {p.name: p.read_text() for p in (work / "d").iterdir()}
+    assert got == want, proc.stderr
