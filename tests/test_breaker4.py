@@ -391,7 +391,7 @@ def test_get_folder_with_a_file_named_like_its_temp_file(tmp_path):
     env = _env(tmp_path)
     work = tmp_path / "work"
     (work / "d").mkdir(parents=True)
-    for n in "abcdefgh":
+    for n in "abcdefghijklmnopqrstuvwxyz":
         (work / "d" / n).write_text(f"real {n}\n")
         (work / "d" / f".{n}.dda-part").write_text(f"other {n}\n")
     _run(["git", "init", "-q", "-b", "main"], work, env)
