@@ -402,3 +402,18 @@ def test_get_folder_with_a_file_named_like_its_temp_file(tmp_path):
     got = {p.name: p.read_text() for p in dest.iterdir()} if dest.is_dir() else {}
     want = {p.name: p.read_text() for p in (work / "d").iterdir()}
     assert got == want, proc.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="dda get of a folder with -o naming an existing file dies with a FileExistsError traceback")
+def test_get_folder_onto_an_existing_file_is_one_clear_line(odd, tmp_path):
+    """`dda get URL data -o DEST` where DEST is already a regular file: a one-line error naming
+    DEST (as `cp -r dir file` says 'cannot overwrite non-directory'), the file untouched.
+    Today: a Python traceback ending in FileExistsError from os.makedirs."""
+    repo, _ = odd
+    dest = tmp_path / "afile"
+    dest.write_text("mine\n")
+    proc = _dda("get", str(repo), "data", "-o", str(dest), cache=tmp_path / "cache")
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(dest) in err, err
+    assert dest.read_text() == "mine\n"
