@@ -417,3 +417,18 @@ def test_get_folder_onto_an_existing_file_is_one_clear_line(odd, tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(dest) in err, err
     assert dest.read_text() == "mine\n"
+
+
+@pytest.mark.xfail(strict=True, reason="dda ls / dda cat writing to a full stdout (ENOSPC) die with a traceback instead of one line")
+@pytest.mark.parametrize("cmd", [["ls", "data"], ["cat", "data/plain.txt"]])
+def test_full_stdout_is_one_clear_line(odd, tmp_path, cmd):
+    """`dda ls URL data > file-on-a-full-disk` (here /dev/full): like `ls` ('write error: No
+    space left on device'), one line and a non-zero exit; today a Python traceback ending
+    in OSError [Errno 28]."""
+    repo, _ = odd
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([DDA, cmd[0], str(repo), *cmd[1:]], stdout=full, stderr=subprocess.PIPE,
+                              env={**os.environ, "DDA_CACHE_DIR": str(tmp_path / "cache")}, timeout=120)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
