@@ -85,15 +85,18 @@ def test_mount_symlink_mode_is_that_of_a_checkout(odd_mount):
     assert stat.S_IMODE(got.st_mode) == stat.S_IMODE(want.st_mode) == 0o777
 
 
-@pytest.mark.xfail(strict=True, reason="readdir in the mount has no '.' and '..' entries (ls -a shows neither)")
 def test_mount_readdir_has_dot_and_dotdot(odd_mount):
-    """`ls -a` of any folder in a checkout starts with `.` and `..`; in the mount they are
+    """`ls -a` of any folder in a checkout has `.` and `..`; in the mount they were
     missing (the root and every folder), so `ls -a` and tools counting entries differ."""
     mp, ref = odd_mount
     for sub in ("", "data", "gitdir/sub"):
         want = subprocess.run(["ls", "-a", str(ref / sub)], capture_output=True, text=True, check=True).stdout.split("\n")
         got = subprocess.run(["ls", "-a", str(mp / sub)], capture_output=True, text=True, check=True).stdout.split("\n")
-        assert got[:2] == want[:2] == [".", ".."], sub
+        # ls sorts `.` and `..` with the rest (C.UTF-8: `-dash` comes before `.`), so compare
+        # whole listings; the root differs by what a checkout has and a mount hides (.git)
+        assert "." in got and ".." in got, sub
+        if sub:
+            assert got == want, sub
 
 
 @pytest.mark.xfail(strict=True, reason="a folder's st_nlink is 2 whatever its subfolders; a checkout has 2 + subfolders")

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ XATTR_COMMIT = b"user.dda.commit"
 XATTR_STATUS = b"user.dda.status"
 XATTR_REFRESH = b"user.dda.refresh"   # reading it on the root moves the mount to the branch's new tip
 READDIR_CHUNK = 1024      # names encoded per step of a readdir (a reply takes ~780 at most)
+_DOTS = 2                 # readdir offsets 0-1: `.` and `..`
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
@@ -249,9 +251,18 @@ class DdaOperations(pyfuse3.Operations):
         names, ids, sizes, groups, modes = tree.dir_columns(path)
         base = block.start
         reply = pyfuse3.readdir_reply
+        # `.` and `..` first, as in a checkout (`ls -a`); offsets 1 and 2, child i is i + 3. The
+        # kernel links no inode for either (fuse_direntplus_link skips dot names): no reference.
+        if start_id < _DOTS:
+            up = path if path == self.root else posixpath.dirname(path)
+            for at, (dot, ino) in enumerate(((b".", fh), (b"..", self._dir_inode(up)))):
+                if at >= start_id:
+                    folder.st_ino = ino
+                    if not reply(token, dot, folder, at + 1):
+                        return
         unknown_mode = known_mode = -1
         sent_unlinked = 0
-        i = start_id
+        start = i = max(start_id - _DOTS, 0)
         end = len(names)
         full = False
         while i < end and not full:
@@ -277,17 +288,24 @@ class DdaOperations(pyfuse3.Operations):
                             out.st_mode = known_mode = mode
                         out.st_size, out.st_blocks = size, -(-size // 512)
                         out.st_ino = base + i
-                if not reply(token, bname, out, i + 1):
+                if not reply(token, bname, out, i + _DOTS + 1):
                     full = True
                     break
                 if out is unknown and unknown_ino is not None:
                     sent_unlinked += 1
                 i += 1
-        linked = i - start_id - sent_unlinked
+        linked = i - start - sent_unlinked
         if linked:
             # readdirplus: one kernel reference per entry sent with its node id (the counts
             # are per block: which entries does not matter)
-            self.inodes.looked_up(base + start_id, linked)
+            self.inodes.looked_up(base + start, linked)
+
+    def _dir_inode(self, path: str) -> int:
+        """The inode of directory `path` for a `..` entry (the root's own at the top)."""
+        try:
+            return self.inodes.inode(path)
+        except KeyError:
+            return pyfuse3.ROOT_INODE
 
     def _entry_attrs(self, timeout: float, mtime_ns: int) -> pyfuse3.EntryAttributes:
         """A template for readdir entries: owner, times, timeouts set; mode/size/inode per entry."""
