@@ -7,7 +7,8 @@ directory version. Content (JSON, UTF-8):
 
     {"format": "dda-sizes/1", "manifest": "<md5>.dir", "sizes": {"<file md5>": <bytes>, ...}}
 
-A reader trusts it only if it lists exactly the manifest's md5s (no more, no fewer); a size
+A reader trusts it only if it lists exactly the manifest's md5s (no more, no fewer) and says
+0 bytes for none but the md5 of no bytes (verify.impossible_size); a size
 that a later download contradicts is dropped by the engine. `dvc gc --cloud` sees the file
 as an unused object (`abcdef....dir.sizes` is never a used hash) and removes it, whether the
 manifest stays or not: nothing breaks, clients fall back to asking per file, and
