@@ -77,7 +77,6 @@ def _dda(*args: str, cache: Path, timeout: float = 120) -> subprocess.CompletedP
                           capture_output=True, timeout=timeout)
 
 
-@pytest.mark.xfail(strict=True, reason="a git symlink shows mode 0000 in the mount (ls -l: l---------), a checkout has 0777")
 def test_mount_symlink_mode_is_that_of_a_checkout(odd_mount):
     """`ls -l` of a committed symlink: `lrwxrwxrwx` in a checkout, `l---------` in the mount."""
     mp, ref = odd_mount

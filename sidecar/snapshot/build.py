@@ -19,7 +19,7 @@ from .dvcfiles import (DvcConfig, DvcOut, ManifestEntry, StageDecl, guess_output
 from .git import GitEntry
 from .lfs import POINTER_MAX, LfsPointer, is_lfs_path, lfs_patterns, lfs_url_from_config, parse_pointer
 from .paths import check_name
-from .tree import EXEC_MODE, FILE_MODE, ManifestClash, Problem, Tree, TreeBuilder
+from .tree import EXEC_MODE, FILE_MODE, LINK_MODE, ManifestClash, Problem, Tree, TreeBuilder
 from .templating import files_needed
 
 @dataclass(frozen=True)
@@ -169,7 +169,8 @@ def compose_tree(git_entries: list[GitEntry], outputs: list[DvcOut],
         if e.kind != "blob":
             continue
         if stat.S_ISLNK(e.mode):
-            builder.add(e.path, "git", e.mode, e.size, e.sha, target=symlinks.get(e.path))
+            # git records 120000; a checkout's symlink is lrwxrwxrwx (Linux ignores a link's bits)
+            builder.add(e.path, "git", LINK_MODE, e.size, e.sha, target=symlinks.get(e.path))
         elif lfs and e.path in lfs:   # what a clone with git-lfs checks out: the object, not the pointer
             pointer = lfs[e.path]
             builder.add(e.path, "lfs", EXEC_MODE if e.mode & 0o111 else FILE_MODE, pointer.size, pointer.oid)

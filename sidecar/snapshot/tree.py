@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 FILE_MODE = stat.S_IFREG | 0o644
 EXEC_MODE = stat.S_IFREG | 0o755
+LINK_MODE = stat.S_IFLNK | 0o777    # a symlink as a checkout shows it
 
 
 @dataclass(frozen=True)
