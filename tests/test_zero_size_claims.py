@@ -4,6 +4,7 @@ HEAD, a published size index and a truncated object are in test_breaker4.py; her
 index written by an older version, and the size index's reader on its own."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -14,6 +15,10 @@ import pytest
 
 from dvclayout import write_layout
 from mounting import DDA
+from sidecar.errors import HashMismatch
+from sidecar.fetch.scheduler import Fetcher, ObjectRef
+from sidecar.remotes import object_path
+from sidecar.remotes.fake import FakeRemote
 from sidecar.sizeindex import SizeIndexInvalid, decode, encode
 from sidecar.store import Store
 from sidecar.store.chunks import BLOCK
@@ -71,3 +76,49 @@ def test_a_cache_from_an_older_version_holding_a_zero_serves_the_true_bytes(tmp_
                          timeout=60)
     assert got.returncode == 0, got.stderr
     assert got.stdout == want
+
+
+class _ListsZero(FakeRemote):
+    """A fake remote whose listing says 0 bytes for the object at `lie` (its reads are right)."""
+
+    lie = ""
+
+    async def list_sizes(self, prefix: str) -> dict[str, int] | None:
+        listed = await super().list_sizes(prefix)
+        return None if listed is None else {p: 0 if p == self.lie else n for p, n in listed.items()}
+
+
+@pytest.mark.parametrize("how", ["head", "listing", "truncated"])
+def test_bulk_sizing_learns_a_claimed_zero_from_the_object(tmp_path, how):
+    """`Fetcher.sizes_of` (the upload's sizing: a listing per folder for more than 64 objects,
+    else one HEAD each) given 0 bytes for a non-empty object: the true size, learned by a
+    verified download; an object truncated on the remote fails its md5 check."""
+    blobs = [b"blob %d\n" % i * (i + 1) for i in range(70 if how == "listing" else 5)]
+    objects = {object_path(hashlib.md5(b).hexdigest(), False): b for b in blobs}
+    victim = hashlib.md5(blobs[3]).hexdigest()
+    remote = _ListsZero(name=f"zero-{how}", objects=objects, can_list=how == "listing")
+    remote.lie = object_path(victim, False)
+    if how == "head":
+        remote.script(op="size", pattern=remote.lie, data=b"")
+    if how == "truncated":
+        remote.objects[remote.lie] = b""
+    refs = [ObjectRef(hashlib.md5(b).hexdigest(), remote, object_path(hashlib.md5(b).hexdigest(), False), False,
+                      None, f"f{i}") for i, b in enumerate(blobs)]
+    store = Store(tmp_path / "store", 1 << 30, CS)
+
+    async def go() -> dict[str, int]:
+        fetcher = Fetcher(store, retries=0)
+        try:
+            return await fetcher.sizes_of(refs)
+        finally:
+            await fetcher.aclose()
+
+    try:
+        if how == "truncated":
+            with pytest.raises(HashMismatch, match=victim):
+                asyncio.run(go())
+        else:
+            assert asyncio.run(go()) == {r.oid: len(b) for r, b in zip(refs, blobs)}
+            assert store.index.size(victim) in (None, len(blobs[3]))
+    finally:
+        store.close()
