@@ -7,7 +7,8 @@ directory version. Content (JSON, UTF-8):
 
     {"format": "dda-sizes/1", "manifest": "<md5>.dir", "sizes": {"<file md5>": <bytes>, ...}}
 
-A reader trusts it only if it lists exactly the manifest's md5s (no more, no fewer); a size
+A reader trusts it only if it lists exactly the manifest's md5s (no more, no fewer) and says
+0 bytes for none but the md5 of no bytes (verify.impossible_size); a size
 that a later download contradicts is dropped by the engine. `dvc gc --cloud` sees the file
 as an unused object (`abcdef....dir.sizes` is never a used hash) and removes it, whether the
 manifest stays or not: nothing breaks, clients fall back to asking per file, and
@@ -19,6 +20,7 @@ import json
 
 from .errors import DDAError
 from .remotes import object_path
+from .store.verify import EMPTY_MD5, impossible_size
 
 FORMAT = "dda-sizes/1"
 MAX_SIZE = 2 ** 63     # a file size fits a signed 64-bit off_t (and SQLite INTEGER)
@@ -68,4 +70,7 @@ def decode(data: bytes, manifest_md5: str, expected: set[str], where: str) -> di
     for md5, size in sizes.items():
         if type(size) is not int or not 0 <= size < MAX_SIZE:
             raise SizeIndexInvalid(f"{where}: size of {md5} is not a byte count")
+        if impossible_size(md5, size):    # a provable lie: nothing else it says is trusted
+            raise SizeIndexInvalid(f"{where}: says {md5} has 0 bytes (only {EMPTY_MD5}, the md5 of no "
+                                   f"bytes, can)")
     return sizes

@@ -182,7 +182,6 @@ def _read_twice(path: Path) -> list[bytes | OSError]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="a HEAD saying Content-Length: 0 makes the mount serve a non-empty file as empty, every time (reads succeed, 0 bytes)")
 def test_mount_head_claiming_zero_bytes_never_serves_an_empty_file(tmp_path, mp):
     """The remote's HEAD says 0 bytes for a 495-byte object (its GET is right). README: a
     size learned from a remote is never the truth; a reader given a wrong size gets EIO, not
@@ -218,7 +217,6 @@ def test_mount_head_claiming_zero_bytes_never_serves_an_empty_file(tmp_path, mp)
     assert isinstance(reads[1], bytes) and hashlib.md5(reads[1]).hexdigest() == md5
 
 
-@pytest.mark.xfail(strict=True, reason="a published size index saying 0 bytes for a non-empty file makes the mount serve it empty (no download ever contradicts it)")
 def test_mount_size_index_claiming_zero_bytes_never_serves_an_empty_file(tmp_path, mp):
     """`dda sizes publish`, then one size in `<manifest>.dir.sizes` reads 0 (a buggy or hostile
     publisher; keys still exactly the manifest's md5s). README: a size that a download
@@ -280,7 +278,6 @@ def head_says_zero(tmp_path):
     remote.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="dda get writes an empty file, exit 0, when the remote's HEAD says 0 bytes for a non-empty object")
 def test_get_writes_true_bytes_when_a_head_claims_zero_bytes(head_says_zero, tmp_path):
     """`dda get URL data -o DEST`: README, a reader nobody told the size (`dda get`) gets the
     whole verified object. With a HEAD of Content-Length: 0 the file lands empty and the
@@ -294,7 +291,6 @@ def test_get_writes_true_bytes_when_a_head_claims_zero_bytes(head_says_zero, tmp
     assert hashlib.md5((dest / victim["relpath"]).read_bytes()).hexdigest() == victim["md5"]
 
 
-@pytest.mark.xfail(strict=True, reason="install_hooks(): open().read() returns b'' for a non-empty file when the remote's HEAD says 0 bytes")
 def test_hooks_read_true_bytes_when_a_head_claims_zero_bytes(head_says_zero, tmp_path):
     """A hooks `open(p, 'rb').read()` (README: gets the whole verified object, a reader nobody
     told the size). With a HEAD of Content-Length: 0 it returns b'' without error."""
@@ -311,7 +307,6 @@ def test_hooks_read_true_bytes_when_a_head_claims_zero_bytes(head_says_zero, tmp
     assert proc.stdout.strip() == victim["md5"]
 
 
-@pytest.mark.xfail(strict=True, reason="an object truncated to 0 bytes on the remote is served as an empty file, exit 0, by dda cat, dda get and the mount: its md5 is never checked")
 def test_object_truncated_to_zero_bytes_on_the_remote_is_never_served_as_empty(tmp_path, mp):
     """A local remote where one object file is 0 bytes (a copy cut short by a full disk). The
     guarantee: content that disagrees with the recorded md5 is never returned without a

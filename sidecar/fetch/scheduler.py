@@ -33,7 +33,7 @@ from ..remotes import Remote
 from ..store import AsyncStore, Store
 from ..store.chunks import on_event_loop
 from ..store.identity import ChunkHeader, chunk_digest, expected_length
-from ..store.verify import md5_matches
+from ..store.verify import impossible_size, md5_matches
 from .job import LOOP_COPY_MAX, ChunkJob, Kind, Superseded
 from .priority import PriorityLimiter
 from .retry import RetryPolicy
@@ -168,6 +168,8 @@ class Fetcher:
         """Record a size from an answer we trust (a Content-Range total, the length of a
         complete answer, a HEAD) or from the verified object (`verified`). True when it
         corrected a size that was contradicted (see _index_settled)."""
+        if size == 0 and impossible_size(oid, size):
+            return False        # no object of that md5 is empty: never recorded (see ask_size)
         old = self._sizes.get(oid)
         if old is None and verified and oid not in self._contradicted and not on_event_loop():
             # known once, since dropped from the bounded memo; on the loop the index is not read
@@ -244,7 +246,25 @@ class Fetcher:
         size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
                                                            "size"), ref)
         self.counters.add("dda_remote_size_lookups")
+        if size == 0 and impossible_size(ref.oid, size):
+            return await self._size_from_object(ref)
         self._learned_size(ref.oid, size)
+        return size
+
+    async def _size_from_object(self, ref: ObjectRef) -> int:
+        """The size of an object the remote claimed is 0 bytes though its md5 is not that of
+        no bytes (a lying HEAD or listing, or an object cut short on the remote): learned from
+        the object itself, by the verified probe a read of an unknown size makes (one GET; a
+        one-chunk object is md5-checked and cached). Raises HashMismatch when the object on
+        the remote is not what its md5 says (a truncated one), like any read of it."""
+        log.warning("%s: remote %r says %s has 0 bytes, which no object with md5 %s has; "
+                    "learning its size from the object", ref.display, ref.remote.name, ref.path, ref.oid)
+        self.counters.add("dda_errors", 1, "size_contradiction")
+        job = await self._with_deadline(self._await_job(ref, 0, None, "probe", 0, until_done=True), ref)
+        size = self.known_size(ref)
+        size = job.total if size is None else size
+        if size is None:
+            raise RemoteUnavailable(f"{ref.display}: the answer for {ref.path} gave no size", path=ref.display)
         return size
 
     async def stored_sizes(self, oids: list[str]) -> dict[str, int]:
@@ -309,6 +329,9 @@ class Fetcher:
 
         if todo:
             await self._with_deadline(asyncio.gather(*(head(r) for r in todo)), todo[0])
+        for ref in refs:
+            if learned.get(ref.oid, 1) == 0 and impossible_size(ref.oid, 0):
+                learned[ref.oid] = await self._size_from_object(ref)
         self._sizes.update(learned)
         self.store.index_later(self.store.index.record_sizes, learned)
         return learned
@@ -350,6 +373,8 @@ class Fetcher:
         if reader is not None:
             reader.check()
         size = await self.indexed_size(ref)
+        if size == 0 and impossible_size(ref.oid, size):
+            size = None     # a claim no object of that md5 meets: the object tells (probe below)
         missed = False
         first: ChunkJob | None = None
         if size is None:

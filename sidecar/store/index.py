@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import CacheFull
+from .verify import EMPTY_MD5
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ COMMIT;
 _IDENTS = """WITH RECURSIVE t(i) AS (SELECT min(ident) FROM proofs
   UNION ALL SELECT (SELECT min(ident) FROM proofs WHERE ident > t.i) FROM t WHERE t.i IS NOT NULL)
 SELECT i FROM t WHERE i IS NOT NULL"""
+# A recorded size a read may return: never 0 for an md5 but that of no bytes (a lying HEAD or
+# size index, or a truncated object, recorded by an older version: see verify.impossible_size).
+_POSSIBLE = f"(size != 0 OR oid = '{EMPTY_MD5}' OR length(oid) != 32)"
 SUMS_IDX = -1       # the row of an object's digest file (store/identity.py pack_sums)
 FILE_BLOCK = 4096   # the allocation unit assumed when the file system reports less
 
@@ -179,7 +183,7 @@ class Index:
 
     # sizes -----------------------------------------------------------------------------------
     def size(self, oid: str) -> int | None:
-        rows = self._read("SELECT size FROM sizes WHERE oid=?", (oid,))
+        rows = self._read(f"SELECT size FROM sizes WHERE oid=? AND {_POSSIBLE}", (oid,))
         return rows[0][0] if rows else None
 
     def sizes(self, oids: list[str]) -> dict[str, int]:
@@ -187,7 +191,8 @@ class Index:
         for i in range(0, len(oids), 500):
             part = oids[i:i + 500]
             marks = ",".join("?" * len(part))
-            found.update(self._read(f"SELECT oid, size FROM sizes WHERE oid IN ({marks})", tuple(part)))
+            found.update(self._read(f"SELECT oid, size FROM sizes WHERE oid IN ({marks}) AND {_POSSIBLE}",
+                                    tuple(part)))
         return found
 
     def holding(self, oids: list[str]) -> set[str]:

@@ -3,6 +3,17 @@ from __future__ import annotations
 
 import hashlib
 
+EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"   # the md5 of no bytes: the one object that is 0 bytes long
+
+
+def impossible_size(oid: str, size: int) -> bool:
+    """Whether `size` (bytes, claimed by a HEAD, a listing, a stat, a size index or the cache
+    index) cannot be that of the object with DVC md5 `oid`: 0 bytes for any md5 but that of
+    no bytes. Such a claim is a lie or a truncated object; callers treat the size as unknown
+    and learn it from the verified object. The common case costs one integer compare.
+    (Keys that are not an md5, such as a size index's loaded marker, are never impossible.)"""
+    return size == 0 and oid != EMPTY_MD5 and len(oid) == 32
+
 
 class Dos2UnixMd5:
     """md5 of the stream with every CRLF turned into LF, fed in arbitrary pieces."""
