@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -209,6 +211,17 @@ async def cmd_ls(ns: argparse.Namespace) -> int:
 LS_BATCH = 4096
 
 
+# Lone surrogates: the bytes of a name that is not UTF-8 (git takes any), decoded with
+# surrogateescape. Written raw they would make the line invalid UTF-8 (RFC 8259 needs UTF-8).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_line(item: dict[str, Any]) -> str:
+    """`item` as one JSON line, valid UTF-8 whatever the names: UTF-8 names stay readable, a
+    non-UTF-8 byte becomes a \\udcXX escape (json.loads + os.fsencode give the bytes back)."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(item, ensure_ascii=False))
+
+
 async def _print_rows(fs, tree, files: list[str], dirs: list[str], as_json: bool) -> int:  # type: ignore[no-untyped-def]
     """Print `files` with their sizes (learned in bulk: one listing per remote folder, or
     bounded HEADs) and `dirs` (kind `broken` for an unavailable output), sorted by path.
@@ -234,7 +247,7 @@ async def _print_rows(fs, tree, files: list[str], dirs: list[str], as_json: bool
                 item["exec"] = bool(e.mode & 0o100)
                 if e.is_symlink:
                     item["target"] = e.target
-            lines.append(json.dumps(item, ensure_ascii=False))
+            lines.append(_json_line(item))
         else:
             shown = p + "/" if kind == "dir" or (kind == "broken" and p in tree.dirs) else p
             lines.append(f"{kind:<4} {'-' if size is None else size:>12}  {shown}")
@@ -433,6 +446,20 @@ async def cmd_upload(ns: argparse.Namespace) -> int:
     return 0
 
 
+# What a write to stdout (or another file with no name in the error) fails with: a full
+# disk, a quota, a file-size limit, a device error.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _drop_unwritable_stdout() -> None:
+    """Point stdout at /dev/null if it refuses what is buffered for it, so the interpreter's
+    own flush at exit prints no second error after our one line."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _looks_like_repo(arg: str) -> bool:
     return "://" in arg or arg.endswith(".git") or (Path(arg) / ".git").exists() or Path(arg, "HEAD").is_file()
 
@@ -467,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_csi(ns)
         handler = {"ls": cmd_ls, "sizes": cmd_sizes, "cat": cmd_cat, "get": cmd_get, "upload": cmd_upload}[ns.command]
-        return asyncio.run(handler(ns))
+        code = asyncio.run(handler(ns))
+        sys.stdout.flush()    # a write error (a full disk) is reported here, not at interpreter exit
+        return code
     except DDAError as err:
         info = describe(err)
         _say_error(info.message)
@@ -476,6 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         # `dda cat ... | head`: the reader left; that is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        # `dda ls > file-on-a-full-disk` (ENOSPC, EIO, EDQUOT) or a local file that cannot be
+        # written: one line, as `ls` says 'write error: No space left on device'.
+        _drop_unwritable_stdout()
+        if err.filename is None and err.errno in _WRITE_ERRNOS:
+            _say_error(f"write error: {err.strerror}")
+        else:
+            _say_error(describe(err).message)
+        return 1
     except KeyboardInterrupt:
         return 130
 

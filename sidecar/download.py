@@ -38,6 +38,25 @@ def _empty_dirs(fs: FileSystem, path: str) -> list[str]:
                   and tree.problem_at(d) is None)
 
 
+async def _create_temp(dir_fd: int) -> tuple[str, int]:
+    """safewrite.create_temp in a worker thread; cancelled (Ctrl-C) while it runs, the file it
+    made is still removed: its name is random, so no later run would find and reuse it."""
+    made = asyncio.ensure_future(asyncio.to_thread(safewrite.create_temp, dir_fd))
+    try:
+        return await asyncio.shield(made)
+    except asyncio.CancelledError:
+        try:
+            tmp, fd = await made      # one open(2): wait for it, then undo it
+        except Exception:
+            raise asyncio.CancelledError from None
+        os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+
+
 async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool = False) -> list[Path]:
     """Write `path` of the revision (a file, or a folder with everything below it) to `dest`;
     returns the paths written. Sizes are learned in bulk first (for the progress bar).
@@ -112,24 +131,29 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
     async def _write_file(rel: str, name: str, dir_fd: int) -> None:
         # Nobody is shown this handle's size: the verified object has the last word on it.
         handle = await fs.open(rel, shown=False)
-        tmp, fd = await asyncio.to_thread(safewrite.create_temp, name, dir_fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                async for piece in fs.iter_bytes(handle):
-                    await asyncio.to_thread(f.write, piece)
-                    if bar is not None:
-                        bar.update(len(piece))
-                if handle.entry.mode & 0o111:
-                    os.fchmod(f.fileno(), 0o755)
+            tmp, fd = await _create_temp(dir_fd)
+        except BaseException:
+            fs.release(handle)
+            raise
+        try:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    async for piece in fs.iter_bytes(handle):
+                        await asyncio.to_thread(f.write, piece)
+                        if bar is not None:
+                            bar.update(len(piece))
+                    if handle.entry.mode & 0o111:
+                        os.fchmod(f.fileno(), 0o755)
+            finally:
+                fs.release(handle)
+            await asyncio.to_thread(safewrite.commit, tmp, name, dir_fd)
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dir_fd)
             except OSError:
                 pass
             raise
-        finally:
-            fs.release(handle)
-        await asyncio.to_thread(safewrite.commit, tmp, name, dir_fd)
 
     try:
         # gather(return_exceptions) lets every writer finish before root_fd closes: a worker thread

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import stat
 from .errors import DDAError
@@ -19,6 +20,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class UnsafePath(DDAError):
     """A repository path that would write outside the destination ('..', absolute, empty parts)."""
+
+
+class DestinationNotAFolder(DDAError):
+    """The destination of a folder's download (or a folder above it) is a file."""
+
+    reason = "not_a_directory"
 
 
 def split_safe(relpath: str) -> list[str]:
@@ -90,22 +97,43 @@ def make_dir(root_fd: int, parts: list[str]) -> None:
 
 
 def open_root(dest: str | os.PathLike[str]) -> int:
-    """Create (if needed) and open the destination folder the user named; its own path may be a symlink."""
-    os.makedirs(dest, exist_ok=True)
-    return os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Create (if needed) and open the destination folder the user named; its own path may be a symlink.
 
-
-def create_temp(name: str, dir_fd: int) -> tuple[str, int]:
-    """A fresh temporary file next to `name` (O_EXCL, O_NOFOLLOW); returns (its name, fd open for writing)."""
-    tmp = f".{name}.dda-part"
+    DestinationNotAFolder (one line naming `dest`, nothing written) when it, or a folder above
+    it, is something else (`cp -r dir file`: 'cannot overwrite non-directory')."""
     try:
-        os.unlink(tmp, dir_fd=dir_fd)   # a leftover of an interrupted run (or a planted link): never reuse it
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        _remove_at(tmp, dir_fd)
+        os.makedirs(dest, exist_ok=True)
+        return os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileExistsError, NotADirectoryError) as err:
+        where = os.fspath(dest)
+        if os.path.lexists(dest) and not os.path.isdir(dest):
+            message = f"{where}: exists and is not a folder (name a folder or a new path)"
+        else:
+            message = f"{where}: cannot create this folder: a part of its path is not a folder ({err.filename})"
+        raise DestinationNotAFolder(message, errno=errno.ENOTDIR) from None
+
+
+# Temporary names are random and short: never a name of the tree (`a` and `.a.dda-part` both
+# land), never too long (a 255-byte name's temp would be ENAMETOOLONG), and created with O_EXCL,
+# so never an existing file or a planted link.
+TEMP_SUFFIX = ".dda-part"
+
+
+def _temp_name() -> str:
+    return f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+def create_temp(dir_fd: int) -> tuple[str, int]:
+    """A fresh temporary file inside `dir_fd` (random name, O_EXCL, O_NOFOLLOW); returns
+    (its name, fd open for writing). The caller commits it onto the final name or unlinks it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return tmp, os.open(tmp, flags, 0o666, dir_fd=dir_fd)
+    for _ in range(16):
+        tmp = _temp_name()
+        try:
+            return tmp, os.open(tmp, flags, 0o666, dir_fd=dir_fd)
+        except FileExistsError:
+            continue   # 2**-64 per try: only a hostile tree could make this loop
+    raise OSError(errno.EEXIST, "could not create a temporary file in the destination")
 
 
 def commit(tmp: str, name: str, dir_fd: int) -> None:
@@ -121,7 +149,20 @@ def commit(tmp: str, name: str, dir_fd: int) -> None:
 
 def place_symlink(link: str, name: str, dir_fd: int) -> None:
     """Create the symlink `name` -> `link` inside `dir_fd`, replacing whatever is there (as a checkout does)."""
-    tmp = f".{name}.dda-part"
-    _remove_at(tmp, dir_fd)
-    os.symlink(link, tmp, dir_fd=dir_fd)
-    commit(tmp, name, dir_fd)
+    for _ in range(16):
+        tmp = _temp_name()
+        try:
+            os.symlink(link, tmp, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OSError(errno.EEXIST, "could not create a temporary link in the destination")
+    try:
+        commit(tmp, name, dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise

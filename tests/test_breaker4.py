@@ -109,7 +109,6 @@ def test_mount_directory_link_count_counts_subfolders(odd_mount):
         assert os.stat(mp / sub).st_nlink == os.stat(ref / sub).st_nlink, sub
 
 
-@pytest.mark.xfail(strict=True, reason="dda get of a folder holding a 255-byte name dies with a traceback (ENAMETOOLONG on its temp name)")
 def test_get_folder_with_a_255_byte_name(odd, tmp_path):
     """`dda get URL data -o DEST`: every file lands, the one with a 255-byte name too (a name
     `dvc pull` checks out). Today: a traceback (OSError ENAMETOOLONG on `.NAME.dda-part`) and
@@ -123,7 +122,6 @@ def test_get_folder_with_a_255_byte_name(odd, tmp_path):
         assert (dest / LONG).read_bytes() == (ref / sub / LONG).read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="dda ls --json writes a non-UTF-8 file name as raw bytes: the line is not valid JSON (RFC 8259 needs UTF-8)")
 def test_ls_json_is_valid_utf8_for_a_non_utf8_name(odd, tmp_path):
     """`dda ls URL gitdir --json | jq`: a name that is not UTF-8 (git allows any bytes) is
     printed raw inside the JSON string, so the line is not UTF-8 and `jq`/`json.loads` of the
@@ -379,7 +377,6 @@ def test_one_transient_503_on_a_head_is_retried(tmp_path, mp, status):
     assert found.returncode == 0 and len(found.stdout.splitlines()) == 5, found.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="dda get of a folder holding both X and .X.dda-part writes the bytes of .X.dda-part into X and drops .X.dda-part, exit 0")
 def test_get_folder_with_a_file_named_like_its_temp_file(tmp_path):
     """`dda get` writes each file through a temporary `.NAME.dda-part` beside it. A repository
     that holds both `a` and `.a.dda-part` (a leftover someone committed, or a hostile
@@ -401,7 +398,6 @@ def test_get_folder_with_a_file_named_like_its_temp_file(tmp_path):
     assert got == want, proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="dda get of a folder with -o naming an existing file dies with a FileExistsError traceback")
 def test_get_folder_onto_an_existing_file_is_one_clear_line(odd, tmp_path):
     """`dda get URL data -o DEST` where DEST is already a regular file: a one-line error naming
     DEST (as `cp -r dir file` says 'cannot overwrite non-directory'), the file untouched.
@@ -416,7 +412,6 @@ def test_get_folder_onto_an_existing_file_is_one_clear_line(odd, tmp_path):
     assert dest.read_text() == "mine\n"
 
 
-@pytest.mark.xfail(strict=True, reason="dda ls / dda cat writing to a full stdout (ENOSPC) die with a traceback instead of one line")
 @pytest.mark.parametrize("cmd", [["ls", "data"], ["cat", "data/plain.txt"]])
 def test_full_stdout_is_one_clear_line(odd, tmp_path, cmd):
     """`dda ls URL data > file-on-a-full-disk` (here /dev/full): like `ls` ('write error: No

@@ -81,6 +81,24 @@ def test_get_names_the_missing_file_once_and_says_the_others_were_written(missin
     assert len([p for p in dest.rglob("*") if p.is_file()]) == 19 and not (dest / victim["relpath"]).exists()
 
 
+def test_get_of_a_wrong_object_leaves_no_temporary_file(tmp_path):
+    """An object whose bytes are wrong (same length) fails while it is being written: its
+    temporary file (a random `.XXXX.dda-part` beside it) is removed, the others land."""
+    remote = FaultRemote(tmp_path / "remote").start()
+    try:
+        layout = write_layout(tmp_path / "l", folders=1, per_folder=6, remote=tmp_path / "remote",
+                              remote_url=remote.url)
+        victim = _manifest(layout)[2]
+        remote.fault("wrong", path=f"files/md5/{victim['md5'][:2]}/{victim['md5'][2:]}", times=None)
+        dest = tmp_path / "dest"
+        proc = _dda("get", str(layout.repo), "data", "-o", str(dest), env={"DDA_CACHE_DIR": str(tmp_path / "cache")})
+    finally:
+        remote.stop()
+    assert proc.returncode == 1 and f"data/{victim['relpath']}" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == sorted(e["relpath"] for e in _manifest(layout)
+                                                              if e != victim)
+
+
 @pytest.mark.parametrize("name,lie", [("data/mid.bin", 100), ("data/a.bin", 200_000), ("data/a.bin", 1000)])
 def test_cat_and_get_of_an_object_whose_head_lied(repo, tmp_path, name, lie):  # noqa: F811
     """data/mid.bin (3 MiB + 5, three 1 MiB chunks), data/a.bin (160,687 B, one chunk): its
