@@ -270,9 +270,9 @@ class _Heads:
             raise RemoteUnavailable(f"{where}: connection failed ({kind}: {_short(err) if str(err) else kind})") from None
         if 300 <= status < 400:
             return None
-        if status in _HEAD_REFUSED:
-            raise _HeadRefused(status)
         if status >= 300:
+            if status in _HEAD_REFUSED:
+                raise _HeadRefused(status)
             check_status(httpx.Response(status, headers=list(headers.items())), where, path)
         length = headers.get("Content-Length")
         return int(length) if length is not None and length.isdigit() else None
