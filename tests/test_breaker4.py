@@ -134,7 +134,6 @@ def test_ls_json_is_valid_utf8_for_a_non_utf8_name(odd, tmp_path):
     assert b"gitdir/" + LATIN1 in paths
 
 
-@pytest.mark.xfail(strict=True, reason="an HTTP remote that refuses HEAD (405) but serves GET: dvc pull works, dda cat/get and every stat/read in the mount fail")
 def test_remote_that_refuses_head_serves_like_dvc_pull(tmp_path, mp):
     """Some HTTP fronts (signed-URL proxies, minimal servers) answer HEAD with 405 and serve
     GET. `dvc pull` checks such a repository out (its HTTP file system falls back to GET);
@@ -343,7 +342,6 @@ def test_object_truncated_to_zero_bytes_on_the_remote_is_never_served_as_empty(t
         "mount read succeeded with wrong content"
 
 
-@pytest.mark.xfail(strict=True, reason="one transient HTTP 503 (or 429 Retry-After: 1) on a size request (HEAD) fails dda cat/ls/get and the mount's stat: HEADs are not retried (GETs are)")
 @pytest.mark.parametrize("status", [503, 429])
 def test_one_transient_503_on_a_head_is_retried(tmp_path, mp, status):
     """README: retries with exponential backoff on 5xx (`--retries`, default 5). One 503 on a

@@ -243,8 +243,8 @@ class Fetcher:
         For a caller that found no size on this node (`size_of`, or a bulk sizing that asked
         the index and the store for a whole batch in one trip each: `stored_sizes`)."""
         self.counters.add("dda_cache_reads", 1, "metadata", "miss")
-        size = await self._with_deadline(self._remote_call(ref.remote, lambda: ref.remote.size(ref.path),
-                                                           "size"), ref)
+        size = await self._with_deadline(
+            self.retried_call(ref, lambda: ref.remote.size(ref.path)), ref)
         self.counters.add("dda_remote_size_lookups")
         if size == 0 and impossible_size(ref.oid, size):
             return await self._size_from_object(ref)
@@ -266,6 +266,19 @@ class Fetcher:
         if size is None:
             raise RemoteUnavailable(f"{ref.display}: the answer for {ref.path} gave no size", path=ref.display)
         return size
+
+    async def retried_call(self, ref: ObjectRef, call, op: str = "size"):  # type: ignore[no-untyped-def]
+        """`call()` (a request about `ref`: a HEAD, a proof read) within the remote's slots for
+        `op`, retried on transient failures (5xx, 429 with its Retry-After, a dropped
+        connection) with the one RetryPolicy, as reads are (see _backoff); the caller's
+        deadline bounds it all. A good first answer costs one try/except, no task."""
+        attempt = 0
+        while True:
+            try:
+                return await self._remote_call(ref.remote, call, op)
+            except RemoteUnavailable as err:
+                attempt += 1
+                await self._backoff(attempt, ref, err)
 
     async def stored_sizes(self, oids: list[str]) -> dict[str, int]:
         """Sizes of the objects among `oids` verified into the store (one trip to a store
@@ -324,7 +337,7 @@ class Fetcher:
         todo = [r for r in refs if r.oid not in learned]
 
         async def head(ref: ObjectRef) -> None:
-            learned[ref.oid] = await self._remote_call(remote, lambda: remote.size(ref.path), "size")
+            learned[ref.oid] = await self.retried_call(ref, lambda: remote.size(ref.path))
             self.counters.add("dda_remote_size_lookups")
 
         if todo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import ssl
 import urllib.parse
@@ -25,6 +26,7 @@ import httpx
 from ..errors import ConfigError, RemoteError, RemoteUnavailable
 from .base import Range, Remote
 from .httpcommon import (
+    _CONTENT_RANGE,
     HTTP2,
     _short,
     check_status,
@@ -35,6 +37,8 @@ from .httpcommon import (
     stream_get,
     transport_error,
 )
+
+log = logging.getLogger(__name__)
 
 
 class HttpRemote(Remote):
@@ -62,6 +66,7 @@ class HttpRemote(Remote):
             headers[custom_auth_header] = password or token or ""
         elif auth:
             raise ConfigError(f"remote {name!r}: unknown auth {auth!r} (basic, digest, bearer, custom)")
+        self._head_refused = False    # the server answered HEAD with 405/501: size with a GET
         secret_headers = [custom_auth_header] if auth == "custom" and custom_auth_header else []
         # HEADs: every auth but digest (a challenge round trip: httpx does it)
         self._heads: _Heads | None = None
@@ -104,19 +109,54 @@ class HttpRemote(Remote):
                                 path, start, end, sink)
 
     async def size(self, path: str) -> int:
-        if self._heads is not None:
-            size = await self._heads.size(self._url(path), self._where(), path)
-            if size is not None:
-                return size
+        if self._head_refused:      # learned once per remote: no HEAD that is bound to fail
+            return await self._size_by_get(path)
         try:
-            resp = await self.client.head(self._url(path))
-        except httpx.HTTPError as err:
-            raise transport_error(self._where(), err) from None
-        check_status(resp, self._where(), path)
+            if self._heads is not None:
+                size = await self._heads.size(self._url(path), self._where(), path)
+                if size is not None:
+                    return size
+            try:
+                resp = await self.client.head(self._url(path))
+            except httpx.HTTPError as err:
+                raise transport_error(self._where(), err) from None
+            if resp.status_code in _HEAD_REFUSED:
+                raise _HeadRefused(resp.status_code)
+            check_status(resp, self._where(), path)
+        except _HeadRefused as refused:
+            if not self._head_refused:
+                self._head_refused = True
+                log.info("%s refuses HEAD (HTTP %d): sizes come from a one-byte GET", self._where(), refused.status)
+            return await self._size_by_get(path)
         length = resp.headers.get("content-length")
-        if length is None:  # some servers omit it on HEAD: ask for one byte and read Content-Range
-            return (await self.read(path, 0, 1)).total or 0
+        if length is None or not length.isdigit():  # some servers omit it on HEAD
+            return await self._size_by_get(path)
         return int(length)
+
+    async def _size_by_get(self, path: str) -> int:
+        """The size from a GET of the first byte (for a server that refuses HEAD or gives no
+        length on it, as DVC's own HTTP file system falls back to): Content-Range's total on a
+        206 (or a 416 for an empty object); on a 200 (no range support) its Content-Length,
+        the response closed without reading the body."""
+        where = self._where()
+        try:
+            async with self.client.stream("GET", self._url(path), headers={"Range": "bytes=0-0"}) as resp:
+                code = resp.status_code
+                if code >= 300 and code != 416:
+                    await resp.aread()      # a short error page: check_status may quote its headers
+                    check_status(resp, where, path)
+                if code == 206 or code == 416 or resp.headers.get("content-range"):
+                    total = range_from_response(resp, b"", 0, 1).total if code == 416 else _range_total(resp)
+                    await resp.aread()      # one byte: read, so the connection goes back to the pool
+                else:       # 200: the whole object would follow; its length is the size
+                    length = resp.headers.get("content-length")
+                    total = int(length) if length is not None and length.isdigit() else None
+        except httpx.HTTPError as err:
+            raise transport_error(where, err) from None
+        if total is None:
+            raise RemoteError(f"{where}: the server gives no size for {path} (no HEAD, and its GET "
+                              f"says no Content-Range total or Content-Length)")
+        return total
 
     async def write(self, path: str, data: bytes) -> None:
         try:
@@ -129,6 +169,23 @@ class HttpRemote(Remote):
         if self._heads is not None:
             await self._heads.aclose()
         await self.client.aclose()
+
+
+_HEAD_REFUSED = (405, 501)    # Method Not Allowed, Not Implemented: HEAD is not served there
+
+
+class _HeadRefused(Exception):
+    """The server refused the HEAD method (caught in HttpRemote.size: it sizes with a GET)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _range_total(resp: httpx.Response) -> int | None:
+    """The object's size from a ranged answer's Content-Range (`bytes 0-0/TOTAL`), if it says."""
+    match = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+    return int(match.group(3)) if match and match.group(3) != "*" else None
 
 
 _PLAIN_KEY = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]*(?:/[0-9A-Za-z][0-9A-Za-z._-]*)*")   # an object key: nothing to encode
@@ -214,6 +271,8 @@ class _Heads:
         if 300 <= status < 400:
             return None
         if status >= 300:
+            if status in _HEAD_REFUSED:
+                raise _HeadRefused(status)
             check_status(httpx.Response(status, headers=list(headers.items())), where, path)
         length = headers.get("Content-Length")
         return int(length) if length is not None and length.isdigit() else None

@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import ObjectMissing, RemoteUnavailable
+from ..errors import ObjectMissing
 from ..remotes.base import Range, Remote
 from .identity import expected_length
 
@@ -466,11 +466,8 @@ class Tenancy:
 
     async def _ask(self, ref: "ObjectRef", call):  # type: ignore[no-untyped-def]
         """One proof request (with the fetcher's retries on transient failures)."""
-        attempt = 0
-        while True:
-            try:
-                self.checks += 1
-                return await self.fetcher._remote_call(ref.remote, call, "size")
-            except RemoteUnavailable as err:
-                attempt += 1
-                await self.fetcher._backoff(attempt, ref, err)
+        def counted():  # type: ignore[no-untyped-def]
+            self.checks += 1
+            return call()
+
+        return await self.fetcher.retried_call(ref, counted, "size")
