@@ -171,3 +171,18 @@ def test_fetcher_keeps_a_bounded_number_of_sizes_in_memory(tmp_path):
         assert corrected == [(oids[0], 7)] and len(fetcher._sizes) == 100
     finally:
         store.close()
+
+
+def test_a_dvc_file_or_manifest_saying_zero_bytes_for_a_non_empty_md5_is_not_believed():
+    """Only the md5 of no bytes can be 0 bytes long: a `.dvc` file's `size: 0` or a manifest
+    row's `"size": 0` for any other md5 leaves the size unknown (learned from the verified
+    object, whose bytes `dvc pull` would give), where it used to make the file read as empty."""
+    empty = hashlib.md5(b"").hexdigest()
+    rows = [{"md5": MD5, "relpath": "a", "size": 0}, {"md5": empty, "relpath": "e", "size": 0},
+            {"md5": MD5, "relpath": "b", "size": 1}]
+    outs = [DvcOut("one.bin", MD5, False, 0, None, False, None, "one.bin.dvc"),
+            DvcOut("empty.bin", empty, False, 0, None, False, None, "empty.bin.dvc"),
+            DvcOut("d", _md5("rows"), True, None, None, False, None, "d.dvc")]
+    tree = compose_tree([], outs, {_md5("rows"): parse_manifest(json.dumps(rows).encode(), "rows")})
+    assert tree.files["one.bin"].size is None and tree.files["empty.bin"].size == 0
+    assert tree.files["d/a"].size is None and tree.files["d/e"].size == 0 and tree.files["d/b"].size == 1

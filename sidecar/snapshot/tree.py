@@ -66,6 +66,10 @@ _DIR = -1            # a directory's slot in its parent's id array
 DIR_ID = _DIR        # the same, for readers of Tree.dir_columns
 _DIR_MODE = stat.S_IFDIR | 0o755
 _MD5_LEN = 16
+# the md5 of no bytes: the one DVC object a size of 0 can be true for (store/verify.py); a
+# .dvc file or manifest saying 0 for any other md5 is not believed (size unknown: learned from
+# the verified object, as `dvc pull` would give its bytes)
+_EMPTY_MD5 = bytes.fromhex("d41d8cd98f00b204e9800998ecf8427e")
 
 
 class ManifestClash(ValueError):
@@ -167,6 +171,8 @@ class TreeBuilder:
             self._odd[fid] = oid
             raw = bytes(_MD5_LEN)
         self._oids += raw
+        if size == 0 and fid not in self._odd and raw != _EMPTY_MD5:
+            size = None
         self._sizes.append(-1 if size is None else size)
         self._groups.append(gid)
         return fid
@@ -231,6 +237,11 @@ class TreeBuilder:
         plain = self._group(kind, FILE_MODE, legacy, remote, output, root)
         self._oids += manifest.md5
         self._sizes.extend(manifest.sizes)
+        if 0 in manifest.sizes:      # 0 bytes for an md5 that is not the empty one: unknown
+            md5, sizes = manifest.md5, self._sizes
+            for i, size in enumerate(manifest.sizes):
+                if size == 0 and md5[i * _MD5_LEN:(i + 1) * _MD5_LEN] != _EMPTY_MD5:
+                    sizes[start + i] = -1
         if any(manifest.isexec):
             run = self._group(kind, EXEC_MODE, legacy, remote, output, root)
             self._groups.extend(run if x else plain for x in manifest.isexec)
