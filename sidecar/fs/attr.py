@@ -41,8 +41,9 @@ class Attr:
         return "symlink" if stat.S_ISLNK(self.mode) else "file"
 
 
-def dir_attr(mtime_ns: int) -> Attr:
-    return Attr(DIR_MODE, DIR_SIZE, mtime_ns, 2)
+def dir_attr(mtime_ns: int, nlink: int = 2) -> Attr:
+    """A directory's attributes; nlink: 2 + its subdirectories, as a checkout has (Tree.dir_nlink)."""
+    return Attr(DIR_MODE, DIR_SIZE, mtime_ns, nlink)
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,7 +199,7 @@ class FileSystem:
         entry = self.tree.files.get(path)
         if entry is None:
             if path in self.tree.dirs:
-                return dir_attr(self.mtime_ns)
+                return dir_attr(self.mtime_ns, self.tree.dir_nlink(path))
             raise self._missing(path)
         return self.attr_of(entry) if entry.size is not None else None
 
@@ -211,7 +211,7 @@ class FileSystem:
         entry = self.tree.files.get(path)
         if entry is None:
             if path in self.tree.dirs:
-                return dir_attr(self.mtime_ns)
+                return dir_attr(self.mtime_ns, self.tree.dir_nlink(path))
             raise self._missing(path)
         return self.attr_of(await self.engine.sized(entry, stat_ahead=True))
 

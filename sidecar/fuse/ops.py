@@ -257,7 +257,7 @@ class DdaOperations(pyfuse3.Operations):
             up = path if path == self.root else posixpath.dirname(path)
             for at, (dot, ino) in enumerate(((b".", fh), (b"..", self._dir_inode(up)))):
                 if at >= start_id:
-                    folder.st_ino = ino
+                    folder.st_ino, folder.st_nlink = ino, tree.dir_nlink(path if at == 0 else up)
                     if not reply(token, dot, folder, at + 1):
                         return
         unknown_mode = known_mode = -1
@@ -272,6 +272,7 @@ class DdaOperations(pyfuse3.Operations):
                 if fid == DIR_ID:
                     out = folder
                     out.st_ino = base + i
+                    out.st_nlink = tree.dir_nlink(f"{path}/{names[i]}" if path else names[i])
                 else:
                     size, mode = sizes[fid], modes[groups[fid]]
                     if size < 0:

@@ -314,7 +314,7 @@ class Hooks:
         kind, entry = found
         fs = self.fs(path)
         if entry is None:                   # a directory, or a symlink followed to one
-            return to_stat_result(dir_attr(fs.mtime_ns), inode(rel))
+            return to_stat_result(dir_attr(fs.mtime_ns, fs.tree.dir_nlink(rel)), inode(rel))
         attr = fs.attr_of(entry) if entry.size is not None else self.call(fs.stat(entry.path), path)
         return to_stat_result(attr, inode(entry.path))
 

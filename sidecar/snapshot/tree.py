@@ -509,6 +509,17 @@ class Tree:
         return (self._names[path], self._ids[path], self._sizes, self._groups,
                 [group[1] for group in self._group_table])
 
+    def dir_nlink(self, path: str) -> int:
+        """st_nlink of directory `path` as a checkout has it: 2 plus one per subdirectory
+        (each one's `..`); 2 when `path` is not a directory. Counted in C over the folder's id
+        array, once per folder (memo)."""
+        memo = self.__dict__.setdefault("_nlinks", {})
+        n = memo.get(path)
+        if n is None:
+            ids = self._ids.get(path)
+            n = memo[path] = 2 + (ids.count(_DIR) if ids is not None else 0)
+        return n
+
     def has_unsized(self, path: str) -> bool:
         """Whether directory `path` has a file whose size is not known yet (no Entry made)."""
         sizes = self._sizes
