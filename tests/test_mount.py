@@ -237,6 +237,18 @@ def test_occupied_and_bad_mountpoints(sample, mp, tmp_path):
     assert res.returncode != 0 and "does not exist" in res.stderr
 
 
+def test_a_subdir_above_the_repository_or_naming_a_file_is_refused_on_one_line(sample, mp, tmp_path):
+    """`--subdir ../` used to mount the repository's root (`..` clamped at the top) and a file
+    was "no such directory": each is refused with one line saying which, nothing mounted."""
+    repo, _ = sample
+    for subdir, says in (("../", "climbs above the repository"), ("data/../..", "climbs above the repository"),
+                         ("data/labels.csv", "is a file, not a directory"), ("nope", "no such directory")):
+        res = _daemon(repo, mp, tmp_path / "cache", "--subdir", subdir)
+        assert res.returncode != 0 and says in res.stderr and "Traceback" not in res.stderr, (subdir, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not os.path.ismount(mp)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_foreground_mount_exits_cleanly_on_signal(sample, mp, tmp_path, sig):
     repo, _ = sample

@@ -126,9 +126,13 @@ class DdaOperations(pyfuse3.Operations):
         self.engine = engine
         self.fs = FileSystem(engine)
         self.prefetcher = prefetcher
+        climbs = posixpath.normpath(subdir.lstrip("/") or ".")
+        if climbs == ".." or climbs.startswith("../"):
+            raise NotFound(f"--subdir {subdir!r}: climbs above the repository; name a directory inside it")
         self.root = engine.tree.normalize(subdir)
         if not engine.tree.is_dir(self.root):
-            raise NotFound(f"--subdir {subdir!r}: no such directory in revision {engine.info.revision}")
+            what = "is a file, not a directory" if self.root in engine.tree.files else "no such directory"
+            raise NotFound(f"--subdir {subdir!r}: {what} in revision {engine.info.revision}")
         self.uid, self.gid = os.getuid(), os.getgid()
         # inode <-> repository path, numbered per directory (O(directories) memory; 1 is the root)
         self.inodes = InodeTable(lambda folder: engine.tree.dirs.get(folder), self.root)
