@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mounting import DDA
-from repos import _env, _run
+from repos import DVC3_BIN, _env, _run
 
 LONG = "L" * 255                      # the longest name ext4 (and FUSE) takes
 LATIN1 = b"caf\xe9.txt"               # not UTF-8: git takes it, DVC 3 refuses it in a tracked dir
@@ -32,8 +32,8 @@ def odd(tmp_path_factory):
     work, remote, ref = top / "work", top / "remote", top / "ref"
     work.mkdir()
     _run(["git", "init", "-q", "-b", "main"], work, env)
-    _run(["dvc", "init", "-q"], work, env)
-    _run(["dvc", "remote", "add", "-d", "storage", str(remote)], work, env)
+    _run([DVC3_BIN, "init", "-q"], work, env)
+    _run([DVC3_BIN, "remote", "add", "-d", "storage", str(remote)], work, env)
     data, gitdir = work / "data", work / "gitdir"
     (data / "sub").mkdir(parents=True)
     gitdir.mkdir()
@@ -47,12 +47,12 @@ def odd(tmp_path_factory):
     (gitdir / "link").symlink_to("run.sh")
     (gitdir / "sub").mkdir()
     (gitdir / "sub" / "x.txt").write_text("x\n")
-    _run(["dvc", "add", "-q", "data"], work, env)
-    _run(["dvc", "push", "-q"], work, env)
+    _run([DVC3_BIN, "add", "-q", "data"], work, env)
+    _run([DVC3_BIN, "push", "-q"], work, env)
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-q", "-m", "odd names"], work, env)
     _run(["git", "clone", "-q", str(work), str(ref)], top, env)
-    _run(["dvc", "pull", "-q"], ref, env)
+    _run([DVC3_BIN, "pull", "-q"], ref, env)
     return work, ref
 
 
@@ -151,7 +151,7 @@ def test_remote_that_refuses_head_serves_like_dvc_pull(tmp_path, mp):
         remote.fault("status", method="HEAD", times=None, status=405)
         env = _env(tmp_path)
         _run(["git", "clone", "-q", str(layout.repo), str(tmp_path / "ref")], tmp_path, env)
-        _run(["dvc", "pull", "-q"], tmp_path / "ref", env)                 # the reference works
+        _run([DVC3_BIN, "pull", "-q"], tmp_path / "ref", env)                 # the reference works
         want = (tmp_path / "ref/data/f000001.bin").read_bytes()
         proc = _dda("cat", str(layout.repo), "data/f000001.bin", cache=tmp_path / "c1")
         assert proc.returncode == 0 and proc.stdout == want, proc.stderr
