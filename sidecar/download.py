@@ -50,10 +50,7 @@ async def _create_temp(dir_fd: int) -> tuple[str, int]:
         except Exception:
             raise asyncio.CancelledError from None
         os.close(fd)
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
+        safewrite.discard(tmp, dir_fd)
         raise
 
 
@@ -149,10 +146,7 @@ async def download(fs: FileSystem, path: str, dest: Path | None, progress: bool 
                 fs.release(handle)
             await asyncio.to_thread(safewrite.commit, tmp, name, dir_fd)
         except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
+            safewrite.discard(tmp, dir_fd)
             raise
 
     try:

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import stat
+from typing import Callable, TypeVar
 from .errors import DDAError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -117,23 +118,37 @@ def open_root(dest: str | os.PathLike[str]) -> int:
 # land), never too long (a 255-byte name's temp would be ENAMETOOLONG), and created with O_EXCL,
 # so never an existing file or a planted link.
 TEMP_SUFFIX = ".dda-part"
+T = TypeVar("T")
 
 
 def _temp_name() -> str:
     return f".{secrets.token_hex(8)}{TEMP_SUFFIX}"
 
 
-def create_temp(dir_fd: int) -> tuple[str, int]:
-    """A fresh temporary file inside `dir_fd` (random name, O_EXCL, O_NOFOLLOW); returns
-    (its name, fd open for writing). The caller commits it onto the final name or unlinks it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def _fresh(make: "Callable[[str], T]", what: str) -> tuple[str, T]:
+    """`make(name)` with a fresh random temporary name until one is free (EEXIST: another)."""
     for _ in range(16):
         tmp = _temp_name()
         try:
-            return tmp, os.open(tmp, flags, 0o666, dir_fd=dir_fd)
+            return tmp, make(tmp)
         except FileExistsError:
             continue   # 2**-64 per try: only a hostile tree could make this loop
-    raise OSError(errno.EEXIST, "could not create a temporary file in the destination")
+    raise OSError(errno.EEXIST, f"could not create a temporary {what} in the destination")
+
+
+def create_temp(dir_fd: int) -> tuple[str, int]:
+    """A fresh temporary file inside `dir_fd` (random name, O_EXCL, O_NOFOLLOW); returns
+    (its name, fd open for writing). The caller commits it onto the final name or discards it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return _fresh(lambda tmp: os.open(tmp, flags, 0o666, dir_fd=dir_fd), "file")
+
+
+def discard(tmp: str, dir_fd: int) -> None:
+    """Remove temporary `tmp` inside `dir_fd` if it is still there (cleanup: never raises OSError)."""
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 def commit(tmp: str, name: str, dir_fd: int) -> None:
@@ -149,20 +164,9 @@ def commit(tmp: str, name: str, dir_fd: int) -> None:
 
 def place_symlink(link: str, name: str, dir_fd: int) -> None:
     """Create the symlink `name` -> `link` inside `dir_fd`, replacing whatever is there (as a checkout does)."""
-    for _ in range(16):
-        tmp = _temp_name()
-        try:
-            os.symlink(link, tmp, dir_fd=dir_fd)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise OSError(errno.EEXIST, "could not create a temporary link in the destination")
+    tmp, _ = _fresh(lambda tmp: os.symlink(link, tmp, dir_fd=dir_fd), "link")
     try:
         commit(tmp, name, dir_fd)
     except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
+        discard(tmp, dir_fd)
         raise
