@@ -421,6 +421,7 @@ class Tree:
         self._targets = targets
         self._versions = versions
         self._looked = bytearray()    # file id -> 1: its size came from a remote's answer
+        self._nlinks: dict[str, int] = {}   # directory -> st_nlink (dir_nlink's memo)
         self._nfiles = sum(len(i) - i.count(_DIR) for i in ids.values())
         self.problems = list(problems)
         # Output path -> its problem, for outputs shown as unavailable.
@@ -513,11 +514,10 @@ class Tree:
         """st_nlink of directory `path` as a checkout has it: 2 plus one per subdirectory
         (each one's `..`); 2 when `path` is not a directory. Counted in C over the folder's id
         array, once per folder (memo)."""
-        memo = self.__dict__.setdefault("_nlinks", {})
-        n = memo.get(path)
+        n = self._nlinks.get(path)
         if n is None:
             ids = self._ids.get(path)
-            n = memo[path] = 2 + (ids.count(_DIR) if ids is not None else 0)
+            n = self._nlinks[path] = 2 + (ids.count(_DIR) if ids is not None else 0)
         return n
 
     def has_unsized(self, path: str) -> bool:
