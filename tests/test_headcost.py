@@ -13,13 +13,11 @@ import asyncio
 import http.server
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 
 from dvclayout import write_layout
-from sidecar.config import load_config
-from sidecar.engine import Engine
+from engines import engine_at as _engine
 from sidecar.fs import FileSystem
 from sidecar.remotes.fake import FakeRemote
 from sidecar.snapshot.tree import Tree
@@ -28,9 +26,6 @@ from sidecar.snapshot.tree import Tree
 def run(coro):
     return asyncio.run(coro)
 
-
-def _engine(repo: Path, cache: Path, env: dict[str, str]) -> "asyncio.Future[Engine]":
-    return Engine.open(load_config({"repo": str(repo), "revision": "main", "cache_dir": str(cache)}, env=env))
 
 
 @pytest.fixture

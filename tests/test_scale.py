@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from dvclayout import write_layout
+from engines import engine_at as _engine
 from mounting import DDA, MountThread
 from servers import HttpRemoteServer
-from sidecar.config import Config, load_config
-from sidecar.engine import Engine
+from sidecar.config import Config
 from sidecar.errors import DeadlineExceeded
 from sidecar.fs import FileSystem
 from sidecar.remotes.fake import FakeRemote
@@ -37,10 +37,6 @@ def _http_env(srv: HttpRemoteServer) -> dict[str, str]:
     return {"DDA_REMOTE_STORAGE_URL": srv.url, "DDA_REMOTE_STORAGE_USER": srv.user,
             "DDA_REMOTE_STORAGE_PASSWORD": srv.password}
 
-
-def _engine(repo: Path, cache: Path, env: dict[str, str], **flags) -> "asyncio.Future[Engine]":
-    return Engine.open(load_config({"repo": str(repo), "revision": "main", "cache_dir": str(cache), **flags},
-                                   env=env))
 
 
 def _true_sizes(remote: Path, repo_entries) -> dict[str, int]:

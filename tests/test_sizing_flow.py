@@ -11,14 +11,12 @@ import gc
 import os
 import uuid
 import warnings
-from pathlib import Path
 
 import pytest
 
 from dvclayout import write_layout
+from engines import engine_at as _engine
 from servers import HttpRemoteServer
-from sidecar.config import load_config
-from sidecar.engine import Engine
 from sidecar.fs import FileSystem
 from sidecar.remotes.fake import FakeRemote
 from sidecar.snapshot.tree import Entry, Tree
@@ -27,9 +25,6 @@ from sidecar.snapshot.tree import Entry, Tree
 def run(coro):
     return asyncio.run(coro)
 
-
-def _engine(repo: Path, cache: Path, env: dict[str, str]) -> "asyncio.Future[Engine]":
-    return Engine.open(load_config({"repo": str(repo), "revision": "main", "cache_dir": str(cache)}, env=env))
 
 
 @pytest.fixture
